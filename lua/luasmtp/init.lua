@@ -1,0 +1,45 @@
+--- luasmtp: SMTP toolkit for Lua 5.4 on a C core.
+--
+-- This module gathers the public API. Every function that waits
+-- (connect, receive, send, starttls, sleep, resolve) yields the calling
+-- task; called from the main chunk, it runs the loop until it is done.
+-- I/O failures return nil, token, detail with token one of:
+-- "timeout", "closed", "reset", "tls", "limit", "refused", "dns",
+-- "unreachable", "io".
+local core = require "luasmtp.core"
+local net = require "luasmtp.net"
+
+local M = {
+  version = core.version,
+
+  -- tasks and the loop
+  spawn = core.spawn,
+  run = core.run,
+  step = core.step,
+  sleep = core.sleep,
+  now = core.now,
+  update_now = core.update_now,
+  time = core.time,
+  current = core.current,
+  on_error = core.on_error,
+  cond = core.cond,
+  stats = core.stats,
+
+  -- DNS
+  resolve = core.resolve,
+  resolve_mx = core.resolve_mx,
+  resolve_txt = core.resolve_txt,
+  dns_configure = core.dns_configure,
+
+  -- TCP and TLS
+  connect = net.connect,
+  listen = net.listen,
+  serve = net.serve,
+  parse_address = net.parse_address,
+  socketpair = core.socketpair,
+  tls = {
+    context = core.tls_context,
+  },
+}
+
+return M

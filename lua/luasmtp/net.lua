@@ -1,0 +1,250 @@
+--- luasmtp.net: connecting, listening and serving over TCP (and TLS).
+--
+-- The socket primitives live in the C core; this module adds what is
+-- policy rather than mechanism: address parsing, name resolution with one
+-- deadline for the whole connect, and an accept loop that runs one task
+-- per connection.
+local core = require "luasmtp.core"
+
+local M = {}
+
+local DEFAULT_CONNECT_TIMEOUT = 30
+
+--- Split "host:port", "[v6]:port" or "host" into host, port.
+-- Returns nil, "invalid", detail for malformed input.
+function M.parse_address(spec, default_port)
+  if type(spec) ~= "string" or spec == "" then
+    return nil, "invalid", "address must be a non-empty string"
+  end
+  local host, port
+  if spec:sub(1, 1) == "[" then
+    host, port = spec:match("^%[([%x:%.]+)%]:?(%d*)$")
+    if not host then
+      return nil, "invalid", "bad IPv6 address literal: " .. spec
+    end
+  elseif select(2, spec:gsub(":", "")) > 1 then
+    host, port = spec, "" -- bare IPv6 address without a port
+  else
+    host, port = spec:match("^([^:]+):?(%d*)$")
+    if not host then
+      return nil, "invalid", "bad address: " .. spec
+    end
+  end
+  port = tonumber(port) or default_port
+  if not port or port < 0 or port > 65535 or port ~= math.floor(port) then
+    return nil, "invalid", "bad or missing port in " .. spec
+  end
+  return host, port
+end
+
+local function is_numeric(host)
+  return host:match("^%d+%.%d+%.%d+%.%d+$") ~= nil or host:find(":", 1, true) ~= nil
+end
+
+--- Resolve host into a list of numeric addresses (numeric hosts as is).
+local function addresses_of(host, family, timeout)
+  if is_numeric(host) then
+    return { host }
+  end
+  local list, err, detail = core.resolve(host, { family = family, timeout = timeout })
+  if not list then
+    return nil, err, detail
+  end
+  local out = {}
+  for i, a in ipairs(list) do
+    out[i] = a.address
+  end
+  if #out == 0 then
+    return nil, "dns", host .. ": no address"
+  end
+  return out
+end
+
+--- connect(host, port [, opts]) -> socket | nil, err, detail
+-- host: a name (resolved asynchronously, IPv6 and IPv4) or a numeric
+-- address. opts:
+--   timeout      seconds for the whole connect, DNS included (30)
+--   family       "inet" or "inet6" to use only one family
+--   bind         local numeric address
+--   tls          a client TLS context: implicit TLS right after connect
+--   servername   name for SNI and certificate check (default: host)
+--   verify_host  check the certificate's name (default true)
+function M.connect(host, port, opts)
+  assert(type(host) == "string", "host must be a string")
+  assert(math.type(port) == "integer", "port must be an integer")
+  opts = opts or {}
+  local timeout = opts.timeout or DEFAULT_CONNECT_TIMEOUT
+  local deadline = core.update_now() + timeout
+  local bare = host:match("^%[(.*)%]$") or host
+  local addrs, err, detail = addresses_of(bare, opts.family, timeout)
+  if not addrs then
+    return nil, err, detail
+  end
+  local sock
+  for i, addr in ipairs(addrs) do
+    local remaining = deadline - core.update_now()
+    if remaining <= 0 then
+      return nil, "timeout", "connect timed out"
+    end
+    -- Share the time left among the addresses still to try, so one
+    -- black-holed address does not eat the whole budget.
+    local share = remaining / (#addrs - i + 1)
+    sock, err, detail = core.connect(addr, port, { timeout = share, bind = opts.bind })
+    if sock then
+      break
+    end
+  end
+  if not sock then
+    return nil, err, detail
+  end
+  if opts.tls then
+    local remaining = math.max(deadline - core.update_now(), 0.001)
+    local ok, terr, tdetail = sock:starttls(opts.tls, {
+      servername = opts.servername or (not is_numeric(bare) and bare or nil) or bare,
+      verify_host = opts.verify_host,
+      timeout = remaining,
+    })
+    if not ok then
+      return nil, terr, tdetail
+    end
+  end
+  return sock
+end
+
+--- listen(spec [, opts]) -> {listener...} | nil, err, detail
+-- spec: "addr:port", "[::1]:port", "localhost:port" (every address the
+-- name has), or a list of those. Port 0 picks a free port.
+function M.listen(spec, opts)
+  local specs = type(spec) == "table" and spec or { spec }
+  local listeners = {}
+  local function fail(err, detail)
+    for _, l in ipairs(listeners) do
+      l:close()
+    end
+    return nil, err, detail
+  end
+  for _, s in ipairs(specs) do
+    local host, port = M.parse_address(s)
+    if not host then
+      return fail(port, select(3, M.parse_address(s)))
+    end
+    local addrs, err, detail = addresses_of(host, nil, 10)
+    if not addrs then
+      return fail(err, detail)
+    end
+    for _, addr in ipairs(addrs) do
+      local l
+      l, err, detail = core.listen(addr, port, opts)
+      if not l then
+        return fail(err, (detail or "") .. " (" .. s .. ")")
+      end
+      listeners[#listeners + 1] = l
+    end
+  end
+  return listeners
+end
+
+local Server = {}
+Server.__index = Server
+
+--- server:close(): stop accepting. Connections in progress go on.
+function Server:close()
+  for _, l in ipairs(self.listeners) do
+    l:close()
+  end
+  self.closed = true
+end
+
+--- server:connections() -> number of connections being handled.
+function Server:connections()
+  return self.active
+end
+
+--- serve(opts) -> server | nil, err, detail
+-- Accept connections and run handler(sock, conn) in a new task for each.
+-- opts:
+--   listen           spec or list of specs (see listen)
+--   handler          function(sock, conn); conn = {peer_address=, peer_port=,
+--                    local_address=, local_port=, id=}; the socket is closed
+--                    when the handler returns or raises
+--   tls              server TLS context: implicit TLS before the handler
+--   tls_timeout      seconds for that handshake (10)
+--   max_connections  connections handled at once; more are closed at
+--                    once (default 1000)
+--   on_refused       function(conn, reason) called for refused connections
+-- server.addresses lists {address, port} of each listener.
+function M.serve(opts)
+  assert(type(opts) == "table", "serve needs an options table")
+  assert(type(opts.handler) == "function", "serve needs a handler function")
+  local listeners, err, detail = M.listen(opts.listen or "127.0.0.1:0", { backlog = opts.backlog })
+  if not listeners then
+    return nil, err, detail
+  end
+  local server = setmetatable({
+    listeners = listeners,
+    addresses = {},
+    active = 0,
+    accepted = 0,
+    max_connections = opts.max_connections or 1000,
+  }, Server)
+  for i, l in ipairs(listeners) do
+    local addr, port = l:getsockname()
+    server.addresses[i] = { address = addr, port = port }
+  end
+
+  local function handle(sock, conn)
+    local _ <close> = sock
+    server.active = server.active + 1
+    local _ <close> = setmetatable({}, { __close = function()
+      server.active = server.active - 1
+    end })
+    if opts.tls then
+      local ok, terr, tdetail = sock:starttls(opts.tls, { timeout = opts.tls_timeout or 10 })
+      if not ok then
+        if opts.on_refused then
+          opts.on_refused(conn, terr .. ": " .. tostring(tdetail))
+        end
+        return
+      end
+    end
+    opts.handler(sock, conn)
+  end
+
+  local function accept_loop(l)
+    while true do
+      local sock, aerr = l:accept()
+      if sock then
+        server.accepted = server.accepted + 1
+        local paddr, pport = sock:getpeername()
+        local laddr, lport = sock:getsockname()
+        local conn = {
+          id = server.accepted,
+          peer_address = paddr,
+          peer_port = pport,
+          local_address = laddr,
+          local_port = lport,
+        }
+        if server.active >= server.max_connections then
+          sock:close()
+          if opts.on_refused then
+            opts.on_refused(conn, "too many connections")
+          end
+        else
+          core.spawn(handle, sock, conn)
+        end
+      elseif aerr == "closed" then
+        return
+      else
+        -- Out of descriptors or a transient failure: pause, retry.
+        core.sleep(0.1)
+      end
+    end
+  end
+
+  for _, l in ipairs(listeners) do
+    core.spawn(accept_loop, l)
+  end
+  return server
+end
+
+return M

@@ -1,0 +1,828 @@
+/*
+ * loop.c - one libev loop per Lua state, and the task scheduler.
+ *
+ * Tasks are coroutines. A task that must wait registers what it waits on
+ * (an fd, a deadline, a condition) together with a generation number and
+ * yields; libev callbacks never call Lua: they only move the task to the
+ * ready queue. The scheduler resumes ready tasks from the main thread,
+ * checking the generation so that a stale wake-up can never resume a task
+ * that has moved on to wait for something else.
+ *
+ * When a waiting call is made from the main chunk (outside any task) the
+ * loop is run right there until that call's wait ends, so a plain script
+ * reads top to bottom.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "luasmtp.h"
+
+#define LOOP_KEY "luasmtp.loop"
+#define TASK_MT "luasmtp.task"
+#define COND_MT "luasmtp.cond"
+
+enum task_state { T_NEW, T_READY, T_RUNNING, T_WAITING, T_DEAD };
+
+typedef struct ls_cond {
+    ls_task *head, *tail; /* waiting tasks, FIFO */
+    ls_loop *loop;
+    int closed;
+} ls_cond;
+
+struct ls_task {
+    lua_State *co; /* NULL for the main chunk's pseudo-task */
+    ls_loop *loop;
+    unsigned gen;    /* bumped at every wait: identifies the wait */
+    int state;
+    int nargs;       /* values to pass at the first resume */
+    int result;      /* how the last wait ended (enum ls_wake) */
+    long id;
+    int ref;         /* registry anchor of the task userdata while alive */
+    ev_io io;
+    ev_timer timer;
+    ls_cond *cond;   /* condition waited on, if any */
+    ls_task *cnext, *cprev;
+    ls_cond joiners; /* tasks waiting in join() */
+};
+
+typedef struct rq_entry {
+    ls_task *task;
+    unsigned gen;
+} rq_entry;
+
+struct ls_loop {
+    struct ev_loop *ev;
+    ls_task main_task;
+    ls_task *current;
+    rq_entry *rq;
+    size_t rq_len, rq_cap;
+    long ntasks;  /* tasks not yet finished */
+    long next_id;
+    int in_handler;
+    ev_prepare prepare;
+    ls_flushable flushq; /* list head */
+};
+
+long ls_live[LS_COUNT_MAX];
+
+/* ------------------------------------------------------------------ */
+/* Access */
+
+ls_loop *ls_getloop(lua_State *L)
+{
+    lua_getfield(L, LUA_REGISTRYINDEX, LOOP_KEY);
+    ls_loop *loop = lua_touserdata(L, -1);
+    lua_pop(L, 1);
+    if (loop == NULL || loop->ev == NULL)
+        luaL_error(L, "luasmtp: event loop is not available");
+    return loop;
+}
+
+struct ev_loop *ls_evloop(ls_loop *loop) { return loop->ev; }
+
+double ls_now(ls_loop *loop) { return ev_now(loop->ev); }
+
+/* ------------------------------------------------------------------ */
+/* Waking */
+
+static void stop_watchers(ls_task *t)
+{
+    if (ev_is_active(&t->io)) {
+        ev_io_stop(t->loop->ev, &t->io);
+        ls_live[LS_COUNT_WATCHERS]--;
+    }
+    if (ev_is_active(&t->timer)) {
+        ev_timer_stop(t->loop->ev, &t->timer);
+        ls_live[LS_COUNT_WATCHERS]--;
+    }
+}
+
+static void cond_unlink(ls_task *t)
+{
+    ls_cond *c = t->cond;
+    if (c == NULL)
+        return;
+    if (t->cprev)
+        t->cprev->cnext = t->cnext;
+    else
+        c->head = t->cnext;
+    if (t->cnext)
+        t->cnext->cprev = t->cprev;
+    else
+        c->tail = t->cprev;
+    t->cnext = t->cprev = NULL;
+    t->cond = NULL;
+}
+
+static void rq_push(ls_loop *loop, ls_task *t)
+{
+    if (loop->rq_len == loop->rq_cap) {
+        size_t ncap = loop->rq_cap ? loop->rq_cap * 2 : 64;
+        rq_entry *n = realloc(loop->rq, ncap * sizeof *n);
+        if (n == NULL) {
+            /* Cannot queue: leave the task waiting on a zero timer so
+             * it is retried on the next iteration instead of lost. */
+            t->state = T_WAITING;
+            ev_timer_set(&t->timer, 0.001, 0.);
+            ev_timer_start(loop->ev, &t->timer);
+            ls_live[LS_COUNT_WATCHERS]++;
+            return;
+        }
+        loop->rq = n;
+        loop->rq_cap = ncap;
+    }
+    loop->rq[loop->rq_len].task = t;
+    loop->rq[loop->rq_len].gen = t->gen;
+    loop->rq_len++;
+}
+
+void ls_wake(ls_loop *loop, ls_task *t, int result)
+{
+    if (t == NULL || t->state != T_WAITING)
+        return; /* stale or repeated wake */
+    stop_watchers(t);
+    cond_unlink(t);
+    t->result = result;
+    if (t == &loop->main_task) {
+        t->state = T_RUNNING;
+        return;
+    }
+    t->state = T_READY;
+    rq_push(loop, t);
+}
+
+static void io_cb(struct ev_loop *ev, ev_io *w, int revents)
+{
+    (void)ev;
+    (void)revents;
+    ls_task *t = (ls_task *)((char *)w - offsetof(ls_task, io));
+    ls_wake(t->loop, t, LS_WAKE_READY);
+}
+
+static void timer_cb(struct ev_loop *ev, ev_timer *w, int revents)
+{
+    (void)ev;
+    (void)revents;
+    ls_task *t = (ls_task *)((char *)w - offsetof(ls_task, timer));
+    ls_wake(t->loop, t, LS_WAKE_TIMEOUT);
+}
+
+static void task_init(ls_task *t, ls_loop *loop)
+{
+    memset(t, 0, sizeof *t);
+    t->loop = loop;
+    t->ref = LUA_NOREF;
+    t->joiners.loop = loop;
+    ev_init(&t->io, io_cb);
+    ev_init(&t->timer, timer_cb);
+}
+
+/* ------------------------------------------------------------------ */
+/* Flush queue: run before the loop blocks. */
+
+void ls_flush_queue(ls_loop *loop, ls_flushable *f)
+{
+    if (f->queued)
+        return;
+    f->next = loop->flushq.next;
+    f->prev = &loop->flushq;
+    loop->flushq.next->prev = f;
+    loop->flushq.next = f;
+    f->queued = 1;
+}
+
+void ls_flush_dequeue(ls_loop *loop, ls_flushable *f)
+{
+    (void)loop;
+    if (!f->queued)
+        return;
+    f->prev->next = f->next;
+    f->next->prev = f->prev;
+    f->next = f->prev = NULL;
+    f->queued = 0;
+}
+
+static void prepare_cb(struct ev_loop *ev, ev_prepare *w, int revents)
+{
+    (void)ev;
+    (void)revents;
+    ls_loop *loop = (ls_loop *)((char *)w - offsetof(ls_loop, prepare));
+    while (loop->flushq.next != &loop->flushq) {
+        ls_flushable *f = loop->flushq.next;
+        ls_flush_dequeue(loop, f);
+        f->flush(f);
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Running tasks */
+
+static void report_error(lua_State *L, ls_loop *loop, ls_task *t, int tidx)
+{
+    /* stack: ... message(with traceback) */
+    lua_getfield(L, LUA_REGISTRYINDEX, "luasmtp.errhandler");
+    if (lua_isfunction(L, -1)) {
+        lua_pushvalue(L, -2);
+        lua_pushvalue(L, tidx);
+        loop->in_handler = 1;
+        if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
+            fprintf(stderr, "luasmtp: error handler failed: %s\n",
+                    lua_tostring(L, -1) ? lua_tostring(L, -1) : "?");
+            lua_pop(L, 1);
+        }
+        loop->in_handler = 0;
+    } else {
+        lua_pop(L, 1);
+        fprintf(stderr, "luasmtp: task %ld failed: %s\n", t->id,
+                lua_tostring(L, -1) ? lua_tostring(L, -1) : "(error object)");
+    }
+}
+
+static void task_finish(lua_State *L, ls_loop *loop, ls_task *t, int ok, int nres)
+{
+    /* stack of co: results (ok) or error object (not ok) */
+    lua_State *co = t->co;
+    lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref); /* task userdata */
+    int tidx = lua_gettop(L);
+    lua_getiuservalue(L, tidx, 1);            /* state table */
+    int sidx = lua_gettop(L);
+    lua_createtable(L, nres + 1, 1);          /* results */
+    lua_pushboolean(L, ok);
+    lua_rawseti(L, -2, 1);
+    if (ok) {
+        lua_xmove(co, L, nres);
+        for (int i = nres; i >= 1; i--)
+            lua_rawseti(L, -1 - i, i + 1);
+        lua_pushinteger(L, nres + 1);
+    } else {
+        lua_xmove(co, L, 1);
+        if (lua_type(L, -1) == LUA_TSTRING || lua_type(L, -1) == LUA_TNUMBER) {
+            luaL_traceback(L, co, lua_tostring(L, -1), 0);
+            lua_remove(L, -2);
+        }
+        lua_rawseti(L, -2, 2);
+        lua_pushinteger(L, 2);
+    }
+    lua_setfield(L, -2, "n");
+    lua_setfield(L, sidx, "results");
+    t->state = T_DEAD;
+    loop->ntasks--;
+    ls_live[LS_COUNT_TASKS]--;
+    /* Wake joiners before reporting so a join sees the result. */
+    while (t->joiners.head)
+        ls_wake(loop, t->joiners.head, LS_WAKE_READY);
+    if (!ok) {
+        lua_getfield(L, sidx, "results");
+        lua_rawgeti(L, -1, 2);
+        lua_remove(L, -2);
+        if (lua_getfield(L, sidx, "joined") == LUA_TNIL) {
+            lua_pop(L, 1);
+            report_error(L, loop, t, tidx);
+        } else {
+            lua_pop(L, 1);
+        }
+        lua_pop(L, 1);
+    }
+    lua_pushnil(L);
+    lua_setfield(L, sidx, "co"); /* let the coroutine be collected */
+    luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
+    t->ref = LUA_NOREF;
+    t->co = NULL;
+    lua_settop(L, tidx - 1);
+}
+
+static void resume_task(lua_State *L, ls_loop *loop, ls_task *t, unsigned gen)
+{
+    if (t->state != T_READY || t->gen != gen)
+        return; /* stale entry */
+    int nargs = t->nargs, nres = 0;
+    t->nargs = 0;
+    t->state = T_RUNNING;
+    loop->current = t;
+    int st = lua_resume(t->co, L, nargs, &nres);
+    loop->current = &loop->main_task;
+    if (st == LUA_YIELD) {
+        if (t->state == T_RUNNING) {
+            /* A plain coroutine.yield(): give others a turn. */
+            lua_pop(t->co, nres);
+            t->gen++;
+            t->state = T_READY;
+            rq_push(loop, t);
+        }
+        return;
+    }
+    task_finish(L, loop, t, st == LUA_OK, st == LUA_OK ? nres : 1);
+}
+
+static void drain(lua_State *L, ls_loop *loop)
+{
+    size_t i = 0;
+    while (i < loop->rq_len) {
+        rq_entry e = loop->rq[i++];
+        resume_task(L, loop, e.task, e.gen);
+    }
+    loop->rq_len = 0;
+}
+
+/* Run the scheduler until *flag becomes false (flag != NULL) or until no
+ * task is left (flag == NULL). Returns 0, or -1 when nothing can ever
+ * happen again (no ready task and no active watcher). */
+static int run_until(lua_State *L, ls_loop *loop, int *waiting)
+{
+    for (;;) {
+        drain(L, loop);
+        if (waiting)
+            *waiting = loop->main_task.state == T_WAITING;
+        if (waiting ? !*waiting : loop->ntasks == 0)
+            return 0;
+        /* ev_run() tells whether any watcher is still active; with
+         * none and nothing ready, nothing can happen any more. */
+        if (!ev_run(loop->ev, EVRUN_ONCE) && loop->rq_len == 0) {
+            drain(L, loop);
+            if (waiting)
+                *waiting = loop->main_task.state == T_WAITING;
+            if (waiting ? !*waiting : loop->ntasks == 0)
+                return 0;
+            return -1;
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ */
+/* Waiting */
+
+ls_task *ls_current(lua_State *L, ls_loop *loop)
+{
+    if (loop->in_handler)
+        luaL_error(L, "luasmtp: cannot wait inside the task error handler");
+    ls_task *t = loop->current;
+    if (t == &loop->main_task) {
+        if (t->state == T_WAITING)
+            luaL_error(L, "luasmtp: cannot wait here: the main chunk is already waiting");
+        return t;
+    }
+    if (L != t->co)
+        luaL_error(L, "luasmtp: cannot wait in a coroutine that is not a luasmtp task "
+                      "(start it with luasmtp.spawn)");
+    if (!lua_isyieldable(L))
+        luaL_error(L, "luasmtp: cannot wait across a C-call boundary (inside a table.sort "
+                      "comparator, a string.gsub callback, a metamethod such as __gc, or "
+                      "require); move the waiting call out of it");
+    return t;
+}
+
+static void arm(ls_loop *loop, ls_task *t, int fd, int events, double deadline)
+{
+    t->gen++;
+    t->result = LS_WAKE_NONE;
+    t->state = T_WAITING;
+    if (fd >= 0) {
+        ev_io_set(&t->io, fd, events);
+        ev_io_start(loop->ev, &t->io);
+        ls_live[LS_COUNT_WATCHERS]++;
+    }
+    if (deadline >= 0) {
+        double d = deadline - ev_now(loop->ev);
+        ev_timer_set(&t->timer, d > 0 ? d : 0., 0.);
+        ev_timer_start(loop->ev, &t->timer);
+        ls_live[LS_COUNT_WATCHERS]++;
+    }
+}
+
+int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
+            double deadline, lua_KContext ctx, lua_KFunction k)
+{
+    arm(loop, t, fd, events, deadline);
+    if (t != &loop->main_task)
+        return lua_yieldk(L, 0, ctx, k);
+    /* The pseudo-task leaves T_WAITING when woken. */
+    int waiting = 1;
+    if (run_until(L, loop, &waiting) < 0 && t->state == T_WAITING) {
+        stop_watchers(t);
+        cond_unlink(t);
+        t->state = T_RUNNING;
+        luaL_error(L, "luasmtp: deadlock: the main chunk waits for an event that nothing "
+                      "can trigger");
+    }
+    return t->result;
+}
+
+int ls_wait_result(lua_State *L)
+{
+    ls_loop *loop = ls_getloop(L);
+    return loop->current->result;
+}
+
+/* ------------------------------------------------------------------ */
+/* Lua API: tasks */
+
+static ls_task *check_task(lua_State *L, int idx)
+{
+    return luaL_checkudata(L, idx, TASK_MT);
+}
+
+/* spawn(fn, ...) -> task
+ * Start fn(...) as a new task; it first runs at the next scheduler pass. */
+static int l_spawn(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TFUNCTION);
+    ls_loop *loop = ls_getloop(L);
+    int nargs = lua_gettop(L) - 1;
+    ls_task *t = lua_newuserdatauv(L, sizeof *t, 1);
+    task_init(t, loop);
+    luaL_setmetatable(L, TASK_MT);
+    lua_createtable(L, 0, 2);
+    lua_State *co = lua_newthread(L);
+    lua_setfield(L, -2, "co");
+    lua_setiuservalue(L, -2, 1);
+    /* move fn and args to the coroutine */
+    for (int i = 1; i <= nargs + 1; i++)
+        lua_pushvalue(L, i);
+    lua_xmove(L, co, nargs + 1);
+    t->co = co;
+    t->nargs = nargs;
+    t->id = ++loop->next_id;
+    lua_pushvalue(L, -1);
+    t->ref = luaL_ref(L, LUA_REGISTRYINDEX);
+    loop->ntasks++;
+    ls_live[LS_COUNT_TASKS]++;
+    t->state = T_READY;
+    rq_push(loop, t);
+    return 1;
+}
+
+/* run() -> true | nil, "deadlock", n
+ * Run tasks until none is left. Must be called outside any task. */
+static int l_run(lua_State *L)
+{
+    ls_loop *loop = ls_getloop(L);
+    if (loop->current != &loop->main_task || loop->main_task.state == T_WAITING)
+        return luaL_error(L, "luasmtp: run() cannot be called from inside a task");
+    if (run_until(L, loop, NULL) < 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, "deadlock");
+        lua_pushinteger(L, loop->ntasks);
+        return 3;
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* step([timeout]) -> number of ready tasks run
+ * One scheduler pass: run the ready tasks, then poll once (waiting at
+ * most timeout seconds, default 0). For embedding in another loop. */
+static void step_timer_cb(struct ev_loop *ev, ev_timer *w, int revents)
+{
+    (void)ev; (void)w; (void)revents;
+}
+
+static int l_step(lua_State *L)
+{
+    ls_loop *loop = ls_getloop(L);
+    double timeout = luaL_optnumber(L, 1, 0.);
+    if (loop->current != &loop->main_task || loop->main_task.state == T_WAITING)
+        return luaL_error(L, "luasmtp: step() cannot be called from inside a task");
+    size_t n = loop->rq_len;
+    drain(L, loop);
+    if (timeout > 0 && loop->rq_len == 0) {
+        ev_timer tm;
+        ev_timer_init(&tm, step_timer_cb, timeout, 0.);
+        ev_timer_start(loop->ev, &tm);
+        ev_run(loop->ev, EVRUN_ONCE);
+        ev_timer_stop(loop->ev, &tm);
+    } else {
+        ev_run(loop->ev, EVRUN_NOWAIT);
+    }
+    lua_pushinteger(L, (lua_Integer)n);
+    return 1;
+}
+
+static int sleep_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    (void)ctx;
+    (void)L;
+    return 0;
+}
+
+/* sleep(seconds) : wait; sleep(0) lets other ready tasks run first. */
+static int l_sleep(lua_State *L)
+{
+    double s = luaL_checknumber(L, 1);
+    luaL_argcheck(L, s >= 0, 1, "negative duration");
+    ls_loop *loop = ls_getloop(L);
+    ls_task *t = ls_current(L, loop);
+    ls_wait(L, loop, t, -1, 0, ev_now(loop->ev) + s, 0, sleep_k);
+    return 0;
+}
+
+static int l_now(lua_State *L)
+{
+    lua_pushnumber(L, ev_now(ls_getloop(L)->ev));
+    return 1;
+}
+
+static int l_update_now(lua_State *L)
+{
+    ls_loop *loop = ls_getloop(L);
+    ev_now_update(loop->ev);
+    lua_pushnumber(L, ev_now(loop->ev));
+    return 1;
+}
+
+static int l_time(lua_State *L)
+{
+    lua_pushnumber(L, ev_time());
+    return 1;
+}
+
+/* current() -> task | nil: the running task. */
+static int l_current(lua_State *L)
+{
+    ls_loop *loop = ls_getloop(L);
+    if (loop->current == &loop->main_task || loop->current->co != L) {
+        lua_pushnil(L);
+        return 1;
+    }
+    lua_rawgeti(L, LUA_REGISTRYINDEX, loop->current->ref);
+    return 1;
+}
+
+/* on_error(fn(message, task)) : replace the handler of task errors.
+ * The message carries the traceback. Returns the previous handler. */
+static int l_on_error(lua_State *L)
+{
+    if (!lua_isnoneornil(L, 1))
+        luaL_checktype(L, 1, LUA_TFUNCTION);
+    lua_settop(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, "luasmtp.errhandler");
+    lua_pushvalue(L, 1);
+    lua_setfield(L, LUA_REGISTRYINDEX, "luasmtp.errhandler");
+    return 1;
+}
+
+static int push_results(lua_State *L, int uvidx)
+{
+    lua_getiuservalue(L, uvidx, 1);
+    lua_getfield(L, -1, "results");
+    int r = lua_gettop(L);
+    lua_getfield(L, r, "n");
+    lua_Integer n = lua_tointeger(L, -1);
+    lua_pop(L, 1);
+    luaL_checkstack(L, (int)n, "too many results");
+    for (lua_Integer i = 1; i <= n; i++)
+        lua_rawgeti(L, r, i);
+    return (int)n;
+}
+
+static int join_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    (void)ctx;
+    ls_task *t = check_task(L, 1);
+    if (t->state != T_DEAD)
+        return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    return push_results(L, 1);
+}
+
+/* task:join([timeout]) -> true, results... | false, err | nil, "timeout"
+ * Wait for the task to finish. A task that is joined does not report its
+ * error through the error handler: the joiner gets it. */
+static int l_task_join(lua_State *L)
+{
+    ls_task *t = check_task(L, 1);
+    double timeout = luaL_optnumber(L, 2, -1);
+    lua_getiuservalue(L, 1, 1);
+    lua_pushboolean(L, 1);
+    lua_setfield(L, -2, "joined");
+    lua_pop(L, 1);
+    if (t->state == T_DEAD)
+        return push_results(L, 1);
+    ls_loop *loop = t->loop;
+    ls_task *me = ls_current(L, loop);
+    if (me == t)
+        return luaL_error(L, "luasmtp: a task cannot join itself");
+    /* link into t's joiners, then wait */
+    me->cond = &t->joiners;
+    me->cprev = t->joiners.tail;
+    me->cnext = NULL;
+    if (t->joiners.tail)
+        t->joiners.tail->cnext = me;
+    else
+        t->joiners.head = me;
+    t->joiners.tail = me;
+    ls_wait(L, loop, me, -1, 0, timeout >= 0 ? ev_now(loop->ev) + timeout : -1, 0, join_k);
+    return join_k(L, LUA_OK, 0);
+}
+
+static int l_task_status(lua_State *L)
+{
+    static const char *const names[] = {"new", "ready", "running", "waiting", "dead"};
+    ls_task *t = check_task(L, 1);
+    lua_pushstring(L, names[t->state]);
+    return 1;
+}
+
+static int l_task_id(lua_State *L)
+{
+    lua_pushinteger(L, check_task(L, 1)->id);
+    return 1;
+}
+
+static int l_task_tostring(lua_State *L)
+{
+    ls_task *t = check_task(L, 1);
+    lua_pushfstring(L, "luasmtp.task %d", (int)t->id);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Lua API: conditions, for coordinating tasks */
+
+static ls_cond *check_cond(lua_State *L, int idx) { return luaL_checkudata(L, idx, COND_MT); }
+
+static int l_cond(lua_State *L)
+{
+    ls_cond *c = lua_newuserdatauv(L, sizeof *c, 0);
+    memset(c, 0, sizeof *c);
+    c->loop = ls_getloop(L);
+    luaL_setmetatable(L, COND_MT);
+    return 1;
+}
+
+static int cond_wait_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    (void)ctx;
+    switch (ls_wait_result(L)) {
+    case LS_WAKE_READY:
+        lua_pushboolean(L, 1);
+        return 1;
+    case LS_WAKE_CLOSED:
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    default:
+        return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+}
+
+/* cond:wait([timeout]) -> true | nil, "timeout" | nil, "closed" */
+static int l_cond_wait(lua_State *L)
+{
+    ls_cond *c = check_cond(L, 1);
+    double timeout = luaL_optnumber(L, 2, -1);
+    if (c->closed)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    ls_loop *loop = c->loop;
+    ls_task *me = ls_current(L, loop);
+    me->cond = c;
+    me->cprev = c->tail;
+    me->cnext = NULL;
+    if (c->tail)
+        c->tail->cnext = me;
+    else
+        c->head = me;
+    c->tail = me;
+    ls_wait(L, loop, me, -1, 0, timeout >= 0 ? ev_now(loop->ev) + timeout : -1, 0, cond_wait_k);
+    return cond_wait_k(L, LUA_OK, 0);
+}
+
+/* cond:signal() -> woke (bool): wake the longest-waiting task. */
+static int l_cond_signal(lua_State *L)
+{
+    ls_cond *c = check_cond(L, 1);
+    int woke = c->head != NULL;
+    if (woke)
+        ls_wake(c->loop, c->head, LS_WAKE_READY);
+    lua_pushboolean(L, woke);
+    return 1;
+}
+
+/* cond:broadcast() -> n: wake every waiting task. */
+static int l_cond_broadcast(lua_State *L)
+{
+    ls_cond *c = check_cond(L, 1);
+    lua_Integer n = 0;
+    while (c->head) {
+        ls_wake(c->loop, c->head, LS_WAKE_READY);
+        n++;
+    }
+    lua_pushinteger(L, n);
+    return 1;
+}
+
+/* cond:close(): waiters get nil, "closed"; later waits too. */
+static int l_cond_close(lua_State *L)
+{
+    ls_cond *c = check_cond(L, 1);
+    c->closed = 1;
+    while (c->head)
+        ls_wake(c->loop, c->head, LS_WAKE_CLOSED);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* Loop lifetime */
+
+static int l_loop_gc(lua_State *L)
+{
+    ls_loop *loop = lua_touserdata(L, 1);
+    if (loop->ev) {
+        if (ev_is_active(&loop->prepare)) {
+            ev_ref(loop->ev);
+            ev_prepare_stop(loop->ev, &loop->prepare);
+        }
+        ev_loop_destroy(loop->ev);
+        loop->ev = NULL;
+    }
+    free(loop->rq);
+    loop->rq = NULL;
+    return 0;
+}
+
+static int l_stats(lua_State *L)
+{
+    static const char *const names[LS_COUNT_MAX] = {
+        "tasks", "sockets", "listeners", "tls_contexts", "tls_sessions", "watchers", "dns_queries",
+    };
+    lua_createtable(L, 0, LS_COUNT_MAX + 1);
+    long total = 0;
+    for (int i = 0; i < LS_COUNT_MAX; i++) {
+        lua_pushinteger(L, ls_live[i]);
+        lua_setfield(L, -2, names[i]);
+        total += ls_live[i];
+    }
+    lua_pushinteger(L, total);
+    lua_setfield(L, -2, "total");
+    return 1;
+}
+
+int ls_open_loop(lua_State *L)
+{
+    /* One loop per Lua state, created on first open. */
+    if (lua_getfield(L, LUA_REGISTRYINDEX, LOOP_KEY) == LUA_TNIL) {
+        lua_pop(L, 1);
+        ls_loop *loop = lua_newuserdatauv(L, sizeof *loop, 0);
+        memset(loop, 0, sizeof *loop);
+        lua_createtable(L, 0, 2);
+        lua_pushcfunction(L, l_loop_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_setmetatable(L, -2);
+        loop->ev = ev_loop_new(EVFLAG_AUTO);
+        if (loop->ev == NULL)
+            return luaL_error(L, "luasmtp: cannot create the event loop");
+        task_init(&loop->main_task, loop);
+        loop->main_task.state = T_RUNNING;
+        loop->current = &loop->main_task;
+        loop->flushq.next = loop->flushq.prev = &loop->flushq;
+        ev_prepare_init(&loop->prepare, prepare_cb);
+        ev_prepare_start(loop->ev, &loop->prepare);
+        ev_unref(loop->ev); /* the prepare watcher alone keeps nothing alive */
+        lua_setfield(L, LUA_REGISTRYINDEX, LOOP_KEY);
+    } else {
+        lua_pop(L, 1);
+    }
+
+    static const luaL_Reg task_methods[] = {
+        {"join", l_task_join},
+        {"status", l_task_status},
+        {"id", l_task_id},
+        {NULL, NULL},
+    };
+    if (luaL_newmetatable(L, TASK_MT)) {
+        luaL_newlib(L, task_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_task_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    static const luaL_Reg cond_methods[] = {
+        {"wait", l_cond_wait},
+        {"signal", l_cond_signal},
+        {"broadcast", l_cond_broadcast},
+        {"close", l_cond_close},
+        {NULL, NULL},
+    };
+    if (luaL_newmetatable(L, COND_MT)) {
+        luaL_newlib(L, cond_methods);
+        lua_setfield(L, -2, "__index");
+    }
+    lua_pop(L, 1);
+
+    static const luaL_Reg funcs[] = {
+        {"spawn", l_spawn},
+        {"run", l_run},
+        {"step", l_step},
+        {"sleep", l_sleep},
+        {"now", l_now},
+        {"update_now", l_update_now},
+        {"time", l_time},
+        {"current", l_current},
+        {"on_error", l_on_error},
+        {"cond", l_cond},
+        {"stats", l_stats},
+        {NULL, NULL},
+    };
+    luaL_setfuncs(L, funcs, 0);
+    return 0;
+}

@@ -1,0 +1,175 @@
+/*
+ * luasmtp.h - shared declarations of the C core.
+ *
+ * Layers (see README "Architecture"):
+ *   buf.c              byte buffer with a hard cap, no Lua
+ *   loop.c             libev loop and coroutine task scheduler
+ *   socket.c           TCP sockets and listeners as Lua userdata
+ *   tls.c              OpenSSL contexts and the TLS transport
+ *   dns.c              c-ares resolver on the libev loop
+ *   core.c             luaopen_luasmtp_core: ties the pieces together
+ */
+#ifndef LUASMTP_H
+#define LUASMTP_H
+
+#include <stddef.h>
+#include <sys/types.h>
+#include <sys/socket.h>
+
+#include <ev.h>
+#include <lua.h>
+#include <lauxlib.h>
+
+#define LS_VERSION "0.1.0"
+
+/* ------------------------------------------------------------------ */
+/* Live-object counters, read by tests through core.stats().           */
+enum ls_counter {
+    LS_COUNT_TASKS,
+    LS_COUNT_SOCKETS,
+    LS_COUNT_LISTENERS,
+    LS_COUNT_TLS_CONTEXTS,
+    LS_COUNT_TLS_SESSIONS,
+    LS_COUNT_WATCHERS,
+    LS_COUNT_DNS_QUERIES,
+    LS_COUNT_MAX
+};
+extern long ls_live[LS_COUNT_MAX];
+
+/* ------------------------------------------------------------------ */
+/* Error tokens: the closed set returned as the second value of a
+ * failed I/O call (`nil, token, detail`). */
+#define LS_ETIMEOUT "timeout"
+#define LS_ECLOSED "closed"
+#define LS_ERESET "reset"
+#define LS_ETLS "tls"
+#define LS_ELIMIT "limit"
+#define LS_EREFUSED "refused"
+#define LS_EDNS "dns"
+#define LS_EUNREACH "unreachable"
+#define LS_EIO "io"
+
+/* Push nil, token, detail (detail may be NULL: then nil, token). Returns 3. */
+int ls_pusherror(lua_State *L, const char *token, const char *detail);
+/* Map an errno value to one of the tokens above. */
+const char *ls_errno_token(int err);
+
+/* ------------------------------------------------------------------ */
+/* buf.c: a growable byte buffer with a hard cap. */
+typedef struct ls_buf {
+    char *data;
+    size_t off; /* first unread byte */
+    size_t len; /* bytes after off */
+    size_t cap; /* allocated size */
+} ls_buf;
+
+void ls_buf_init(ls_buf *b);
+void ls_buf_free(ls_buf *b);
+/* Make room for at least `need` more bytes after the data; returns a
+ * pointer to the free space or NULL on allocation failure. */
+char *ls_buf_reserve(ls_buf *b, size_t need);
+void ls_buf_commit(ls_buf *b, size_t n); /* n bytes were written at reserve() */
+int ls_buf_append(ls_buf *b, const char *p, size_t n); /* 0 ok, -1 ENOMEM */
+void ls_buf_consume(ls_buf *b, size_t n);
+static inline const char *ls_buf_head(const ls_buf *b) { return b->data + b->off; }
+/* Search for a delimiter in the buffered data starting at `from`;
+ * returns its offset from the head or (size_t)-1. */
+size_t ls_buf_find(const ls_buf *b, size_t from, const char *delim, size_t dlen);
+
+/* ------------------------------------------------------------------ */
+/* loop.c: the event loop and the task scheduler.
+ *
+ * A task is a coroutine run by the scheduler. A C function that must wait
+ * calls ls_wait(); inside a task it yields (and never returns: Lua calls
+ * the continuation k when the task is woken); outside any task (the main
+ * chunk) it runs the loop until the wait ends and returns the result.
+ * Either way the wait result is then in ls_wait_result(L). */
+typedef struct ls_loop ls_loop;
+typedef struct ls_task ls_task;
+
+enum ls_wake {
+    LS_WAKE_NONE = 0,
+    LS_WAKE_READY,   /* the fd is ready / the event happened */
+    LS_WAKE_TIMEOUT, /* the deadline passed */
+    LS_WAKE_CLOSED,  /* the object waited on was closed */
+};
+
+ls_loop *ls_getloop(lua_State *L);
+struct ev_loop *ls_evloop(ls_loop *loop);
+double ls_now(ls_loop *loop);
+
+/* The task that is running now (the pseudo-task of the main chunk when
+ * no task runs). Raises a Lua error with a clear message when waiting is
+ * not possible here (C-call boundary, foreign coroutine, error handler). */
+ls_task *ls_current(lua_State *L, ls_loop *loop);
+
+/* Wait until fd (if >= 0) is ready for `events` (EV_READ/EV_WRITE), or
+ * the task is woken by ls_wake(), or the deadline (absolute, ls_now()
+ * time; < 0 for none) passes. `t` must be ls_current(L, loop). */
+int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
+            double deadline, lua_KContext ctx, lua_KFunction k);
+/* The result of the last wait of the task running on L. */
+int ls_wait_result(lua_State *L);
+/* Wake a waiting task (stale or repeated wakes are ignored). */
+void ls_wake(ls_loop *loop, ls_task *t, int result);
+
+/* Deferred flushing: sockets with pending output register here and are
+ * flushed before the loop blocks (so writes made in one pass of the
+ * scheduler leave in one syscall). */
+typedef struct ls_flushable {
+    struct ls_flushable *next, *prev;
+    void (*flush)(struct ls_flushable *self);
+    int queued;
+} ls_flushable;
+void ls_flush_queue(ls_loop *loop, ls_flushable *f);
+void ls_flush_dequeue(ls_loop *loop, ls_flushable *f);
+
+/* ------------------------------------------------------------------ */
+/* tls.c: OpenSSL. The socket layer sees only these calls. */
+typedef struct ssl_st SSL;
+typedef struct ls_tlsctx ls_tlsctx;
+
+/* Results of the TLS transport calls. */
+enum ls_io {
+    LS_IO_OK = 0,        /* > 0 bytes moved (count in *n) / handshake done */
+    LS_IO_EOF = -1,      /* orderly close by the peer */
+    LS_IO_WANTREAD = -2, /* wait for EV_READ, then call again */
+    LS_IO_WANTWRITE = -3,/* wait for EV_WRITE, then call again */
+    LS_IO_ERROR = -4,    /* failure: token and detail filled in */
+};
+
+typedef struct ls_ioerr {
+    const char *token;  /* one of the LS_E* tokens */
+    char detail[256];
+} ls_ioerr;
+
+ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx);
+int ls_tlsctx_is_server(const ls_tlsctx *c);
+/* Create an SSL for fd; servername (client: SNI and host check, may be NULL). */
+SSL *ls_tls_new(ls_tlsctx *c, int fd, const char *servername, int verify_host,
+                ls_ioerr *err);
+void ls_tls_free(SSL *ssl);
+int ls_tls_handshake(SSL *ssl, ls_ioerr *err);
+int ls_tls_read(SSL *ssl, char *buf, size_t len, size_t *n, ls_ioerr *err);
+int ls_tls_write(SSL *ssl, const char *buf, size_t len, size_t *n, ls_ioerr *err);
+/* One non-blocking attempt at close_notify. */
+void ls_tls_shutdown(SSL *ssl);
+/* Push a table describing the session (version, cipher, peer cert...). */
+int ls_tls_pushinfo(lua_State *L, SSL *ssl);
+/* Push channel-binding data: type "tls-exporter" or "tls-unique". */
+int ls_tls_pushbinding(lua_State *L, SSL *ssl, const char *type);
+int ls_open_tls(lua_State *L); /* adds tls functions to the table on top */
+
+/* ------------------------------------------------------------------ */
+/* dns.c: c-ares. */
+/* Resolve host (numeric or name) to a list of addresses: pushes a Lua
+ * array of {family=, address=} tables, or nil, "dns", detail. Waits. */
+int ls_open_dns(lua_State *L); /* adds dns functions to the table on top */
+
+/* loop.c */
+int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */
+
+/* socket.c */
+int ls_open_socket(lua_State *L); /* adds socket functions to the table on top */
+
+#endif

@@ -1,0 +1,1221 @@
+/*
+ * socket.c - TCP sockets and listeners as Lua userdata.
+ *
+ * Calls look synchronous: a call that cannot complete at once waits
+ * through ls_wait() (the task yields; the main chunk runs the loop).
+ * A socket has one reader slot and one writer slot, so a reading task
+ * and a writing task never wait on each other.
+ *
+ * Input is read into a capped buffer; every receive form has a limit.
+ * Output is appended to a buffer and flushed before the loop blocks, so
+ * replies produced in one scheduler pass leave in one syscall; past the
+ * send-buffer limit send() waits for the peer (backpressure).
+ *
+ * The transport is plain (recv/send) or TLS (tls.c): only fill() and
+ * write_some() know the difference.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include "luasmtp.h"
+
+#define SOCKET_MT "luasmtp.socket"
+#define LISTENER_MT "luasmtp.listener"
+
+#define DEFAULT_TIMEOUT 60.0
+#define DEFAULT_MAXLINE 8192
+#define DEFAULT_SNDLIMIT (256 * 1024)
+#define READ_CHUNK 16384
+
+enum read_op { OP_LINE, OP_EXACT, OP_UNTIL, OP_ANY };
+
+typedef struct ls_socket {
+    int fd;
+    ls_loop *loop;
+    ls_buf rbuf, wbuf;
+    SSL *ssl;
+    ls_task *reader, *writer;   /* tasks waiting on this socket */
+    double t_connect, t_read, t_write;
+    double rdeadline, wdeadline;
+    size_t maxline, sndlimit;
+    int eof;                    /* the peer closed its side */
+    int skipline;               /* discard input up to the next CRLF */
+    const char *rerr, *werr;    /* sticky error tokens */
+    char rerr_detail[256], werr_detail[256];
+    ev_io wio;                  /* background flush when no task writes */
+    int wio_counted;
+    ls_flushable fl;
+} ls_socket;
+
+typedef struct ls_listener {
+    int fd;
+    ls_loop *loop;
+    ls_task *acceptor;
+} ls_listener;
+
+/* ------------------------------------------------------------------ */
+/* Helpers */
+
+static ls_socket *check_socket(lua_State *L, int idx)
+{
+    return luaL_checkudata(L, idx, SOCKET_MT);
+}
+
+static ls_listener *check_listener(lua_State *L, int idx)
+{
+    return luaL_checkudata(L, idx, LISTENER_MT);
+}
+
+/* Parse a numeric address (IPv4, IPv6, optionally in [brackets]). */
+static int parse_addr(const char *host, int port, struct sockaddr_storage *ss, socklen_t *len)
+{
+    char buf[INET6_ADDRSTRLEN + 2];
+    size_t n = strlen(host);
+    if (n >= 2 && host[0] == '[' && host[n - 1] == ']') {
+        if (n - 2 >= sizeof buf)
+            return -1;
+        memcpy(buf, host + 1, n - 2);
+        buf[n - 2] = '\0';
+        host = buf;
+    }
+    memset(ss, 0, sizeof *ss);
+    struct sockaddr_in *in4 = (struct sockaddr_in *)ss;
+    struct sockaddr_in6 *in6 = (struct sockaddr_in6 *)ss;
+    if (inet_pton(AF_INET, host, &in4->sin_addr) == 1) {
+        in4->sin_family = AF_INET;
+        in4->sin_port = htons((uint16_t)port);
+        *len = sizeof *in4;
+        return 0;
+    }
+    if (inet_pton(AF_INET6, host, &in6->sin6_addr) == 1) {
+        in6->sin6_family = AF_INET6;
+        in6->sin6_port = htons((uint16_t)port);
+        *len = sizeof *in6;
+        return 0;
+    }
+    return -1;
+}
+
+/* Push address, port of a sockaddr; returns 2. */
+static int push_sockaddr(lua_State *L, const struct sockaddr_storage *ss)
+{
+    char buf[INET6_ADDRSTRLEN];
+    if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *in4 = (const struct sockaddr_in *)ss;
+        inet_ntop(AF_INET, &in4->sin_addr, buf, sizeof buf);
+        lua_pushstring(L, buf);
+        lua_pushinteger(L, ntohs(in4->sin_port));
+    } else if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *in6 = (const struct sockaddr_in6 *)ss;
+        inet_ntop(AF_INET6, &in6->sin6_addr, buf, sizeof buf);
+        lua_pushstring(L, buf);
+        lua_pushinteger(L, ntohs(in6->sin6_port));
+    } else {
+        lua_pushstring(L, "unix");
+        lua_pushinteger(L, 0);
+    }
+    return 2;
+}
+
+static double opt_timeout(lua_State *L, int idx, double dflt)
+{
+    if (lua_isnoneornil(L, idx))
+        return dflt;
+    double t = luaL_checknumber(L, idx);
+    luaL_argcheck(L, t >= 0, idx, "negative timeout");
+    return t;
+}
+
+static double deadline_of(ls_loop *loop, double timeout)
+{
+    return ls_now(loop) + timeout;
+}
+
+/* ------------------------------------------------------------------ */
+/* Transport: read into rbuf, write from wbuf. */
+
+/* Read once. LS_IO_OK: got data; LS_IO_EOF; LS_IO_WANT*; LS_IO_ERROR. */
+static int fill(ls_socket *s, ls_ioerr *err)
+{
+    char *p = ls_buf_reserve(&s->rbuf, READ_CHUNK);
+    if (p == NULL) {
+        err->token = LS_ELIMIT;
+        snprintf(err->detail, sizeof err->detail, "out of memory");
+        return LS_IO_ERROR;
+    }
+    if (s->ssl) {
+        size_t n = 0;
+        int rc = ls_tls_read(s->ssl, p, READ_CHUNK, &n, err);
+        if (rc == LS_IO_OK)
+            ls_buf_commit(&s->rbuf, n);
+        return rc;
+    }
+    for (;;) {
+        ssize_t n = recv(s->fd, p, READ_CHUNK, 0);
+        if (n > 0) {
+            ls_buf_commit(&s->rbuf, (size_t)n);
+            return LS_IO_OK;
+        }
+        if (n == 0)
+            return LS_IO_EOF;
+        if (errno == EINTR)
+            continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            return LS_IO_WANTREAD;
+        err->token = ls_errno_token(errno);
+        snprintf(err->detail, sizeof err->detail, "%s", strerror(errno));
+        return LS_IO_ERROR;
+    }
+}
+
+/* Write as much of wbuf as the transport takes. LS_IO_OK when wbuf is
+ * empty, LS_IO_WANT* when data remains, LS_IO_ERROR. */
+static int write_some(ls_socket *s, ls_ioerr *err)
+{
+    while (s->wbuf.len > 0) {
+        size_t n = 0;
+        if (s->ssl) {
+            int rc = ls_tls_write(s->ssl, ls_buf_head(&s->wbuf), s->wbuf.len, &n, err);
+            if (rc != LS_IO_OK)
+                return rc == LS_IO_EOF ? (err->token = LS_ECLOSED, LS_IO_ERROR) : rc;
+        } else {
+            ssize_t w = send(s->fd, ls_buf_head(&s->wbuf), s->wbuf.len, MSG_NOSIGNAL);
+            if (w < 0) {
+                if (errno == EINTR)
+                    continue;
+                if (errno == EAGAIN || errno == EWOULDBLOCK)
+                    return LS_IO_WANTWRITE;
+                err->token = ls_errno_token(errno);
+                snprintf(err->detail, sizeof err->detail, "%s", strerror(errno));
+                return LS_IO_ERROR;
+            }
+            n = (size_t)w;
+        }
+        ls_buf_consume(&s->wbuf, n);
+    }
+    return LS_IO_OK;
+}
+
+static void set_werr(ls_socket *s, const ls_ioerr *err)
+{
+    s->werr = err->token;
+    snprintf(s->werr_detail, sizeof s->werr_detail, "%s", err->detail);
+}
+
+static void wio_stop(ls_socket *s)
+{
+    if (ev_is_active(&s->wio))
+        ev_io_stop(ls_evloop(s->loop), &s->wio);
+    if (s->wio_counted) {
+        s->wio_counted = 0;
+        ls_live[LS_COUNT_WATCHERS]--;
+    }
+}
+
+/* Background flush step: used before the loop blocks and when the fd
+ * becomes writable while no task is waiting to write. */
+static void background_flush(ls_socket *s)
+{
+    if (s->fd < 0 || s->werr)
+        return;
+    ls_ioerr err = {0};
+    int rc = write_some(s, &err);
+    if (rc == LS_IO_OK) {
+        wio_stop(s);
+        if (s->writer)
+            ls_wake(s->loop, s->writer, LS_WAKE_READY);
+        return;
+    }
+    if (rc == LS_IO_ERROR) {
+        set_werr(s, &err);
+        wio_stop(s);
+        if (s->writer)
+            ls_wake(s->loop, s->writer, LS_WAKE_READY);
+        return;
+    }
+    int ev = rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE;
+    if (ev_is_active(&s->wio) && (s->wio.events & (EV_READ | EV_WRITE)) == ev)
+        return;
+    if (ev_is_active(&s->wio))
+        ev_io_stop(ls_evloop(s->loop), &s->wio);
+    ev_io_set(&s->wio, s->fd, ev);
+    ev_io_start(ls_evloop(s->loop), &s->wio);
+    if (!s->wio_counted) {
+        s->wio_counted = 1;
+        ls_live[LS_COUNT_WATCHERS]++;
+    }
+}
+
+static void wio_cb(struct ev_loop *ev, ev_io *w, int revents)
+{
+    (void)ev;
+    (void)revents;
+    ls_socket *s = (ls_socket *)((char *)w - offsetof(ls_socket, wio));
+    background_flush(s);
+}
+
+static void fl_cb(ls_flushable *f)
+{
+    ls_socket *s = (ls_socket *)((char *)f - offsetof(ls_socket, fl));
+    background_flush(s);
+}
+
+/* ------------------------------------------------------------------ */
+/* Lifetime */
+
+static ls_socket *new_socket(lua_State *L, ls_loop *loop)
+{
+    ls_socket *s = lua_newuserdatauv(L, sizeof *s, 1);
+    memset(s, 0, sizeof *s);
+    s->fd = -1;
+    luaL_setmetatable(L, SOCKET_MT);
+    s->loop = loop;
+    s->t_connect = s->t_read = s->t_write = DEFAULT_TIMEOUT;
+    s->maxline = DEFAULT_MAXLINE;
+    s->sndlimit = DEFAULT_SNDLIMIT;
+    ev_init(&s->wio, wio_cb);
+    s->fl.flush = fl_cb;
+    return s;
+}
+
+static void attach_fd(ls_socket *s, int fd)
+{
+    s->fd = fd;
+    ls_live[LS_COUNT_SOCKETS]++;
+}
+
+/* The one destroy: close, __close and __gc. Never calls Lua. */
+static void socket_destroy(ls_socket *s)
+{
+    if (s->fd < 0)
+        return;
+    wio_stop(s);
+    ls_flush_dequeue(s->loop, &s->fl);
+    if (s->wbuf.len > 0 && !s->werr) {
+        ls_ioerr err = {0};
+        write_some(s, &err); /* best effort, never waits */
+    }
+    if (s->ssl) {
+        if (!s->werr && !s->rerr)
+            ls_tls_shutdown(s->ssl);
+        ls_tls_free(s->ssl);
+        s->ssl = NULL;
+    }
+    close(s->fd);
+    s->fd = -1;
+    ls_buf_free(&s->rbuf);
+    ls_buf_free(&s->wbuf);
+    ls_live[LS_COUNT_SOCKETS]--;
+    if (s->reader)
+        ls_wake(s->loop, s->reader, LS_WAKE_CLOSED);
+    if (s->writer)
+        ls_wake(s->loop, s->writer, LS_WAKE_CLOSED);
+}
+
+static int l_sock_close(lua_State *L)
+{
+    socket_destroy(check_socket(L, 1));
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_sock_gc(lua_State *L)
+{
+    socket_destroy(lua_touserdata(L, 1));
+    return 0;
+}
+
+static int l_sock_tostring(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    if (s->fd < 0)
+        lua_pushliteral(L, "luasmtp.socket (closed)");
+    else
+        lua_pushfstring(L, "luasmtp.socket (fd %d%s)", s->fd, s->ssl ? ", tls" : "");
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Reading */
+
+/* Find the first CRLF within the first `limit` bytes. */
+static size_t find_crlf(const ls_buf *b, size_t limit)
+{
+    const char *h = ls_buf_head(b);
+    size_t n = b->len < limit ? b->len : limit;
+    for (size_t i = 0; i + 1 < n; i++) {
+        const char *p = memchr(h + i, '\r', n - 1 - i);
+        if (p == NULL)
+            return (size_t)-1;
+        i = (size_t)(p - h);
+        if (h[i + 1] == '\n')
+            return i;
+    }
+    return (size_t)-1;
+}
+
+/* Drop input up to and including the next CRLF (after an over-long
+ * line). Returns 1 when the end of the line was found. */
+static int skip_line(ls_socket *s)
+{
+    size_t p = ls_buf_find(&s->rbuf, 0, "\r\n", 2);
+    if (p != (size_t)-1) {
+        ls_buf_consume(&s->rbuf, p + 2);
+        s->skipline = 0;
+        return 1;
+    }
+    /* keep a trailing CR: its LF may come next */
+    size_t keep = (s->rbuf.len > 0 && ls_buf_head(&s->rbuf)[s->rbuf.len - 1] == '\r') ? 1 : 0;
+    ls_buf_consume(&s->rbuf, s->rbuf.len - keep);
+    return 0;
+}
+
+/* Try to satisfy a read from the buffer. Returns the number of Lua
+ * results pushed, or -1 when more input is needed. Arguments are on the
+ * Lua stack at 2 (and 3): see the receive* functions. */
+static int extract(lua_State *L, ls_socket *s, int op)
+{
+    ls_buf *b = &s->rbuf;
+    const char *h;
+    switch (op) {
+    case OP_LINE: {
+        size_t max = (size_t)luaL_optinteger(L, 2, (lua_Integer)s->maxline);
+        if (s->skipline && !skip_line(s))
+            return -1;
+        size_t p = find_crlf(b, max + 2);
+        h = ls_buf_head(b);
+        if (p == (size_t)-1) {
+            if (b->len >= max + 2 || (b->len == max + 1 && h[max] != '\r')) {
+                s->skipline = 1;
+                skip_line(s);
+                return ls_pusherror(L, LS_ELIMIT, "line too long");
+            }
+            return -1;
+        }
+        lua_pushlstring(L, h, p);
+        /* CRLF is the only line ending; a CR or LF inside the line is
+         * bare and the caller learns it. */
+        if (memchr(h, '\n', p))
+            lua_pushliteral(L, "barelf");
+        else if (memchr(h, '\r', p))
+            lua_pushliteral(L, "barecr");
+        else
+            lua_pushnil(L);
+        ls_buf_consume(b, p + 2);
+        return 2;
+    }
+    case OP_EXACT: {
+        size_t n = (size_t)luaL_checkinteger(L, 2);
+        if (b->len < n)
+            return -1;
+        lua_pushlstring(L, ls_buf_head(b), n);
+        ls_buf_consume(b, n);
+        return 1;
+    }
+    case OP_UNTIL: {
+        size_t dlen;
+        const char *d = luaL_checklstring(L, 2, &dlen);
+        size_t max = (size_t)luaL_optinteger(L, 3, (lua_Integer)s->maxline);
+        size_t p = ls_buf_find(b, 0, d, dlen);
+        if (p != (size_t)-1 && p <= max) {
+            lua_pushlstring(L, ls_buf_head(b), p);
+            ls_buf_consume(b, p + dlen);
+            return 1;
+        }
+        if (b->len >= max + dlen)
+            return ls_pusherror(L, LS_ELIMIT, "delimiter not found within the limit");
+        return -1;
+    }
+    default: { /* OP_ANY */
+        size_t max = (size_t)luaL_optinteger(L, 2, READ_CHUNK);
+        if (b->len == 0)
+            return -1;
+        size_t n = b->len < max ? b->len : max;
+        lua_pushlstring(L, ls_buf_head(b), n);
+        ls_buf_consume(b, n);
+        return 1;
+    }
+    }
+}
+
+static int push_partial_error(lua_State *L, ls_socket *s, const char *token)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, token);
+    if (s->fd >= 0 && s->rbuf.len > 0)
+        lua_pushlstring(L, ls_buf_head(&s->rbuf), s->rbuf.len);
+    else
+        lua_pushnil(L);
+    return 3;
+}
+
+static int recv_k(lua_State *L, int status, lua_KContext ctx)
+{
+    ls_socket *s = lua_touserdata(L, 1);
+    int op = (int)ctx;
+    if (status == LUA_YIELD) {
+        s->reader = NULL;
+        int r = ls_wait_result(L);
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return push_partial_error(L, s, LS_ETIMEOUT);
+    }
+    for (;;) {
+        int n = extract(L, s, op);
+        if (n >= 0)
+            return n;
+        if (s->rerr)
+            return ls_pusherror(L, s->rerr, s->rerr_detail);
+        if (s->eof)
+            return push_partial_error(L, s, LS_ECLOSED);
+        ls_ioerr err = {0};
+        int rc = fill(s, &err);
+        if (rc == LS_IO_OK)
+            continue;
+        if (rc == LS_IO_EOF) {
+            s->eof = 1;
+            continue;
+        }
+        if (rc == LS_IO_ERROR) {
+            s->rerr = err.token;
+            snprintf(s->rerr_detail, sizeof s->rerr_detail, "%s", err.detail);
+            return ls_pusherror(L, s->rerr, s->rerr_detail);
+        }
+        ls_task *t = ls_current(L, s->loop);
+        s->reader = t;
+        int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ,
+                        s->rdeadline, ctx, recv_k);
+        s->reader = NULL;
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return push_partial_error(L, s, LS_ETIMEOUT);
+    }
+}
+
+static int start_read(lua_State *L, int op, int timeout_idx)
+{
+    ls_socket *s = check_socket(L, 1);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (s->reader)
+        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    s->rdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_read));
+    lua_settop(L, timeout_idx);
+    return recv_k(L, LUA_OK, op);
+}
+
+/* sock:receiveline([max [, timeout]]) -> line, bad | nil, err, partial
+ * A line ends with CRLF only. The line is returned without it; `bad` is
+ * nil, or "barelf"/"barecr" when the line holds a bare LF or CR. A line
+ * longer than max (default: the "maxline" option) gives nil, "limit";
+ * the rest of that line is then skipped by the next call.
+ *   local line, bad = sock:receiveline() */
+static int l_receiveline(lua_State *L)
+{
+    if (!lua_isnoneornil(L, 2))
+        luaL_argcheck(L, luaL_checkinteger(L, 2) > 0, 2, "limit must be positive");
+    return start_read(L, OP_LINE, 3);
+}
+
+/* sock:receive(n [, timeout]) -> data | nil, err, partial: exactly n bytes. */
+static int l_receive(lua_State *L)
+{
+    luaL_argcheck(L, luaL_checkinteger(L, 2) >= 0, 2, "negative size");
+    return start_read(L, OP_EXACT, 3);
+}
+
+/* sock:receiveuntil(delim [, max [, timeout]]) -> data | nil, err, partial
+ * Data up to (not including) delim, which is consumed. */
+static int l_receiveuntil(lua_State *L)
+{
+    size_t dlen;
+    luaL_checklstring(L, 2, &dlen);
+    luaL_argcheck(L, dlen > 0, 2, "empty delimiter");
+    return start_read(L, OP_UNTIL, 4);
+}
+
+/* sock:receiveany([max [, timeout]]) -> data | nil, err: whatever has
+ * arrived (at least one byte, at most max). */
+static int l_receiveany(lua_State *L)
+{
+    if (!lua_isnoneornil(L, 2))
+        luaL_argcheck(L, luaL_checkinteger(L, 2) > 0, 2, "size must be positive");
+    return start_read(L, OP_ANY, 3);
+}
+
+/* sock:buffered() -> n: bytes received but not yet read. */
+static int l_buffered(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    lua_pushinteger(L, s->fd < 0 ? 0 : (lua_Integer)s->rbuf.len);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Writing */
+
+/* Wait until wbuf holds at most `target` bytes. ctx = target. */
+static int drain_k(lua_State *L, int status, lua_KContext ctx)
+{
+    ls_socket *s = lua_touserdata(L, 1);
+    size_t target = (size_t)ctx;
+    if (status == LUA_YIELD) {
+        s->writer = NULL;
+        int r = ls_wait_result(L);
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+    for (;;) {
+        if (s->werr)
+            return ls_pusherror(L, s->werr, s->werr_detail);
+        ls_ioerr err = {0};
+        int rc = write_some(s, &err);
+        if (rc == LS_IO_ERROR) {
+            set_werr(s, &err);
+            continue;
+        }
+        if (s->wbuf.len <= target) {
+            if (s->wbuf.len > 0)
+                ls_flush_queue(s->loop, &s->fl);
+            else
+                wio_stop(s);
+            lua_pushinteger(L, lua_tointeger(L, 3));
+            return 1;
+        }
+        ls_task *t = ls_current(L, s->loop);
+        s->writer = t;
+        int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE,
+                        s->wdeadline, ctx, drain_k);
+        s->writer = NULL;
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+}
+
+static int start_drain(lua_State *L, ls_socket *s, size_t target, int timeout_idx, lua_Integer ret)
+{
+    if (s->writer)
+        return luaL_error(L, "luasmtp: socket busy: another task is writing to it");
+    s->wdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_write));
+    lua_settop(L, 2);
+    lua_pushinteger(L, ret); /* index 3: value returned on success */
+    return drain_k(L, LUA_OK, (lua_KContext)target);
+}
+
+/* sock:send(data [, timeout]) -> bytes | nil, err, detail
+ * Queue data for sending. It leaves before the loop next waits (small
+ * writes made together go out in one syscall). When more than the
+ * "sendbuffer" option is pending, send waits until the peer has taken
+ * enough (backpressure). An error of an earlier background write is
+ * reported here. */
+static int l_send(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    size_t len;
+    const char *data = luaL_checklstring(L, 2, &len);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (s->werr)
+        return ls_pusherror(L, s->werr, s->werr_detail);
+    if (ls_buf_append(&s->wbuf, data, len) < 0)
+        return ls_pusherror(L, LS_ELIMIT, "out of memory");
+    if (s->wbuf.len <= s->sndlimit) {
+        ls_flush_queue(s->loop, &s->fl);
+        lua_pushinteger(L, (lua_Integer)len);
+        return 1;
+    }
+    return start_drain(L, s, s->sndlimit / 2, 3, (lua_Integer)len);
+}
+
+/* sock:flush([timeout]) -> true | nil, err: wait until all queued
+ * output has been handed to the kernel. */
+static int l_flush(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    return start_drain(L, s, 0, 2, 1);
+}
+
+/* sock:shutdown([how]) -> true | nil, err. how: "send" (default), "receive", "both". */
+static int l_shutdown(lua_State *L)
+{
+    static const char *const hows[] = {"send", "receive", "both", NULL};
+    static const int codes[] = {SHUT_WR, SHUT_RD, SHUT_RDWR};
+    ls_socket *s = check_socket(L, 1);
+    int how = codes[luaL_checkoption(L, 2, "send", hows)];
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (how != SHUT_RD && s->wbuf.len > 0) {
+        ls_ioerr err = {0};
+        write_some(s, &err);
+    }
+    if (s->ssl && how != SHUT_RD)
+        ls_tls_shutdown(s->ssl);
+    if (shutdown(s->fd, how) < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Options and addresses */
+
+/* sock:settimeouts(connect, read, write): seconds, nil keeps a value. */
+static int l_settimeouts(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    s->t_connect = opt_timeout(L, 2, s->t_connect);
+    s->t_read = opt_timeout(L, 3, s->t_read);
+    s->t_write = opt_timeout(L, 4, s->t_write);
+    lua_settop(L, 1);
+    return 1;
+}
+
+/* sock:settimeout(seconds): all three at once. */
+static int l_settimeout(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    double t = opt_timeout(L, 2, DEFAULT_TIMEOUT);
+    s->t_connect = s->t_read = s->t_write = t;
+    lua_settop(L, 1);
+    return 1;
+}
+
+static int l_gettimeouts(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    lua_pushnumber(L, s->t_connect);
+    lua_pushnumber(L, s->t_read);
+    lua_pushnumber(L, s->t_write);
+    return 3;
+}
+
+/* sock:setoption(name, value) -> true | nil, err
+ * "maxline" (bytes), "sendbuffer" (bytes pending before send waits),
+ * "nodelay", "keepalive" (booleans). */
+static int l_setoption(lua_State *L)
+{
+    static const char *const names[] = {"maxline", "sendbuffer", "nodelay", "keepalive", NULL};
+    ls_socket *s = check_socket(L, 1);
+    int opt = luaL_checkoption(L, 2, NULL, names);
+    if (opt <= 1) {
+        lua_Integer v = luaL_checkinteger(L, 3);
+        luaL_argcheck(L, v > 0 && v <= 1 << 30, 3, "out of range");
+        if (opt == 0)
+            s->maxline = (size_t)v;
+        else
+            s->sndlimit = (size_t)v;
+    } else {
+        if (s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        int on = lua_toboolean(L, 3);
+        int rc = opt == 2 ? setsockopt(s->fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on)
+                          : setsockopt(s->fd, SOL_SOCKET, SO_KEEPALIVE, &on, sizeof on);
+        if (rc < 0)
+            return ls_pusherror(L, LS_EIO, strerror(errno));
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int push_name(lua_State *L, int fd, int peer)
+{
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    memset(&ss, 0, sizeof ss);
+    int rc = peer ? getpeername(fd, (struct sockaddr *)&ss, &len)
+                  : getsockname(fd, (struct sockaddr *)&ss, &len);
+    if (rc < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    return push_sockaddr(L, &ss);
+}
+
+/* sock:getpeername() -> address, port */
+static int l_getpeername(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    return push_name(L, s->fd, 1);
+}
+
+/* sock:getsockname() -> address, port */
+static int l_getsockname(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    return push_name(L, s->fd, 0);
+}
+
+static int l_getfd(lua_State *L)
+{
+    lua_pushinteger(L, check_socket(L, 1)->fd);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* TLS */
+
+enum { TLS_FLUSH, TLS_HANDSHAKE };
+
+static int tls_fail(lua_State *L, ls_socket *s, const char *token, const char *detail)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, token);
+    lua_pushstring(L, detail);
+    /* A failed handshake leaves the stream in an unknown state. */
+    socket_destroy(s);
+    return 3;
+}
+
+static int starttls_k(lua_State *L, int status, lua_KContext ctx)
+{
+    ls_socket *s = lua_touserdata(L, 1);
+    int stage = (int)ctx;
+    if (status == LUA_YIELD) {
+        s->reader = s->writer = NULL;
+        int r = ls_wait_result(L);
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return tls_fail(L, s, LS_ETIMEOUT, "TLS handshake timed out");
+    }
+    for (;;) {
+        ls_ioerr err = {0};
+        int rc;
+        if (stage == TLS_FLUSH) {
+            /* Plaintext queued before STARTTLS (e.g. the 220 reply)
+             * must leave before the handshake starts. */
+            rc = write_some(s, &err);
+            if (rc == LS_IO_ERROR)
+                return tls_fail(L, s, err.token, err.detail);
+            if (rc == LS_IO_OK) {
+                ls_tlsctx *c = ls_tlsctx_check(L, 2);
+                if (!ls_tlsctx_is_server(c) && s->rbuf.len > 0)
+                    return tls_fail(L, s, LS_ETLS,
+                                    "data received before the TLS handshake (injection attempt)");
+                /* Server: whatever the client sent before the
+                 * handshake is discarded, never read as TLS data. */
+                ls_buf_consume(&s->rbuf, s->rbuf.len);
+                s->skipline = 0;
+                const char *sni = lua_tostring(L, 3);
+                s->ssl = ls_tls_new(c, s->fd, sni, lua_toboolean(L, 4), &err);
+                if (s->ssl == NULL)
+                    return tls_fail(L, s, LS_ETLS, err.detail);
+                stage = TLS_HANDSHAKE;
+                ctx = stage;
+                continue;
+            }
+        } else {
+            rc = ls_tls_handshake(s->ssl, &err);
+            if (rc == LS_IO_OK) {
+                lua_pushboolean(L, 1);
+                return 1;
+            }
+            if (rc == LS_IO_EOF)
+                return tls_fail(L, s, LS_ETLS, "connection closed during the TLS handshake");
+            if (rc == LS_IO_ERROR)
+                return tls_fail(L, s, err.token, err.detail);
+        }
+        ls_task *t = ls_current(L, s->loop);
+        s->reader = s->writer = t;
+        int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE,
+                        s->rdeadline, ctx, starttls_k);
+        s->reader = s->writer = NULL;
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return tls_fail(L, s, LS_ETIMEOUT, "TLS handshake timed out");
+    }
+}
+
+/* sock:starttls(ctx [, opts]) -> true | nil, err, detail
+ * Upgrade the connection to TLS in place (also used for implicit TLS
+ * right after connect/accept). opts: servername (client: SNI and the
+ * name the certificate must match), verify_host (default true),
+ * timeout (default: the read timeout).
+ * Client side: input already received and not read is an error (response
+ * injection). Server side: it is discarded. On failure the socket is
+ * closed. */
+static int l_starttls(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    ls_tlsctx_check(L, 2);
+    const char *sni = NULL;
+    int verify_host = 1;
+    double timeout = s->t_read;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "servername");
+        sni = luaL_optstring(L, -1, NULL);
+        lua_getfield(L, 3, "verify_host");
+        if (!lua_isnil(L, -1))
+            verify_host = lua_toboolean(L, -1);
+        lua_getfield(L, 3, "timeout");
+        timeout = opt_timeout(L, -1, timeout);
+        lua_pop(L, 3);
+    }
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (s->ssl)
+        return luaL_error(L, "luasmtp: TLS is already active on this socket");
+    if (s->reader || s->writer)
+        return luaL_error(L, "luasmtp: socket busy: cannot start TLS while another task uses it");
+    s->rdeadline = deadline_of(s->loop, timeout);
+    lua_settop(L, 2);
+    if (sni)
+        lua_pushstring(L, sni);
+    else
+        lua_pushnil(L);
+    lua_pushboolean(L, verify_host);
+    return starttls_k(L, LUA_OK, TLS_FLUSH);
+}
+
+/* sock:tlsinfo() -> table | nil: see README "TLS information". */
+static int l_tlsinfo(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    if (s->fd < 0 || s->ssl == NULL) {
+        lua_pushnil(L);
+        return 1;
+    }
+    return ls_tls_pushinfo(L, s->ssl);
+}
+
+/* sock:channel_binding([type]) -> bytes | nil, err, detail
+ * type: "tls-exporter" (TLS 1.3) or "tls-unique" (TLS 1.2). */
+static int l_channel_binding(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    const char *type = luaL_optstring(L, 2, NULL);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (s->ssl == NULL)
+        return ls_pusherror(L, LS_ETLS, "TLS is not active");
+    return ls_tls_pushbinding(L, s->ssl, type);
+}
+
+static int l_istls(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    lua_pushboolean(L, s->fd >= 0 && s->ssl != NULL);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Connecting */
+
+static int connect_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)ctx;
+    ls_socket *s = lua_touserdata(L, 4);
+    if (status == LUA_YIELD) {
+        s->writer = NULL;
+        int r = ls_wait_result(L);
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT) {
+            socket_destroy(s);
+            return ls_pusherror(L, LS_ETIMEOUT, "connect timed out");
+        }
+    }
+    int soerr = 0;
+    socklen_t len = sizeof soerr;
+    if (getsockopt(s->fd, SOL_SOCKET, SO_ERROR, &soerr, &len) < 0)
+        soerr = errno;
+    if (soerr != 0) {
+        socket_destroy(s);
+        return ls_pusherror(L, ls_errno_token(soerr), strerror(soerr));
+    }
+    return 1;
+}
+
+/* connect(address, port [, opts]) -> socket | nil, err, detail
+ * address must be numeric (IPv4/IPv6); luasmtp.connect resolves names.
+ * opts: timeout (seconds), bind (local numeric address). */
+static int l_connect(lua_State *L)
+{
+    const char *host = luaL_checkstring(L, 1);
+    lua_Integer port = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, port > 0 && port < 65536, 2, "port out of range");
+    double timeout = DEFAULT_TIMEOUT;
+    const char *bindaddr = NULL;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "timeout");
+        timeout = opt_timeout(L, -1, timeout);
+        lua_getfield(L, 3, "bind");
+        bindaddr = luaL_optstring(L, -1, NULL);
+        lua_pop(L, 2);
+    }
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    if (parse_addr(host, (int)port, &ss, &sslen) < 0)
+        return luaL_argerror(L, 1, "not a numeric IPv4 or IPv6 address");
+    ls_loop *loop = ls_getloop(L);
+    lua_settop(L, 3);
+    ls_socket *s = new_socket(L, loop); /* index 4 */
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    attach_fd(s, fd);
+    s->t_connect = timeout;
+    int on = 1;
+    setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    if (bindaddr) {
+        struct sockaddr_storage bs;
+        socklen_t blen;
+        if (parse_addr(bindaddr, 0, &bs, &blen) < 0 ||
+            bind(fd, (struct sockaddr *)&bs, blen) < 0) {
+            int e = errno;
+            socket_destroy(s);
+            return ls_pusherror(L, LS_EIO, e ? strerror(e) : "bad bind address");
+        }
+    }
+    if (connect(fd, (struct sockaddr *)&ss, sslen) == 0)
+        return 1;
+    if (errno != EINPROGRESS) {
+        int e = errno;
+        socket_destroy(s);
+        return ls_pusherror(L, ls_errno_token(e), strerror(e));
+    }
+    ls_task *t = ls_current(L, loop);
+    s->writer = t;
+    int r = ls_wait(L, loop, t, fd, EV_WRITE, deadline_of(loop, timeout), 0, connect_k);
+    (void)r;
+    return connect_k(L, LUA_YIELD, 0);
+}
+
+/* socketpair() -> sock1, sock2: a connected local pair (for tests). */
+static int l_socketpair(lua_State *L)
+{
+    ls_loop *loop = ls_getloop(L);
+    ls_socket *a = new_socket(L, loop);
+    ls_socket *b = new_socket(L, loop);
+    int fds[2];
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0, fds) < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    attach_fd(a, fds[0]);
+    attach_fd(b, fds[1]);
+    return 2;
+}
+
+/* ------------------------------------------------------------------ */
+/* Listening */
+
+static void listener_destroy(ls_listener *l)
+{
+    if (l->fd < 0)
+        return;
+    close(l->fd);
+    l->fd = -1;
+    ls_live[LS_COUNT_LISTENERS]--;
+    if (l->acceptor)
+        ls_wake(l->loop, l->acceptor, LS_WAKE_CLOSED);
+}
+
+/* listen(address, port [, opts]) -> listener | nil, err, detail
+ * address numeric ("0.0.0.0", "::", "127.0.0.1", "[::1]"); port 0 picks
+ * a free port (see listener:getsockname()). opts: backlog (default 511).
+ * IPv6 listeners are IPv6-only so "::" and "0.0.0.0" can coexist. */
+static int l_listen(lua_State *L)
+{
+    const char *host = luaL_checkstring(L, 1);
+    lua_Integer port = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, port >= 0 && port < 65536, 2, "port out of range");
+    int backlog = 511;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "backlog");
+        backlog = (int)luaL_optinteger(L, -1, backlog);
+        lua_pop(L, 1);
+    }
+    struct sockaddr_storage ss;
+    socklen_t sslen;
+    if (parse_addr(host, (int)port, &ss, &sslen) < 0)
+        return luaL_argerror(L, 1, "not a numeric IPv4 or IPv6 address");
+    ls_listener *l = lua_newuserdatauv(L, sizeof *l, 0);
+    memset(l, 0, sizeof *l);
+    l->fd = -1;
+    luaL_setmetatable(L, LISTENER_MT);
+    l->loop = ls_getloop(L);
+    int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    l->fd = fd;
+    ls_live[LS_COUNT_LISTENERS]++;
+    int on = 1;
+    setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
+    if (ss.ss_family == AF_INET6)
+        setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof on);
+    if (bind(fd, (struct sockaddr *)&ss, sslen) < 0 || listen(fd, backlog) < 0) {
+        int e = errno;
+        listener_destroy(l);
+        return ls_pusherror(L, e == EADDRINUSE ? LS_EIO : ls_errno_token(e), strerror(e));
+    }
+    return 1;
+}
+
+static int accept_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)ctx;
+    ls_listener *l = lua_touserdata(L, 1);
+    if (status == LUA_YIELD) {
+        l->acceptor = NULL;
+        int r = ls_wait_result(L);
+        if (r == LS_WAKE_CLOSED || l->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+    for (;;) {
+        if (l->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        int fd = accept4(l->fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+        if (fd >= 0) {
+            ls_socket *s = new_socket(L, l->loop);
+            attach_fd(s, fd);
+            int on = 1;
+            setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+            return 1;
+        }
+        int e = errno;
+        if (e == EINTR || e == ECONNABORTED)
+            continue;
+        if (e != EAGAIN && e != EWOULDBLOCK)
+            return ls_pusherror(L, ls_errno_token(e), strerror(e));
+        ls_task *t = ls_current(L, l->loop);
+        l->acceptor = t;
+        double deadline = lua_isnil(L, 2) ? -1 : deadline_of(l->loop, lua_tonumber(L, 2));
+        int r = ls_wait(L, l->loop, t, l->fd, EV_READ, deadline, 0, accept_k);
+        l->acceptor = NULL;
+        if (r == LS_WAKE_CLOSED || l->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+}
+
+/* listener:accept([timeout]) -> socket | nil, err, detail
+ * Waits for a connection (no timeout by default). When the process runs
+ * out of descriptors the error is "io" with the reason; the caller should
+ * pause before trying again. */
+static int l_accept(lua_State *L)
+{
+    ls_listener *l = check_listener(L, 1);
+    if (!lua_isnoneornil(L, 2))
+        opt_timeout(L, 2, 0);
+    lua_settop(L, 2);
+    if (l->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (l->acceptor)
+        return luaL_error(L, "luasmtp: listener busy: another task is accepting");
+    return accept_k(L, LUA_OK, 0);
+}
+
+static int l_listener_close(lua_State *L)
+{
+    listener_destroy(check_listener(L, 1));
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_listener_gc(lua_State *L)
+{
+    listener_destroy(lua_touserdata(L, 1));
+    return 0;
+}
+
+static int l_listener_getsockname(lua_State *L)
+{
+    ls_listener *l = check_listener(L, 1);
+    if (l->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    return push_name(L, l->fd, 0);
+}
+
+static int l_listener_tostring(lua_State *L)
+{
+    ls_listener *l = check_listener(L, 1);
+    lua_pushfstring(L, "luasmtp.listener (%s)", l->fd < 0 ? "closed" : "open");
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+
+int ls_open_socket(lua_State *L)
+{
+    static const luaL_Reg sock_methods[] = {
+        {"receiveline", l_receiveline},
+        {"receive", l_receive},
+        {"receiveuntil", l_receiveuntil},
+        {"receiveany", l_receiveany},
+        {"buffered", l_buffered},
+        {"send", l_send},
+        {"flush", l_flush},
+        {"shutdown", l_shutdown},
+        {"close", l_sock_close},
+        {"settimeouts", l_settimeouts},
+        {"settimeout", l_settimeout},
+        {"gettimeouts", l_gettimeouts},
+        {"setoption", l_setoption},
+        {"getpeername", l_getpeername},
+        {"getsockname", l_getsockname},
+        {"getfd", l_getfd},
+        {"starttls", l_starttls},
+        {"tlsinfo", l_tlsinfo},
+        {"channel_binding", l_channel_binding},
+        {"istls", l_istls},
+        {NULL, NULL},
+    };
+    if (luaL_newmetatable(L, SOCKET_MT)) {
+        luaL_newlib(L, sock_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_sock_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, l_sock_close);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, l_sock_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    static const luaL_Reg listener_methods[] = {
+        {"accept", l_accept},
+        {"close", l_listener_close},
+        {"getsockname", l_listener_getsockname},
+        {NULL, NULL},
+    };
+    if (luaL_newmetatable(L, LISTENER_MT)) {
+        luaL_newlib(L, listener_methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_listener_gc);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, l_listener_close);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, l_listener_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    static const luaL_Reg funcs[] = {
+        {"connect", l_connect},
+        {"listen", l_listen},
+        {"socketpair", l_socketpair},
+        {NULL, NULL},
+    };
+    luaL_setfuncs(L, funcs, 0);
+    return 0;
+}
