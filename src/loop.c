@@ -165,6 +165,7 @@ static void timer_cb(struct ev_loop *ev, ev_timer *w, int revents)
     (void)ev;
     (void)revents;
     ls_task *t = (ls_task *)((char *)w - offsetof(ls_task, timer));
+    ls_live[LS_COUNT_WATCHERS]--; /* a one-shot timer stops by itself */
     ls_wake(t->loop, t, LS_WAKE_TIMEOUT);
 }
 

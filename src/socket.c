@@ -585,6 +585,10 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
             continue;
         }
         if (s->wbuf.len <= target) {
+            size_t dlen;
+            const char *data = lua_tolstring(L, 2, &dlen);
+            if (data && ls_buf_append(&s->wbuf, data, dlen) < 0)
+                return ls_pusherror(L, LS_ELIMIT, "out of memory");
             if (s->wbuf.len > 0)
                 ls_flush_queue(s->loop, &s->fl);
             else
@@ -609,17 +613,18 @@ static int start_drain(lua_State *L, ls_socket *s, size_t target, int timeout_id
     if (s->writer)
         return luaL_error(L, "luasmtp: socket busy: another task is writing to it");
     s->wdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_write));
-    lua_settop(L, 2);
+    lua_settop(L, 2); /* index 2: data to queue once drained, or nil */
     lua_pushinteger(L, ret); /* index 3: value returned on success */
     return drain_k(L, LUA_OK, (lua_KContext)target);
 }
 
 /* sock:send(data [, timeout]) -> bytes | nil, err, detail
  * Queue data for sending. It leaves before the loop next waits (small
- * writes made together go out in one syscall). When more than the
- * "sendbuffer" option is pending, send waits until the peer has taken
- * enough (backpressure). An error of an earlier background write is
- * reported here. */
+ * writes made together go out in one syscall). When the data would take
+ * the pending output past the "sendbuffer" option, send first waits
+ * until the peer has taken enough (backpressure); if that wait times
+ * out, nothing of this call was queued. An error of an earlier
+ * background write is reported here. */
 static int l_send(lua_State *L)
 {
     ls_socket *s = check_socket(L, 1);
@@ -629,14 +634,23 @@ static int l_send(lua_State *L)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->werr)
         return ls_pusherror(L, s->werr, s->werr_detail);
-    if (ls_buf_append(&s->wbuf, data, len) < 0)
-        return ls_pusherror(L, LS_ELIMIT, "out of memory");
-    if (s->wbuf.len <= s->sndlimit) {
+    if (s->wbuf.len + len <= s->sndlimit || s->wbuf.len == 0) {
+        if (ls_buf_append(&s->wbuf, data, len) < 0)
+            return ls_pusherror(L, LS_ELIMIT, "out of memory");
         ls_flush_queue(s->loop, &s->fl);
         lua_pushinteger(L, (lua_Integer)len);
         return 1;
     }
-    return start_drain(L, s, s->sndlimit / 2, 3, (lua_Integer)len);
+    /* Wait for room first: on timeout nothing of this call is queued. */
+    return start_drain(L, s, len >= s->sndlimit ? 0 : s->sndlimit - len, 3, (lua_Integer)len);
+}
+
+/* flush(self, timeout) -> (self, nil, timeout): no data to queue */
+static void start_drain_args(lua_State *L)
+{
+    lua_settop(L, 2);
+    lua_pushnil(L);
+    lua_insert(L, 2);
 }
 
 /* sock:flush([timeout]) -> true | nil, err: wait until all queued
@@ -646,7 +660,8 @@ static int l_flush(lua_State *L)
     ls_socket *s = check_socket(L, 1);
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    return start_drain(L, s, 0, 2, 1);
+    start_drain_args(L);
+    return start_drain(L, s, 0, 3, 1);
 }
 
 /* sock:shutdown([how]) -> true | nil, err. how: "send" (default), "receive", "both". */
