@@ -64,6 +64,17 @@ function H.listen(addr)
   return l, port
 end
 
+--- TLS contexts for the test PKI: server (localhost) and a client that
+-- trusts the test CA. extra: fields merged into both params tables.
+function H.tls_contexts(server_extra, client_extra)
+  local d = H.certs()
+  local sp = { mode = "server", certificate = d .. "/server.pem", key = d .. "/server.key" }
+  for k, v in pairs(server_extra or {}) do sp[k] = v end
+  local cp = { mode = "client", cafile = d .. "/ca.pem" }
+  for k, v in pairs(client_extra or {}) do cp[k] = v end
+  return luasmtp.tls.context(sp), luasmtp.tls.context(cp)
+end
+
 --- A connected client/server pair over loopback TCP.
 function H.tcp_pair()
   local l, port = H.listen()
@@ -110,6 +121,19 @@ end
 
 function H.kill(pid)
   os.execute("kill " .. math.tointeger(pid) .. " 2>/dev/null")
+end
+
+--- Wait (inside a task) until process pid has exited; false on timeout.
+function H.wait_pid(pid, timeout)
+  local deadline = luasmtp.update_now() + (timeout or 10)
+  while luasmtp.update_now() < deadline do
+    if not os.execute("kill -0 " .. math.tointeger(pid) .. " 2>/dev/null") then
+      return true
+    end
+    luasmtp.sleep(0.05)
+  end
+  H.kill(pid)
+  return false
 end
 
 --- Wait (inside a task) until a TCP port accepts connections.
