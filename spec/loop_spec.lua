@@ -69,6 +69,15 @@ describe("loop and tasks", function()
     assert.same({ 1, 2, 3 }, order)
   end)
 
+  it("a task that keeps yielding does not starve timers or I/O", function()
+    local stop = false
+    local spins = 0
+    luasmtp.spawn(function() while not stop do spins = spins + 1; coroutine.yield() end end)
+    luasmtp.spawn(function() luasmtp.sleep(0.01); stop = true end)
+    assert.is_true(luasmtp.run())
+    assert.is_true(spins > 1)
+  end)
+
   it("refuses to wait across a C-call boundary with a clear message", function()
     H.run(function()
       local ok, err = pcall(table.sort, { 3, 1, 2 }, function(a, b)

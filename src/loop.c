@@ -316,14 +316,18 @@ static void resume_task(lua_State *L, ls_loop *loop, ls_task *t, unsigned gen)
     task_finish(L, loop, t, st == LUA_OK, st == LUA_OK ? nres : 1);
 }
 
+/* Resume the tasks that were ready when the pass began. Tasks made ready
+ * during the pass wait for the next one, after the loop has polled, so a
+ * task that keeps yielding cannot starve I/O. */
 static void drain(lua_State *L, ls_loop *loop)
 {
-    size_t i = 0;
-    while (i < loop->rq_len) {
-        rq_entry e = loop->rq[i++];
+    size_t n = loop->rq_len;
+    for (size_t i = 0; i < n; i++) {
+        rq_entry e = loop->rq[i];
         resume_task(L, loop, e.task, e.gen);
     }
-    loop->rq_len = 0;
+    memmove(loop->rq, loop->rq + n, (loop->rq_len - n) * sizeof *loop->rq);
+    loop->rq_len -= n;
 }
 
 /* Run the scheduler until *flag becomes false (flag != NULL) or until no
@@ -339,7 +343,7 @@ static int run_until(lua_State *L, ls_loop *loop, int *waiting)
             return 0;
         /* ev_run() tells whether any watcher is still active; with
          * none and nothing ready, nothing can happen any more. */
-        if (!ev_run(loop->ev, EVRUN_ONCE) && loop->rq_len == 0) {
+        if (!ev_run(loop->ev, loop->rq_len ? EVRUN_NOWAIT : EVRUN_ONCE) && loop->rq_len == 0) {
             drain(L, loop);
             if (waiting)
                 *waiting = loop->main_task.state == T_WAITING;

@@ -1,0 +1,139 @@
+# luasmtp: build the C core (luasmtp/core.so), run the tests, install.
+#
+# Every path can be given on the command line; LuaRocks passes them from
+# the rockspec (see luasmtp-scm-1.rockspec). Without them the headers and
+# libraries are found with pkg-config, or else in the system directories.
+#
+#   make              build build/luasmtp/core.so
+#   make asan         build build-asan/luasmtp/core.so with ASan + UBSan
+#   make deps         install missing Debian packages (scripts/deps.sh)
+#   make test         deps + build + test suite and luacheck
+#   make test-asan    the same suite against the sanitizer build
+#   make run          start the development server
+#   make bench        run the benchmarks (bench/run.sh)
+#   make install      install module, Lua files and bin/luasmtp
+#   make clean
+
+PKG_CONFIG ?= pkg-config
+
+# Compiler and linker flags. CFLAGS and LIBFLAG are what LuaRocks
+# overrides; the warning and language flags below always apply.
+CFLAGS ?= -O2 -g -fPIC
+LIBFLAG ?= -shared
+LDFLAGS ?=
+WERROR ?= -Werror
+WARNINGS = -Wall -Wextra -Wshadow -Wformat=2 $(WERROR)
+STD_CFLAGS = -std=c11 -D_GNU_SOURCE -fPIC $(WARNINGS)
+
+# -I/-L flags for a directory given on the command line; the system
+# directories LuaRocks often passes are left out.
+incdir = $(if $(filter-out /usr/include,$(1)),-I$(1))
+libdir = $(if $(filter-out /usr/lib,$(1)),-L$(1))
+
+# Lua 5.4 headers. The module does not link against liblua: the symbols
+# come from the interpreter that loads it (LUA_LIBDIR is not needed).
+ifdef LUA_INCDIR
+LUA_CFLAGS = $(call incdir,$(LUA_INCDIR))
+else
+LUA_CFLAGS = $(shell $(PKG_CONFIG) --cflags lua5.4 2>/dev/null || echo -I/usr/include/lua5.4)
+endif
+
+# OpenSSL 3
+ifdef OPENSSL_INCDIR
+OPENSSL_CFLAGS = $(call incdir,$(OPENSSL_INCDIR))
+OPENSSL_LIBS = $(call libdir,$(OPENSSL_LIBDIR)) -lssl -lcrypto
+else
+OPENSSL_CFLAGS = $(shell $(PKG_CONFIG) --cflags openssl 2>/dev/null)
+OPENSSL_LIBS = $(shell $(PKG_CONFIG) --libs openssl 2>/dev/null || echo -lssl -lcrypto)
+endif
+
+# c-ares
+ifdef CARES_INCDIR
+CARES_CFLAGS = $(call incdir,$(CARES_INCDIR))
+CARES_LIBS = $(call libdir,$(CARES_LIBDIR)) -lcares
+else
+CARES_CFLAGS = $(shell $(PKG_CONFIG) --cflags libcares 2>/dev/null)
+CARES_LIBS = $(shell $(PKG_CONFIG) --libs libcares 2>/dev/null || echo -lcares)
+endif
+
+# libev ships no pkg-config file
+LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
+LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
+
+ALL_CFLAGS = $(STD_CFLAGS) $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
+	$(LIBEV_CFLAGS) $(CARES_CFLAGS)
+LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS)
+
+# Install locations (LuaRocks passes its own LIBDIR, LUADIR and BINDIR).
+# An empty INST_BINDIR skips bin/luasmtp: LuaRocks installs it itself.
+PREFIX ?= /usr/local
+INST_LIBDIR ?= $(PREFIX)/lib/lua/5.4
+INST_LUADIR ?= $(PREFIX)/share/lua/5.4
+INST_BINDIR ?= $(PREFIX)/bin
+
+# Build directory: build/ normally, build-asan/ for `make asan`.
+BUILD ?= build
+SRCS = $(wildcard src/*.c)
+OBJS = $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRCS))
+MODULE = $(BUILD)/luasmtp/core.so
+
+ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer \
+	-fno-sanitize-recover=undefined
+
+.PHONY: all asan deps test test-asan run bench install clean
+
+all: $(MODULE)
+
+$(MODULE): $(OBJS)
+	@mkdir -p $(@D)
+	$(CC) $(LIBFLAG) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIBS)
+
+$(BUILD)/obj/%.o: src/%.c
+	@mkdir -p $(@D)
+	$(CC) $(ALL_CFLAGS) -MMD -MP -c -o $@ $<
+
+-include $(OBJS:.o=.d)
+
+asan:
+	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g $(ASAN_FLAGS)" all
+
+deps:
+	@sh scripts/deps.sh
+
+# scripts/test.sh runs busted and luacheck and ends with "N passed, M failed";
+# a build that fails counts as one failed test.
+BUILD_FAILED = { echo "build failed"; echo "0 passed, 1 failed"; exit 1; }
+
+test: deps
+	@$(MAKE) --no-print-directory all || $(BUILD_FAILED)
+	@sh scripts/test.sh build
+
+# The sanitizer runtimes are preloaded: lua5.4 itself is not instrumented.
+test-asan: deps
+	@$(MAKE) --no-print-directory asan || $(BUILD_FAILED)
+	@LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
+	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	sh scripts/test.sh build-asan
+
+run: all
+	@if [ -f examples/dev-server.lua ]; then \
+		lua5.4 bin/luasmtp serve examples/dev-server.lua; \
+	else \
+		echo "make run: examples/dev-server.lua does not exist yet"; \
+	fi
+
+bench: all
+	@if [ -f bench/run.sh ]; then sh bench/run.sh; \
+	else echo "make bench: bench/run.sh does not exist yet"; fi
+
+install: all
+	install -d $(DESTDIR)$(INST_LIBDIR)/luasmtp
+	install -m 755 $(MODULE) $(DESTDIR)$(INST_LIBDIR)/luasmtp/core.so
+	cd lua && find luasmtp -name '*.lua' | while read -r f; do \
+		install -D -m 644 "$$f" "$(DESTDIR)$(INST_LUADIR)/$$f" || exit 1; \
+	done
+	$(if $(INST_BINDIR),install -D -m 755 bin/luasmtp $(DESTDIR)$(INST_BINDIR)/luasmtp)
+
+clean:
+	rm -rf build build-asan spec/tmp
