@@ -326,7 +326,8 @@ static void drain(lua_State *L, ls_loop *loop)
         rq_entry e = loop->rq[i];
         resume_task(L, loop, e.task, e.gen);
     }
-    memmove(loop->rq, loop->rq + n, (loop->rq_len - n) * sizeof *loop->rq);
+    if (loop->rq_len > n)
+        memmove(loop->rq, loop->rq + n, (loop->rq_len - n) * sizeof *loop->rq);
     loop->rq_len -= n;
 }
 
