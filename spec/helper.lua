@@ -6,6 +6,10 @@ local luasmtp = require "luasmtp"
 local H = {}
 
 H.root = debug.getinfo(1, "S").source:match("^@(.*)/spec/helper%.lua$") or "."
+if H.root:sub(1, 1) ~= "/" then
+  local pwd = assert(os.getenv("PWD"), "PWD is not set")
+  H.root = H.root == "." and pwd or pwd .. "/" .. H.root:gsub("^%./", "")
+end
 H.tmp = H.root .. "/spec/tmp"
 
 --- Run fn() as a task; fail if it raises, if any task raises, or if it
