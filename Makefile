@@ -117,11 +117,9 @@ test-asan: deps
 	sh scripts/test.sh build-asan
 
 run: all
-	@if [ -f examples/dev-server.lua ]; then \
-		lua5.4 bin/luasmtp serve examples/dev-server.lua; \
-	else \
-		echo "make run: examples/dev-server.lua does not exist yet"; \
-	fi
+	LUA_PATH_5_4="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
+	LUA_CPATH_5_4="$(CURDIR)/$(BUILD)/?.so;;" \
+	lua5.4 examples/echo-server.lua $(or $(LISTEN),127.0.0.1:2525) $(or $(LIFETIME),600)
 
 bench: all
 	@if [ -f bench/run.sh ]; then sh bench/run.sh; \
