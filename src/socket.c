@@ -31,6 +31,9 @@
 #define DEFAULT_TIMEOUT 60.0
 #define DEFAULT_MAXLINE 8192
 #define DEFAULT_SNDLIMIT (256 * 1024)
+/* One TLS record at most: without read-ahead, a TLS read of this size
+ * leaves no decrypted data behind in OpenSSL, so waiting for the fd to be
+ * readable is always right. */
 #define READ_CHUNK 16384
 
 enum read_op { OP_LINE, OP_EXACT, OP_UNTIL, OP_ANY };
@@ -888,6 +891,9 @@ static int l_starttls(lua_State *L)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->ssl)
         return luaL_error(L, "luasmtp: TLS is already active on this socket");
+    if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && verify_host && sni == NULL)
+        return luaL_error(L, "luasmtp: starttls needs opts.servername to verify the server "
+                             "(or verify_host = false)");
     if (s->reader || s->writer)
         return luaL_error(L, "luasmtp: socket busy: cannot start TLS while another task uses it");
     s->rdeadline = deadline_of(s->loop, timeout);

@@ -1,0 +1,1452 @@
+/*
+ * tls.c - OpenSSL contexts and the TLS transport.
+ *
+ * Lua sees one constructor, core.tls_context(params), and the context
+ * methods. The socket layer sees the ls_tls_* calls of luasmtp.h: it
+ * owns the fd and the event loop, this file owns everything OpenSSL.
+ *
+ * Conventions:
+ *  - The OpenSSL error queue is cleared before each call sequence and
+ *    drained into one readable message after a failure.
+ *  - WANT_READ / WANT_WRITE are reported as the direction OpenSSL asks
+ *    for, whatever the caller was doing (a read may need to write).
+ *  - Bad context parameters are programming errors and raise; I/O
+ *    failures are values (LS_IO_ERROR with a token and a detail).
+ *
+ * Lifetime:
+ *  - The context userdata holds one reference to its SSL_CTX; every SSL
+ *    holds its own (SSL_new up-refs), so closing or collecting the Lua
+ *    object while sessions live is safe.
+ *  - Extra SNI certificates live in an sni_set that is reference
+ *    counted: one reference from the userdata and one from each session
+ *    made by ls_tls_new (dropped by ls_tls_free). The servername callback
+ *    of the main SSL_CTX points at it, and only our sessions can run that
+ *    callback, so the set outlives every use. (An SSL_CTX ex_data free
+ *    callback would do the same but registers a function pointer in
+ *    OpenSSL's process-wide table that dangles once core.so is unloaded
+ *    while OpenSSL stays loaded; this design needs no global state.)
+ *  - Each session has a small ls_session struct (the transport BIO's data
+ *    and the SSL's app data), owned by ls_tls_new / ls_tls_free.
+ *
+ * Transport: a minimal socket BIO that uses recv() and
+ * send(MSG_NOSIGNAL), so writing to a connection the peer has reset
+ * gives EPIPE, never SIGPIPE, without touching process signal state.
+ */
+#include <arpa/inet.h>
+#include <errno.h>
+#include <limits.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include <openssl/bio.h>
+#include <openssl/bn.h>
+#include <openssl/err.h>
+#include <openssl/evp.h>
+#include <openssl/pem.h>
+#include <openssl/ssl.h>
+#include <openssl/x509.h>
+#include <openssl/x509v3.h>
+
+#include "luasmtp.h"
+
+#define TLSCTX_MT "luasmtp.tls_context"
+#define ERRPREFIX "luasmtp: tls_context: "
+
+/* RFC 9266 */
+#define EXPORTER_LABEL "EXPORTER-Channel-Binding"
+#define EXPORTER_LEN 32
+
+/* ------------------------------------------------------------------ */
+/* Types */
+
+typedef struct sni_cert {
+    SSL_CTX *ctx;
+    char **hosts;   /* explicit names (entry.hosts), or NULL: match the cert */
+    size_t nhosts;
+} sni_cert;
+
+typedef struct sni_set {
+    long refs;      /* the context userdata + each live session */
+    size_t n;       /* entries filled in */
+    sni_cert *certs;
+} sni_set;
+
+struct ls_tlsctx {
+    SSL_CTX *ctx;   /* NULL once destroyed */
+    sni_set *sni;   /* extra server certificates, or NULL */
+    int server;
+};
+
+/* Per-session state: the BIO's data and the SSL's app data. */
+typedef struct ls_session {
+    int fd;
+    int eof;        /* recv() returned 0 */
+    int sys_errno;  /* errno of the last failed recv()/send() */
+    int failed;     /* a fatal error happened: no close_notify */
+    int first_verify_error; /* verify = "optional": the first failure */
+    sni_set *sni;   /* reference held by this session, or NULL */
+} ls_session;
+
+enum tls_op { OP_HANDSHAKE, OP_READ, OP_WRITE };
+
+/* ------------------------------------------------------------------ */
+/* Messages */
+
+typedef struct msgbuf {
+    char *p;
+    size_t size, len;
+} msgbuf;
+
+static void mb_init(msgbuf *m, char *p, size_t size)
+{
+    m->p = p;
+    m->size = size;
+    m->len = 0;
+    if (size > 0)
+        p[0] = '\0';
+}
+
+__attribute__((format(printf, 2, 3)))
+static void mb_add(msgbuf *m, const char *fmt, ...)
+{
+    if (m->len + 1 >= m->size)
+        return;
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(m->p + m->len, m->size - m->len, fmt, ap);
+    va_end(ap);
+    if (n < 0)
+        return;
+    m->len += (size_t)n;
+    if (m->len >= m->size)
+        m->len = m->size - 1; /* truncated */
+}
+
+/* Drain the whole OpenSSL error queue into m as "reason (data); ...",
+ * skipping repeats. Returns the number of errors seen. */
+static int drain_errors(msgbuf *m)
+{
+    const char *data, *prev_reason = NULL, *prev_data = NULL;
+    int flags, count = 0, shown = 0;
+    unsigned long e;
+    while ((e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags)) != 0) {
+        count++;
+        const char *reason = ERR_SYSTEM_ERROR(e) ? strerror((int)ERR_GET_REASON(e))
+                                                 : ERR_reason_error_string(e);
+        if (!(flags & ERR_TXT_STRING) || data == NULL || *data == '\0')
+            data = NULL;
+        if (reason && prev_reason && strcmp(reason, prev_reason) == 0
+            && (data == NULL || (prev_data && strcmp(data, prev_data) == 0)))
+            continue;
+        /* "system lib" follows the real system error: no news. */
+        if (reason && shown > 0 && data == NULL && strcmp(reason, "system lib") == 0)
+            continue;
+        mb_add(m, "%s", shown++ ? "; " : "");
+        if (reason)
+            mb_add(m, "%s", reason);
+        else
+            mb_add(m, "error:%08lX", e);
+        if (data)
+            mb_add(m, " (%s)", data);
+        prev_reason = reason;
+        prev_data = data;
+    }
+    return count;
+}
+
+static int set_err(ls_ioerr *err, const char *token, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+static int set_err(ls_ioerr *err, const char *token, const char *fmt, ...)
+{
+    err->token = token;
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(err->detail, sizeof err->detail, fmt, ap);
+    va_end(ap);
+    return LS_IO_ERROR;
+}
+
+/* Raise "luasmtp: tls_context: <message>". Everything acquired so far
+ * must already be owned by the context userdata. */
+_Noreturn static void ctx_raise(lua_State *L, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+_Noreturn static void ctx_raise(lua_State *L, const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    luaL_error(L, ERRPREFIX "%s", buf);
+    abort(); /* not reached: luaL_error does not return */
+}
+
+/* The same, followed by ": " and the drained OpenSSL error queue. */
+_Noreturn static void ctx_fail(lua_State *L, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+_Noreturn static void ctx_fail(lua_State *L, const char *fmt, ...)
+{
+    char buf[1024];
+    msgbuf m;
+    mb_init(&m, buf, sizeof buf);
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, sizeof buf, fmt, ap);
+    va_end(ap);
+    m.len = n < 0 ? 0 : ((size_t)n >= sizeof buf ? sizeof buf - 1 : (size_t)n);
+    char errs[768];
+    msgbuf e;
+    mb_init(&e, errs, sizeof errs);
+    if (drain_errors(&e) > 0)
+        mb_add(&m, ": %s", errs);
+    ctx_raise(L, "%s", buf);
+}
+
+/* ------------------------------------------------------------------ */
+/* Transport BIO: recv() / send(MSG_NOSIGNAL) on a non-blocking fd. */
+
+static BIO_METHOD *bio_method;
+static pthread_once_t bio_once = PTHREAD_ONCE_INIT;
+
+static int sbio_write(BIO *b, const char *in, int len)
+{
+    ls_session *s = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (s == NULL || len <= 0)
+        return 0;
+    for (;;) {
+        ssize_t n = send(s->fd, in, (size_t)len, MSG_NOSIGNAL);
+        if (n >= 0)
+            return (int)n;
+        if (errno == EINTR)
+            continue;
+        s->sys_errno = errno;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            BIO_set_retry_write(b);
+        return -1;
+    }
+}
+
+static int sbio_read(BIO *b, char *out, int len)
+{
+    ls_session *s = BIO_get_data(b);
+    BIO_clear_retry_flags(b);
+    if (s == NULL || len <= 0)
+        return 0;
+    for (;;) {
+        ssize_t n = recv(s->fd, out, (size_t)len, 0);
+        if (n > 0)
+            return (int)n;
+        if (n == 0) {
+            s->eof = 1; /* seen by BIO_eof(): OpenSSL's "unexpected EOF" */
+            return 0;
+        }
+        if (errno == EINTR)
+            continue;
+        s->sys_errno = errno;
+        if (errno == EAGAIN || errno == EWOULDBLOCK)
+            BIO_set_retry_read(b);
+        return -1;
+    }
+}
+
+static int sbio_puts(BIO *b, const char *str)
+{
+    return sbio_write(b, str, (int)strlen(str));
+}
+
+static long sbio_ctrl(BIO *b, int cmd, long num, void *ptr)
+{
+    (void)num;
+    ls_session *s = BIO_get_data(b);
+    switch (cmd) {
+    case BIO_C_GET_FD:
+        if (s == NULL)
+            return -1;
+        if (ptr)
+            *(int *)ptr = s->fd;
+        return s->fd;
+    case BIO_CTRL_EOF:
+        return s != NULL && s->eof;
+    case BIO_CTRL_GET_CLOSE:
+        return BIO_NOCLOSE; /* the socket layer owns the fd */
+    case BIO_CTRL_SET_CLOSE:
+    case BIO_CTRL_FLUSH:
+    case BIO_CTRL_DUP:
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static void bio_init_once(void)
+{
+    int type = BIO_get_new_index();
+    if (type == -1)
+        return;
+    BIO_METHOD *m = BIO_meth_new(type | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR,
+                                 "luasmtp socket");
+    if (m == NULL)
+        return;
+    if (!BIO_meth_set_write(m, sbio_write) || !BIO_meth_set_read(m, sbio_read)
+        || !BIO_meth_set_puts(m, sbio_puts) || !BIO_meth_set_ctrl(m, sbio_ctrl)) {
+        BIO_meth_free(m);
+        return;
+    }
+    bio_method = m; /* process lifetime */
+}
+
+static BIO *session_bio(ls_session *s)
+{
+    pthread_once(&bio_once, bio_init_once);
+    if (bio_method == NULL)
+        return NULL;
+    BIO *b = BIO_new(bio_method);
+    if (b == NULL)
+        return NULL;
+    BIO_set_data(b, s);
+    BIO_set_init(b, 1);
+    return b;
+}
+
+/* ------------------------------------------------------------------ */
+/* SNI certificate sets */
+
+static void sni_unref(sni_set *set)
+{
+    if (set == NULL || --set->refs > 0)
+        return;
+    for (size_t i = 0; i < set->n; i++) {
+        SSL_CTX_free(set->certs[i].ctx);
+        for (size_t j = 0; j < set->certs[i].nhosts; j++)
+            free(set->certs[i].hosts[j]);
+        free(set->certs[i].hosts);
+    }
+    free(set->certs);
+    free(set);
+}
+
+/* ASCII case-insensitive equality (host names are ASCII / A-labels). */
+static int host_eq(const char *a, const char *b)
+{
+    for (; *a && *b; a++, b++) {
+        unsigned char x = (unsigned char)*a, y = (unsigned char)*b;
+        if (x >= 'A' && x <= 'Z')
+            x = (unsigned char)(x - 'A' + 'a');
+        if (y >= 'A' && y <= 'Z')
+            y = (unsigned char)(y - 'A' + 'a');
+        if (x != y)
+            return 0;
+    }
+    return *a == *b;
+}
+
+/* pattern: "name" or "*.domain" (the star covers exactly one label). */
+static int host_match(const char *pattern, const char *name)
+{
+    if (pattern[0] == '*' && pattern[1] == '.') {
+        const char *dot = strchr(name, '.');
+        return dot != NULL && dot != name && host_eq(dot + 1, pattern + 2);
+    }
+    return host_eq(pattern, name);
+}
+
+static int sni_cert_matches(const sni_cert *c, const char *name)
+{
+    if (c->hosts) {
+        for (size_t i = 0; i < c->nhosts; i++)
+            if (host_match(c->hosts[i], name))
+                return 1;
+        return 0;
+    }
+    X509 *x = SSL_CTX_get0_certificate(c->ctx);
+    return x != NULL
+           && X509_check_host(x, name, 0, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS, NULL) == 1;
+}
+
+/* Servername callback of the main server SSL_CTX: switch to the first
+ * extra certificate that matches the requested name; otherwise keep the
+ * default certificate. Never refuses a handshake over SNI. */
+static int servername_cb(SSL *ssl, int *alert, void *arg)
+{
+    sni_set *set = arg;
+    const char *name = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    if (set == NULL || name == NULL || *name == '\0')
+        return SSL_TLSEXT_ERR_OK;
+    for (size_t i = 0; i < set->n; i++) {
+        if (sni_cert_matches(&set->certs[i], name)) {
+            if (SSL_set_SSL_CTX(ssl, set->certs[i].ctx) == NULL) {
+                *alert = SSL_AD_INTERNAL_ERROR;
+                return SSL_TLSEXT_ERR_ALERT_FATAL;
+            }
+            break;
+        }
+    }
+    return SSL_TLSEXT_ERR_OK;
+}
+
+/* ------------------------------------------------------------------ */
+/* Context construction */
+
+enum verify_mode { VERIFY_OFF, VERIFY_ON, VERIFY_OPTIONAL };
+
+typedef struct tls_params {
+    int server;
+    int verify;
+    int min_version, max_version;
+    int session_cache;
+    const char *cafile, *capath;
+    const char *ciphers, *ciphersuites;
+} tls_params;
+
+static const char *const known_fields[] = {
+    "mode", "certificate", "certificate_pem", "key", "key_pem", "cafile",
+    "capath", "verify", "min_version", "max_version", "ciphers",
+    "ciphersuites", "certificates", "session_cache", NULL,
+};
+
+/* Key passphrases are not supported: never prompt on the terminal.
+ * u, when set, points to a flag that records the attempt. */
+static int no_passphrase(char *buf, int size, int rwflag, void *u)
+{
+    (void)buf;
+    (void)size;
+    (void)rwflag;
+    if (u)
+        *(int *)u = 1;
+    return -1;
+}
+
+/* "optional" client certificates: ask, record the verification result
+ * (tlsinfo().verified / verify_error), never fail the handshake. Going
+ * on after an error would leave the last error as the result ("unable to
+ * verify the first certificate"); keep the first, the real reason. */
+static int verify_accept_all(int preverify_ok, X509_STORE_CTX *x)
+{
+    if (!preverify_ok) {
+        SSL *ssl = X509_STORE_CTX_get_ex_data(x, SSL_get_ex_data_X509_STORE_CTX_idx());
+        ls_session *s = ssl ? SSL_get_app_data(ssl) : NULL;
+        if (s) {
+            if (s->first_verify_error == X509_V_OK)
+                s->first_verify_error = X509_STORE_CTX_get_error(x);
+            X509_STORE_CTX_set_error(x, s->first_verify_error);
+        }
+    }
+    return 1;
+}
+
+/* [-0, +1, e] Push field `name` of the table at idx; it must be nil or a
+ * string. Returns the string (valid while it stays on the stack); its
+ * length in *len, or, when len is NULL, refuses embedded NULs. */
+static const char *get_string(lua_State *L, int idx, const char *name, const char *where,
+                              size_t *len)
+{
+    int t = lua_getfield(L, idx, name);
+    if (t == LUA_TNIL) {
+        if (len)
+            *len = 0;
+        return NULL;
+    }
+    if (t != LUA_TSTRING)
+        ctx_raise(L, "%s%s must be a string, got %s", where, name,
+                  luaL_typename(L, -1));
+    size_t n;
+    const char *s = lua_tolstring(L, -1, &n);
+    if (len)
+        *len = n;
+    else if (strlen(s) != n) /* used as a C string: a NUL would cut it */
+        ctx_raise(L, "%s%s contains a NUL byte", where, name);
+    return s;
+}
+
+static int parse_version(lua_State *L, const char *name, const char *s)
+{
+    static const struct { const char *name; int v; } versions[] = {
+        {"tls1", TLS1_VERSION},
+        {"tls1.0", TLS1_VERSION},
+        {"tls1.1", TLS1_1_VERSION},
+        {"tls1.2", TLS1_2_VERSION},
+        {"tls1.3", TLS1_3_VERSION},
+    };
+    for (size_t i = 0; i < sizeof versions / sizeof versions[0]; i++)
+        if (strcmp(s, versions[i].name) == 0)
+            return versions[i].v;
+    ctx_raise(L, "%s: unknown TLS version '%s' (expected \"tls1\", "
+              "\"tls1.1\", \"tls1.2\" or \"tls1.3\")", name, s);
+}
+
+/* Read the top-level parameters (everything but the certificates).
+ * Leaves the string values on the stack so the pointers stay valid. */
+static void read_params(lua_State *L, tls_params *p)
+{
+    memset(p, 0, sizeof *p);
+    /* Unknown fields are typos: refuse them. */
+    lua_pushnil(L);
+    while (lua_next(L, 1)) {
+        lua_pop(L, 1);
+        if (lua_type(L, -1) != LUA_TSTRING)
+            ctx_raise(L, "parameter names must be strings");
+        const char *k = lua_tostring(L, -1);
+        size_t i = 0;
+        while (known_fields[i] && strcmp(known_fields[i], k) != 0)
+            i++;
+        if (known_fields[i] == NULL)
+            ctx_raise(L, "unknown parameter '%s'", k);
+    }
+
+    const char *mode = get_string(L, 1, "mode", "", NULL);
+    if (mode == NULL)
+        ctx_raise(L, "mode is required (\"client\" or \"server\")");
+    if (strcmp(mode, "server") == 0)
+        p->server = 1;
+    else if (strcmp(mode, "client") != 0)
+        ctx_raise(L, "mode must be \"client\" or \"server\", got '%s'", mode);
+
+    p->verify = p->server ? VERIFY_OFF : VERIFY_ON;
+    int t = lua_getfield(L, 1, "verify");
+    if (t == LUA_TBOOLEAN)
+        p->verify = lua_toboolean(L, -1) ? VERIFY_ON : VERIFY_OFF;
+    else if (t == LUA_TSTRING && strcmp(lua_tostring(L, -1), "optional") == 0) {
+        if (!p->server)
+            ctx_raise(L, "verify = \"optional\" is for servers only");
+        p->verify = VERIFY_OPTIONAL;
+    } else if (t != LUA_TNIL)
+        ctx_raise(L, "verify must be a boolean or \"optional\"");
+    lua_pop(L, 1);
+
+    t = lua_getfield(L, 1, "session_cache");
+    if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+        ctx_raise(L, "session_cache must be a boolean");
+    /* Default: off on servers (one full handshake per connection keeps
+     * tls-unique and client-certificate semantics simple). */
+    p->session_cache = t == LUA_TNIL ? !p->server : lua_toboolean(L, -1);
+    lua_pop(L, 1);
+
+    const char *v = get_string(L, 1, "min_version", "", NULL);
+    p->min_version = v ? parse_version(L, "min_version", v) : TLS1_2_VERSION;
+    v = get_string(L, 1, "max_version", "", NULL);
+    p->max_version = v ? parse_version(L, "max_version", v) : 0;
+    if (p->max_version && p->max_version < p->min_version)
+        ctx_raise(L, "max_version is below min_version");
+
+    p->cafile = get_string(L, 1, "cafile", "", NULL);
+    p->capath = get_string(L, 1, "capath", "", NULL);
+    p->ciphers = get_string(L, 1, "ciphers", "", NULL);
+    p->ciphersuites = get_string(L, 1, "ciphersuites", "", NULL);
+}
+
+/* Settings shared by the main context and the SNI contexts. */
+static void configure_common(lua_State *L, SSL_CTX *ctx, const tls_params *p)
+{
+    ERR_clear_error();
+    SSL_CTX_set_mode(ctx, SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER | SSL_MODE_ENABLE_PARTIAL_WRITE);
+    SSL_CTX_set_options(ctx, SSL_OP_NO_RENEGOTIATION | SSL_OP_NO_COMPRESSION);
+    SSL_CTX_set_default_passwd_cb(ctx, no_passphrase);
+    if (!SSL_CTX_set_min_proto_version(ctx, p->min_version))
+        ctx_fail(L, "cannot set min_version");
+    if (!SSL_CTX_set_max_proto_version(ctx, p->max_version))
+        ctx_fail(L, "cannot set max_version");
+    if (p->ciphers && !SSL_CTX_set_cipher_list(ctx, p->ciphers))
+        ctx_fail(L, "bad ciphers '%s'", p->ciphers);
+    if (p->ciphersuites && !SSL_CTX_set_ciphersuites(ctx, p->ciphersuites))
+        ctx_fail(L, "bad ciphersuites '%s'", p->ciphersuites);
+
+    switch (p->verify) {
+    case VERIFY_ON:
+        SSL_CTX_set_verify(ctx, p->server ? SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT
+                                          : SSL_VERIFY_PEER, NULL);
+        break;
+    case VERIFY_OPTIONAL:
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_accept_all);
+        break;
+    default:
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
+        break;
+    }
+
+    if (p->server) {
+        static const unsigned char sid_ctx[] = "luasmtp";
+        if (!SSL_CTX_set_session_id_context(ctx, sid_ctx, sizeof sid_ctx - 1))
+            ctx_fail(L, "cannot set the session id context");
+    }
+    if (!p->session_cache) {
+        SSL_CTX_set_session_cache_mode(ctx, SSL_SESS_CACHE_OFF);
+        SSL_CTX_set_options(ctx, SSL_OP_NO_TICKET);
+        if (p->server)
+            SSL_CTX_set_num_tickets(ctx, 0); /* no TLS 1.3 tickets either */
+    }
+}
+
+/* Trust store of the main context: cafile/capath, or the system store.
+ * Servers that do not ask for client certificates need none. */
+static void load_trust(lua_State *L, SSL_CTX *ctx, const tls_params *p)
+{
+    if (p->server && p->verify == VERIFY_OFF && !p->cafile && !p->capath)
+        return;
+    ERR_clear_error();
+    if (p->cafile && !SSL_CTX_load_verify_file(ctx, p->cafile))
+        ctx_fail(L, "cannot load cafile '%s'", p->cafile);
+    if (p->capath && !SSL_CTX_load_verify_dir(ctx, p->capath))
+        ctx_fail(L, "cannot use capath '%s'", p->capath);
+    if (!p->cafile && !p->capath && !SSL_CTX_set_default_verify_paths(ctx))
+        ctx_fail(L, "cannot load the system trust store");
+    if (p->server && p->verify != VERIFY_OFF && p->cafile) {
+        /* Tell clients which CAs we accept. */
+        STACK_OF(X509_NAME) *names = SSL_load_client_CA_file(p->cafile);
+        if (names)
+            SSL_CTX_set_client_CA_list(ctx, names);
+        ERR_clear_error();
+    }
+}
+
+/* Use the certificate chain in pem (leaf first) for ctx. 0 on failure,
+ * OpenSSL errors queued; nothing is leaked. */
+static int use_chain_pem(SSL_CTX *ctx, const char *pem, size_t len)
+{
+    if (len > INT_MAX)
+        return 0;
+    BIO *b = BIO_new_mem_buf(pem, (int)len);
+    if (b == NULL)
+        return 0;
+    int ok = 0;
+    X509 *x = PEM_read_bio_X509(b, NULL, no_passphrase, NULL);
+    if (x == NULL || !SSL_CTX_use_certificate(ctx, x))
+        goto done;
+    X509_free(x);
+    x = NULL;
+    if (!SSL_CTX_clear_chain_certs(ctx))
+        goto done;
+    while ((x = PEM_read_bio_X509(b, NULL, no_passphrase, NULL)) != NULL) {
+        if (!SSL_CTX_add0_chain_cert(ctx, x))
+            goto done;
+        x = NULL; /* owned by ctx now */
+    }
+    /* The loop ends at the end of the data: that is not an error. */
+    unsigned long e = ERR_peek_last_error();
+    if (ERR_GET_LIB(e) == ERR_LIB_PEM && ERR_GET_REASON(e) == PEM_R_NO_START_LINE)
+        ERR_clear_error();
+    else if (e != 0)
+        goto done;
+    ok = 1;
+done:
+    X509_free(x);
+    BIO_free(b);
+    return ok;
+}
+
+static int use_key_pem(SSL_CTX *ctx, const char *pem, size_t len, int *encrypted)
+{
+    if (len > INT_MAX)
+        return 0;
+    BIO *b = BIO_new_mem_buf(pem, (int)len);
+    if (b == NULL)
+        return 0;
+    EVP_PKEY *k = PEM_read_bio_PrivateKey(b, NULL, no_passphrase, encrypted);
+    int ok = k != NULL && SSL_CTX_use_PrivateKey(ctx, k);
+    EVP_PKEY_free(k);
+    BIO_free(b);
+    return ok;
+}
+
+/* Load certificate (+ chain) and key given in the table at idx into ctx.
+ * where: "" or "certificates[i]: " for messages. Returns 1 when loaded,
+ * 0 when the table names neither (allowed unless required). Raises. */
+static int load_identity(lua_State *L, int idx, SSL_CTX *ctx, const char *where, int required)
+{
+    int top = lua_gettop(L);
+    size_t certlen, keylen;
+    const char *certfile = get_string(L, idx, "certificate", where, NULL);
+    const char *certpem = get_string(L, idx, "certificate_pem", where, &certlen);
+    const char *keyfile = get_string(L, idx, "key", where, NULL);
+    const char *keypem = get_string(L, idx, "key_pem", where, &keylen);
+
+    if (certfile && certpem)
+        ctx_raise(L, "%sgive certificate or certificate_pem, not both", where);
+    if (keyfile && keypem)
+        ctx_raise(L, "%sgive key or key_pem, not both", where);
+    int has_cert = certfile || certpem, has_key = keyfile || keypem;
+    if (!has_cert && !has_key) {
+        if (required)
+            ctx_raise(L, "%sa server needs a certificate (certificate or "
+                      "certificate_pem) and a key (key or key_pem)", where);
+        lua_settop(L, top);
+        return 0;
+    }
+    if (!has_cert)
+        ctx_raise(L, "%sa key was given without a certificate", where);
+    if (!has_key)
+        ctx_raise(L, "%sa certificate was given without its key (key or key_pem)",
+                  where);
+
+    ERR_clear_error();
+    if (certfile) {
+        if (!SSL_CTX_use_certificate_chain_file(ctx, certfile))
+            ctx_fail(L, "%scannot load certificate file '%s'", where, certfile);
+    } else if (!use_chain_pem(ctx, certpem, certlen)) {
+        ctx_fail(L, "%scannot load certificate_pem", where);
+    }
+    int encrypted = 0;
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, &encrypted);
+    int ok = keyfile ? SSL_CTX_use_PrivateKey_file(ctx, keyfile, SSL_FILETYPE_PEM)
+                     : use_key_pem(ctx, keypem, keylen, &encrypted);
+    SSL_CTX_set_default_passwd_cb_userdata(ctx, NULL);
+    if (!ok && encrypted) {
+        ERR_clear_error();
+        ctx_fail(L, "%scannot load %s%s%s: the key is encrypted (passphrases are not "
+                 "supported)", where, keyfile ? "key file '" : "key_pem",
+                 keyfile ? keyfile : "", keyfile ? "'" : "");
+    }
+    if (!ok) {
+        /* OpenSSL checks the pair as it loads the key: say so plainly. */
+        unsigned long e = ERR_peek_last_error();
+        if (ERR_GET_LIB(e) == ERR_LIB_X509 && ERR_GET_REASON(e) == X509_R_KEY_VALUES_MISMATCH) {
+            ERR_clear_error();
+            ctx_fail(L, "%sthe private key (%s) does not match the certificate", where,
+                     keyfile ? keyfile : "key_pem");
+        }
+        if (keyfile)
+            ctx_fail(L, "%scannot load key file '%s'", where, keyfile);
+        ctx_fail(L, "%scannot load key_pem", where);
+    }
+    if (!SSL_CTX_check_private_key(ctx))
+        ctx_fail(L, "%sthe private key does not match the certificate", where);
+    lua_settop(L, top);
+    return 1;
+}
+
+/* entry.hosts: nil, a string, or an array of strings. */
+static void load_hosts(lua_State *L, int idx, sni_cert *c, const char *where)
+{
+    int t = lua_getfield(L, idx, "hosts");
+    if (t == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    if (t != LUA_TSTRING && t != LUA_TTABLE)
+        ctx_raise(L, "%shosts must be a string or an array of strings", where);
+    size_t n = t == LUA_TSTRING ? 1 : lua_rawlen(L, -1);
+    if (n == 0)
+        ctx_raise(L, "%shosts is empty", where);
+    c->hosts = calloc(n, sizeof *c->hosts);
+    if (c->hosts == NULL)
+        ctx_raise(L, "out of memory");
+    for (size_t i = 0; i < n; i++) {
+        if (t == LUA_TTABLE && lua_rawgeti(L, -1, (lua_Integer)i + 1) != LUA_TSTRING)
+            ctx_raise(L, "%shosts[%d] must be a string", where, (int)i + 1);
+        const char *h = lua_tostring(L, -1);
+        if (*h == '\0')
+            ctx_raise(L, "%shosts contains an empty name", where);
+        if ((c->hosts[i] = strdup(h)) == NULL)
+            ctx_raise(L, "out of memory");
+        c->nhosts = i + 1;
+        if (t == LUA_TTABLE)
+            lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+}
+
+/* params.certificates: one SSL_CTX per entry, owned by c->sni as soon as
+ * it exists (so a raise here leaks nothing). */
+static void load_sni(lua_State *L, ls_tlsctx *c, const tls_params *p)
+{
+    int t = lua_getfield(L, 1, "certificates");
+    if (t == LUA_TNIL) {
+        lua_pop(L, 1);
+        return;
+    }
+    if (!p->server)
+        ctx_raise(L, "certificates (SNI) is for servers only");
+    if (t != LUA_TTABLE)
+        ctx_raise(L, "certificates must be an array of tables");
+    size_t n = lua_rawlen(L, -1);
+    if (n == 0) {
+        lua_pop(L, 1);
+        return;
+    }
+    c->sni = calloc(1, sizeof *c->sni);
+    if (c->sni == NULL)
+        ctx_raise(L, "out of memory");
+    c->sni->refs = 1;
+    c->sni->certs = calloc(n, sizeof *c->sni->certs);
+    if (c->sni->certs == NULL)
+        ctx_raise(L, "out of memory");
+
+    X509_STORE *store = SSL_CTX_get_cert_store(c->ctx);
+    STACK_OF(X509_NAME) *ca_names = SSL_CTX_get_client_CA_list(c->ctx);
+    for (size_t i = 0; i < n; i++) {
+        char where[48];
+        snprintf(where, sizeof where, "certificates[%d]: ", (int)i + 1);
+        if (lua_rawgeti(L, -1, (lua_Integer)i + 1) != LUA_TTABLE)
+            ctx_raise(L, "certificates[%d] must be a table", (int)i + 1);
+        int entry = lua_gettop(L);
+        ERR_clear_error();
+        SSL_CTX *x = SSL_CTX_new(TLS_server_method());
+        if (x == NULL)
+            ctx_fail(L, "cannot create an SSL_CTX");
+        sni_cert *sc = &c->sni->certs[c->sni->n++];
+        sc->ctx = x;
+        configure_common(L, x, p);
+        /* After the switch OpenSSL verifies client certificates with the
+         * new context's store and CA list: share the main ones. */
+        SSL_CTX_set1_cert_store(x, store);
+        if (ca_names) {
+            STACK_OF(X509_NAME) *dup = SSL_dup_CA_list(ca_names);
+            if (dup == NULL)
+                ctx_fail(L, "cannot copy the client CA list");
+            SSL_CTX_set_client_CA_list(x, dup);
+        }
+        load_identity(L, entry, x, where, 1);
+        load_hosts(L, entry, sc, where);
+        lua_pop(L, 1);
+    }
+    lua_pop(L, 1);
+    SSL_CTX_set_tlsext_servername_callback(c->ctx, servername_cb);
+    SSL_CTX_set_tlsext_servername_arg(c->ctx, c->sni);
+}
+
+/* The one destroy: close, __close and __gc. Idempotent, never calls Lua.
+ * Live sessions keep their own references to the SSL_CTX and the set. */
+static void tlsctx_destroy(ls_tlsctx *c)
+{
+    if (c->ctx == NULL)
+        return;
+    SSL_CTX_free(c->ctx);
+    c->ctx = NULL;
+    sni_unref(c->sni);
+    c->sni = NULL;
+    ls_live[LS_COUNT_TLS_CONTEXTS]--;
+}
+
+/*
+ * core.tls_context(params) -> context                       [-0, +1, e]
+ *
+ * Build an OpenSSL context. Bad parameters raise (with the OpenSSL
+ * reasons); see README "TLS" for the fields:
+ *   mode                  "client" | "server" (required)
+ *   certificate / certificate_pem, key / key_pem
+ *                         chain (leaf first) and key; required for servers
+ *   cafile, capath        trust store (default: the system store)
+ *   verify                client: true (default) | false;
+ *                         server: false (default) | true (require a client
+ *                         certificate) | "optional" (ask; never fail, see
+ *                         tlsinfo().verified)
+ *   min_version, max_version  "tls1", "tls1.1", "tls1.2" (default min), "tls1.3"
+ *   ciphers, ciphersuites OpenSSL lists for TLS <= 1.2 and TLS 1.3
+ *   certificates          servers: { {certificate=, key=, hosts=}, ... }
+ *                         chosen by SNI (hosts default to the cert names)
+ *   session_cache         false disables resumption (server default: off)
+ *
+ * Example:
+ *   local ctx = core.tls_context { mode = "server",
+ *       certificate = "/etc/ssl/mx.pem", key = "/etc/ssl/mx.key" }
+ */
+static int l_tls_context(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_settop(L, 1);
+    luaL_checkstack(L, 24, "tls_context");
+
+    ls_tlsctx *c = lua_newuserdatauv(L, sizeof *c, 0);
+    memset(c, 0, sizeof *c);
+    luaL_setmetatable(L, TLSCTX_MT); /* the userdata stays at slot 2 */
+
+    tls_params p;
+    read_params(L, &p);
+
+    ERR_clear_error();
+    c->ctx = SSL_CTX_new(p.server ? TLS_server_method() : TLS_client_method());
+    if (c->ctx == NULL)
+        ctx_fail(L, "cannot create an SSL_CTX");
+    c->server = p.server;
+    ls_live[LS_COUNT_TLS_CONTEXTS]++;
+
+    configure_common(L, c->ctx, &p);
+    load_trust(L, c->ctx, &p);
+    load_identity(L, 1, c->ctx, "", p.server);
+    load_sni(L, c, &p);
+
+    lua_settop(L, 2);
+    return 1;
+}
+
+ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx)
+{
+    ls_tlsctx *c = luaL_checkudata(L, idx, TLSCTX_MT);
+    if (c->ctx == NULL)
+        luaL_argerror(L, idx, "TLS context is closed");
+    return c;
+}
+
+int ls_tlsctx_is_server(const ls_tlsctx *c)
+{
+    return c->server;
+}
+
+/* ctx:mode() -> "client" | "server"                          [-0, +1, -]
+ * Example: if ctx:mode() == "server" then ... end */
+static int l_ctx_mode(lua_State *L)
+{
+    ls_tlsctx *c = ls_tlsctx_check(L, 1);
+    lua_pushstring(L, c->server ? "server" : "client");
+    return 1;
+}
+
+/* ctx:close()                                                [-0, +0, -]
+ * Drop the context now (also done by __close and __gc). Sessions already
+ * made from it keep working. Closing twice is harmless. */
+static int l_ctx_close(lua_State *L)
+{
+    tlsctx_destroy(luaL_checkudata(L, 1, TLSCTX_MT));
+    return 0;
+}
+
+static int l_ctx_tostring(lua_State *L)
+{
+    ls_tlsctx *c = luaL_checkudata(L, 1, TLSCTX_MT);
+    if (c->ctx == NULL)
+        lua_pushstring(L, "luasmtp.tls_context (closed)");
+    else
+        lua_pushfstring(L, "luasmtp.tls_context (%s): %p", c->server ? "server" : "client",
+                        (void *)c);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+/* Sessions */
+
+static int is_ip_literal(const char *s)
+{
+    unsigned char addr[sizeof(struct in6_addr)];
+    return inet_pton(AF_INET, s, addr) == 1 || inet_pton(AF_INET6, s, addr) == 1;
+}
+
+SSL *ls_tls_new(ls_tlsctx *c, int fd, const char *servername, int verify_host, ls_ioerr *err)
+{
+    char name[256];
+    msgbuf m;
+    SSL *ssl = NULL;
+
+    ERR_clear_error();
+    ls_session *s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        set_err(err, LS_ETLS, "out of memory");
+        return NULL;
+    }
+    s->fd = fd;
+    if (c == NULL || c->ctx == NULL) {
+        set_err(err, LS_ETLS, "TLS context is closed");
+        goto fail_nossl;
+    }
+    if ((ssl = SSL_new(c->ctx)) == NULL)
+        goto fail;
+    BIO *bio = session_bio(s);
+    if (bio == NULL)
+        goto fail;
+    SSL_set_bio(ssl, bio, bio); /* ssl owns the one reference */
+    SSL_set_app_data(ssl, s);
+
+    if (c->server) {
+        SSL_set_accept_state(ssl);
+    } else {
+        SSL_set_connect_state(ssl);
+        if (servername && *servername) {
+            /* A trailing dot (absolute DNS name) is not part of SNI. */
+            size_t len = strlen(servername);
+            if (servername[len - 1] == '.')
+                len--;
+            if (len == 0 || len >= sizeof name) {
+                set_err(err, LS_ETLS, "invalid server name");
+                goto fail_set;
+            }
+            memcpy(name, servername, len);
+            name[len] = '\0';
+            int ip = is_ip_literal(name);
+            if (!ip && !SSL_set_tlsext_host_name(ssl, name))
+                goto fail;
+            /* Also when verify is off: then only tlsinfo().verified
+             * depends on it. */
+            if (verify_host) {
+                if (ip) {
+                    if (!X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name))
+                        goto fail;
+                } else {
+                    SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+                    if (!SSL_set1_host(ssl, name))
+                        goto fail;
+                }
+            }
+        }
+    }
+    if (c->sni) {
+        s->sni = c->sni;
+        c->sni->refs++;
+    }
+    ls_live[LS_COUNT_TLS_SESSIONS]++;
+    return ssl;
+
+fail:
+    err->token = LS_ETLS;
+    mb_init(&m, err->detail, sizeof err->detail);
+    mb_add(&m, "cannot set up the TLS session");
+    if (ERR_peek_error() != 0) {
+        mb_add(&m, ": ");
+        drain_errors(&m);
+    }
+fail_set:
+    ERR_clear_error();
+    SSL_free(ssl); /* frees the BIO, not s */
+fail_nossl:
+    free(s);
+    return NULL;
+}
+
+void ls_tls_free(SSL *ssl)
+{
+    if (ssl == NULL)
+        return;
+    ls_session *s = SSL_get_app_data(ssl);
+    SSL_free(ssl);
+    ERR_clear_error();
+    if (s) {
+        sni_unref(s->sni);
+        free(s);
+    }
+    ls_live[LS_COUNT_TLS_SESSIONS]--;
+}
+
+/* Why the certificate check failed, or 0 when it did not. */
+static int verify_failure(SSL *ssl, ls_ioerr *err)
+{
+    long vr = SSL_get_verify_result(ssl);
+    unsigned long e = ERR_peek_error();
+    if (vr == X509_V_OK || ERR_GET_LIB(e) != ERR_LIB_SSL
+        || ERR_GET_REASON(e) != SSL_R_CERTIFICATE_VERIFY_FAILED)
+        return 0;
+    msgbuf m;
+    err->token = LS_ETLS;
+    mb_init(&m, err->detail, sizeof err->detail);
+    mb_add(&m, "certificate verify failed: %s", X509_verify_cert_error_string(vr));
+    X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+    if (vr == X509_V_ERR_HOSTNAME_MISMATCH) {
+        const char *host = X509_VERIFY_PARAM_get0_host(param, 0);
+        if (host)
+            mb_add(&m, " (expected %s)", host);
+    } else if (vr == X509_V_ERR_IP_ADDRESS_MISMATCH) {
+        char *ip = X509_VERIFY_PARAM_get1_ip_asc(param);
+        if (ip)
+            mb_add(&m, " (expected %s)", ip);
+        OPENSSL_free(ip);
+    }
+    return 1;
+}
+
+/* Map the result `ret` of an SSL call to LS_IO_*. */
+static int io_result(SSL *ssl, int ret, enum tls_op op, ls_ioerr *err)
+{
+    ls_session *s = SSL_get_app_data(ssl);
+    int e = SSL_get_error(ssl, ret);
+    switch (e) {
+    case SSL_ERROR_WANT_READ:
+        return LS_IO_WANTREAD;
+    case SSL_ERROR_WANT_WRITE:
+        return LS_IO_WANTWRITE;
+    case SSL_ERROR_ZERO_RETURN: /* close_notify */
+        ERR_clear_error();
+        if (op == OP_HANDSHAKE)
+            return set_err(err, LS_ETLS, "connection closed during handshake");
+        return LS_IO_EOF;
+    case SSL_ERROR_SYSCALL:
+        if (ERR_peek_error() != 0)
+            break; /* errors queued: report them like SSL_ERROR_SSL */
+        if (s)
+            s->failed = 1;
+        if (s && s->sys_errno != 0)
+            return set_err(err, ls_errno_token(s->sys_errno), "%s%s",
+                           op == OP_HANDSHAKE ? "TLS handshake: " : "",
+                           strerror(s->sys_errno));
+        /* No errno: EOF without close_notify (the pre-3.0 report). */
+        if (op == OP_HANDSHAKE)
+            return set_err(err, LS_ETLS, "connection closed during handshake");
+        return LS_IO_EOF;
+    case SSL_ERROR_SSL:
+        break;
+    default:
+        ERR_clear_error();
+        if (s)
+            s->failed = 1;
+        return set_err(err, LS_ETLS, "unexpected SSL_get_error() result %d", e);
+    }
+
+    /* SSL_ERROR_SSL (or SYSCALL with queued errors): fatal. */
+    if (s)
+        s->failed = 1;
+    unsigned long first = ERR_peek_error();
+    if (ERR_GET_LIB(first) == ERR_LIB_SSL
+        && ERR_GET_REASON(first) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
+        ERR_clear_error();
+        if (op == OP_HANDSHAKE)
+            return set_err(err, LS_ETLS, "connection closed during handshake");
+        /* EOF without close_notify. SMTP frames its own data (replies,
+         * the final "." of DATA), so truncation is detected by the
+         * protocol: report an ordinary EOF, as most MTAs expect. */
+        return LS_IO_EOF;
+    }
+    if (op == OP_HANDSHAKE && verify_failure(ssl, err)) {
+        ERR_clear_error();
+        return LS_IO_ERROR;
+    }
+    if (first == 0 && s && s->sys_errno != 0)
+        return set_err(err, ls_errno_token(s->sys_errno), "%s", strerror(s->sys_errno));
+    err->token = LS_ETLS;
+    msgbuf m;
+    mb_init(&m, err->detail, sizeof err->detail);
+    if (drain_errors(&m) == 0)
+        mb_add(&m, "TLS error");
+    return LS_IO_ERROR;
+}
+
+static void io_begin(SSL *ssl)
+{
+    ERR_clear_error();
+    ls_session *s = SSL_get_app_data(ssl);
+    if (s)
+        s->sys_errno = 0;
+}
+
+int ls_tls_handshake(SSL *ssl, ls_ioerr *err)
+{
+    io_begin(ssl);
+    int ret = SSL_do_handshake(ssl);
+    if (ret == 1)
+        return LS_IO_OK;
+    return io_result(ssl, ret, OP_HANDSHAKE, err);
+}
+
+int ls_tls_read(SSL *ssl, char *buf, size_t len, size_t *n, ls_ioerr *err)
+{
+    *n = 0;
+    if (len == 0)
+        return LS_IO_OK;
+    io_begin(ssl);
+    int ret = SSL_read_ex(ssl, buf, len, n);
+    if (ret == 1)
+        return LS_IO_OK;
+    *n = 0;
+    return io_result(ssl, ret, OP_READ, err);
+}
+
+int ls_tls_write(SSL *ssl, const char *buf, size_t len, size_t *n, ls_ioerr *err)
+{
+    *n = 0;
+    if (len == 0)
+        return LS_IO_OK;
+    io_begin(ssl);
+    int ret = SSL_write_ex(ssl, buf, len, n);
+    if (ret == 1)
+        return LS_IO_OK;
+    *n = 0;
+    return io_result(ssl, ret, OP_WRITE, err);
+}
+
+void ls_tls_shutdown(SSL *ssl)
+{
+    if (ssl == NULL)
+        return;
+    ls_session *s = SSL_get_app_data(ssl);
+    ERR_clear_error();
+    /* Not after a fatal error (OpenSSL forbids it), not mid-handshake,
+     * and only once. */
+    if ((s == NULL || !s->failed) && SSL_is_init_finished(ssl)
+        && !(SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN))
+        (void)SSL_shutdown(ssl);
+    ERR_clear_error();
+}
+
+/* ------------------------------------------------------------------ */
+/* Session information */
+
+/* [-0, +0, m] t[key] = the UTF-8 form of an ASN.1 string (if any). */
+static void set_asn1_string(lua_State *L, int t, const char *key, const ASN1_STRING *str)
+{
+    unsigned char *utf8 = NULL;
+    int len = ASN1_STRING_to_UTF8(&utf8, str);
+    if (len >= 0) {
+        lua_pushlstring(L, (const char *)utf8, (size_t)len);
+        OPENSSL_free(utf8);
+        lua_setfield(L, t, key);
+    }
+}
+
+/* [-0, +1, m] An RFC 2253 one-line name (UTF-8 kept as is). */
+static void push_name(lua_State *L, const X509_NAME *name)
+{
+    BIO *b = BIO_new(BIO_s_mem());
+    char *p;
+    long len;
+    if (b && X509_NAME_print_ex(b, name, 0, XN_FLAG_RFC2253 & ~ASN1_STRFLGS_ESC_MSB) >= 0
+        && (len = BIO_get_mem_data(b, &p)) >= 0)
+        lua_pushlstring(L, p, (size_t)len);
+    else
+        lua_pushnil(L);
+    BIO_free(b);
+}
+
+/* [-0, +1, m] "YYYY-MM-DDTHH:MM:SSZ" */
+static void push_time(lua_State *L, const ASN1_TIME *t)
+{
+    struct tm tm;
+    char buf[32];
+    if (t && ASN1_TIME_to_tm(t, &tm) && strftime(buf, sizeof buf, "%Y-%m-%dT%H:%M:%SZ", &tm) > 0)
+        lua_pushstring(L, buf);
+    else
+        lua_pushnil(L);
+}
+
+/* [-0, +1, m] sans = { dns = {...}, ip = {...}, email = {...} } */
+static void push_sans(lua_State *L, X509 *x)
+{
+    lua_createtable(L, 0, 3);
+    lua_newtable(L); /* dns */
+    lua_newtable(L); /* ip */
+    lua_newtable(L); /* email */
+    int sans = lua_absindex(L, -4);
+    GENERAL_NAMES *names = X509_get_ext_d2i(x, NID_subject_alt_name, NULL, NULL);
+    lua_Integer ndns = 0, nip = 0, nemail = 0;
+    int count = names ? sk_GENERAL_NAME_num(names) : 0;
+    for (int i = 0; i < count; i++) {
+        const GENERAL_NAME *g = sk_GENERAL_NAME_value(names, i);
+        int type;
+        void *value = GENERAL_NAME_get0_value(g, &type);
+        if (type != GEN_DNS && type != GEN_EMAIL && type != GEN_IPADD)
+            continue; /* not an ASN1_STRING: other name forms are skipped */
+        const ASN1_STRING *str = value;
+        const unsigned char *d = ASN1_STRING_get0_data(str);
+        int len = ASN1_STRING_length(str);
+        if (type == GEN_DNS) {
+            lua_pushlstring(L, (const char *)d, (size_t)len);
+            lua_rawseti(L, sans + 1, ++ndns);
+        } else if (type == GEN_EMAIL) {
+            lua_pushlstring(L, (const char *)d, (size_t)len);
+            lua_rawseti(L, sans + 3, ++nemail);
+        } else if (len == 4 || len == 16) {
+            char ip[INET6_ADDRSTRLEN];
+            if (inet_ntop(len == 4 ? AF_INET : AF_INET6, d, ip, sizeof ip)) {
+                lua_pushstring(L, ip);
+                lua_rawseti(L, sans + 2, ++nip);
+            }
+        }
+    }
+    GENERAL_NAMES_free(names);
+    lua_setfield(L, sans, "email");
+    lua_setfield(L, sans, "ip");
+    lua_setfield(L, sans, "dns");
+}
+
+/* [-0, +1, m] The peer table of tlsinfo(). */
+static void push_peer(lua_State *L, X509 *x)
+{
+    lua_createtable(L, 0, 10);
+    int t = lua_gettop(L);
+
+    const X509_NAME *subject = X509_get_subject_name(x);
+    push_name(L, subject);
+    lua_setfield(L, t, "subject");
+    push_name(L, X509_get_issuer_name(x));
+    lua_setfield(L, t, "issuer");
+    /* The last CN is the most specific one. */
+    int idx = -1, i;
+    while ((i = X509_NAME_get_index_by_NID(subject, NID_commonName, idx)) >= 0)
+        idx = i;
+    if (idx >= 0) {
+        const X509_NAME_ENTRY *ne = X509_NAME_get_entry(subject, idx);
+        set_asn1_string(L, t, "common_name", X509_NAME_ENTRY_get_data(ne));
+    }
+    push_sans(L, x);
+    lua_setfield(L, t, "sans");
+
+    unsigned char md[EVP_MAX_MD_SIZE];
+    unsigned int mdlen = 0;
+    if (X509_digest(x, EVP_sha256(), md, &mdlen)) {
+        static const char hex[] = "0123456789ABCDEF";
+        char fp[7 + 3 * EVP_MAX_MD_SIZE + 1];
+        size_t o = 0;
+        for (const char *q = "sha256:"; *q; q++)
+            fp[o++] = *q;
+        for (unsigned int k = 0; k < mdlen; k++) {
+            if (k > 0)
+                fp[o++] = ':';
+            fp[o++] = hex[md[k] >> 4];
+            fp[o++] = hex[md[k] & 15];
+        }
+        lua_pushlstring(L, fp, o);
+        lua_setfield(L, t, "fingerprint");
+    }
+
+    BIGNUM *bn = ASN1_INTEGER_to_BN(X509_get0_serialNumber(x), NULL);
+    char *serial = bn ? BN_bn2hex(bn) : NULL;
+    BN_free(bn);
+    if (serial) {
+        lua_pushstring(L, serial);
+        OPENSSL_free(serial);
+        lua_setfield(L, t, "serial");
+    }
+
+    push_time(L, X509_get0_notBefore(x));
+    lua_setfield(L, t, "not_before");
+    push_time(L, X509_get0_notAfter(x));
+    lua_setfield(L, t, "not_after");
+
+    BIO *b = BIO_new(BIO_s_mem());
+    char *p;
+    long len;
+    if (b && PEM_write_bio_X509(b, x) && (len = BIO_get_mem_data(b, &p)) > 0) {
+        lua_pushlstring(L, p, (size_t)len);
+        lua_setfield(L, t, "pem");
+    }
+    BIO_free(b);
+    ERR_clear_error();
+}
+
+/*
+ * Backs sock:tlsinfo() -> table                              [-0, +1, m]
+ *   { version = "TLSv1.3", cipher = "TLS_AES_256_GCM_SHA384", bits = 256,
+ *     servername = "mx.example.com" (SNI received / sent) or nil,
+ *     verified = bool (chain, and host name when one was requested, ok),
+ *     verify_error = "certificate has expired" or nil,
+ *     session_reused = bool, alpn = nil,
+ *     peer = nil | { subject, issuer, common_name,
+ *                    sans = { dns = {}, ip = {}, email = {} },
+ *                    fingerprint = "sha256:AB:CD:...", serial = "1000",
+ *                    not_before = "2026-01-01T00:00:00Z", not_after, pem } }
+ * Example: local info = sock:tlsinfo(); print(info.version, info.peer.subject)
+ */
+int ls_tls_pushinfo(lua_State *L, SSL *ssl)
+{
+    ERR_clear_error();
+    lua_createtable(L, 0, 8);
+    int t = lua_gettop(L);
+    lua_pushstring(L, SSL_get_version(ssl));
+    lua_setfield(L, t, "version");
+    const SSL_CIPHER *cipher = SSL_get_current_cipher(ssl);
+    if (cipher) {
+        lua_pushstring(L, SSL_CIPHER_get_name(cipher));
+        lua_setfield(L, t, "cipher");
+        lua_pushinteger(L, SSL_CIPHER_get_bits(cipher, NULL));
+        lua_setfield(L, t, "bits");
+    }
+    const char *sni = SSL_get_servername(ssl, TLSEXT_NAMETYPE_host_name);
+    if (sni) {
+        lua_pushstring(L, sni);
+        lua_setfield(L, t, "servername");
+    }
+    X509 *peer = SSL_get0_peer_certificate(ssl);
+    long vr = SSL_get_verify_result(ssl);
+    lua_pushboolean(L, peer != NULL && vr == X509_V_OK && SSL_is_init_finished(ssl));
+    lua_setfield(L, t, "verified");
+    if (vr != X509_V_OK) {
+        lua_pushstring(L, X509_verify_cert_error_string(vr));
+        lua_setfield(L, t, "verify_error");
+    }
+    lua_pushboolean(L, SSL_session_reused(ssl));
+    lua_setfield(L, t, "session_reused");
+    if (peer) {
+        push_peer(L, peer);
+        lua_setfield(L, t, "peer");
+    }
+    ERR_clear_error();
+    return 1;
+}
+
+/*
+ * Backs sock:channel_binding([type]) -> bytes | nil, "tls", detail
+ *                                                      [-0, +1|3, m|v]
+ * type: "tls-exporter" (RFC 9266, TLS 1.3: 32 bytes exported with label
+ * "EXPORTER-Channel-Binding", no context), "tls-unique" (RFC 5929,
+ * TLS <= 1.2: the first Finished message of the handshake), or nil for
+ * the one that fits the negotiated version. An unknown type raises (it is
+ * argument 2 of the calling method).
+ * Example: local cb = assert(sock:channel_binding()) -- for SCRAM-*-PLUS
+ */
+int ls_tls_pushbinding(lua_State *L, SSL *ssl, const char *type)
+{
+    enum { CB_EXPORTER, CB_UNIQUE } kind;
+    int tls13 = SSL_version(ssl) == TLS1_3_VERSION;
+    if (type == NULL)
+        kind = tls13 ? CB_EXPORTER : CB_UNIQUE;
+    else if (strcmp(type, "tls-exporter") == 0)
+        kind = CB_EXPORTER;
+    else if (strcmp(type, "tls-unique") == 0)
+        kind = CB_UNIQUE;
+    else
+        return luaL_argerror(L, 2, lua_pushfstring(L, "unknown channel binding type '%s' "
+                             "(expected \"tls-exporter\" or \"tls-unique\")", type));
+
+    if (!SSL_is_init_finished(ssl))
+        return ls_pusherror(L, LS_ETLS, "the TLS handshake is not complete");
+
+    ERR_clear_error();
+    if (kind == CB_EXPORTER) {
+        if (!tls13)
+            return ls_pusherror(L, LS_ETLS, "tls-exporter requires TLS 1.3");
+        unsigned char out[EXPORTER_LEN];
+        if (SSL_export_keying_material(ssl, out, sizeof out, EXPORTER_LABEL,
+                                       sizeof EXPORTER_LABEL - 1, NULL, 0, 0) != 1) {
+            char buf[200];
+            msgbuf m;
+            mb_init(&m, buf, sizeof buf);
+            mb_add(&m, "tls-exporter failed: ");
+            drain_errors(&m);
+            return ls_pusherror(L, LS_ETLS, buf);
+        }
+        lua_pushlstring(L, (const char *)out, sizeof out);
+        return 1;
+    }
+
+    if (tls13)
+        return ls_pusherror(L, LS_ETLS, "tls-unique is not defined for TLS 1.3 (RFC 9266)");
+    /* Without the extended master secret tls-unique is open to the
+     * triple handshake attack (RFC 7627): refuse it. */
+    if (SSL_get_extms_support(ssl) != 1)
+        return ls_pusherror(L, LS_ETLS, "tls-unique requires the extended master secret "
+                                        "(RFC 7627)");
+    /* The first Finished of the handshake: the client's in a full
+     * handshake, the server's in an abbreviated (resumed) one. */
+    int client = !SSL_is_server(ssl);
+    int ours = client != (SSL_session_reused(ssl) != 0);
+    unsigned char fin[EVP_MAX_MD_SIZE];
+    size_t len = ours ? SSL_get_finished(ssl, fin, sizeof fin)
+                      : SSL_get_peer_finished(ssl, fin, sizeof fin);
+    if (len == 0 || len > sizeof fin)
+        return ls_pusherror(L, LS_ETLS, "tls-unique: no Finished message");
+    lua_pushlstring(L, (const char *)fin, len);
+    return 1;
+}
+
+/* ------------------------------------------------------------------ */
+
+int ls_open_tls(lua_State *L)
+{
+    static const luaL_Reg methods[] = {
+        {"mode", l_ctx_mode},
+        {"close", l_ctx_close},
+        {NULL, NULL},
+    };
+    if (luaL_newmetatable(L, TLSCTX_MT)) {
+        luaL_newlib(L, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_ctx_close);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, l_ctx_close);
+        lua_setfield(L, -2, "__close");
+        lua_pushcfunction(L, l_ctx_tostring);
+        lua_setfield(L, -2, "__tostring");
+    }
+    lua_pop(L, 1);
+    lua_pushcfunction(L, l_tls_context);
+    lua_setfield(L, -2, "tls_context");
+    return 0;
+}
