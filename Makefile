@@ -62,7 +62,7 @@ LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 
 ALL_CFLAGS = $(STD_CFLAGS) $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
 	$(LIBEV_CFLAGS) $(CARES_CFLAGS)
-LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS)
+LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) -lcrypt
 
 # Install locations (LuaRocks passes its own LIBDIR, LUADIR and BINDIR).
 # An empty INST_BINDIR skips bin/luasmtp: LuaRocks installs it itself.

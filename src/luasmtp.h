@@ -7,6 +7,9 @@
  *   socket.c           TCP sockets and listeners as Lua userdata
  *   tls.c              OpenSSL contexts and the TLS transport
  *   dns.c              c-ares resolver on the libev loop
+ *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
+ *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
+ *   proto_lua.c        Lua bindings of proto.c
  *   core.c             luaopen_luasmtp_core: ties the pieces together
  */
 #ifndef LUASMTP_H
@@ -165,6 +168,12 @@ int ls_open_tls(lua_State *L); /* adds tls functions to the table on top */
 /* Resolve host (numeric or name) to a list of addresses: pushes a Lua
  * array of {family=, address=} tables, or nil, "dns", detail. Waits. */
 int ls_open_dns(lua_State *L); /* adds dns functions to the table on top */
+
+/* crypto.c: hashes, HMAC, PBKDF2, random, base64, crypt(3) */
+int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top */
+
+/* proto.c + proto_lua.c: SMTP protocol codecs (no I/O) */
+int ls_open_proto(lua_State *L); /* adds protocol functions to the table on top */
 
 /* loop.c */
 int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */
