@@ -8,7 +8,7 @@ set -eu
 
 # Everything the build, the test suite and the examples use. Add new
 # needs here.
-PACKAGES="gcc make pkg-config lua5.4 liblua5.4-dev libssl-dev openssl
+PACKAGES="gcc make pkg-config lua5.4 liblua5.4-dev libssl-dev openssl libcrypt-dev
 libev-dev libc-ares-dev lua-busted lua-check lua-dkjson luarocks
 ca-certificates python3 python3-aiosmtpd swaks msmtp procps postfix"
 
