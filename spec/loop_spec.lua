@@ -168,6 +168,25 @@ describe("loop and tasks", function()
     assert.is_true(luasmtp.run())
   end)
 
+  it("waits for signals, counts them while nobody waits, and times out", function()
+    local f = assert(io.open("/proc/self/stat"))
+    local pid = f:read("l"):match("^(%d+)")
+    f:close()
+    H.run(function()
+      assert.same({ nil, "timeout" }, { luasmtp.wait_signal("USR1", "USR2", 0.01) })
+      local t = luasmtp.spawn(function() return luasmtp.wait_signal("USR1", "USR2", 5) end)
+      luasmtp.sleep(0.01)
+      os.execute("kill -USR2 " .. pid)
+      assert.same({ true, "USR2" }, { t:join(5) })
+      -- caught while nobody waits: delivered to the next waiter
+      os.execute("kill -USR1 " .. pid)
+      luasmtp.sleep(0.02)
+      assert.equal("USR1", luasmtp.wait_signal("SIGUSR1", 1))
+    end)
+    -- a caught signal alone does not keep run() from returning
+    assert.is_true(luasmtp.run())
+  end)
+
   it("thousands of tasks", function()
     local n = 0
     for _ = 1, 5000 do

@@ -16,7 +16,11 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include <signal.h>
+
 #include "luasmtp.h"
+
+#define LS_MAX_SIGNAL 32
 
 #define LOOP_KEY "luasmtp.loop"
 #define TASK_MT "luasmtp.task"
@@ -62,6 +66,12 @@ struct ls_loop {
     int in_handler;
     ev_prepare prepare;
     ls_flushable flushq; /* list head */
+    /* Signals: caught once a task has waited for them, counted while
+     * nobody waits, delivered to waiters in wait_signal(). */
+    ev_signal sigw[LS_MAX_SIGNAL];
+    unsigned sigpending[LS_MAX_SIGNAL];
+    int sigref; /* the signal watchers keep the loop alive */
+    ls_cond sigwaiters;
 };
 
 long ls_live[LS_COUNT_MAX];
@@ -727,6 +737,149 @@ static int l_cond_close(lua_State *L)
     return 0;
 }
 
+
+/* ------------------------------------------------------------------ */
+/* Signals */
+
+static const struct {
+    const char *name;
+    int num;
+} signames[] = {
+    {"TERM", SIGTERM}, {"INT", SIGINT}, {"HUP", SIGHUP}, {"USR1", SIGUSR1},
+    {"USR2", SIGUSR2}, {"QUIT", SIGQUIT}, {"PIPE", SIGPIPE}, {"CHLD", SIGCHLD},
+};
+
+static int signum_of(lua_State *L, int idx)
+{
+    const char *name = luaL_checkstring(L, idx);
+    if (strncmp(name, "SIG", 3) == 0)
+        name += 3;
+    for (size_t i = 0; i < sizeof signames / sizeof signames[0]; i++)
+        if (strcmp(name, signames[i].name) == 0)
+            return signames[i].num;
+    return luaL_argerror(L, idx, "unknown signal name");
+}
+
+static void set_sigref(ls_loop *loop, int want)
+{
+    int have = 0;
+    for (int i = 0; i < LS_MAX_SIGNAL; i++)
+        have |= ev_is_active(&loop->sigw[i]);
+    if (!have)
+        return;
+    /* Active signal watchers hold one loop reference per watcher; keep
+     * them only while a task waits, so a caught signal alone does not
+     * keep run() from returning. */
+    for (int i = 0; i < LS_MAX_SIGNAL; i++) {
+        if (!ev_is_active(&loop->sigw[i]))
+            continue;
+        if (want && !loop->sigref)
+            ev_ref(loop->ev);
+        else if (!want && loop->sigref)
+            ev_unref(loop->ev);
+    }
+    loop->sigref = want;
+}
+
+static void signal_cb(struct ev_loop *ev, ev_signal *w, int revents)
+{
+    (void)ev;
+    (void)revents;
+    ls_loop *loop = w->data;
+    loop->sigpending[w->signum]++;
+    while (loop->sigwaiters.head)
+        ls_wake(loop, loop->sigwaiters.head, LS_WAKE_READY);
+}
+
+/* First pending signal among the names at stack 1..n; pushes its name. */
+static int take_signal(lua_State *L, ls_loop *loop, int n)
+{
+    for (int i = 1; i <= n; i++) {
+        int sig = signum_of(L, i);
+        if (loop->sigpending[sig] > 0) {
+            loop->sigpending[sig]--;
+            for (size_t j = 0; j < sizeof signames / sizeof signames[0]; j++)
+                if (signames[j].num == sig)
+                    lua_pushstring(L, signames[j].name);
+            return 1;
+        }
+    }
+    return 0;
+}
+
+static int wait_signal_k(lua_State *L, int status, lua_KContext ctx);
+
+static int wait_signal_loop(lua_State *L, ls_loop *loop, int n, double deadline)
+{
+    for (;;) {
+        if (take_signal(L, loop, n))
+            return 1;
+        ls_task *me = ls_current(L, loop);
+        me->cond = &loop->sigwaiters;
+        me->cprev = loop->sigwaiters.tail;
+        me->cnext = NULL;
+        if (loop->sigwaiters.tail)
+            loop->sigwaiters.tail->cnext = me;
+        else
+            loop->sigwaiters.head = me;
+        loop->sigwaiters.tail = me;
+        set_sigref(loop, 1);
+        int r = ls_wait(L, loop, me, -1, 0, deadline, (lua_KContext)n, wait_signal_k);
+        if (loop->sigwaiters.head == NULL)
+            set_sigref(loop, 0);
+        if (r == LS_WAKE_TIMEOUT)
+            return take_signal(L, loop, n) ? 1 : ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+}
+
+static int wait_signal_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    ls_loop *loop = ls_getloop(L);
+    if (loop->sigwaiters.head == NULL)
+        set_sigref(loop, 0);
+    if (ls_wait_result(L) == LS_WAKE_TIMEOUT)
+        return take_signal(L, loop, (int)ctx) ? 1 : ls_pusherror(L, LS_ETIMEOUT, NULL);
+    lua_Number deadline = lua_tonumber(L, (int)ctx + 1);
+    return wait_signal_loop(L, loop, (int)ctx, deadline);
+}
+
+/* wait_signal(name, ... [, timeout]) -> name | nil, "timeout"
+ * Wait for one of the signals ("TERM", "INT", "HUP", "USR1", "USR2",
+ * "QUIT", "PIPE", "CHLD"). From the first call on, the signals named are
+ * caught for good (their default action no longer applies) and counted
+ * while no task waits, so none is lost between two waits.
+ *   local sig = luasmtp.wait_signal("TERM", "INT") */
+static int l_wait_signal(lua_State *L)
+{
+    ls_loop *loop = ls_getloop(L);
+    int n = lua_gettop(L);
+    double deadline = -1;
+    if (n > 0 && lua_type(L, n) == LUA_TNUMBER) {
+        double t = lua_tonumber(L, n);
+        luaL_argcheck(L, t >= 0, n, "negative timeout");
+        deadline = ev_now(loop->ev) + t;
+        lua_pop(L, 1);
+        n--;
+    }
+    luaL_argcheck(L, n > 0, 1, "signal name expected");
+    for (int i = 1; i <= n; i++) {
+        int sig = signum_of(L, i);
+        if (sig >= LS_MAX_SIGNAL)
+            return luaL_argerror(L, i, "signal number out of range");
+        if (!ev_is_active(&loop->sigw[sig])) {
+            ev_signal_init(&loop->sigw[sig], signal_cb, sig);
+            loop->sigw[sig].data = loop;
+            ev_signal_start(loop->ev, &loop->sigw[sig]);
+            if (!loop->sigref)
+                ev_unref(loop->ev);
+        }
+    }
+    lua_settop(L, n);
+    lua_pushnumber(L, deadline); /* n + 1 */
+    return wait_signal_loop(L, loop, n, deadline);
+}
+
 /* ------------------------------------------------------------------ */
 /* Loop lifetime */
 
@@ -734,6 +887,13 @@ static int l_loop_gc(lua_State *L)
 {
     ls_loop *loop = lua_touserdata(L, 1);
     if (loop->ev) {
+        for (int i = 0; i < LS_MAX_SIGNAL; i++) {
+            if (ev_is_active(&loop->sigw[i])) {
+                if (!loop->sigref)
+                    ev_ref(loop->ev);
+                ev_signal_stop(loop->ev, &loop->sigw[i]);
+            }
+        }
         if (ev_is_active(&loop->prepare)) {
             ev_ref(loop->ev);
             ev_prepare_stop(loop->ev, &loop->prepare);
@@ -778,6 +938,7 @@ int ls_open_loop(lua_State *L)
         if (loop->ev == NULL)
             return luaL_error(L, "luasmtp: cannot create the event loop");
         task_init(&loop->main_task, loop);
+        loop->sigwaiters.loop = loop;
         loop->main_task.state = T_RUNNING;
         loop->current = &loop->main_task;
         loop->flushq.next = loop->flushq.prev = &loop->flushq;
@@ -826,6 +987,7 @@ int ls_open_loop(lua_State *L)
         {"current", l_current},
         {"on_error", l_on_error},
         {"cond", l_cond},
+        {"wait_signal", l_wait_signal},
         {"stats", l_stats},
         {NULL, NULL},
     };

@@ -23,6 +23,7 @@ local M = {
   current = core.current,
   on_error = core.on_error,
   cond = core.cond,
+  wait_signal = core.wait_signal,
   stats = core.stats,
 
   -- DNS
