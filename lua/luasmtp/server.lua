@@ -9,6 +9,9 @@ local net = require "luasmtp.net"
 
 local M = {}
 
+-- Servers started in this process (for `luasmtp serve` to stop them).
+local running = setmetatable({}, { __mode = "k" })
+
 ---------------------------------------------------------------------------
 -- Replies
 
@@ -800,7 +803,24 @@ function M.new(opts)
     srv.implicit_tls = implicit
     self.listeners[#self.listeners + 1] = srv
   end
+  running[self] = true
   return self
+end
+
+--- stop_all(): every server of this process stops accepting.
+function M.stop_all()
+  for srv in pairs(running) do
+    srv:close()
+  end
+end
+
+--- sessions() -> number of sessions in progress in this process.
+function M.sessions()
+  local n = 0
+  for srv in pairs(running) do
+    n = n + srv.active
+  end
+  return n
 end
 
 return M
