@@ -7,6 +7,7 @@
  *   socket.c           TCP sockets and listeners as Lua userdata
  *   tls.c              OpenSSL contexts and the TLS transport
  *   dns.c              c-ares resolver on the libev loop
+ *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
@@ -174,6 +175,9 @@ int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top *
 
 /* proto.c + proto_lua.c: SMTP protocol codecs (no I/O) */
 int ls_open_proto(lua_State *L); /* adds protocol functions to the table on top */
+
+/* fs.c: durable file writes for mail storage */
+int ls_open_fs(lua_State *L);
 
 /* loop.c */
 int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */

@@ -1,0 +1,165 @@
+/*
+ * fs.c - the few file-system calls mail storage needs that Lua's io
+ * library lacks: durable writes (fsync of file and directory), exclusive
+ * creation, and process facts for unique file names.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "luasmtp.h"
+
+static int push_errno(lua_State *L, const char *what, int err)
+{
+    char detail[512];
+    snprintf(detail, sizeof detail, "%s: %s", what, strerror(err));
+    lua_pushnil(L);
+    lua_pushstring(L, LS_EIO);
+    lua_pushstring(L, detail);
+    lua_pushstring(L, err == ENOSPC || err == EDQUOT ? "full" : err == EACCES || err == EPERM || err == EROFS ? "denied" : "other");
+    return 4;
+}
+
+/* write_file_sync(path, data [, mode]) -> true | nil, "io", detail, kind
+ * Create path (it must not exist), write data, fsync and close. On any
+ * failure the file is removed, so nothing half-written stays behind.
+ * kind is "full" (ENOSPC, EDQUOT), "denied" or "other". */
+static int l_write_file_sync(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    size_t len;
+    const char *data = luaL_checklstring(L, 2, &len);
+    int mode = (int)luaL_optinteger(L, 3, 0600);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    size_t off = 0;
+    while (off < len) {
+        ssize_t n = write(fd, data + off, len - off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            int e = errno;
+            close(fd);
+            unlink(path);
+            return push_errno(L, path, e);
+        }
+        off += (size_t)n;
+    }
+    if (fsync(fd) < 0) {
+        int e = errno;
+        close(fd);
+        unlink(path);
+        return push_errno(L, path, e);
+    }
+    if (close(fd) < 0) {
+        int e = errno;
+        unlink(path);
+        return push_errno(L, path, e);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* fsync_dir(path) -> true | nil, "io", detail: make a rename durable. */
+static int l_fsync_dir(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    int rc = fsync(fd);
+    int e = errno;
+    close(fd);
+    if (rc < 0)
+        return push_errno(L, path, e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* mkdir(path [, mode]) -> true | nil, "io", detail (an existing directory is fine). */
+static int l_mkdir(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int mode = (int)luaL_optinteger(L, 2, 0700);
+    if (mkdir(path, (mode_t)mode) < 0 && errno != EEXIST)
+        return push_errno(L, path, errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* append_file_sync(path, data) -> true | nil, "io", detail, kind
+ * Append under an exclusive lock (mbox), fsync; on failure the file is
+ * truncated back to its old size. */
+static int l_append_file_sync(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    size_t len;
+    const char *data = luaL_checklstring(L, 2, &len);
+    int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    struct flock fl = {.l_type = F_WRLCK, .l_whence = SEEK_SET};
+    if (fcntl(fd, F_SETLKW, &fl) < 0) {
+        int e = errno;
+        close(fd);
+        return push_errno(L, path, e);
+    }
+    off_t start = lseek(fd, 0, SEEK_END);
+    size_t off = 0;
+    int e = 0;
+    while (off < len) {
+        ssize_t n = write(fd, data + off, len - off);
+        if (n < 0) {
+            if (errno == EINTR)
+                continue;
+            e = errno;
+            break;
+        }
+        off += (size_t)n;
+    }
+    if (e == 0 && fsync(fd) < 0)
+        e = errno;
+    if (e != 0 && start >= 0 && ftruncate(fd, start) < 0) {
+        /* nothing more can be done; the error below reports the cause */
+    }
+    close(fd);
+    if (e != 0)
+        return push_errno(L, path, e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+static int l_getpid(lua_State *L)
+{
+    lua_pushinteger(L, (lua_Integer)getpid());
+    return 1;
+}
+
+static int l_gethostname(lua_State *L)
+{
+    char buf[256];
+    if (gethostname(buf, sizeof buf - 1) < 0)
+        return push_errno(L, "gethostname", errno);
+    buf[sizeof buf - 1] = '\0';
+    lua_pushstring(L, buf);
+    return 1;
+}
+
+int ls_open_fs(lua_State *L)
+{
+    static const luaL_Reg funcs[] = {
+        {"write_file_sync", l_write_file_sync},
+        {"append_file_sync", l_append_file_sync},
+        {"fsync_dir", l_fsync_dir},
+        {"mkdir", l_mkdir},
+        {"getpid", l_getpid},
+        {"gethostname", l_gethostname},
+        {NULL, NULL},
+    };
+    luaL_setfuncs(L, funcs, 0);
+    return 0;
+}
