@@ -80,7 +80,7 @@ MODULE = $(BUILD)/luasmtp/core.so
 ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer \
 	-fno-sanitize-recover=undefined
 
-.PHONY: all asan deps test test-asan run bench install clean
+.PHONY: fuzz all asan deps test test-asan run bench install clean
 
 all: $(MODULE)
 
@@ -133,5 +133,10 @@ install: all
 	done
 	$(if $(INST_BINDIR),install -D -m 755 bin/luasmtp $(DESTDIR)$(INST_BINDIR)/luasmtp)
 
+# Coverage-guided fuzzing of the protocol codecs (clang, libFuzzer).
+fuzz:
+	$(MAKE) -C fuzz -j4 run
+
 clean:
 	rm -rf build build-asan spec/tmp
+	-$(MAKE) -C fuzz clean

@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "luasmtp.h"
+#include "proto.h"
 
 #define SOCKET_MT "luasmtp.socket"
 #define LISTENER_MT "luasmtp.listener"
@@ -560,6 +561,105 @@ static int l_buffered(lua_State *L)
     ls_socket *s = check_socket(L, 1);
     lua_pushinteger(L, s->fd < 0 ? 0 : (lua_Integer)s->rbuf.len);
     return 1;
+}
+
+
+/* ------------------------------------------------------------------ */
+/* DATA: feed the input buffer straight to an SMTP data decoder */
+
+static int data_out(void *ctx, const char *p, size_t n)
+{
+    return ls_buf_append(ctx, p, n);
+}
+
+static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)ctx;
+    ls_socket *s = lua_touserdata(L, 1);
+    struct smtp_data_decoder *dec = ls_data_decoder_check(L, 2);
+    if (status == LUA_YIELD) {
+        s->reader = NULL;
+        int r = ls_wait_result(L);
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+    for (;;) {
+        if (s->rbuf.len > 0) {
+            ls_buf out;
+            ls_buf_init(&out);
+            int done = 0;
+            size_t used = smtp_data_feed(dec, ls_buf_head(&s->rbuf), s->rbuf.len, data_out, &out, &done);
+            ls_buf_consume(&s->rbuf, used);
+            if (out.len > 0) {
+                lua_pushlstring(L, ls_buf_head(&out), out.len);
+                lua_rawseti(L, 3, (lua_Integer)lua_rawlen(L, 3) + 1);
+            }
+            ls_buf_free(&out);
+            if (dec->failed)
+                return ls_pusherror(L, LS_ELIMIT, "out of memory");
+            if (done) {
+                lua_pushboolean(L, 1);
+                return 1;
+            }
+            /* One idle period per block of input. */
+            double idle = ls_now(s->loop) + lua_tonumber(L, 4);
+            double total = lua_tonumber(L, 5);
+            s->rdeadline = idle < total ? idle : total;
+        }
+        if (s->rerr)
+            return ls_pusherror(L, s->rerr, s->rerr_detail);
+        if (s->eof)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        ls_ioerr err = {0};
+        int rc = fill(s, &err);
+        if (rc == LS_IO_OK)
+            continue;
+        if (rc == LS_IO_EOF) {
+            s->eof = 1;
+            continue;
+        }
+        if (rc == LS_IO_ERROR) {
+            s->rerr = err.token;
+            snprintf(s->rerr_detail, sizeof s->rerr_detail, "%s", err.detail);
+            return ls_pusherror(L, s->rerr, s->rerr_detail);
+        }
+        ls_task *t = ls_current(L, s->loop);
+        s->reader = t;
+        int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ,
+                        s->rdeadline, 0, recvdata_k);
+        s->reader = NULL;
+        if (r == LS_WAKE_CLOSED || s->fd < 0)
+            return ls_pusherror(L, LS_ECLOSED, NULL);
+        if (r == LS_WAKE_TIMEOUT)
+            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+    }
+}
+
+/* sock:receivedata(decoder, parts, idle_timeout, total_timeout) -> true | nil, err
+ * Read an SMTP message body through `decoder` (core.data_decoder) until
+ * its end (CRLF.CRLF), appending the decoded bytes to the array `parts`
+ * (one string per block received). Input after the end stays buffered
+ * for the next receiveline. idle_timeout bounds each wait for input,
+ * total_timeout the whole message. */
+static int l_receivedata(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    ls_data_decoder_check(L, 2);
+    luaL_checktype(L, 3, LUA_TTABLE);
+    double idle = opt_timeout(L, 4, s->t_read);
+    double total = opt_timeout(L, 5, idle);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (s->reader)
+        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    lua_settop(L, 3);
+    lua_pushnumber(L, idle);                             /* 4 */
+    lua_pushnumber(L, ls_now(s->loop) + total);          /* 5: absolute */
+    double idle_deadline = ls_now(s->loop) + idle;
+    s->rdeadline = idle_deadline < ls_now(s->loop) + total ? idle_deadline : ls_now(s->loop) + total;
+    return recvdata_k(L, LUA_OK, 0);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1186,6 +1286,7 @@ int ls_open_socket(lua_State *L)
         {"receiveuntil", l_receiveuntil},
         {"receiveany", l_receiveany},
         {"buffered", l_buffered},
+        {"receivedata", l_receivedata},
         {"send", l_send},
         {"flush", l_flush},
         {"shutdown", l_shutdown},

@@ -337,22 +337,28 @@ handlers.MAIL = function(s, cmd)
   if s.messages >= s.config.limits.max_messages_per_connection then
     return s:send_reply(452, "4.5.3", "Too many messages in this connection")
   end
-  local p = cmd.params or {}
-  if p.SIZE and tonumber(p.SIZE) and tonumber(p.SIZE) > s.config.limits.max_message_size then
+  if cmd.unknown then
+    return s:send_reply(555, "5.5.4", "Unsupported parameter " .. cmd.unknown[1])
+  end
+  if cmd.size and cmd.size > s.config.limits.max_message_size then
     return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
   end
-  if p.SMTPUTF8 ~= nil and not s.config.smtputf8 then
+  if cmd.smtputf8 and not s.config.smtputf8 then
     return s:send_reply(555, "5.5.4", "SMTPUTF8 not supported")
   end
-  if cmd.utf8 and p.SMTPUTF8 == nil then
+  if cmd.utf8 and not cmd.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
   end
-  if p.REQUIRETLS ~= nil and not s.tls then
+  if cmd.requiretls and not (s.tls and s.config.requiretls) then
     return s:send_reply(530, "5.7.10", "REQUIRETLS needs TLS")
   end
-  if p.BODY == "BINARYMIME" and not s.config.chunking then
+  if cmd.body == "BINARYMIME" and not s.config.chunking then
     return s:send_reply(555, "5.5.4", "BINARYMIME needs CHUNKING")
   end
+  if cmd.body == "8BITMIME" and not s.config.eightbitmime then
+    return s:send_reply(555, "5.5.4", "8BITMIME not supported")
+  end
+  local p = cmd
   local env = { from = cmd.path, params = p, rcpt = {}, rcpt_params = {} }
   s.envelope = env
   local r = s:hook("on_mail", cmd.path, p)
@@ -372,10 +378,13 @@ handlers.RCPT = function(s, cmd)
   if #env.rcpt >= s.config.limits.max_recipients then
     return s:send_reply(452, "4.5.3", "Too many recipients")
   end
-  if cmd.utf8 and env.params.SMTPUTF8 == nil then
+  if cmd.unknown then
+    return s:send_reply(555, "5.5.4", "Unsupported parameter " .. cmd.unknown[1])
+  end
+  if cmd.utf8 and not env.params.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
   end
-  local p = cmd.params or {}
+  local p = cmd
   local r = s:hook("on_rcpt", cmd.path, p)
   if r == nil and s.server.relay_check then
     r = s.server.relay_check(s, cmd.path)
@@ -430,7 +439,7 @@ local function finish_message(s, body, info)
   if info.too_big then
     return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
   end
-  if info.bare_lf or info.bare_cr then
+  if info.rejected then
     return s:send_reply(554, "5.6.11", "Bare CR or LF in message data")
   end
   s.envelope = env
@@ -578,7 +587,10 @@ function Session:run()
     self:send_reply(220, nil, c.hostname .. " " .. (c.lmtp and "LMTP" or c.greeting))
   end
   local first = true
+  local parse_opts = { utf8 = false }
   while true do
+    -- Non-ASCII paths only inside a transaction that asked for SMTPUTF8.
+    parse_opts.utf8 = (c.smtputf8 and self.envelope and self.envelope.params.smtputf8) or false
     local line, bad = sock:receiveline(c.limits.command_line_length)
     if not line then
       if bad == "limit" then
@@ -601,7 +613,7 @@ function Session:run()
         return
       end
       first = false
-      local cmd, code, enh, reason = core.parse_command(line)
+      local cmd, code, enh, reason = core.parse_command(line, parse_opts)
       local outcome
       if not cmd then
         self:send_reply(code, enh, reason)
@@ -677,7 +689,7 @@ function Server:auth_command(s, cmd)
     return s:send_reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
   end
   local offered = self:auth_mechanisms(s)
-  local mech = (cmd.mechanism or ""):upper()
+  local mech = cmd.mechanism or ""
   local ok_mech = false
   for _, m in ipairs(offered) do
     if m == mech then ok_mech = true end
@@ -692,7 +704,7 @@ function Server:auth_command(s, cmd)
     send_line = function(_, l) return s.sock:send(l .. "\r\n") end,
     receive_line = function() return s.sock:receiveline(12288 * 4 // 3 + 16) end,
   }
-  local res = self.sasl.server_exchange(io, mech, cmd.initial_response, self:sasl_policy(s))
+  local res = self.sasl.server_exchange(io, mech, cmd.initial, self:sasl_policy(s))
   if res and res.ok then
     local hr = s:hook("on_auth", res.user, res)
     if hr and hr.code >= 400 then

@@ -1,0 +1,425 @@
+local luasmtp = require "luasmtp"
+local server = require "luasmtp.server"
+local H = require "spec.helper"
+
+-- Start a server on 127.0.0.1:0 with opts merged over quiet defaults.
+local started = {}
+local function start(opts)
+  opts = opts or {}
+  opts.listen = opts.listen or "127.0.0.1:0"
+  opts.hostname = opts.hostname or "mx.test"
+  opts.logger = opts.logger or function() end
+  local srv = assert(server.new(opts))
+  started[#started + 1] = srv
+  return srv, srv:addresses()[1].port
+end
+
+-- A raw client: read replies (all lines of a multi-line reply).
+local function raw(port)
+  local c = assert(luasmtp.connect("127.0.0.1", port, { timeout = 5 }))
+  c:settimeout(5)
+  local client = { sock = c }
+  function client.reply()
+    local lines = {}
+    repeat
+      local line, err = c:receiveline(2000)
+      if not line then return nil, err end
+      lines[#lines + 1] = line
+    until line:sub(4, 4) ~= "-"
+    return lines[#lines]:sub(1, 3), table.concat(lines, "\n")
+  end
+  function client.cmd(line)
+    c:send(line .. "\r\n")
+    return client.reply()
+  end
+  function client.close() c:close() end
+  return client
+end
+
+local function collect_messages()
+  local messages = {}
+  return messages, function(session, msg)
+    messages[#messages + 1] = { data = msg:read(), from = msg.from, rcpt = msg.rcpt, session = session }
+  end
+end
+
+describe("SMTP server", function()
+  after_each(function()
+    -- a failed assertion must not leave a server behind for the next test
+    for _, srv in ipairs(started) do srv:close() end
+    started = {}
+    local settle = luasmtp.update_now() + 2
+    while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
+      luasmtp.step(0.02)
+    end
+    H.assert_no_leaks()
+  end)
+
+  it("runs a whole transaction and prepends a Received header", function()
+    H.run(function()
+      local messages, on_data = collect_messages()
+      local srv, port = start { hooks = { on_data = on_data } }
+      local c = raw(port)
+      local code, greeting = c.reply()
+      assert.equal("220", code)
+      assert.matches("^220 mx%.test ESMTP", greeting)
+      assert.not_matches("luasmtp", greeting) -- no software version
+      local ecode, ehlo = c.cmd("EHLO client.test")
+      assert.equal("250", ecode)
+      for _, ext in ipairs { "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE", "CHUNKING",
+        "ENHANCEDSTATUSCODES", "DSN", "LIMITS RCPTMAX=" } do
+        assert.truthy(ehlo:find("\n250[- ]" .. ext:gsub("%p", "%%%0")), ext)
+      end
+      assert.not_matches("STARTTLS", ehlo) -- no TLS configured
+      assert.not_matches("AUTH", ehlo)
+      assert.equal("250", (c.cmd("MAIL FROM:<alice@client.test>")))
+      assert.equal("250", (c.cmd("RCPT TO:<bob@mx.test>")))
+      assert.equal("354", (c.cmd("DATA")))
+      local dcode, dtext = c.cmd("Subject: hi\r\n\r\n..leading dot\r\nbody\r\n.")
+      assert.equal("250", dcode)
+      assert.matches("2.0.0", dtext, 1, true)
+      assert.equal("221", (c.cmd("QUIT")))
+      c.close()
+      srv:close()
+      assert.equal(1, #messages)
+      local m = messages[1]
+      assert.equal("alice@client.test", m.from)
+      assert.same({ "bob@mx.test" }, m.rcpt)
+      assert.matches("^Received: from client%.test %(%[127%.0%.0%.1%]%)", m.data)
+      assert.matches("\r\nSubject: hi\r\n\r\n.leading dot\r\nbody\r\n$", m.data)
+    end)
+  end)
+
+  it("answers a pipelined group in order, in one segment", function()
+    H.run(function()
+      local srv, port = start {}
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      c.sock:send("MAIL FROM:<a@client.test>\r\nRCPT TO:<b@mx.test>\r\nRCPT TO:<c@mx.test>\r\nDATA\r\n")
+      luasmtp.sleep(0.05)
+      local chunk = c.sock:receiveany(4096)
+      local codes = {}
+      for code in chunk:gmatch("(%d%d%d) [^\r]*\r\n") do codes[#codes + 1] = code end
+      assert.same({ "250", "250", "250", "354" }, codes)
+      c.sock:send("x\r\n.\r\nQUIT\r\n")
+      assert.equal("250", (c.reply()))
+      assert.equal("221", (c.reply()))
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  for name, payload in pairs {
+    ["LF.LF"] = "a\n.\nMAIL FROM:<evil@x>\r\n",
+    ["CR.CR"] = "a\r.\rMAIL FROM:<evil@x>\r\n",
+    ["CRLF.LF"] = "a\r\n.\nMAIL FROM:<evil@x>\r\n",
+    ["LF.CRLF"] = "a\n.\r\nMAIL FROM:<evil@x>\r\n",
+  } do
+    it("is immune to SMTP smuggling with " .. name, function()
+      H.run(function()
+        local messages, on_data = collect_messages()
+        local srv, port = start { hooks = { on_data = on_data } }
+        local c = raw(port)
+        c.reply()
+        c.cmd("EHLO client.test")
+        c.cmd("MAIL FROM:<a@client.test>")
+        c.cmd("RCPT TO:<b@mx.test>")
+        assert.equal("354", (c.cmd("DATA")))
+        -- the smuggled end must not end the message; the real end does
+        c.sock:send(payload .. "more\r\n.\r\n")
+        local code, text = c.reply()
+        assert.equal("554", code)
+        assert.matches("5.6.11", text, 1, true)
+        assert.equal(0, #messages)
+        assert.equal("250", (c.cmd("NOOP"))) -- nothing smuggled in between
+        c.close()
+        srv:close()
+      end)
+    end)
+  end
+
+  it("normalises bare line endings when told to", function()
+    H.run(function()
+      local messages, on_data = collect_messages()
+      local srv, port = start { bare_newlines = "normalise", received_header = false,
+        hooks = { on_data = on_data } }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      c.cmd("MAIL FROM:<a@client.test>")
+      c.cmd("RCPT TO:<b@mx.test>")
+      c.cmd("DATA")
+      assert.equal("250", (c.cmd("one\ntwo\r\n.")))
+      assert.equal("one\r\ntwo\r\n", messages[1].data)
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("refuses bare LF in commands, long lines, and too many errors", function()
+    H.run(function()
+      local srv, port = start { limits = { max_invalid_commands = 3 } }
+      local c = raw(port)
+      c.reply()
+      c.sock:send("NOOP\nNOOP\r\n")
+      assert.equal("500", (c.reply()))
+      assert.equal("500", (c.cmd(string.rep("A", 600))))
+      assert.equal("500", (c.cmd("BOGUS")))
+      local code, text = c.reply()
+      assert.equal("421", code)
+      assert.matches("Too many errors", text)
+      assert.same({ nil, "closed" }, { c.sock:receiveline() })
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("limits recipients and message size", function()
+    H.run(function()
+      local srv, port = start { limits = { max_recipients = 2, max_message_size = 100 } }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      assert.equal("552", (c.cmd("MAIL FROM:<a@client.test> SIZE=1000")))
+      assert.equal("250", (c.cmd("MAIL FROM:<a@client.test> SIZE=50")))
+      assert.equal("250", (c.cmd("RCPT TO:<b1@mx.test>")))
+      assert.equal("250", (c.cmd("RCPT TO:<b2@mx.test>")))
+      assert.equal("452", (c.cmd("RCPT TO:<b3@mx.test>")))
+      c.cmd("DATA")
+      assert.equal("552", (c.cmd(string.rep("x", 300) .. "\r\n.")))
+      assert.equal("250", (c.cmd("NOOP")))
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("times out idle clients with 421", function()
+    H.run(function()
+      local srv, port = start { timeouts = { command = 0.1 } }
+      local c = raw(port)
+      c.reply()
+      local code = c.reply()
+      assert.equal("421", code)
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("rejects HTTP requests and early talkers", function()
+    H.run(function()
+      local srv, port = start { timeouts = { greeting = 0.1 } }
+      local c = raw(port)
+      c.sock:send("EHLO too.early\r\n")
+      assert.equal("554", (c.reply()))
+      c.close()
+      local c2 = raw(port)
+      c2.reply()
+      assert.equal("554", (c2.cmd("GET / HTTP/1.1")))
+      c2.close()
+      srv:close()
+    end)
+  end)
+
+  it("answers VRFY with 252 and disables EXPN", function()
+    H.run(function()
+      local srv, port = start {}
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      assert.equal("252", (c.cmd("VRFY root")))
+      assert.equal("502", (c.cmd("EXPN staff")))
+      assert.equal("214", (c.cmd("HELP")))
+      assert.equal("503", (c.cmd("RCPT TO:<a@b>")))
+      assert.equal("503", (c.cmd("DATA")))
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("turns hook errors into 451 and keeps serving", function()
+    H.run(function()
+      local srv, port = start { hooks = {
+        on_mail = function(_, from) if from == "boom@x.test" then error("hook exploded") end end,
+      } }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      local code, text = c.cmd("MAIL FROM:<boom@x.test>")
+      assert.equal("451", code)
+      assert.matches("4.3.0", text, 1, true)
+      assert.equal("250", (c.cmd("MAIL FROM:<fine@x.test>")))
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("never lets hook text inject protocol", function()
+    H.run(function()
+      local srv, port = start { hooks = {
+        on_rcpt = function() return server.reply(550, "5.1.1", "no such user\r\n250 fake success") end,
+      } }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      c.cmd("MAIL FROM:<a@x.test>")
+      local code, text = c.cmd("RCPT TO:<nobody@mx.test>")
+      assert.equal("550", code)
+      for line in text:gmatch("[^\n]+") do
+        assert.matches("^550[- ]", line)
+      end
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("refuses to relay for strangers", function()
+    H.run(function()
+      local srv, port = start { relay = { domains = { "mx.test" }, networks = { "192.0.2.0/24" } } }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      c.cmd("MAIL FROM:<a@elsewhere.test>")
+      assert.equal("250", (c.cmd("RCPT TO:<local@mx.test>")))
+      local code, text = c.cmd("RCPT TO:<victim@elsewhere.test>")
+      assert.equal("554", code)
+      assert.matches("5.7.1", text, 1, true)
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("requires authentication in submission mode", function()
+    H.run(function()
+      local srv, port = start { submission = true }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      local code, text = c.cmd("MAIL FROM:<a@x.test>")
+      assert.equal("530", code)
+      assert.matches("5.7.0", text, 1, true)
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("takes BDAT chunks and consumes rejected ones", function()
+    H.run(function()
+      local messages, on_data = collect_messages()
+      local srv, port = start { received_header = false, hooks = { on_data = on_data } }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      -- rejected: no transaction; the chunk must be swallowed
+      c.sock:send("BDAT 5\r\nNOOP\r")
+      assert.equal("503", (c.reply()))
+      assert.equal("250", (c.cmd("NOOP")))
+      c.cmd("MAIL FROM:<a@x.test> BODY=BINARYMIME")
+      c.cmd("RCPT TO:<b@mx.test>")
+      c.sock:send("BDAT 6\r\nhello ")
+      assert.equal("250", (c.reply()))
+      c.sock:send("BDAT 7 LAST\r\nworld\r\n")
+      assert.equal("250", (c.reply()))
+      assert.equal("hello world\r\n", messages[1].data)
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("speaks LMTP with one reply per recipient", function()
+    H.run(function()
+      local srv, port = start { lmtp = true, hooks = {
+        on_data = function()
+          return server.per_recipient { ["full@mx.test"] = server.reply(452, "4.2.2", "Mailbox full") }
+        end,
+      } }
+      local c = raw(port)
+      c.reply()
+      assert.equal("500", (c.cmd("EHLO client.test")))
+      assert.equal("250", (c.cmd("LHLO client.test")))
+      c.cmd("MAIL FROM:<a@x.test>")
+      c.cmd("RCPT TO:<ok@mx.test>")
+      c.cmd("RCPT TO:<full@mx.test>")
+      c.cmd("DATA")
+      c.sock:send("hi\r\n.\r\n")
+      assert.equal("250", (c.reply()))
+      assert.equal("452", (c.reply()))
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  describe("with STARTTLS", function()
+    it("discards commands injected before the handshake and resets the session", function()
+      H.run(function()
+        local sctx, cctx = H.tls_contexts()
+        local messages, on_data = collect_messages()
+        local seen = {}
+        local srv, port = start { tls = sctx, hooks = {
+          on_data = on_data,
+          on_mail = function(_, from) seen[#seen + 1] = from end,
+        } }
+        local c = raw(port)
+        c.reply()
+        local _, ehlo = c.cmd("EHLO client.test")
+        assert.matches("STARTTLS", ehlo)
+        c.sock:send("STARTTLS\r\nMAIL FROM:<injected@evil.test>\r\n")
+        assert.equal("220", (c.reply()))
+        assert(c.sock:starttls(cctx, { servername = "localhost" }))
+        -- the session starts over: EHLO is required again
+        assert.equal("503", (c.cmd("MAIL FROM:<a@x.test>")))
+        local _, ehlo2 = c.cmd("EHLO client.test")
+        assert.not_matches("STARTTLS", ehlo2)
+        assert.matches("REQUIRETLS", ehlo2)
+        assert.equal("250", (c.cmd("MAIL FROM:<a@x.test>")))
+        assert.same({ "a@x.test" }, seen)
+        c.close()
+        srv:close()
+        assert.equal(0, #messages)
+      end)
+    end)
+  end)
+
+  describe("with real clients", function()
+    it("accepts a message from swaks", function()
+      H.run(function()
+        local messages, on_data = collect_messages()
+        local srv, port = start { hooks = { on_data = on_data } }
+        local log = H.tmp .. "/swaks.log"
+        local pid = H.start(("exec timeout 10 swaks --server 127.0.0.1 --port %d --from a@client.test "
+          .. "--to b@mx.test --helo client.test --body 'hello from swaks' --pipeline"):format(port), log)
+        assert.is_true(H.wait_pid(pid, 10))
+        srv:close()
+        assert.equal(1, #messages, H.readfile(log))
+        assert.matches("hello from swaks", messages[1].data)
+      end, 15)
+    end)
+
+    it("accepts a message from Python's smtplib over STARTTLS", function()
+      H.run(function()
+        local sctx = H.tls_contexts()
+        local messages, on_data = collect_messages()
+        local srv, port = start { tls = sctx, hooks = { on_data = on_data } }
+        local script = H.tmp .. "/smtplib_send.py"
+        local f = assert(io.open(script, "w"))
+        f:write(([[
+import smtplib, ssl, sys
+ctx = ssl.create_default_context(cafile=%q)
+with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=5) as s:
+    s.starttls(context=ctx)
+    refused = s.sendmail("a@client.test", ["b@mx.test", "c@mx.test"], "Subject: py\r\n\r\nfrom python\r\n")
+    print("refused", refused)
+]]):format(H.certs() .. "/ca.pem", port))
+        f:close()
+        local log = H.tmp .. "/smtplib.log"
+        local pid = H.start("exec timeout 10 python3 " .. script, log)
+        assert.is_true(H.wait_pid(pid, 10))
+        srv:close()
+        assert.matches("refused {}", H.readfile(log))
+        assert.equal(1, #messages)
+        assert.same({ "b@mx.test", "c@mx.test" }, messages[1].rcpt)
+        assert.matches("with ESMTPS", messages[1].data)
+      end, 15)
+    end)
+  end)
+end)
