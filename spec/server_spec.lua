@@ -349,6 +349,40 @@ describe("SMTP server", function()
     end)
   end)
 
+  it("takes PROXY v1 and v2 headers from trusted peers only", function()
+    H.run(function()
+      local seen = {}
+      local hooks = { on_connect = function(session) seen[#seen + 1] = session.client_address end }
+      local srv, port = start { proxy = { trusted = { "127.0.0.0/8" } }, hooks = hooks }
+      local c = raw(port)
+      c.sock:send("PROXY TCP4 198.51.100.7 192.0.2.1 40000 25\r\n")
+      assert.equal("220", (c.reply()))
+      c.close()
+      -- v2: signature, version 2 / PROXY, TCP over IPv6, 36 address bytes
+      local v2 = "\r\n\r\n\0\r\nQUIT\n" .. "\x21\x21\x00\x24"
+        .. ("\0"):rep(15) .. "\1" .. ("\0"):rep(15) .. "\2" .. "\x9c\x40\x00\x19"
+      c = raw(port)
+      c.sock:send(v2)
+      assert.equal("220", (c.reply()))
+      c.close()
+      -- garbage instead of a header from a trusted peer: dropped
+      c = raw(port)
+      c.sock:send("EHLO x\r\n")
+      assert.same({ nil, "closed" }, { c.reply() })
+      c.close()
+      srv:close()
+      assert.same({ "198.51.100.7", "::1" }, seen)
+      -- an untrusted peer's PROXY line is just an unknown command
+      local srv2, port2 = start { proxy = { trusted = { "192.0.2.0/24" } }, hooks = hooks }
+      c = raw(port2)
+      c.reply()
+      assert.equal("500", (c.cmd("PROXY TCP4 198.51.100.7 192.0.2.1 40000 25")))
+      c.close()
+      srv2:close()
+      assert.equal("127.0.0.1", seen[3])
+    end)
+  end)
+
   describe("with STARTTLS", function()
     it("discards commands injected before the handshake and resets the session", function()
       H.run(function()

@@ -121,7 +121,7 @@ function M.checker(opts)
     if allow_auth and session.user then
       return nil
     end
-    local client = session.proxy_address or session.client_address
+    local client = session.client_address
     for _, match in ipairs(nets) do
       if match(client) then return nil end
     end

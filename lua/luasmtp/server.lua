@@ -561,12 +561,48 @@ end
 ---------------------------------------------------------------------------
 -- The session loop
 
+-- Read a PROXY protocol v1 or v2 header (HAProxy) from a trusted peer.
+-- Returns info or nil, reason.
+local function read_proxy_header(sock, timeout)
+  local head, err = sock:receive(5, timeout)
+  if not head then return nil, err end
+  local raw
+  if head == "PROXY" then
+    local rest, lerr = sock:receiveline(102, timeout)
+    if not rest then return nil, lerr end
+    raw = head .. rest .. "\r\n"
+  elseif head == "\r\n\r\n\0" then
+    local fixed, ferr = sock:receive(11, timeout)
+    if not fixed then return nil, ferr end
+    local len = fixed:byte(10) * 256 + fixed:byte(11)
+    local body, berr = sock:receive(len, timeout)
+    if not body then return nil, berr end
+    raw = head .. fixed .. body
+  else
+    return nil, "no PROXY header"
+  end
+  local info, perr, detail = core.parse_proxy(raw)
+  if not info then return nil, detail or perr end
+  return info
+end
+
 local HTTP_VERBS = { GET = true, POST = true, HEAD = true, PUT = true, CONNECT = true, OPTIONS = true }
 
 function Session:run()
   local c = self.config
   local sock = self.sock
   sock:settimeouts(nil, c.timeouts.command, c.timeouts.command)
+  if self.server.proxy_trusted and self.server.proxy_trusted(self.client_address) then
+    local info, why = read_proxy_header(sock, c.proxy.timeout or 10)
+    if not info then
+      self:log("info", "bad PROXY header from %s: %s", self.client_address, tostring(why))
+      return
+    end
+    if info.command == "proxy" and info.src_address then
+      self.proxy_address, self.proxy_port = info.src_address, info.src_port
+      self.client_address, self.client_port = info.src_address, info.src_port
+    end
+  end
   local r = self:hook("on_connect")
   if r and r.code >= 400 then
     self:send_reply(r.code, r.enhanced, r.text)
@@ -764,6 +800,17 @@ function M.new(opts)
   end
   self.logger = config.logger or function(level, msg)
     if level ~= "debug" then io.stderr:write(level, ": ", msg, "\n") end
+  end
+  if config.proxy then
+    local relay = require "luasmtp.relay"
+    local nets = {}
+    for i, cidr in ipairs(config.proxy.trusted or {}) do nets[i] = relay.network(cidr) end
+    self.proxy_trusted = function(ip)
+      for _, match in ipairs(nets) do
+        if match(ip) then return true end
+      end
+      return false
+    end
   end
   if config.relay then
     self.relay_check = require("luasmtp.relay").checker(config.relay)
