@@ -1,0 +1,81 @@
+local store = require "luasmtp.store"
+local server = require "luasmtp.server"
+local luasmtp = require "luasmtp"
+local H = require "spec.helper"
+
+local function ls(dir)
+  local p = assert(io.popen("ls -A '" .. dir .. "' 2>/dev/null"))
+  local names = {}
+  for name in p:lines() do names[#names + 1] = name end
+  p:close()
+  return names
+end
+
+-- A tiny tmpfs to fill up; nil when this machine does not allow mounts.
+local function tiny_fs(dir)
+  os.execute("mkdir -p '" .. dir .. "'")
+  if os.execute("mount -t tmpfs -o size=16k tmpfs '" .. dir .. "' 2>/dev/null") then
+    return function() os.execute("umount '" .. dir .. "'") end
+  end
+end
+
+describe("mail storage", function()
+  local base = H.tmp .. "/store"
+  before_each(function() os.execute("rm -rf '" .. base .. "' && mkdir -p '" .. base .. "'") end)
+
+  it("delivers to a Maildir through tmp/ into new/", function()
+    local md = store.maildir(base .. "/md")
+    local path = assert(md:deliver("Subject: x\r\n\r\nbody\r\n"))
+    assert.matches("/new/", path)
+    assert.equal("Subject: x\r\n\r\nbody\r\n", H.readfile(path))
+    assert.same({}, ls(base .. "/md/tmp"))
+    assert.equal(1, #ls(base .. "/md/new"))
+    assert(md:deliver("second"))
+    assert.equal(2, #ls(base .. "/md/new")) -- unique names
+  end)
+
+  it("appends to an mbox with From_ quoting", function()
+    local mb = store.mbox(base .. "/mbox")
+    assert(mb:deliver("Subject: a\r\n\r\nFrom here\r\n>From there\r\n", "a@x.test"))
+    assert(mb:deliver("two\r\n"))
+    local data = H.readfile(base .. "/mbox")
+    assert.matches("^From a@x%.test ", data)
+    assert.matches("\n>From here\n>>From there\n", data)
+    assert.matches("\nFrom MAILER%-DAEMON ", data)
+  end)
+
+  it("answers 452 on a full disk and leaves nothing half-written", function()
+    local dir = base .. "/full"
+    local undo = tiny_fs(dir)
+    if not undo then
+      pending("tmpfs mounts are not allowed here")
+      return
+    end
+    local ok, err = pcall(function()
+      local md = store.maildir(dir .. "/md")
+      local res, reply = md:deliver(string.rep("x", 64 * 1024))
+      assert.is_nil(res)
+      assert.equal(452, reply.code)
+      assert.equal("4.3.1", reply.enhanced)
+      assert.same({}, ls(dir .. "/md/tmp"))
+      assert.same({}, ls(dir .. "/md/new"))
+      -- and through the server: the client sees 452
+      H.run(function()
+        local srv = assert(server.new { listen = "127.0.0.1:0", logger = function() end, hooks = {
+          on_data = function(_, msg) local okd, r = md:deliver(msg) if not okd then return r end end,
+        } })
+        local c = assert(luasmtp.connect("127.0.0.1", srv:addresses()[1].port, { timeout = 5 }))
+        c:settimeout(5)
+        c:receiveline()
+        c:send("HELO x.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
+        for _ = 1, 4 do c:receiveline() end
+        c:send(string.rep("y", 40000) .. "\r\n.\r\n")
+        assert.matches("^452 4%.3%.1", c:receiveline())
+        c:close()
+        srv:close()
+      end)
+    end)
+    undo()
+    assert(ok, err)
+  end)
+end)
