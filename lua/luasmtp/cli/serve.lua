@@ -17,7 +17,7 @@ usage: luasmtp serve [--drain SECONDS] SCRIPT.lua [ARGS...]
 
 function M.main(args)
   local drain = 30
-  local i = 2
+  local i = 1
   while args[i] and args[i]:sub(1, 2) == "--" do
     if args[i] == "--drain" then
       drain = tonumber(args[i + 1]) or error("--drain needs a number")
