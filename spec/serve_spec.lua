@@ -1,0 +1,39 @@
+local H = require "spec.helper"
+
+-- Run `luasmtp serve` as a separate process, as a user would.
+local function serve(script, args, log)
+  return H.start(("exec timeout 60 lua5.4 '%s/bin/luasmtp' serve %s %s"):format(H.root, script, args), log)
+end
+
+local function swaks(args, log)
+  local pid = H.start("(timeout 20 swaks " .. args .. "; echo \"exit=$?\")", log)
+  assert.is_true(H.wait_pid(pid, 25))
+  return H.readfile(log)
+end
+
+describe("luasmtp serve", function()
+  it("runs the MX example: delivers local mail, refuses relaying, stops on SIGTERM", function()
+    H.run(function()
+      local dir = H.tmp .. "/serve-mx"
+      os.execute("rm -rf '" .. dir .. "' && mkdir -p '" .. dir .. "'")
+      local port = H.free_port()
+      local pid = serve(H.root .. "/examples/mx.lua",
+        ("--listen 127.0.0.1:%d --domains a.example,b.example --maildir %s/md"):format(port, dir), dir .. "/serve.log")
+      H.wait_port(port)
+      local out = swaks(("--server 127.0.0.1 --port %d --from x@remote.test --to user@a.example "
+        .. "--helo remote.test --body hello-mx"):format(port), dir .. "/swaks1.log")
+      assert.matches("exit=0", out)
+      local p = assert(io.popen("cat '" .. dir .. "'/md/new/*"))
+      local stored = p:read("a")
+      p:close()
+      assert.matches("^Received: from remote%.test", stored)
+      assert.matches("hello%-mx", stored)
+      out = swaks(("--server 127.0.0.1 --port %d --from x@remote.test --to victim@elsewhere.test "
+        .. "--helo remote.test"):format(port), dir .. "/swaks2.log")
+      assert.not_matches("exit=0", out)
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(H.wait_pid(pid, 10), "serve did not stop on SIGTERM")
+      assert.matches("SIGTERM: stopping", H.readfile(dir .. "/serve.log"))
+    end, 40)
+  end)
+end)
