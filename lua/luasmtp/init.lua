@@ -41,6 +41,22 @@ local M = {
   tls = {
     context = core.tls_context,
   },
+
+  -- hashes, HMAC, PBKDF2, random, base64, crypt(3) (src/crypto.c)
+  crypto = {
+    digest = core.digest,
+    hmac = core.hmac,
+    pbkdf2 = core.pbkdf2,
+    random = core.random,
+    equal = core.equal,
+    xor = core.xor,
+    b64encode = core.b64encode,
+    b64decode = core.b64decode,
+    crypt = core.crypt,
+    crypt_gensalt = core.crypt_gensalt,
+    cram_md5_context = core.cram_md5_context,
+    cram_md5_response = core.cram_md5_response,
+  },
 }
 
 return M
