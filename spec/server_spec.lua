@@ -194,6 +194,50 @@ describe("SMTP server", function()
     end)
   end)
 
+  it("spools large messages to a temporary file and removes it afterwards", function()
+    H.run(function()
+      local seen
+      local srv, port = start { spool_threshold = 1000, received_header = false, hooks = {
+        on_data = function(_, msg)
+          local f = assert(io.open(msg.spool))
+          f:close()
+          local pieces = {}
+          for piece in msg:chunks(4096) do pieces[#pieces + 1] = piece end
+          seen = { spool = msg.spool, size = msg.size, data = table.concat(pieces), whole = msg:read() }
+        end,
+      } }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      c.cmd("MAIL FROM:<a@x.test>")
+      c.cmd("RCPT TO:<b@mx.test>")
+      c.cmd("DATA")
+      local body = string.rep("0123456789abcdef\r\n", 10000)
+      assert.equal("250", (c.cmd(body .. ".")))
+      assert.equal(#body, seen.size)
+      assert.equal(body, seen.data)
+      assert.equal(body, seen.whole)
+      assert.is_nil(io.open(seen.spool)) -- removed after on_data
+      c.close()
+      srv:close()
+    end)
+  end)
+
+  it("limits the connection rate per address", function()
+    H.run(function()
+      local srv, port = start { limits = { connection_rate_per_ip = 3 } }
+      for _ = 1, 3 do
+        local c = raw(port)
+        assert.equal("220", (c.reply()))
+        c.close()
+      end
+      local c = raw(port)
+      assert.equal("421", (c.reply()))
+      c.close()
+      srv:close()
+    end)
+  end)
+
   it("times out idle clients with 421", function()
     H.run(function()
       local srv, port = start { timeouts = { command = 0.1 } }

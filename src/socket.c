@@ -592,15 +592,22 @@ static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
             int done = 0;
             size_t used = smtp_data_feed(dec, ls_buf_head(&s->rbuf), s->rbuf.len, data_out, &out, &done);
             ls_buf_consume(&s->rbuf, used);
+            double held = lua_tonumber(L, 7) + (double)out.len;
             if (out.len > 0) {
                 lua_pushlstring(L, ls_buf_head(&out), out.len);
                 lua_rawseti(L, 3, (lua_Integer)lua_rawlen(L, 3) + 1);
+                lua_pushnumber(L, held);
+                lua_replace(L, 7);
             }
             ls_buf_free(&out);
             if (dec->failed)
                 return ls_pusherror(L, LS_ELIMIT, "out of memory");
             if (done) {
                 lua_pushboolean(L, 1);
+                return 1;
+            }
+            if (lua_tonumber(L, 6) > 0 && held >= lua_tonumber(L, 6)) {
+                lua_pushboolean(L, 0); /* not done: the caller spools parts */
                 return 1;
             }
             /* One idle period per block of input. */
@@ -637,12 +644,15 @@ static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
     }
 }
 
-/* sock:receivedata(decoder, parts, idle_timeout, total_timeout) -> true | nil, err
+/* sock:receivedata(decoder, parts, idle_timeout, total_timeout [, flush_at])
+ *   -> true | false | nil, err
  * Read an SMTP message body through `decoder` (core.data_decoder) until
  * its end (CRLF.CRLF), appending the decoded bytes to the array `parts`
  * (one string per block received). Input after the end stays buffered
  * for the next receiveline. idle_timeout bounds each wait for input,
- * total_timeout the whole message. */
+ * total_timeout the whole message. With flush_at, the call returns false
+ * (not done yet) once it has added flush_at bytes to parts, so the caller
+ * can move them to a spool file and call again. */
 static int l_receivedata(lua_State *L)
 {
     ls_socket *s = check_socket(L, 1);
@@ -654,9 +664,12 @@ static int l_receivedata(lua_State *L)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->reader)
         return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    lua_Number flush_at = luaL_optnumber(L, 6, 0);
     lua_settop(L, 3);
     lua_pushnumber(L, idle);                             /* 4 */
     lua_pushnumber(L, ls_now(s->loop) + total);          /* 5: absolute */
+    lua_pushnumber(L, flush_at);                         /* 6 */
+    lua_pushnumber(L, 0);                                /* 7: bytes added */
     double idle_deadline = ls_now(s->loop) + idle;
     s->rdeadline = idle_deadline < ls_now(s->loop) + total ? idle_deadline : ls_now(s->loop) + total;
     return recvdata_k(L, LUA_OK, 0);

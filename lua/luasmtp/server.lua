@@ -66,12 +66,14 @@ local DEFAULTS = {
   enhanced_status_codes = true,
   requiretls = true,
   received_header = true,
+  spool_threshold = 1024 * 1024, -- bodies larger than this go to a temporary file
   bare_newlines = "reject", -- or "normalise"
   allow_plaintext_auth = false,
   auth_failure_delay = 1.0,
   limits = {
     max_connections = 1000,
     max_connections_per_ip = 50,
+    connection_rate_per_ip = 0, -- new connections per minute from one address (0: no limit)
     max_messages_per_connection = 100,
     max_recipients = 100,
     max_message_size = 35 * 1024 * 1024,
@@ -405,18 +407,50 @@ Message.__index = Message
 
 --- message:read() -> the whole message as a string (Received header first).
 function Message:read()
-  return self.data
+  if not self.spool then
+    return self.header .. self.body
+  end
+  local f = assert(io.open(self.spool, "rb"))
+  local body = f:read("a")
+  f:close()
+  return self.header .. body
 end
 
---- message:chunks() -> iterator over the message in pieces.
+--- message:chunks([size]) -> iterator over the message in pieces; a
+-- spooled message is read from its file piece by piece.
 function Message:chunks(size)
   size = size or 65536
-  local pos = 1
+  local header_done = false
+  if not self.spool then
+    local data, pos = self.header .. self.body, 1
+    return function()
+      if pos > #data then return nil end
+      local piece = data:sub(pos, pos + size - 1)
+      pos = pos + size
+      return piece
+    end
+  end
+  local f = assert(io.open(self.spool, "rb"))
   return function()
-    if pos > #self.data then return nil end
-    local piece = self.data:sub(pos, pos + size - 1)
-    pos = pos + size
+    if not header_done then
+      header_done = true
+      if #self.header > 0 then return self.header end
+    end
+    local piece = f and f:read(size)
+    if not piece then
+      if f then f:close() f = nil end
+      return nil
+    end
     return piece
+  end
+end
+
+--- message.spool: path of the temporary file holding a large body (nil
+-- when the body is in memory). It is removed after on_data returns.
+function Message:discard()
+  if self.spool then
+    os.remove(self.spool)
+    self.spool = nil
   end
 end
 
@@ -433,27 +467,36 @@ local function received_header(s)
 end
 
 -- Deliver the collected message to on_data; reply per LMTP or SMTP.
+-- body: {data = string} or {spool = path, size = n}.
 local function finish_message(s, body, info)
   local env = s.envelope
   s.envelope = nil
+  local function drop()
+    if body.spool then os.remove(body.spool) end
+  end
   if info.too_big then
+    drop()
     return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
   end
   if info.rejected then
+    drop()
     return s:send_reply(554, "5.6.11", "Bare CR or LF in message data")
   end
   s.envelope = env
   local header = s.config.received_header and received_header(s) or ""
   s.envelope = nil
   local msg = setmetatable({
-    data = header .. body,
-    size = #header + #body,
+    header = header,
+    body = body.data,
+    spool = body.spool,
+    size = #header + (body.size or #body.data),
     envelope = env,
     from = env.from,
     rcpt = env.rcpt,
   }, Message)
   s.messages = s.messages + 1
   local r = s:hook("on_data", msg)
+  msg:discard()
   if s.config.lmtp then
     -- one reply per accepted recipient
     for _, rcpt in ipairs(env.rcpt) do
@@ -493,16 +536,40 @@ handlers.DATA = function(s, cmd)
     bare = s.config.bare_newlines,
   }
   local parts = {}
+  local spool, spool_path, spooled = nil, nil, 0
+  local deadline = core.update_now() + s.config.timeouts.data_total
   -- The decoder reads straight from the socket buffer; what follows the
-  -- end of data (a pipelined command) stays buffered.
-  local ok, err = s.sock:receivedata(dec, parts, s.config.timeouts.data_block, s.config.timeouts.data_total)
-  if not ok then
-    if err == "timeout" then
-      s:send_reply(421, "4.4.2", "Timeout during DATA")
+  -- end of data (a pipelined command) stays buffered. Past
+  -- spool_threshold bytes the body moves to a temporary file.
+  while true do
+    local left = math.max(deadline - core.update_now(), 0.001)
+    local done, err = s.sock:receivedata(dec, parts, s.config.timeouts.data_block, left,
+      s.config.spool_threshold)
+    if done == nil then
+      if spool then spool:close() os.remove(spool_path) end
+      if err == "timeout" then
+        s:send_reply(421, "4.4.2", "Timeout during DATA")
+      end
+      return "close" -- timeout, closed or reset mid-message
     end
-    return "close" -- timeout, closed or reset mid-message
+    if spool or not done then
+      if not spool then
+        spool_path = os.tmpname()
+        spool = assert(io.open(spool_path, "wb"))
+      end
+      for i = 1, #parts do
+        spool:write(parts[i])
+        spooled = spooled + #parts[i]
+        parts[i] = nil
+      end
+    end
+    if done then break end
   end
-  return finish_message(s, table.concat(parts), dec:result())
+  if spool then
+    spool:close()
+    return finish_message(s, { spool = spool_path, size = spooled }, dec:result())
+  end
+  return finish_message(s, { data = table.concat(parts) }, dec:result())
 end
 
 handlers.BDAT = function(s, cmd)
@@ -555,7 +622,7 @@ handlers.BDAT = function(s, cmd)
     return s:send_reply(250, "2.0.0", ("%d octets received"):format(size))
   end
   s.bdat = nil
-  return finish_message(s, table.concat(b.parts), { too_big = b.too_big })
+  return finish_message(s, { data = table.concat(b.parts) }, { too_big = b.too_big })
 end
 
 ---------------------------------------------------------------------------
@@ -701,16 +768,17 @@ end
 
 function Server:sasl_policy(s)
   local auth = self.config.auth
-  return {
+  local policy = {
     verifier = auth.verifier,
-    tls = s.tls,
     allow_plaintext = self.config.allow_plaintext_auth,
     failure_delay = self.config.auth_failure_delay,
-    channel_binding = s.tls and function(kind) return s.sock:channel_binding(kind) end or nil,
-    tls_version = s.tls and s.sock:tlsinfo().version or nil,
-    peer_certificate = s.tls and s.sock:tlsinfo().peer or nil,
     mechanisms = auth.mechanisms,
   }
+  if s.tls then
+    return self.sasl.tls_policy(s.sock, policy)
+  end
+  policy.tls = false
+  return policy
 end
 
 function Server:auth_command(s, cmd)
@@ -736,10 +804,7 @@ function Server:auth_command(s, cmd)
     end
     return s:send_reply(504, "5.5.4", "Unrecognized authentication type")
   end
-  local io = {
-    send_line = function(_, l) return s.sock:send(l .. "\r\n") end,
-    receive_line = function() return s.sock:receiveline(12288 * 4 // 3 + 16) end,
-  }
+  local io = self.sasl.socket_io(s.sock, self.config.timeouts.command)
   local res = self.sasl.server_exchange(io, mech, cmd.initial, self:sasl_policy(s))
   if res and res.ok then
     local hr = s:hook("on_auth", res.user, res)
@@ -763,6 +828,26 @@ function Server:auth_command(s, cmd)
     s:send_reply(421, "4.7.0", "Too many authentication failures")
     return "close"
   end
+end
+
+--- Connection-rate limit per client address: a window of one minute,
+-- counted in two halves so old connections age out smoothly.
+function Server:rate_ok(ip)
+  local limit = self.config.limits.connection_rate_per_ip
+  if not limit or limit <= 0 then return true end
+  local now = core.now()
+  local slot = math.floor(now / 30)
+  local r = self.rates or { slot = slot, cur = {}, prev = {} }
+  self.rates = r
+  if slot ~= r.slot then
+    r.prev = slot == r.slot + 1 and r.cur or {}
+    r.cur, r.slot = {}, slot
+  end
+  local weight = 1 - (now / 30 - slot)
+  local count = (r.cur[ip] or 0) + (r.prev[ip] or 0) * weight
+  if count >= limit then return false end
+  r.cur[ip] = (r.cur[ip] or 0) + 1
+  return true
 end
 
 --- server:close(): stop accepting; sessions in progress go on.
@@ -830,6 +915,10 @@ function M.new(opts)
       max_connections = config.limits.max_connections,
       handler = function(sock, conn)
         local ip = conn.peer_address
+        if not self:rate_ok(ip) then
+          sock:send(core.format_reply(421, "4.7.0", config.hostname .. " Too many connections, slow down"))
+          return
+        end
         local n = (self.per_ip[ip] or 0)
         if n >= config.limits.max_connections_per_ip then
           sock:send(core.format_reply(421, "4.7.0", config.hostname .. " Too many connections from your address"))
