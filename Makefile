@@ -117,9 +117,7 @@ test-asan: deps
 	sh scripts/test.sh build-asan
 
 run: all
-	LUA_PATH_5_4="$(CURDIR)/lua/?.lua;$(CURDIR)/lua/?/init.lua;;" \
-	LUA_CPATH_5_4="$(CURDIR)/$(BUILD)/?.so;;" \
-	lua5.4 examples/echo-server.lua $(or $(LISTEN),127.0.0.1:2525) $(or $(LIFETIME),600)
+	lua5.4 bin/luasmtp serve examples/dev-server.lua $(or $(VAR),var)
 
 bench: all
 	@if [ -f bench/run.sh ]; then sh bench/run.sh; \

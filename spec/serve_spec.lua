@@ -36,4 +36,29 @@ describe("luasmtp serve", function()
       assert.matches("SIGTERM: stopping", H.readfile(dir .. "/serve.log"))
     end, 40)
   end)
+
+  it("runs the make-run demo: swaks submits with STARTTLS and AUTH PLAIN into the Maildir", function()
+    H.run(function()
+      local var = H.tmp .. "/dev-var"
+      os.execute("rm -rf '" .. var .. "'")
+      local pid = serve(H.root .. "/examples/dev-server.lua", var, H.tmp .. "/dev-server.log")
+      H.wait_port(5870)
+      local out = swaks(("--server 127.0.0.1:5870 --tls --tls-verify --tls-ca-path %s/dev-cert.pem "
+        .. "--auth PLAIN --auth-user demo --auth-password demo --from demo@example.test "
+        .. "--to someone@example.test --body demo-message"):format(var), H.tmp .. "/swaks-dev.log")
+      assert.matches("exit=0", out)
+      local p = assert(io.popen("cat '" .. var .. "'/mail/new/*"))
+      local stored = p:read("a")
+      p:close()
+      assert.matches("^Received: from ", stored)
+      assert.matches("with ESMTPSA", stored)
+      assert.matches("demo%-message", stored)
+      -- the MX side refuses to relay
+      out = swaks("--server 127.0.0.1:2525 --from a@b.test --to victim@elsewhere.test",
+        H.tmp .. "/swaks-dev2.log")
+      assert.matches("554 5%.7%.1", out)
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(H.wait_pid(pid, 10))
+    end, 40)
+  end)
 end)

@@ -773,6 +773,7 @@ function Server:sasl_policy(s)
     allow_plaintext = self.config.allow_plaintext_auth,
     failure_delay = self.config.auth_failure_delay,
     mechanisms = auth.mechanisms,
+    hostname = self.config.hostname,
   }
   if s.tls then
     return self.sasl.tls_policy(s.sock, policy)
