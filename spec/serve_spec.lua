@@ -1,4 +1,5 @@
 local H = require "spec.helper"
+local luasmtp = require "luasmtp"
 
 -- Run `luasmtp serve` as a separate process, as a user would.
 local function serve(script, args, log)
@@ -60,5 +61,31 @@ describe("luasmtp serve", function()
       os.execute("kill -TERM " .. pid)
       assert.is_true(H.wait_pid(pid, 10))
     end, 40)
+  end)
+
+  it("passes arguments to the script and calls its reload() on SIGHUP", function()
+    H.run(function()
+      local script = H.tmp .. "/reload_script.lua"
+      local f = assert(io.open(script, "w"))
+      f:write([[
+local luasmtp = require "luasmtp"
+local first = ...
+io.stderr:write("started with ", first, " and ", arg[2], "\n")
+local t = luasmtp.spawn(function() luasmtp.sleep(30) end)
+local _ = t
+return { reload = function() io.stderr:write("reloaded\n") end }
+]])
+      f:close()
+      local log = H.tmp .. "/reload.log"
+      local pid = serve(script, "one two", log)
+      luasmtp.sleep(0.5)
+      os.execute("kill -HUP " .. pid)
+      luasmtp.sleep(0.3)
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(H.wait_pid(pid, 10))
+      local out = H.readfile(log)
+      assert.matches("started with one and two", out)
+      assert.matches("reloaded", out)
+    end, 20)
   end)
 end)

@@ -238,6 +238,32 @@ describe("SMTP server", function()
     end)
   end)
 
+  it("refuses text lines over the limit and logs session events with the session id", function()
+    H.run(function()
+      local log = {}
+      local srv, port = start { limits = { text_line_length = 100 },
+        logger = function(level, msg) log[#log + 1] = level .. " " .. msg end }
+      local c = raw(port)
+      c.reply()
+      c.cmd("EHLO client.test")
+      c.cmd("MAIL FROM:<a@x.test>")
+      c.cmd("RCPT TO:<b@mx.test>")
+      c.cmd("DATA")
+      local code, text = c.cmd(string.rep("y", 200) .. "\r\n.")
+      assert.equal("554", code)
+      assert.matches("5.6.0", text, 1, true)
+      c.cmd("QUIT")
+      c.close()
+      srv:close()
+      local all = table.concat(log, "\n")
+      assert.matches("info %[%d+%] connect from 127%.0%.0%.1", all)
+      assert.matches("info %[%d+%] mail from=<a@x%.test> accepted", all)
+      assert.matches("info %[%d+%] rcpt to=<b@mx%.test> accepted", all)
+      assert.matches("info %[%d+%] message refused: line longer than 100", all)
+      assert.matches("info %[%d+%] disconnect", all)
+    end)
+  end)
+
   it("times out idle clients with 421", function()
     H.run(function()
       local srv, port = start { timeouts = { command = 0.1 } }

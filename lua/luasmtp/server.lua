@@ -365,6 +365,7 @@ handlers.MAIL = function(s, cmd)
   s.envelope = env
   local r = s:hook("on_mail", cmd.path, p)
   local accepted, disc = s:answer(r, 250, "2.1.0", "Sender OK")
+  s:log("info", "mail from=<%s> %s", cmd.path, accepted and "accepted" or ("refused " .. r.code))
   if not accepted then
     s.envelope = nil
   end
@@ -392,6 +393,7 @@ handlers.RCPT = function(s, cmd)
     r = s.server.relay_check(s, cmd.path)
   end
   local accepted, disc = s:answer(r, 250, "2.1.5", "Recipient OK")
+  s:log("info", "rcpt to=<%s> %s", cmd.path, accepted and "accepted" or ("refused " .. r.code))
   if accepted then
     env.rcpt[#env.rcpt + 1] = cmd.path
     env.rcpt_params[#env.rcpt] = p
@@ -480,7 +482,13 @@ local function finish_message(s, body, info)
   end
   if info.rejected then
     drop()
+    s:log("info", "message refused: bare CR or LF")
     return s:send_reply(554, "5.6.11", "Bare CR or LF in message data")
+  end
+  if info.long_line then
+    drop()
+    s:log("info", "message refused: line longer than %d", s.config.limits.text_line_length)
+    return s:send_reply(554, "5.6.0", "Message line too long")
   end
   s.envelope = env
   local header = s.config.received_header and received_header(s) or ""
@@ -497,6 +505,8 @@ local function finish_message(s, body, info)
   s.messages = s.messages + 1
   local r = s:hook("on_data", msg)
   msg:discard()
+  s:log("info", "message size=%d rcpt=%d %s", msg.size, #env.rcpt,
+    (r == nil or r.code < 400) and "accepted" or ("refused " .. r.code))
   if s.config.lmtp then
     -- one reply per accepted recipient
     for _, rcpt in ipairs(env.rcpt) do
@@ -534,6 +544,7 @@ handlers.DATA = function(s, cmd)
   local dec = core.data_decoder {
     max_size = s.config.limits.max_message_size,
     bare = s.config.bare_newlines,
+    max_line = math.max(s.config.limits.text_line_length - 2, 0),
   }
   local parts = {}
   local spool, spool_path, spooled = nil, nil, 0
@@ -809,6 +820,7 @@ function Server:auth_command(s, cmd)
   local res = self.sasl.server_exchange(io, mech, cmd.initial, self:sasl_policy(s))
   if res and res.ok then
     local hr = s:hook("on_auth", res.user, res)
+    s:log("info", "auth %s user=%s %s", mech, tostring(res.user), (hr and hr.code >= 400) and "refused" or "ok")
     if hr and hr.code >= 400 then
       s.auth_failures = s.auth_failures + 1
       s:send_reply(hr.code, hr.enhanced, hr.text)
@@ -818,6 +830,7 @@ function Server:auth_command(s, cmd)
       s:send_reply(235, "2.7.0", "Authentication successful")
     end
   elseif res then
+    s:log("info", "auth %s failed: %d", mech, res.code)
     if res.code == 535 then
       s.auth_failures = s.auth_failures + 1
     end
