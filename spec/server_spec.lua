@@ -264,6 +264,26 @@ describe("SMTP server", function()
     end)
   end)
 
+  it("applies per-address limits to the PROXY-reported client", function()
+    H.run(function()
+      local srv, port = start { proxy = { trusted = { "127.0.0.0/8" } },
+        limits = { max_connections_per_ip = 1 } }
+      local function via_proxy(src)
+        local c = raw(port)
+        c.sock:send(("PROXY TCP4 %s 192.0.2.1 40000 25\r\n"):format(src))
+        return c
+      end
+      local a = via_proxy("198.51.100.1")
+      assert.equal("220", (a.reply()))
+      local b = via_proxy("198.51.100.2") -- another client behind the same proxy
+      assert.equal("220", (b.reply()))
+      local a2 = via_proxy("198.51.100.1")
+      assert.equal("421", (a2.reply()))
+      a.close() b.close() a2.close()
+      srv:close()
+    end)
+  end)
+
   it("times out idle clients with 421", function()
     H.run(function()
       local srv, port = start { timeouts = { command = 0.1 } }

@@ -681,6 +681,20 @@ function Session:run()
       self.client_address, self.client_port = info.src_address, info.src_port
     end
   end
+  -- Per-address limits apply to the real client: the PROXY-reported
+  -- address behind a load balancer.
+  local ip = self.client_address
+  if not self.server:rate_ok(ip) then
+    self:send_reply(421, "4.7.0", c.hostname .. " Too many connections, slow down")
+    return
+  end
+  local n = self.server.per_ip[ip] or 0
+  if n >= c.limits.max_connections_per_ip then
+    self:send_reply(421, "4.7.0", c.hostname .. " Too many connections from your address")
+    return
+  end
+  self.server.per_ip[ip] = n + 1
+  self.counted_ip = ip
   local r = self:hook("on_connect")
   if r and r.code >= 400 then
     self:send_reply(r.code, r.enhanced, r.text)
@@ -928,17 +942,6 @@ function M.new(opts)
       tls_timeout = config.timeouts.tls_handshake,
       max_connections = config.limits.max_connections,
       handler = function(sock, conn)
-        local ip = conn.peer_address
-        if not self:rate_ok(ip) then
-          sock:send(core.format_reply(421, "4.7.0", config.hostname .. " Too many connections, slow down"))
-          return
-        end
-        local n = (self.per_ip[ip] or 0)
-        if n >= config.limits.max_connections_per_ip then
-          sock:send(core.format_reply(421, "4.7.0", config.hostname .. " Too many connections from your address"))
-          return
-        end
-        self.per_ip[ip] = n + 1
         self.active = self.active + 1
         local s = new_session(self, sock, conn)
         s:log("info", "connect from %s:%d", conn.peer_address, conn.peer_port)
@@ -947,11 +950,14 @@ function M.new(opts)
           s:log("error", "session failed: %s", tostring(err2))
           sock:send(core.format_reply(421, "4.3.0", "Internal error"))
         end
+        if s.counted_ip then
+          local ip = s.counted_ip
+          self.per_ip[ip] = self.per_ip[ip] - 1
+          if self.per_ip[ip] == 0 then self.per_ip[ip] = nil end
+        end
         s:hook("on_disconnect")
         s:log("info", "disconnect")
         self.active = self.active - 1
-        self.per_ip[ip] = self.per_ip[ip] - 1
-        if self.per_ip[ip] == 0 then self.per_ip[ip] = nil end
         sock:flush(1)
       end,
       on_refused = function(conn, reason)
