@@ -284,6 +284,24 @@ describe("SMTP server", function()
     end)
   end)
 
+  it("accepts real-world HELO names unless told to be strict", function()
+    H.run(function()
+      local srv, port = start {}
+      local c = raw(port)
+      c.reply()
+      assert.equal("250", (c.cmd("EHLO DESKTOP_1A2B")))
+      c.close()
+      local srv2, port2 = start { strict_helo = true }
+      c = raw(port2)
+      c.reply()
+      assert.equal("501", (c.cmd("EHLO DESKTOP_1A2B")))
+      assert.equal("250", (c.cmd("EHLO [127.0.0.1]")))
+      c.close()
+      srv:close()
+      srv2:close()
+    end)
+  end)
+
   it("times out idle clients with 421", function()
     H.run(function()
       local srv, port = start { timeouts = { command = 0.1 } }

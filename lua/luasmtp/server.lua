@@ -68,6 +68,7 @@ local DEFAULTS = {
   received_header = true,
   spool_threshold = 1024 * 1024, -- bodies larger than this go to a temporary file
   bare_newlines = "reject", -- or "normalise"
+  strict_helo = false, -- true: EHLO/HELO must name a valid domain or address literal
   allow_plaintext_auth = false,
   auth_failure_delay = 1.0,
   limits = {
@@ -742,6 +743,15 @@ function Session:run()
       end
       first = false
       local cmd, code, enh, reason = core.parse_command(line, parse_opts)
+      if not cmd and not c.strict_helo then
+        -- Real clients send names like "DESKTOP_1A2B" or bare words:
+        -- accept any printable single word; on_helo can be stricter.
+        local verb, name = line:match("^(%a%a%a%a) +([%g]+)$")
+        verb = verb and verb:upper()
+        if verb == "EHLO" or verb == "HELO" or verb == "LHLO" then
+          cmd = { verb = verb, arg = name, domain = name, lax = true }
+        end
+      end
       local outcome
       if not cmd then
         self:send_reply(code, enh, reason)
