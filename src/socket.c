@@ -459,48 +459,65 @@ static int push_partial_error(lua_State *L, ls_socket *s, const char *token)
     return 3;
 }
 
+/* How a reader's wait ended: 0 to go on reading, else the number of Lua
+ * results pushed (closed or timeout; with_partial adds the buffered
+ * data as the third value). */
+static int after_read_wait(lua_State *L, ls_socket *s, int r, int with_partial)
+{
+    s->reader = NULL;
+    if (r == LS_WAKE_CLOSED || s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (r == LS_WAKE_TIMEOUT)
+        return with_partial ? push_partial_error(L, s, LS_ETIMEOUT) : ls_pusherror(L, LS_ETIMEOUT, NULL);
+    return 0;
+}
+
+/* Get more input into rbuf, waiting (until s->rdeadline) if none is
+ * there. Returns 0 to go on reading, else the number of Lua results
+ * pushed. In a task it may yield: Lua then calls k(ctx), which must
+ * start with after_read_wait(). */
+static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext ctx, lua_KFunction k)
+{
+    if (s->rerr)
+        return ls_pusherror(L, s->rerr, s->rerr_detail);
+    if (s->eof)
+        return with_partial ? push_partial_error(L, s, LS_ECLOSED) : ls_pusherror(L, LS_ECLOSED, NULL);
+    ls_ioerr err = {0};
+    int rc = fill(s, &err);
+    if (rc == LS_IO_OK)
+        return 0;
+    if (rc == LS_IO_EOF) {
+        s->eof = 1;
+        return 0;
+    }
+    if (rc == LS_IO_ERROR) {
+        s->rerr = err.token;
+        snprintf(s->rerr_detail, sizeof s->rerr_detail, "%s", err.detail);
+        return ls_pusherror(L, s->rerr, s->rerr_detail);
+    }
+    ls_task *t = ls_current(L, s->loop);
+    s->reader = t;
+    int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ, s->rdeadline,
+                    ctx, k);
+    return after_read_wait(L, s, r, with_partial);
+}
+
 static int recv_k(lua_State *L, int status, lua_KContext ctx)
 {
     ls_socket *s = lua_touserdata(L, 1);
     int op = (int)ctx;
     if (status == LUA_YIELD) {
-        s->reader = NULL;
-        int r = ls_wait_result(L);
-        if (r == LS_WAKE_CLOSED || s->fd < 0)
-            return ls_pusherror(L, LS_ECLOSED, NULL);
-        if (r == LS_WAKE_TIMEOUT)
-            return push_partial_error(L, s, LS_ETIMEOUT);
+        int n = after_read_wait(L, s, ls_wait_result(L), 1);
+        if (n)
+            return n;
     }
     for (;;) {
         int n = extract(L, s, op);
         if (n >= 0)
             return n;
-        if (s->rerr)
-            return ls_pusherror(L, s->rerr, s->rerr_detail);
-        if (s->eof)
-            return push_partial_error(L, s, LS_ECLOSED);
-        ls_ioerr err = {0};
-        int rc = fill(s, &err);
-        if (rc == LS_IO_OK)
-            continue;
-        if (rc == LS_IO_EOF) {
-            s->eof = 1;
-            continue;
-        }
-        if (rc == LS_IO_ERROR) {
-            s->rerr = err.token;
-            snprintf(s->rerr_detail, sizeof s->rerr_detail, "%s", err.detail);
-            return ls_pusherror(L, s->rerr, s->rerr_detail);
-        }
-        ls_task *t = ls_current(L, s->loop);
-        s->reader = t;
-        int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ,
-                        s->rdeadline, ctx, recv_k);
-        s->reader = NULL;
-        if (r == LS_WAKE_CLOSED || s->fd < 0)
-            return ls_pusherror(L, LS_ECLOSED, NULL);
-        if (r == LS_WAKE_TIMEOUT)
-            return push_partial_error(L, s, LS_ETIMEOUT);
+        n = read_more(L, s, 1, ctx, recv_k);
+        if (n)
+            return n;
     }
 }
 
@@ -578,12 +595,9 @@ static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
     ls_socket *s = lua_touserdata(L, 1);
     struct smtp_data_decoder *dec = ls_data_decoder_check(L, 2);
     if (status == LUA_YIELD) {
-        s->reader = NULL;
-        int r = ls_wait_result(L);
-        if (r == LS_WAKE_CLOSED || s->fd < 0)
-            return ls_pusherror(L, LS_ECLOSED, NULL);
-        if (r == LS_WAKE_TIMEOUT)
-            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+        int n = after_read_wait(L, s, ls_wait_result(L), 0);
+        if (n)
+            return n;
     }
     for (;;) {
         if (s->rbuf.len > 0) {
@@ -615,32 +629,9 @@ static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
             double total = lua_tonumber(L, 5);
             s->rdeadline = idle < total ? idle : total;
         }
-        if (s->rerr)
-            return ls_pusherror(L, s->rerr, s->rerr_detail);
-        if (s->eof)
-            return ls_pusherror(L, LS_ECLOSED, NULL);
-        ls_ioerr err = {0};
-        int rc = fill(s, &err);
-        if (rc == LS_IO_OK)
-            continue;
-        if (rc == LS_IO_EOF) {
-            s->eof = 1;
-            continue;
-        }
-        if (rc == LS_IO_ERROR) {
-            s->rerr = err.token;
-            snprintf(s->rerr_detail, sizeof s->rerr_detail, "%s", err.detail);
-            return ls_pusherror(L, s->rerr, s->rerr_detail);
-        }
-        ls_task *t = ls_current(L, s->loop);
-        s->reader = t;
-        int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ,
-                        s->rdeadline, 0, recvdata_k);
-        s->reader = NULL;
-        if (r == LS_WAKE_CLOSED || s->fd < 0)
-            return ls_pusherror(L, LS_ECLOSED, NULL);
-        if (r == LS_WAKE_TIMEOUT)
-            return ls_pusherror(L, LS_ETIMEOUT, NULL);
+        int n = read_more(L, s, 0, 0, recvdata_k);
+        if (n)
+            return n;
     }
 }
 
