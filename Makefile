@@ -110,7 +110,7 @@ test: deps
 
 # The sanitizer runtimes are preloaded: lua5.4 itself is not instrumented.
 test-asan: deps
-	@$(MAKE) --no-print-directory asan || $(BUILD_FAILED)
+	@$(MAKE) --no-print-directory all asan || $(BUILD_FAILED)
 	@LD_PRELOAD="$$($(CC) -print-file-name=libasan.so) $$($(CC) -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \

@@ -64,12 +64,13 @@ describe("mail storage", function()
         local srv = assert(server.new { listen = "127.0.0.1:0", logger = function() end, hooks = {
           on_data = function(_, msg) local okd, r = md:deliver(msg) if not okd then return r end end,
         } })
-        local c = assert(luasmtp.connect("127.0.0.1", srv:addresses()[1].port, { timeout = 5 }))
+        local c <close> = assert(luasmtp.connect("127.0.0.1", srv:addresses()[1].port, { timeout = 5 }))
+        local _ <close> = setmetatable({}, { __close = function() srv:close() end })
         c:settimeout(5)
         c:receiveline()
         c:send("HELO x.test\r\nMAIL FROM:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
         for _ = 1, 4 do c:receiveline() end
-        c:send(string.rep("y", 40000) .. "\r\n.\r\n")
+        c:send(string.rep(string.rep("y", 78) .. "\r\n", 500) .. ".\r\n")
         assert.matches("^452 4%.3%.1", c:receiveline())
         c:close()
         srv:close()
