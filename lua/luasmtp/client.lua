@@ -1,0 +1,1345 @@
+--- luasmtp.client: the SMTP/LMTP client.
+--
+--   local client = require "luasmtp.client"
+--   local conn, token, err = client.connect { host = "mail.example", port = 587,
+--     tls = "starttls", auth = { user = "me", password = pw } }
+--   local res, token, err = conn:send { from = "me@example", to = { "a@x", "b@y" },
+--     body = "Subject: hi\r\n\r\nhello\r\n" }
+--   conn:close()
+--
+-- A session reads like RFC 5321: greeting, EHLO (HELO when EHLO is
+-- refused), STARTTLS and EHLO again, AUTH, then transactions of MAIL,
+-- RCPT... and DATA or BDAT, RSET between them, QUIT at the end.
+--
+-- Results and errors are values. A failure returns nil, token, err:
+-- token is a string ("smtp" for a 4xx/5xx reply, "auth", "unsupported",
+-- "size", "invalid", "protocol", or an I/O token of the socket layer:
+-- "timeout", "closed", "reset", "tls", "refused", "dns", ...), err an
+-- Error table: { token, permanent, code, enhanced, command, lines,
+-- text, cause, stage, message } that prints as its message. After an
+-- I/O failure, a timeout, a malformed reply or a 421 the session is
+-- broken: every later call returns that same error at once.
+local core = require "luasmtp.core"
+local net = require "luasmtp.net"
+local sasl = require "luasmtp.sasl"
+local body = require "luasmtp.client.body"
+
+local M = {}
+
+---------------------------------------------------------------------------
+-- Defaults, merged in one place
+
+-- Per-phase timeouts in seconds; the reply timeouts follow RFC 5321
+-- section 4.5.3.2.
+M.DEFAULT_TIMEOUTS = {
+  connect = 30,     -- TCP connect (DNS included) and implicit TLS
+  greeting = 300,   -- the 220 greeting (4.5.3.2.1)
+  command = 300,    -- EHLO, MAIL, RCPT, RSET, NOOP, AUTH steps (4.5.3.2.2, .3)
+  tls = 60,         -- the STARTTLS handshake
+  data = 120,       -- the 354 reply to DATA (4.5.3.2.4)
+  data_block = 180, -- each block of the body to leave (4.5.3.2.5)
+  data_end = 600,   -- the reply after the end of the data (4.5.3.2.6)
+  quit = 10,        -- the reply to QUIT
+}
+
+local DEFAULTS = {
+  host = nil,
+  port = nil,        -- 465 for implicit TLS, 24 for LMTP, else 25
+  tls = nil,         -- "implicit" on port 465, else "starttls"
+  lmtp = false,
+  helo = nil,        -- default: our address as a literal, [192.0.2.1]
+  pipelining = true, -- use PIPELINING when the server offers it
+  chunking = "binary", -- BDAT: "binary" bodies only, true whenever offered, false never
+  max_reply_lines = 100,
+  max_line = 2048,   -- a reply line, CRLF excluded
+}
+
+local TLS_MODES = { implicit = true, starttls = true, opportunistic = true, none = true, auto = true }
+
+-- Octets per BDAT command, and BDAT replies left pending at most.
+local BDAT_CHUNK = 256 * 1024
+local BDAT_WINDOW = 8
+
+local function merge(opts)
+  local cfg = {}
+  for k, v in pairs(DEFAULTS) do cfg[k] = v end
+  for k, v in pairs(opts) do cfg[k] = v end
+  cfg.timeouts = {}
+  for k, v in pairs(M.DEFAULT_TIMEOUTS) do cfg.timeouts[k] = v end
+  for k, v in pairs(opts.timeouts or {}) do
+    assert(M.DEFAULT_TIMEOUTS[k], "unknown timeout " .. tostring(k))
+    assert(type(v) == "number" and v > 0, "timeout " .. k .. " must be a positive number")
+    cfg.timeouts[k] = v
+  end
+  if cfg.server then
+    local host, port = net.parse_address(cfg.server)
+    assert(host, "server must be HOST or HOST:PORT")
+    cfg.host = cfg.host or host
+    if port and cfg.port == nil and cfg.server:find(":%d+$") then cfg.port = port end
+  end
+  if cfg.tls == nil then
+    cfg.tls = (cfg.port == 465) and "implicit" or "starttls"
+  end
+  assert(TLS_MODES[cfg.tls], "tls must be \"implicit\", \"starttls\", \"opportunistic\", \"none\" or \"auto\"")
+  if cfg.port == nil and cfg.tls ~= "auto" then
+    cfg.port = cfg.tls == "implicit" and 465 or cfg.lmtp and 24 or 25
+  end
+  assert(cfg.sock or type(cfg.host) == "string", "host (or server, or sock) is required")
+  assert(cfg.helo == nil or (type(cfg.helo) == "string" and cfg.helo:find("^[%w%.%-%[%]:]+$")),
+    "helo must be a domain or an address literal")
+  return cfg
+end
+
+---------------------------------------------------------------------------
+-- Errors
+
+local Error = {}
+Error.__index = Error
+Error.__tostring = function(e) return e.message end
+
+M.Error = Error
+
+--- is_error(v) -> boolean
+function M.is_error(v)
+  return getmetatable(v) == Error
+end
+
+local function new_error(token, fields)
+  fields.token = token
+  if fields.permanent == nil then fields.permanent = false end
+  return setmetatable(fields, Error)
+end
+
+local function reply_text(reply)
+  local enh = reply.enhanced and (reply.enhanced .. " ") or ""
+  return ("%d %s%s"):format(reply.code, enh, (reply.text or ""):gsub("\n", " / "))
+end
+
+--- format_reply(reply) -> "550 5.1.1 No such user"
+M.format_reply = reply_text
+
+local function smtp_error(command, reply, stage)
+  return new_error("smtp", {
+    permanent = reply.code >= 500,
+    code = reply.code,
+    enhanced = reply.enhanced,
+    text = reply.text,
+    lines = reply.lines,
+    command = command,
+    stage = stage,
+    message = ("%s: %s"):format(command, reply_text(reply)),
+  })
+end
+
+-- Printable text of a detail (a receive timeout gives the partial data).
+local function describe(token, detail, command)
+  if token == "timeout" then
+    return "timed out waiting for the reply to " .. command
+  elseif token == "closed" then
+    return "connection closed by the server (after " .. command .. ")"
+  end
+  local d = type(detail) == "string" and detail ~= "" and detail:gsub("%c", " ") or token
+  return ("%s (%s)"):format(d, command)
+end
+
+local function io_error(token, detail, command, stage)
+  return new_error(token, {
+    permanent = false,
+    command = command,
+    stage = stage,
+    cause = token .. (type(detail) == "string" and detail ~= "" and (": " .. detail:gsub("%c", " ")) or ""),
+    message = describe(token, detail, command),
+  })
+end
+
+---------------------------------------------------------------------------
+-- Checks on what goes into command lines
+
+local function bad_text(s)
+  return s:find("%c") ~= nil
+end
+
+-- An address for MAIL FROM / RCPT TO: no control characters (CR and LF
+-- least of all) and no angle brackets; at most 254 octets.
+local function check_address(addr, what, allow_null)
+  if type(addr) ~= "string" then
+    error(what .. " must be a string", 4)
+  end
+  if addr == "" and not allow_null then
+    return nil, what .. " is empty"
+  end
+  if bad_text(addr) then
+    return nil, what .. " contains control characters (CR, LF, ...): " .. ("%q"):format(addr)
+  end
+  if addr:find("[<>]") then
+    return nil, what .. " contains angle brackets: " .. addr
+  end
+  if #addr > 254 then
+    return nil, what .. " is longer than 254 octets"
+  end
+  return addr
+end
+
+-- An extra ESMTP parameter (RFC 5321 esmtp-param).
+local function check_param(key, value, what)
+  if type(key) ~= "string" or not key:find("^%w[%w%-]*$") then
+    return nil, what .. ": bad parameter keyword " .. ("%q"):format(tostring(key))
+  end
+  if value == true then
+    return key:upper()
+  end
+  if type(value) ~= "string" or value == "" or value:find("[%z\1-\32=\127-\255]") then
+    return nil, what .. ": bad value for " .. key .. ": " .. ("%q"):format(tostring(value))
+  end
+  return key:upper() .. "=" .. value
+end
+
+local function invalid(why)
+  return nil, "invalid", new_error("invalid", { permanent = true, message = why, stage = "prepare" })
+end
+
+local function unsupported(what, why)
+  return nil, "unsupported", new_error("unsupported", {
+    permanent = true, extension = what, message = why, stage = "prepare",
+  })
+end
+
+local NOTIFY = { NEVER = true, SUCCESS = true, FAILURE = true, DELAY = true }
+
+local function notify_param(v, what)
+  local list = {}
+  if type(v) == "string" then
+    for item in v:gmatch("[^,%s]+") do list[#list + 1] = item:upper() end
+  elseif type(v) == "table" then
+    for _, item in ipairs(v) do list[#list + 1] = tostring(item):upper() end
+  else
+    return nil, what .. ": notify must be a string or a list"
+  end
+  for _, item in ipairs(list) do
+    if not NOTIFY[item] then
+      return nil, what .. ": bad NOTIFY value " .. item
+    end
+    if item == "NEVER" and #list > 1 then
+      return nil, what .. ": NOTIFY=NEVER goes alone"
+    end
+  end
+  if #list == 0 then
+    return nil, what .. ": empty NOTIFY"
+  end
+  return table.concat(list, ",")
+end
+
+-- ORCPT: "rfc822;addr" (an address alone means rfc822), value as xtext.
+local function orcpt_param(v, what)
+  if type(v) ~= "string" then
+    return nil, what .. ": orcpt must be a string"
+  end
+  local kind, addr = v:match("^([%w%-]+);(.+)$")
+  if not kind then
+    kind, addr = "rfc822", v
+  end
+  if bad_text(addr) then
+    return nil, what .. ": orcpt contains control characters"
+  end
+  return kind .. ";" .. core.xtext_encode(addr)
+end
+
+---------------------------------------------------------------------------
+-- The message plan: everything about a message that does not depend on
+-- the server. Built once per send, checked against each session.
+
+local function non_ascii(s)
+  return s:find("[\128-\255]") ~= nil
+end
+
+local function build_plan(msg)
+  assert(type(msg) == "table", "send needs a message table")
+  local from, why = check_address(msg.from, "from", true)
+  if not from then return invalid(why) end
+  local to = msg.to
+  if type(to) == "string" then
+    to = { to }
+  end
+  assert(type(to) == "table", "message.to must be an address or a list of addresses")
+  if #to == 0 then
+    return invalid("no recipients")
+  end
+  local plan = {
+    from = from,
+    recipients = {},
+    smtputf8 = msg.smtputf8 or non_ascii(from),
+    requiretls = msg.requiretls or false,
+    force = msg.force or false,
+    chunking = msg.chunking,
+    mail_params = {},
+  }
+  for i, r in ipairs(to) do
+    local entry = type(r) == "table" and r or { address = r }
+    local what = "recipient " .. i
+    local addr, rwhy = check_address(entry.address, what, false)
+    if not addr then return invalid(rwhy) end
+    local rcpt = { address = addr, params = {} }
+    local dsn = msg.dsn or {}
+    local notify = entry.notify or dsn.notify
+    if notify then
+      local v, nwhy = notify_param(notify, what)
+      if not v then return invalid(nwhy) end
+      rcpt.notify = v
+    end
+    local orcpt = entry.orcpt or (dsn.orcpt == true and addr) or nil
+    if orcpt then
+      local v, owhy = orcpt_param(orcpt, what)
+      if not v then return invalid(owhy) end
+      rcpt.orcpt = v
+    end
+    for k, v in pairs(entry.params or {}) do
+      local p, pwhy = check_param(k, v, what)
+      if not p then return invalid(pwhy) end
+      rcpt.params[#rcpt.params + 1] = p
+    end
+    table.sort(rcpt.params)
+    if non_ascii(addr) then plan.smtputf8 = true end
+    plan.recipients[i] = rcpt
+  end
+  local dsn = msg.dsn or {}
+  if dsn.ret then
+    local ret = tostring(dsn.ret):upper()
+    if ret ~= "FULL" and ret ~= "HDRS" then return invalid("dsn.ret must be \"full\" or \"hdrs\"") end
+    plan.ret = ret
+  end
+  if dsn.envid then
+    if type(dsn.envid) ~= "string" or dsn.envid == "" or bad_text(dsn.envid) or #dsn.envid > 100 then
+      return invalid("dsn.envid must be printable text of at most 100 octets")
+    end
+    plan.envid = core.xtext_encode(dsn.envid)
+  end
+  for k, v in pairs(msg.mail_params or {}) do
+    local p, pwhy = check_param(k, v, "mail_params")
+    if not p then return invalid(pwhy) end
+    plan.mail_params[#plan.mail_params + 1] = p
+  end
+  table.sort(plan.mail_params)
+  local content = msg.body
+  if content == nil then content = msg.message end
+  assert(content ~= nil, "message.body is required")
+  plan.source = body.source(content, { size = msg.size, body_type = msg.body_type })
+  return plan
+end
+
+M.build_plan = build_plan
+
+---------------------------------------------------------------------------
+-- TLS contexts, made once per (cafile, capath, verify)
+
+local contexts = setmetatable({}, { __mode = "v" })
+
+local function client_context(cfg, verify)
+  if cfg.tls_context then
+    return cfg.tls_context
+  end
+  local key = table.concat({ cfg.cafile or "", cfg.capath or "", tostring(verify) }, "\0")
+  local ctx = contexts[key]
+  if not ctx then
+    ctx = core.tls_context { mode = "client", cafile = cfg.cafile, capath = cfg.capath, verify = verify }
+    contexts[key] = ctx
+  end
+  return ctx
+end
+
+-- Does this mode verify the server? On by default wherever TLS is
+-- required; opportunistic STARTTLS does not unless asked to.
+local function verifying(cfg, mode)
+  if cfg.insecure or cfg.verify == false then
+    return false
+  end
+  if mode == "opportunistic" then
+    return cfg.verify == true
+  end
+  return true
+end
+
+---------------------------------------------------------------------------
+-- Sessions
+
+local Session = {}
+Session.__index = Session
+Session.__close = function(self) self:close() end
+
+M.Session = Session
+
+function Session:trace(direction, text)
+  if self.transcript then
+    self.transcript(direction, text)
+  end
+end
+
+--- Mark the session broken with err (the first error sticks), close the
+-- socket, and return nil, token, err.
+function Session:fail(err)
+  if not self.broken then
+    self.broken = err
+    if self.sock then
+      self.sock:close()
+    end
+  end
+  return nil, self.broken.token, self.broken
+end
+
+function Session:check()
+  if self.broken then
+    return nil, self.broken.token, self.broken
+  end
+  if not self.sock then
+    return self:fail(io_error("closed", "the session is closed", "(closed)", "closed"))
+  end
+  return true
+end
+
+-- Queue data on the socket. shown: lines for the transcript.
+function Session:write(data, timeout, command, stage)
+  local ok, token, detail = self.sock:send(data, timeout)
+  if not ok then
+    return self:fail(io_error(token, detail, command, stage))
+  end
+  return true
+end
+
+--- read_reply(timeout, command, stage) -> reply | nil, token, err
+-- One whole reply. A malformed one, a timeout or an I/O error breaks the
+-- session; so does a 421 (the server is closing), after it is returned.
+function Session:read_reply(timeout, command, stage)
+  local ok, t, e = self:check()
+  if not ok then return nil, t, e end
+  local deadline = core.update_now() + timeout
+  local parser = self.parser
+  parser:reset()
+  while true do
+    local remaining = deadline - core.update_now()
+    if remaining <= 0 then
+      return self:fail(io_error("timeout", nil, command, stage))
+    end
+    local line, bad, detail = self.sock:receiveline(self.max_line, remaining)
+    if not line then
+      if bad == "limit" then
+        return self:fail(new_error("protocol", { command = command, stage = stage,
+          message = "reply line too long (" .. command .. ")" }))
+      end
+      return self:fail(io_error(bad, detail, command, stage))
+    end
+    self:trace("S", line)
+    if bad then
+      return self:fail(new_error("protocol", { command = command, stage = stage,
+        message = ("reply with a bare %s (%s)"):format(bad == "barelf" and "LF" or "CR", command) }))
+    end
+    local reply, why = parser:feed(line)
+    if reply then
+      if reply.code == 421 then
+        local err = smtp_error(command, reply, stage)
+        self:fail(err)
+      end
+      return reply
+    elseif why then
+      return self:fail(new_error("protocol", { command = command, stage = stage,
+        message = ("malformed reply to %s: %s: %q"):format(command, why, line:sub(1, 200)) }))
+    end
+  end
+end
+
+--- command(line [, timeout [, stage [, shown]]]) -> reply | nil, token, err
+-- Send one command and read its reply (any code: 4xx/5xx are values).
+-- shown: what the transcript and errors show instead of line.
+function Session:command(line, timeout, stage, shown)
+  local ok, t, e = self:check()
+  if not ok then return nil, t, e end
+  assert(type(line) == "string" and not line:find("[\r\n]"), "a command is one line without CR or LF")
+  shown = shown or line
+  self:trace("C", shown)
+  ok, t, e = self:write(line .. "\r\n", timeout or self.timeouts.command, shown, stage)
+  if not ok then return nil, t, e end
+  return self:read_reply(timeout or self.timeouts.command, shown, stage)
+end
+
+function Session:set_capabilities(reply)
+  local parsed = core.parse_ehlo(reply.lines)
+  local ext = parsed.ext
+  -- the pre-standard "AUTH=PLAIN LOGIN" line some servers still send
+  for _, line in ipairs(parsed.invalid) do
+    local mechs = line:match("^[Aa][Uu][Tt][Hh]=(.*)$")
+    if mechs then
+      ext.AUTH = ext.AUTH or {}
+      for m in mechs:gmatch("%S+") do ext.AUTH[#ext.AUTH + 1] = m end
+    end
+  end
+  if ext.AUTH then
+    for i, m in ipairs(ext.AUTH) do ext.AUTH[i] = m:upper() end
+  end
+  self.extensions = ext
+  self.keywords = parsed.keywords
+  self.server_name = parsed.domain
+  local size = ext.SIZE and math.tointeger(tonumber(ext.SIZE[1] or ""))
+  self.max_size = size and size > 0 and size or nil
+  self.limits = {}
+  for _, p in ipairs(ext.LIMITS or {}) do
+    local k, v = p:match("^([%w%-]+)=(%d+)$")
+    if k then self.limits[k:upper()] = math.tointeger(tonumber(v)) end
+  end
+end
+
+--- has(keyword) -> the extension's parameters (a list) | nil
+function Session:has(keyword)
+  return self.extensions[keyword:upper()]
+end
+
+-- EHLO (LHLO for LMTP), HELO when EHLO gets a 5xx.
+function Session:hello()
+  local verb = self.lmtp and "LHLO" or "EHLO"
+  local line = verb .. " " .. self.helo_name
+  local reply, t, e = self:command(line, self.timeouts.command, "ehlo")
+  if not reply then return nil, t, e end
+  self.extensions, self.keywords, self.limits, self.max_size = {}, {}, {}, nil
+  if reply.code == 250 then
+    self.esmtp = true
+    self.ehlo = reply
+    self:set_capabilities(reply)
+    return true
+  end
+  if reply.code >= 500 and not self.lmtp then
+    local helo = "HELO " .. self.helo_name
+    local r2
+    r2, t, e = self:command(helo, self.timeouts.command, "helo")
+    if not r2 then return nil, t, e end
+    if r2.code == 250 then
+      self.esmtp = false
+      self.ehlo = r2
+      self.server_name = r2.text:match("^(%S+)")
+      return true
+    end
+    return nil, "smtp", smtp_error(helo, r2, "helo")
+  end
+  return nil, "smtp", smtp_error(line, reply, "ehlo")
+end
+
+-- STARTTLS, the handshake, and EHLO again (RFC 3207 4.2: forget what
+-- the server said before). Any byte the server sent after its 220 and
+-- before the handshake makes sock:starttls fail (response injection).
+function Session:starttls(mode)
+  local reply, t, e = self:command("STARTTLS", self.timeouts.command, "starttls")
+  if not reply then return nil, t, e end
+  if reply.code ~= 220 then
+    if mode == "opportunistic" and reply.code ~= 421 then
+      self.starttls_refused = reply
+      return true
+    end
+    return nil, "smtp", smtp_error("STARTTLS", reply, "starttls")
+  end
+  local verify = verifying(self.config, mode)
+  local ok, token, detail = self.sock:starttls(client_context(self.config, verify), {
+    servername = self.servername,
+    verify_host = verify,
+    timeout = self.timeouts.tls,
+  })
+  if not ok then
+    local sock = self.sock
+    self.sock = nil
+    sock:close() -- a failed handshake has closed it already; be sure
+    local err = io_error(token, detail, "STARTTLS", "starttls")
+    err.message = "STARTTLS: " .. (type(detail) == "string" and detail or token)
+    self.broken = err
+    return nil, err.token, err
+  end
+  self:trace("-", "TLS " .. (self.sock:tlsinfo().version or "") .. " established")
+  self.tls = true
+  return self:hello()
+end
+
+-- The io object for sasl.client_exchange: traced with the credentials
+-- masked, bounded by the command timeout, strict line endings.
+function Session:sasl_io()
+  local session = self
+  local cap = (sasl.MAX_MESSAGE + 2) // 3 * 4 + 16
+  return {
+    send_line = function(_, line)
+      local shown = line:match("^(AUTH %S+) ") and (line:match("^(AUTH %S+) ") .. " <credentials hidden>")
+        or line:match("^AUTH %S+$") or "<credentials hidden>"
+      session:trace("C", shown)
+      return session:write(line .. "\r\n", session.timeouts.command, "AUTH", "auth")
+    end,
+    receive_line = function()
+      local ok, t, e = session:check()
+      if not ok then return nil, t, e end
+      local line, bad, detail = session.sock:receiveline(cap, session.timeouts.command)
+      if not line then
+        return session:fail(io_error(bad, detail, "AUTH", "auth"))
+      end
+      session:trace("S", line)
+      if bad then
+        return session:fail(new_error("protocol", { command = "AUTH", stage = "auth",
+          message = "AUTH reply with a bare CR or LF" }))
+      end
+      return line
+    end,
+  }
+end
+
+--- login(auth) -> true | nil, token, err
+-- auth: { user=, password=, token= (OAuth), authzid=, mechanism= or
+-- mechanisms= {...} (restrict the choice), allow_plaintext= (PLAIN and
+-- LOGIN without TLS) }. The strongest mechanism both sides know is used
+-- (luasmtp.sasl).
+function Session:login(auth)
+  local ok, t, e = self:check()
+  if not ok then return nil, t, e end
+  assert(type(auth) == "table", "auth must be a table")
+  local offered = self.extensions.AUTH
+  if not offered then
+    return nil, "auth", new_error("auth", { permanent = true, stage = "auth", command = "AUTH",
+      message = "the server does not offer AUTH" .. (self.tls and "" or " (before TLS)") })
+  end
+  local creds = { user = auth.user, password = auth.password, token = auth.token, authzid = auth.authzid,
+    external = auth.external }
+  local mechs = auth.mechanisms or (auth.mechanism and { auth.mechanism }) or nil
+  local sopts = {
+    tls = self.sock:istls(),
+    allow_plaintext = auth.allow_plaintext,
+    mechanisms = mechs,
+    channel_binding = sasl.tls_binding(self.sock),
+    host = self.host,
+    port = self.port,
+  }
+  local mech, why, detail = sasl.choose(offered, creds, sopts)
+  if not mech then
+    return nil, "auth", new_error("auth", { permanent = true, stage = "auth", command = "AUTH",
+      cause = why, message = "AUTH: " .. tostring(detail or why) })
+  end
+  local res, token, err = sasl.client_exchange(self:sasl_io(), mech)
+  if not res then
+    if self.broken then return nil, self.broken.token, self.broken end
+    return self:fail(new_error(token == "protocol" and "protocol" or token, { stage = "auth", command = "AUTH",
+      cause = err, message = "AUTH " .. mech.name .. ": " .. tostring(err) }))
+  end
+  if res.code == 421 then
+    return self:fail(smtp_error("AUTH " .. mech.name, { code = 421, enhanced = res.enhanced, text = res.text,
+      lines = { res.text } }, "auth"))
+  end
+  if not res.ok then
+    local e2 = new_error("auth", {
+      permanent = res.code >= 500 and not res.client_error,
+      code = res.code, enhanced = res.enhanced, text = res.text, lines = { res.text },
+      command = "AUTH " .. mech.name, stage = "auth", cause = res.client_error,
+      message = ("AUTH %s: %s%s"):format(mech.name, reply_text(res),
+        res.client_error and (" (" .. res.client_error .. ")") or ""),
+    })
+    return nil, "auth", e2
+  end
+  self.authenticated = auth.user or true
+  self.auth_mechanism = mech.name
+  return true
+end
+
+-- Greeting, EHLO, STARTTLS, AUTH.
+function Session:open()
+  local cfg = self.config
+  local greeting, t, e = self:read_reply(self.timeouts.greeting, "the greeting", "greeting")
+  if not greeting then return nil, t, e end
+  self.greeting = greeting
+  if greeting.code ~= 220 then
+    return nil, "smtp", smtp_error("greeting", greeting, "greeting")
+  end
+  local ok
+  ok, t, e = self:hello()
+  if not ok then return nil, t, e end
+  local mode = self.tls_mode
+  if (mode == "starttls" or mode == "opportunistic") and not self.sock:istls() then
+    if self.extensions.STARTTLS then
+      ok, t, e = self:starttls(mode)
+      if not ok then return nil, t, e end
+    elseif mode == "starttls" then
+      return unsupported("STARTTLS", ("%s does not offer STARTTLS%s; refusing to go on without TLS"):format(
+        self.host or "the server", self.esmtp and "" or " (it refused EHLO)"))
+    end
+  end
+  if cfg.auth then
+    ok, t, e = self:login(cfg.auth)
+    if not ok then return nil, t, e end
+  end
+  return true
+end
+
+local function local_literal(sock)
+  local addr = sock:getsockname()
+  if not addr then return "[127.0.0.1]" end
+  if addr:find(":", 1, true) then
+    return "[IPv6:" .. addr .. "]"
+  end
+  return "[" .. addr .. "]"
+end
+
+--- connect(opts) -> session | nil, token, err
+-- opts: host and port (or server = "host[:port]", or sock = a connected
+-- socket), tls ("implicit", "starttls", "opportunistic", "none", "auto"),
+-- tls_context or cafile / capath, insecure (no verification), verify,
+-- servername, helo, auth (see login), lmtp, pipelining, chunking,
+-- timeouts = {connect, greeting, command, tls, data, data_block,
+-- data_end, quit}, transcript = function(direction, line), family, bind.
+function M.connect(opts)
+  assert(type(opts) == "table", "client.connect needs an options table")
+  local cfg = merge(opts)
+  if cfg.tls == "auto" then
+    return M.connect_tls(opts)
+  end
+  local self = setmetatable({
+    config = cfg,
+    host = cfg.host,
+    port = cfg.port,
+    lmtp = cfg.lmtp and true or false,
+    tls_mode = cfg.tls,
+    timeouts = cfg.timeouts,
+    transcript = cfg.transcript,
+    max_line = cfg.max_line,
+    parser = core.reply_parser { max_lines = cfg.max_reply_lines, max_line = cfg.max_line },
+    extensions = {},
+    keywords = {},
+    limits = {},
+    esmtp = false,
+    tls = false,
+    messages = 0,
+    transactions = 0,
+  }, Session)
+  local host = cfg.host
+  local bare = host and (host:match("^%[(.*)%]$") or host)
+  self.servername = cfg.servername or bare
+  if cfg.sock then
+    self.sock = cfg.sock
+    if cfg.tls == "implicit" and not self.sock:istls() then
+      local verify = verifying(cfg, "implicit")
+      assert(self.servername or not verify, "servername (or host) is needed to verify the server")
+      local ok, token, detail = self.sock:starttls(client_context(cfg, verify), {
+        servername = self.servername, verify_host = verify, timeout = cfg.timeouts.connect })
+      if not ok then
+        return nil, token, io_error(token, detail, "TLS handshake", "connect")
+      end
+    end
+  else
+    local tls_ctx, verify
+    if cfg.tls == "implicit" then
+      verify = verifying(cfg, "implicit")
+      tls_ctx = client_context(cfg, verify)
+    end
+    self:trace("-", ("connecting to %s port %d%s"):format(host, cfg.port, tls_ctx and " (TLS)" or ""))
+    local sock, token, detail = net.connect(host, cfg.port, {
+      timeout = cfg.timeouts.connect,
+      tls = tls_ctx,
+      servername = self.servername,
+      verify_host = verify,
+      family = cfg.family,
+      bind = cfg.bind,
+    })
+    if not sock then
+      local err = io_error(token, detail, "connect", "connect")
+      err.message = ("connect to %s port %d: %s"):format(host, cfg.port,
+        type(detail) == "string" and detail or token)
+      return nil, token, err
+    end
+    self.sock = sock
+  end
+  self.tls = self.sock:istls()
+  self.helo_name = cfg.helo or local_literal(self.sock)
+  local ok, token, err = self:open()
+  if not ok then
+    self:close()
+    return nil, token, err
+  end
+  return self
+end
+
+--- connect_tls(opts) -> session | nil, token, err
+-- Implicit TLS first (opts.implicit_port, else opts.port, else 465); when
+-- that cannot connect or the TLS handshake fails, required STARTTLS
+-- (opts.starttls_port, else opts.port, else 587). Never plaintext; a
+-- certificate that does not verify is not retried.
+function M.connect_tls(opts)
+  local first = {}
+  for k, v in pairs(opts) do first[k] = v end
+  first.tls = "implicit"
+  first.port = opts.implicit_port or opts.port or 465
+  local conn, token, err = M.connect(first)
+  if conn then
+    return conn
+  end
+  local why = err and err.cause or ""
+  local retry = err and (err.stage == "connect" or err.stage == "greeting")
+    and (token == "refused" or token == "timeout" or token == "closed" or token == "reset" or token == "tls")
+    and not why:find("verif") and not why:find("certificate") and not why:find("mismatch")
+  if not retry then
+    return nil, token, err
+  end
+  local second = {}
+  for k, v in pairs(opts) do second[k] = v end
+  second.tls = "starttls"
+  second.port = opts.starttls_port or opts.port or 587
+  local conn2, token2, err2 = M.connect(second)
+  if not conn2 then
+    err2.implicit_error = err
+    return nil, token2, err2
+  end
+  return conn2
+end
+
+---------------------------------------------------------------------------
+-- Simple commands
+
+--- noop() -> reply | nil, token, err
+function Session:noop()
+  return self:command("NOOP", self.timeouts.command, "noop")
+end
+
+--- rset() -> reply | nil, token, err
+function Session:rset()
+  return self:command("RSET", self.timeouts.command, "rset")
+end
+
+--- close(): QUIT (when the session is sound) and close the socket.
+-- Idempotent; returns true.
+function Session:close()
+  if self.sock and not self.broken then
+    self:trace("C", "QUIT")
+    local sock = self.sock
+    if sock:send("QUIT\r\n", self.timeouts.quit) then
+      local deadline = core.update_now() + self.timeouts.quit
+      self.parser:reset()
+      while true do
+        local remaining = deadline - core.update_now()
+        if remaining <= 0 then break end
+        local line = sock:receiveline(self.max_line, remaining)
+        if not line then break end
+        self:trace("S", line)
+        if not line:find("^%d%d%d%-") then break end
+      end
+    end
+  end
+  if self.sock then
+    self.sock:close()
+    self.sock = nil
+  end
+  if not self.broken then
+    self.broken = io_error("closed", "the session is closed", "QUIT", "closed")
+    self.broken.message = "the session is closed"
+  end
+  return true
+end
+
+--- tlsinfo() -> the socket's TLS details | nil
+function Session:tlsinfo()
+  return self.sock and self.sock:tlsinfo()
+end
+
+---------------------------------------------------------------------------
+-- Sending
+
+-- What MAIL FROM carries for this plan on this session, and whether the
+-- body goes with BDAT. -> mail params, use_bdat | nil, token, err
+function Session:check_plan(plan)
+  local ext = self.extensions
+  local params = {}
+  local src = plan.source
+  if self.max_size and src.size and src.size > self.max_size then
+    return nil, "size", new_error("size", { permanent = true, stage = "prepare",
+      size = src.size, max_size = self.max_size,
+      message = ("message of %d octets is larger than the server's limit of %d"):format(src.size, self.max_size) })
+  end
+  if ext.SIZE and src.size then
+    params[#params + 1] = "SIZE=" .. math.tointeger(src.size)
+  end
+  local use_bdat = false
+  local chunking = plan.chunking
+  if chunking == nil then chunking = self.config.chunking end
+  local kind = src.body_type
+  if kind == "binarymime" then
+    if ext.BINARYMIME and ext.CHUNKING and chunking ~= false then
+      params[#params + 1] = "BODY=BINARYMIME"
+      use_bdat = true
+    elseif not plan.force then
+      return unsupported("BINARYMIME", "the message is binary (NUL bytes) and the server does not offer "
+        .. "BINARYMIME with CHUNKING")
+    else
+      kind = "8bitmime"
+    end
+  end
+  if kind == "8bitmime" then
+    if ext["8BITMIME"] then
+      params[#params + 1] = "BODY=8BITMIME"
+    elseif not plan.force then
+      return unsupported("8BITMIME", "the message has 8-bit content and the server does not offer 8BITMIME")
+    end
+  end
+  if chunking == true and ext.CHUNKING then
+    use_bdat = true
+  end
+  if plan.smtputf8 then
+    if ext.SMTPUTF8 then
+      params[#params + 1] = "SMTPUTF8"
+    elseif not plan.force then
+      return unsupported("SMTPUTF8", "the message needs SMTPUTF8 (non-ASCII addresses) and the server "
+        .. "does not offer it")
+    end
+  end
+  if plan.requiretls then
+    if not (ext.REQUIRETLS and self.sock and self.sock:istls()) then
+      return unsupported("REQUIRETLS", "REQUIRETLS was asked for and the server does not offer it"
+        .. (self.tls and "" or " (no TLS)"))
+    end
+    params[#params + 1] = "REQUIRETLS"
+  end
+  if ext.DSN then
+    if plan.ret then params[#params + 1] = "RET=" .. plan.ret end
+    if plan.envid then params[#params + 1] = "ENVID=" .. plan.envid end
+  end
+  for _, p in ipairs(plan.mail_params) do params[#params + 1] = p end
+  return params, use_bdat
+end
+
+local function rcpt_line(self, rcpt)
+  local parts = { "RCPT TO:<" .. rcpt.address .. ">" }
+  if self.extensions.DSN then
+    if rcpt.notify then parts[#parts + 1] = "NOTIFY=" .. rcpt.notify end
+    if rcpt.orcpt then parts[#parts + 1] = "ORCPT=" .. rcpt.orcpt end
+  end
+  for _, p in ipairs(rcpt.params) do parts[#parts + 1] = p end
+  return table.concat(parts, " ")
+end
+
+-- 452 "too many recipients" (and 552 5.5.3, RFC 5321 4.5.3.1.10): try
+-- the recipient again in another transaction.
+local function too_many(reply)
+  if reply.code == 452 or reply.code == 552 then
+    return reply.enhanced == "4.5.3" or reply.enhanced == "5.5.3"
+      or (reply.text or ""):lower():find("too many recipients") ~= nil
+  end
+  return false
+end
+
+-- Send the body with DATA's dot-stuffing. -> true | nil, token, err
+function Session:send_data_body(read, t)
+  local enc = self.encoder
+  if not enc then
+    enc = body.dot_stuffer()
+    self.encoder = enc
+  end
+  enc:reset()
+  local size = 0
+  while true do
+    local piece, why = read()
+    if piece == nil and why then
+      -- The body could not be read: never send the final dot, so the
+      -- server drops the partial message.
+      return self:fail(new_error("io", { stage = "body", command = "DATA", cause = why,
+        message = "reading the message body failed: " .. why }))
+    end
+    if piece == nil then break end
+    size = size + #piece
+    local out = enc:feed(piece)
+    if #out > 0 then
+      local ok, tk, e = self:write(out, t.data_block, "DATA", "body")
+      if not ok then return nil, tk, e end
+    end
+  end
+  self:trace("C", ("<message body: %d octets>"):format(size))
+  self:trace("C", ".")
+  return self:write(enc:finish(), t.data_block, "DATA", "body")
+end
+
+-- Read the replies after the end of the data: one, or one per accepted
+-- recipient in LMTP. Records them in the entries.
+function Session:read_final(accepted, command, count)
+  local replies = {}
+  for i = 1, count do
+    local reply, tk, e = self:read_reply(self.timeouts.data_end, command, "end")
+    if not reply then return nil, tk, e end
+    replies[i] = reply
+  end
+  if self.lmtp and count == #accepted then
+    for i, entry in ipairs(accepted) do
+      entry.reply = replies[i]
+      entry.ok = replies[i].code >= 200 and replies[i].code < 300
+    end
+  else
+    for _, entry in ipairs(accepted) do
+      entry.reply = replies[count]
+      entry.ok = replies[count].code >= 200 and replies[count].code < 300
+    end
+  end
+  return replies
+end
+
+-- Send the body in BDAT chunks; -> final replies | nil, token, err, and
+-- the failing reply of an earlier chunk if there is one.
+function Session:send_bdat_body(read, binary, accepted)
+  local t = self.timeouts
+  local normalise = not binary and body.crlf_normaliser() or nil
+  local pending, failed, total = 0, nil, 0
+  local pipelining = self.config.pipelining and self.extensions.PIPELINING
+  local function collect(n)
+    for _ = 1, n do
+      local reply, tk, e = self:read_reply(t.data_end, "BDAT", "body")
+      if not reply then return nil, tk, e end
+      pending = pending - 1
+      if reply.code ~= 250 and not failed then failed = reply end
+    end
+    return true
+  end
+  local buf, buffered = {}, 0
+  local function ship(last)
+    local data = table.concat(buf)
+    buf, buffered = {}, 0
+    total = total + #data
+    local cmd = ("BDAT %d%s"):format(#data, last and " LAST" or "")
+    self:trace("C", cmd .. (#data > 0 and (" <%d octets>"):format(#data) or ""))
+    local ok, tk, e = self:write(cmd .. "\r\n" .. data, t.data_block, cmd, "body")
+    if not ok then return nil, tk, e end
+    if last then return true end
+    pending = pending + 1
+    if not pipelining then
+      return collect(pending)
+    elseif pending >= BDAT_WINDOW then
+      return collect(1)
+    end
+    return true
+  end
+  while not failed do
+    local piece, why = read()
+    if piece == nil and why then
+      return self:fail(new_error("io", { stage = "body", command = "BDAT", cause = why,
+        message = "reading the message body failed: " .. why }))
+    end
+    if piece == nil then break end
+    if normalise then piece = normalise(piece) end
+    buf[#buf + 1] = piece
+    buffered = buffered + #piece
+    if buffered >= BDAT_CHUNK then
+      local ok, tk, e = ship(false)
+      if not ok then return nil, tk, e end
+    end
+  end
+  if failed then
+    -- RFC 3030: no more chunks after a refused one; end the transaction.
+    local ok, tk, e = collect(pending)
+    if not ok then return nil, tk, e end
+    local reply
+    reply, tk, e = self:rset()
+    if not reply then return nil, tk, e end
+    return nil, "smtp", failed
+  end
+  if normalise then
+    local tail = normalise(nil)
+    if #tail > 0 then buf[#buf + 1] = tail end
+  end
+  local ok, tk, e = ship(true)
+  if not ok then return nil, tk, e end
+  ok, tk, e = collect(pending)
+  if not ok then return nil, tk, e end
+  local count = (self.lmtp and not failed) and #accepted or 1
+  local replies
+  replies, tk, e = self:read_final(accepted, "BDAT LAST", count)
+  if not replies then return nil, tk, e end
+  if failed then return nil, "smtp", failed end
+  return replies
+end
+
+-- One transaction for a batch of recipient entries.
+-- -> { deferred = {entries}, error = Error | nil } | nil, token, err
+-- (nil for a failure that leaves the session broken). Every entry gets
+-- rcpt_reply, reply and ok as far as the transaction got.
+function Session:transaction(plan, params, use_bdat, batch, more)
+  local t = self.timeouts
+  local pipelining = self.config.pipelining and self.extensions.PIPELINING
+  local group = {}
+  if self.transactions > 0 then
+    group[#group + 1] = { line = "RSET", kind = "rset", timeout = t.command }
+  end
+  local mail = "MAIL FROM:<" .. plan.from .. ">" .. (#params > 0 and (" " .. table.concat(params, " ")) or "")
+  group[#group + 1] = { line = mail, kind = "mail", timeout = t.command }
+  for _, entry in ipairs(batch) do
+    group[#group + 1] = { line = rcpt_line(self, entry.rcpt), kind = "rcpt", entry = entry, timeout = t.command }
+  end
+  if pipelining and not use_bdat then
+    group[#group + 1] = { line = "DATA", kind = "data", timeout = t.data }
+  end
+  self.transactions = self.transactions + 1
+
+  if pipelining then
+    local out = {}
+    for i, g in ipairs(group) do
+      self:trace("C", g.line)
+      out[i] = g.line .. "\r\n"
+    end
+    local ok, tk, e = self:write(table.concat(out), t.command, group[1].line, group[1].kind)
+    if not ok then return nil, tk, e end
+  end
+  local function reply_for(g)
+    if pipelining then
+      return self:read_reply(g.timeout, g.line, g.kind)
+    end
+    return self:command(g.line, g.timeout, g.kind)
+  end
+
+  local tx = { deferred = {} }
+  local failure -- the Error that ends the transaction
+  local accepted = {}
+  local data_reply
+  for _, g in ipairs(group) do
+    if failure and not pipelining then
+      break
+    end
+    local reply, tk, e = reply_for(g)
+    if not reply then return nil, tk, e end
+    if g.kind == "rset" or g.kind == "mail" then
+      if reply.code ~= 250 and not failure then
+        failure = smtp_error(g.line, reply, g.kind)
+      end
+    elseif g.kind == "rcpt" then
+      local entry = g.entry
+      entry.rcpt_reply = reply
+      if failure then
+        entry.reply, entry.ok = reply, false
+      elseif reply.code >= 200 and reply.code < 300 then
+        accepted[#accepted + 1] = entry
+      else
+        entry.reply, entry.ok = reply, false
+        if too_many(reply) then
+          tx.deferred[#tx.deferred + 1] = entry
+        end
+      end
+    elseif g.kind == "data" then
+      data_reply = reply
+    end
+  end
+
+  if failure or #accepted == 0 then
+    if data_reply and data_reply.code == 354 then
+      -- RFC 2920: the server took DATA although nothing can be sent;
+      -- end it with an empty message and ignore the reply.
+      self:trace("C", ".")
+      local ok, tk, e = self:write(".\r\n", t.data_block, "DATA", "data")
+      if not ok then return nil, tk, e end
+      local r
+      r, tk, e = self:read_reply(t.data_end, "DATA", "end")
+      if not r then return nil, tk, e end
+    end
+    if failure then
+      -- MAIL (or RSET) refused: nobody in the batch gets the message
+      for _, entry in ipairs(batch) do
+        entry.ok = false
+        entry.error = failure
+        if entry.reply and entry.reply.code < 300 then entry.reply = nil end
+      end
+    end
+    -- recipients refused as "too many" with nothing accepted: refused
+    tx.deferred = {}
+    tx.error = failure
+    return tx
+  end
+
+  local read, why = plan.source:reader(more or #tx.deferred > 0)
+  if not read then
+    return self:fail(new_error("invalid", { stage = "body", message = why }))
+  end
+  if use_bdat then
+    local replies, tk, e = self:send_bdat_body(read, plan.source.body_type == "binarymime" and not plan.force,
+      accepted)
+    if not replies then
+      if tk == "smtp" and getmetatable(e) ~= Error then
+        -- a refused chunk: e is its reply
+        local err = smtp_error("BDAT", e, "body")
+        for _, entry in ipairs(accepted) do entry.reply, entry.ok = e, false end
+        tx.error = err
+        return tx
+      end
+      return nil, tk, e
+    end
+    tx.final = replies
+  else
+    if not data_reply then
+      local tk, e
+      data_reply, tk, e = self:command("DATA", t.data, "data")
+      if not data_reply then return nil, tk, e end
+    end
+    if data_reply.code ~= 354 then
+      for _, entry in ipairs(accepted) do entry.reply, entry.ok = data_reply, false end
+      tx.error = smtp_error("DATA", data_reply, "data")
+      return tx
+    end
+    local ok, tk, e = self:send_data_body(read, t)
+    if not ok then return nil, tk, e end
+    local replies
+    replies, tk, e = self:read_final(accepted, "end of data", self.lmtp and #accepted or 1)
+    if not replies then return nil, tk, e end
+    tx.final = replies
+  end
+  local last = tx.final[#tx.final]
+  if not self.lmtp and last.code ~= 250 then
+    tx.error = smtp_error("end of data", last, "end")
+  end
+  return tx
+end
+
+local Result = {}
+Result.__index = Result
+
+--- result:recipient(address) -> entry | nil
+function Result:recipient(address)
+  for _, entry in ipairs(self.recipients) do
+    if entry.address == address then return entry end
+  end
+  return nil
+end
+
+local function finish_result(result)
+  result.accepted, result.rejected = {}, {}
+  for _, entry in ipairs(result.recipients) do
+    entry.rcpt = nil
+    if entry.ok then
+      result.accepted[#result.accepted + 1] = entry.address
+    else
+      entry.ok = false
+      local r = entry.reply
+      entry.permanent = (r and r.code >= 500) or (not r and entry.error and entry.error.permanent) or false
+      result.rejected[#result.rejected + 1] = entry.address
+    end
+  end
+  result.ok = #result.rejected == 0
+  return result
+end
+
+--- send(msg) -> result | nil, token, err
+-- msg: from ("" for the null sender), to (an address, or a list of
+-- addresses or {address=, notify=, orcpt=, params=}), body (string, file,
+-- or function returning chunks; message = an alias), size (a hint for
+-- function bodies), body_type ("7bit", "8bitmime", "binarymime";
+-- detected for strings and seekable files), smtputf8, requiretls,
+-- dsn = {ret=, envid=, notify=, orcpt=true}, mail_params = {KEY=value},
+-- force (send although the server lacks 8BITMIME/SMTPUTF8/BINARYMIME),
+-- chunking (overrides the session's option for this message).
+--
+-- result: { ok (every recipient accepted), accepted = {addresses},
+-- rejected = {addresses}, recipients = { {address=, ok=, reply=,
+-- rcpt_reply=, permanent=, error=}, ... } in the order given,
+-- replies = final replies, transactions = n, recipient(addr) }.
+-- When no recipient was accepted: nil, token, err with err.result.
+function Session:send(msg)
+  local ok, t, e = self:check()
+  if not ok then return nil, t, e end
+  local plan
+  plan, t, e = build_plan(msg)
+  if not plan then return nil, t, e end
+  return self:send_plan(plan)
+end
+
+function Session:send_plan(plan)
+  local ok, t, e = self:check()
+  if not ok then return nil, t, e end
+  local params, use_bdat, err0 = self:check_plan(plan)
+  if not params then return nil, use_bdat, err0 end
+
+  local result = setmetatable({ recipients = {}, replies = {}, transactions = 0 }, Result)
+  for i, rcpt in ipairs(plan.recipients) do
+    result.recipients[i] = { address = rcpt.address, rcpt = rcpt, ok = false }
+  end
+  -- batches of at most RCPTMAX (LIMITS, RFC 9422)
+  local max = self.limits.RCPTMAX
+  local queue = {}
+  local batch = {}
+  for _, entry in ipairs(result.recipients) do
+    batch[#batch + 1] = entry
+    if max and #batch >= max then
+      queue[#queue + 1] = batch
+      batch = {}
+    end
+  end
+  if #batch > 0 then queue[#queue + 1] = batch end
+
+  local last_error
+  self.messages = self.messages + 1
+  while #queue > 0 do
+    local current = table.remove(queue, 1)
+    local tx, _, err = self:transaction(plan, params, use_bdat, current, #queue > 0)
+    result.transactions = result.transactions + 1
+    if not tx then
+      -- broken session: everything not yet accepted fails with err
+      for _, q in ipairs({ current, table.unpack(queue) }) do
+        for _, entry in ipairs(q) do
+          if not entry.ok then
+            entry.error = entry.error or err
+            if entry.rcpt_reply and entry.rcpt_reply.code < 300 then entry.reply = nil end
+          end
+        end
+      end
+      last_error = err
+      result.error = err
+      break
+    end
+    for _, r in ipairs(tx.final or {}) do result.replies[#result.replies + 1] = r end
+    result.reply = tx.final and tx.final[#tx.final] or result.reply
+    if tx.error then
+      last_error = tx.error
+      for _, entry in ipairs(current) do
+        if not entry.ok and not entry.reply then entry.error = tx.error end
+      end
+    end
+    if #tx.deferred > 0 then
+      for _, entry in ipairs(tx.deferred) do entry.reply, entry.rcpt_reply = nil, nil end
+      table.insert(queue, 1, tx.deferred)
+    end
+    if tx.error and tx.error.stage ~= "end" and tx.error.stage ~= "data" and tx.error.stage ~= "body" then
+      -- MAIL or RSET refused: the other batches would fare no better
+      for _, q in ipairs(queue) do
+        for _, entry in ipairs(q) do entry.error = tx.error end
+      end
+      break
+    end
+  end
+  finish_result(result)
+  if #result.accepted > 0 then
+    return result
+  end
+  local err = last_error
+  if not err then
+    -- every recipient was refused at RCPT
+    local first = result.recipients[1].reply
+    local permanent = true
+    for _, entry in ipairs(result.recipients) do
+      if not entry.permanent then permanent = false end
+    end
+    err = smtp_error("RCPT TO", first, "rcpt")
+    err.permanent = permanent
+    err.message = "every recipient was refused; " .. (#result.recipients == 1 and ("RCPT TO:<"
+      .. result.recipients[1].address .. ">: " .. reply_text(first)) or ("first: <" .. result.recipients[1].address
+      .. ">: " .. reply_text(first)))
+  end
+  err.result = result
+  return nil, err.token, err
+end
+
+---------------------------------------------------------------------------
+-- One-shot
+
+--- send(opts) -> result | nil, token, err
+-- connect(opts), session:send(opts), close: opts holds both the
+-- connection options and the message.
+function M.send(opts)
+  assert(type(opts) == "table", "client.send needs an options table")
+  local plan, t, e = build_plan(opts)
+  if not plan then return nil, t, e end
+  local conn
+  conn, t, e = M.connect(opts)
+  if not conn then return nil, t, e end
+  local res, token, err = conn:send_plan(plan)
+  conn:close()
+  return res, token, err
+end
+
+--- pool(opts) -> pool (see luasmtp.client.pool)
+function M.pool(opts)
+  return require("luasmtp.client.pool").new(opts, M)
+end
+
+return M

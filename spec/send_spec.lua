@@ -1,0 +1,217 @@
+-- `luasmtp send`: the sendmail-compatible command, run as a separate
+-- process against aiosmtpd and the scripted server of spec/fake_smtp.lua.
+local luasmtp = require "luasmtp"
+local H = require "spec.helper"
+local fake = require "spec.fake_smtp"
+
+local function shquote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+local runs = 0
+
+--- Run `luasmtp send ARGS` (inside a task) with input on stdin and env
+-- (a table; LUASMTP_PASSWORD is unset unless given). -> status, stdout, stderr
+local function send(args, input, env)
+  os.execute("mkdir -p " .. shquote(fake.TMP))
+  runs = runs + 1
+  local base = ("%s/send-%d-%d"):format(fake.TMP, math.floor(luasmtp.time()), runs)
+  local f = assert(io.open(base .. ".in", "wb"))
+  f:write(input or "")
+  f:close()
+  local vars = { "env -u LUASMTP_PASSWORD" }
+  for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. shquote(v) end
+  local cmd = ("%s timeout 20 lua5.4 %s send %s < %s > %s 2> %s; echo $? > %s"):format(
+    table.concat(vars, " "), shquote(H.root .. "/bin/luasmtp"), args, shquote(base .. ".in"),
+    shquote(base .. ".out"), shquote(base .. ".err"), shquote(base .. ".status"))
+  fake.external("sh -c " .. shquote(cmd))
+  -- the status file appears when the command is done (polling it is
+  -- quicker than waiting for the process to be reaped)
+  local deadline = luasmtp.update_now() + 25
+  local status
+  repeat
+    luasmtp.sleep(0.02)
+    local sf = io.open(base .. ".status")
+    if sf then
+      status = math.tointeger(tonumber(sf:read("a")))
+      sf:close()
+    end
+  until status or luasmtp.update_now() > deadline
+  assert(status, "luasmtp send did not finish")
+  return status, H.readfile(base .. ".out"), H.readfile(base .. ".err")
+end
+
+local function cafile()
+  return shquote(H.certs() .. "/ca.pem")
+end
+
+local function password_file(pw)
+  os.execute("mkdir -p " .. shquote(fake.TMP))
+  local path = fake.TMP .. "/password"
+  local f = assert(io.open(path, "w"))
+  f:write(pw, "\n")
+  f:close()
+  return shquote(path)
+end
+
+local MESSAGE = table.concat({
+  "From: Alice <alice@client.test>",
+  "To: Bob <bob@dest.test>, \"Carol, C.\" <carol@dest.test>",
+  "Cc: team: dave@dest.test, (a comment) erin@dest.test;",
+  "Bcc: hidden@dest.test,",
+  "  other-hidden@dest.test",
+  "Subject: acceptance",
+  "",
+  "Hello.",
+  ".",
+  "Still the body with -i.",
+  "",
+}, "\n")
+
+describe("luasmtp send", function()
+  after_each(function()
+    fake.cleanup()
+    H.assert_no_leaks()
+  end)
+
+  it("delivers over STARTTLS with AUTH, recipients from the headers, Bcc removed", function()
+    H.run(function()
+      local port, log = fake.aiosmtpd("--tls starttls --user alice:pw0rd --auth-required")
+      local status, _, err = send(("--server localhost:%d --tls starttls --cafile %s --user alice "
+        .. "--password-file %s -t -i -f alice@client.test"):format(port, cafile(), password_file("pw0rd")), MESSAGE)
+      assert.equal(0, status, err)
+      local msgs = fake.messages(log)
+      assert.equal(1, #msgs)
+      local m = msgs[1]
+      assert.equal("alice@client.test", m.from)
+      assert.same({ "bob@dest.test", "carol@dest.test", "dave@dest.test", "erin@dest.test",
+        "hidden@dest.test", "other-hidden@dest.test" }, m.to)
+      assert.equal("alice", m.user)
+      assert.is_true(m.tls)
+      assert.is_nil(m.data:find("Bcc", 1, true))
+      assert.is_nil(m.data:find("hidden", 1, true))
+      assert.truthy(m.data:find("\r\n.\r\nStill the body with -i.\r\n", 1, true))
+      assert.truthy(m.data:find("^From: Alice"))
+    end, 20)
+  end)
+
+  it("delivers over implicit TLS with the password from the environment", function()
+    H.run(function()
+      local port, log = fake.aiosmtpd("--tls implicit --user bob:secret")
+      local status, _, err = send(("--server localhost:%d --tls implicit --cafile %s --user bob bob@dest.test")
+        :format(port, cafile()), "Subject: implicit\n\nhi\n", { LUASMTP_PASSWORD = "secret" })
+      assert.equal(0, status, err)
+      local msgs = fake.messages(log)
+      assert.equal(1, #msgs)
+      assert.equal("bob", msgs[1].user)
+      assert.same({ "bob@dest.test" }, msgs[1].to)
+      -- the envelope sender comes from the From: header when -f is not given
+      status = send(("--server localhost:%d --tls implicit --cafile %s --user bob bob@dest.test")
+        :format(port, cafile()), "From: Some One <one@client.test>\n\nhi\n", { LUASMTP_PASSWORD = "secret" })
+      assert.equal(0, status)
+      assert.equal("one@client.test", fake.messages(log)[2].from)
+    end, 20)
+  end)
+
+  it("exits 69 on 5xx and 75 on 4xx, naming each refused recipient", function()
+    H.run(function()
+      local port, log = fake.aiosmtpd("")
+      local base = ("--server 127.0.0.1:%d --tls none -f s@client.test "):format(port)
+      local status, _, err = send(base .. "ok@dest.test reject-me@dest.test", "Subject: x\n\nx\n")
+      assert.equal(69, status)
+      assert.matches("<reject%-me@dest.test>: 550 5.1.1 No such user here", err)
+      assert.is_nil(err:find("ok@dest.test", 1, true))
+      assert.same({ "ok@dest.test" }, fake.messages(log)[1].to)
+      status, _, err = send(base .. "busy@dest.test", "x\n")
+      assert.equal(75, status)
+      assert.matches("<busy@dest.test>: 450 4.2.1", err)
+      status, _, err = send(base:gsub("s@client", "tempfail@client") .. "a@dest.test", "x\n")
+      assert.equal(75, status)
+      assert.matches("451 4.3.0 Try again later", err)
+      status, _, err = send(base:gsub("s@client", "permfail@client") .. "a@dest.test", "x\n")
+      assert.equal(69, status)
+      assert.matches("554 5.6.0 Message refused", err)
+    end, 30)
+  end)
+
+  it("exits 77 when the password is refused and masks it in the transcript", function()
+    H.run(function()
+      local port = fake.aiosmtpd("--tls starttls --user alice:right")
+      local status, _, err = send(("-v --server localhost:%d --cafile %s --user alice a@dest.test")
+        :format(port, cafile()), "x\n", { LUASMTP_PASSWORD = "wrong-secret" })
+      assert.equal(77, status)
+      assert.matches(">>> AUTH PLAIN <credentials hidden>", err, 1, true)
+      assert.matches("<<< 535", err, 1, true)
+      assert.is_nil(err:find("wrong-secret", 1, true))
+      assert.is_nil(err:find(luasmtp.crypto.b64encode("\0alice\0wrong-secret"), 1, true))
+    end, 20)
+  end)
+
+  it("exits 64 on usage errors and 65 on bad messages", function()
+    H.run(function()
+      assert.equal(64, (send("--bogus a@dest.test", "x\n")))
+      assert.equal(64, (send("--server 127.0.0.1:1 --tls none", "x\n"))) -- no recipients
+      assert.equal(64, (send("--user me --server 127.0.0.1:1 a@dest.test", "x\n"))) -- no password
+      assert.equal(64, (send("--tls sometimes a@dest.test", "x\n")))
+      local status, out = send("--help", "")
+      assert.equal(0, status)
+      assert.matches("usage: luasmtp send", out)
+      local srv, port, log = fake.start {}
+      local status2, _, err = send(("--server 127.0.0.1:%d --tls none -t"):format(port), "Subject: none\n\nx\n")
+      assert.equal(65, status2)
+      assert.matches("no recipients", err)
+      status2 = send(("--server 127.0.0.1:%d --tls none -t"):format(port), "To: <a\1b@dest.test>\n\nx\n")
+      assert.equal(65, status2)
+      assert.is_nil(next(log.messages))
+      srv:close()
+    end, 20)
+  end)
+
+  it("ends the message at a lone dot without -i", function()
+    H.run(function()
+      local srv, port, log = fake.start {}
+      local status = send(("--server 127.0.0.1:%d --tls none a@dest.test"):format(port),
+        "Subject: dot\n\nbefore\n.\nafter\n")
+      assert.equal(0, status)
+      assert.equal("Subject: dot\r\n\r\nbefore\r\n", log.messages[1].body)
+      srv:close()
+    end, 20)
+  end)
+
+  it("exits 75 on network and TLS failures, 69 without STARTTLS, 76 on protocol errors", function()
+    H.run(function()
+      local closed = H.free_port()
+      assert.equal(75, (send(("--server 127.0.0.1:%d --tls none a@dest.test"):format(closed), "x\n")))
+      local srv, port = fake.start { tls = luasmtp.tls.context { mode = "server",
+        certificate = H.certs() .. "/server.pem", key = H.certs() .. "/server.key" } }
+      -- the test CA is not in the system store: verification fails
+      local status, _, err = send(("--server localhost:%d a@dest.test"):format(port), "x\n")
+      assert.equal(75, status)
+      assert.matches("issuer", err)
+      assert.equal(0, (send(("--server localhost:%d --insecure a@dest.test"):format(port), "x\n")))
+      srv:close()
+      srv, port = fake.start {}
+      status, _, err = send(("--server 127.0.0.1:%d a@dest.test"):format(port), "x\n")
+      assert.equal(69, status)
+      assert.matches("STARTTLS", err)
+      srv:close()
+      srv, port = fake.start { greeting = "hello, I am not SMTP" }
+      assert.equal(76, (send(("--server 127.0.0.1:%d --tls none a@dest.test"):format(port), "x\n")))
+      srv:close()
+    end, 30)
+  end)
+
+  it("speaks LMTP with --lmtp", function()
+    H.run(function()
+      local srv, port, log = fake.start { lmtp = true, data = function(_, rcpt)
+        if rcpt:find("^full") then return "452 4.2.2 Mailbox full" end
+      end }
+      local status, _, err = send(("--server 127.0.0.1:%d --tls none --lmtp --helo me.test a@dest.test "
+        .. "full@dest.test"):format(port), "x\n")
+      assert.equal(75, status)
+      assert.matches("<full@dest.test>: 452 4.2.2 Mailbox full", err)
+      assert.equal("LHLO me.test", log.commands[1])
+      srv:close()
+    end, 20)
+  end)
+end)
