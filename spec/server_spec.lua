@@ -302,6 +302,18 @@ describe("SMTP server", function()
     end)
   end)
 
+  it("answers 421 past the global connection limit", function()
+    H.run(function()
+      local srv, port = start { limits = { max_connections = 1 } }
+      local a = raw(port)
+      assert.equal("220", (a.reply()))
+      local b = raw(port)
+      assert.equal("421", (b.reply()))
+      a.close() b.close()
+      srv:close()
+    end)
+  end)
+
   it("times out idle clients with 421", function()
     H.run(function()
       local srv, port = start { timeouts = { command = 0.1 } }

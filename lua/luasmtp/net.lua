@@ -171,7 +171,9 @@ end
 --   tls_timeout      seconds for that handshake (10)
 --   max_connections  connections handled at once; more are closed at
 --                    once (default 1000)
---   on_refused       function(conn, reason) called for refused connections
+--   on_refused       function(conn, reason, sock) called for refused connections
+--                    (sock, when given, is closed right after; send() on it
+--                    queues a last reply)
 -- server.addresses lists {address, port} of each listener.
 function M.serve(opts)
   assert(type(opts) == "table", "serve needs an options table")
@@ -225,10 +227,11 @@ function M.serve(opts)
           local_port = lport,
         }
         if server.active >= server.max_connections then
-          sock:close()
           if opts.on_refused then
-            opts.on_refused(conn, "too many connections")
+            -- the callback may queue a last word; it must not wait
+            opts.on_refused(conn, "too many connections", sock)
           end
+          sock:close()
         else
           core.spawn(handle, sock, conn)
         end

@@ -970,8 +970,11 @@ function M.new(opts)
         self.active = self.active - 1
         sock:flush(1)
       end,
-      on_refused = function(conn, reason)
+      on_refused = function(conn, reason, sock)
         self.logger("info", ("refused %s: %s"):format(conn.peer_address, reason))
+        if sock then
+          sock:send(core.format_reply(421, "4.7.0", config.hostname .. " Too many connections, try later"))
+        end
       end,
     }
     if not srv then
