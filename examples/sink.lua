@@ -18,7 +18,7 @@ local srv = assert(server.new {
   hostname = "sink.localhost",
   received_header = false,
   limits = { max_connections_per_ip = 10000, max_messages_per_connection = 1000000 },
-  logger = function(level, msg) if level == "error" then io.stderr:write(msg, "\n") end end,
+  log_level = "error",
   hooks = {
     on_mail = function() counts.mail = counts.mail + 1 end,
     on_rcpt = function() counts.rcpt = counts.rcpt + 1 end,

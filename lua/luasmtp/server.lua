@@ -68,6 +68,7 @@ local DEFAULTS = {
   received_header = true,
   spool_threshold = 1024 * 1024, -- bodies larger than this go to a temporary file
   bare_newlines = "reject", -- or "normalise"
+  log_level = "info", -- least important level passed to the logger
   strict_helo = false, -- true: EHLO/HELO must name a valid domain or address literal
   allow_plaintext_auth = false,
   auth_failure_delay = 1.0,
@@ -145,9 +146,11 @@ function Session:send_reply(code, enhanced, text)
   return self.sock:send(core.format_reply(code, enhanced, text or ""))
 end
 
+local LOG_LEVELS = { debug = 1, info = 2, warning = 3, error = 4 }
+
 function Session:log(level, fmt, ...)
   local logger = self.server.logger
-  if logger then
+  if logger and LOG_LEVELS[level] >= self.server.log_level then
     logger(level, ("[%s] " .. fmt):format(self.id, ...))
   end
 end
@@ -922,8 +925,9 @@ function M.new(opts)
     self.sasl = sasl
   end
   self.logger = config.logger or function(level, msg)
-    if level ~= "debug" then io.stderr:write(level, ": ", msg, "\n") end
+    io.stderr:write(level, ": ", msg, "\n")
   end
+  self.log_level = assert(LOG_LEVELS[config.log_level], "log_level must be debug, info, warning or error")
   if config.proxy then
     local relay = require "luasmtp.relay"
     local nets = {}
