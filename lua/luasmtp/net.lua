@@ -194,12 +194,7 @@ function M.serve(opts)
     server.addresses[i] = { address = addr, port = port }
   end
 
-  local function handle(sock, conn)
-    local _ <close> = sock
-    server.active = server.active + 1
-    local _ <close> = setmetatable({}, { __close = function()
-      server.active = server.active - 1
-    end })
+  local function serve_one(sock, conn)
     if opts.tls then
       local ok, terr, tdetail = sock:starttls(opts.tls, { timeout = opts.tls_timeout or 10 })
       if not ok then
@@ -210,6 +205,16 @@ function M.serve(opts)
       end
     end
     opts.handler(sock, conn)
+  end
+
+  local function handle(sock, conn)
+    server.active = server.active + 1
+    local ok, err = xpcall(serve_one, debug.traceback, sock, conn)
+    server.active = server.active - 1
+    sock:close()
+    if not ok then
+      error(err, 0) -- reported by the task error handler, traceback included
+    end
   end
 
   local function accept_loop(l)
