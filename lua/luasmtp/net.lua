@@ -209,11 +209,11 @@ function M.serve(opts)
 
   local function handle(sock, conn)
     server.active = server.active + 1
-    local ok, err = xpcall(serve_one, debug.traceback, sock, conn)
+    local ok, failure = xpcall(serve_one, debug.traceback, sock, conn)
     server.active = server.active - 1
     sock:close()
     if not ok then
-      error(err, 0) -- reported by the task error handler, traceback included
+      error(failure, 0) -- reported by the task error handler, traceback included
     end
   end
 
