@@ -10,9 +10,25 @@ local function usage_error(message)
   error({ usage = true, message = message }, 0)
 end
 
-function M.parse(argv, spec)
+--- parse(argv, spec [, short]) -> opts, rest
+-- spec kinds: "string", "number" (positive), "list" (comma separated),
+-- "flag". short(arg, take_value), when given, handles every other
+-- argument that starts with "-" (sendmail-style options); take_value(name,
+-- attached) returns the option's value: the attached text or the next
+-- argument.
+function M.usage_error(message)
+  usage_error(message)
+end
+
+function M.parse(argv, spec, short)
   local opts, rest = {}, {}
   local i = 1
+  local function take_value(name, attached)
+    if attached and attached ~= "" then return attached end
+    i = i + 1
+    if argv[i] == nil then usage_error(name .. " needs a value") end
+    return argv[i]
+  end
   while argv[i] do
     local a = argv[i]
     if a == "--" then
@@ -35,6 +51,7 @@ function M.parse(argv, spec)
         end
         if kind == "number" then
           value = tonumber(value) or usage_error("--" .. name .. " needs a number")
+          if value <= 0 then usage_error("--" .. name .. " must be positive") end
         elseif kind == "list" then
           local list = {}
           for item in value:gmatch("[^,%s]+") do list[#list + 1] = item end
@@ -42,6 +59,8 @@ function M.parse(argv, spec)
         end
         opts[name] = value
       end
+    elseif short and a:sub(1, 1) == "-" and a ~= "-" then
+      short(a, take_value, opts)
     else
       rest[#rest + 1] = a
     end

@@ -10,6 +10,7 @@
 -- 76 protocol error; 77 authentication refused. With some recipients
 -- refused: 69 when one was refused permanently, else 75. Each refused
 -- recipient is reported on standard error with the server's reply.
+local getopt = require "luasmtp.getopt"
 local client = require "luasmtp.client"
 
 local M = {}
@@ -53,70 +54,39 @@ local LONG = {
 
 local IGNORED = { ["-bm"] = true, ["-em"] = true, ["-U"] = true, ["-m"] = true }
 
-local function usage_error(message)
-  error({ usage = true, message = message }, 0)
+local usage_error = getopt.usage_error
+
+-- sendmail's short options (-f, -t, -i, -oi, ...).
+local function short_option(a, take_value, opts)
+  if a:match("^%-[tiv]+$") then
+    for c in a:sub(2):gmatch(".") do
+      if c == "t" then opts.t = true elseif c == "i" then opts.i = true else opts.v = true end
+    end
+  elseif a:match("^%-[frFNRVB]") then
+    local letter, attached = a:sub(2, 2), a:sub(3)
+    local v = take_value("-" .. letter, attached)
+    if letter == "f" or letter == "r" then
+      opts.from = v
+    elseif letter == "N" then
+      opts.notify = v
+    elseif letter == "R" then
+      opts.ret = v
+    elseif letter == "V" then
+      opts.envid = v
+    end -- -F full name and -B body type: accepted, ignored
+  elseif a:match("^%-o") then
+    if a == "-oi" then opts.i = true end -- -oem, -odi, -oee...: ignored
+  elseif IGNORED[a] then
+    opts.ignored = true -- sendmail's defaults or no-ops
+  else
+    usage_error("unknown option " .. a)
+  end
 end
 
 -- Split argv into long options, sendmail options and recipients.
 local function parse_args(args)
-  local opts = { rcpts = {} }
-  local i = 1
-  local function value(name, attached)
-    if attached and attached ~= "" then return attached end
-    i = i + 1
-    local v = args[i]
-    if v == nil then usage_error(name .. " needs a value") end
-    return v
-  end
-  while args[i] do
-    local a = args[i]
-    if a == "--" then
-      for j = i + 1, #args do opts.rcpts[#opts.rcpts + 1] = args[j] end
-      break
-    end
-    local name, val = a:match("^%-%-([%w%-]+)=(.*)$")
-    name = name or a:match("^%-%-([%w%-]+)$")
-    if name then
-      local kind = LONG[name]
-      if not kind then usage_error("unknown option --" .. name) end
-      if kind == "flag" then
-        if val then usage_error("--" .. name .. " takes no value") end
-        opts[name] = true
-      else
-        val = val or value("--" .. name)
-        if kind == "number" then
-          val = tonumber(val) or usage_error("--" .. name .. " needs a number")
-          if val <= 0 then usage_error("--" .. name .. " must be positive") end
-        end
-        opts[name] = val
-      end
-    elseif a:match("^%-[tiv]+$") then
-      for c in a:sub(2):gmatch(".") do
-        if c == "t" then opts.t = true elseif c == "i" then opts.i = true else opts.v = true end
-      end
-    elseif a:match("^%-[frFNRVB]") then
-      local letter, attached = a:sub(2, 2), a:sub(3)
-      local v = value("-" .. letter, attached)
-      if letter == "f" or letter == "r" then
-        opts.from = v
-      elseif letter == "N" then
-        opts.notify = v
-      elseif letter == "R" then
-        opts.ret = v
-      elseif letter == "V" then
-        opts.envid = v
-      end -- -F full name and -B body type: accepted, ignored
-    elseif a:match("^%-o") then
-      if a == "-oi" then opts.i = true end -- -oem, -odi, -oee...: ignored
-    elseif IGNORED[a] then
-      opts.ignored = true -- sendmail's defaults or no-ops
-    elseif a:sub(1, 1) == "-" and a ~= "-" then
-      usage_error("unknown option " .. a)
-    else
-      opts.rcpts[#opts.rcpts + 1] = a
-    end
-    i = i + 1
-  end
+  local opts, rcpts = getopt.parse(args, LONG, short_option)
+  opts.rcpts = rcpts
   return opts
 end
 
