@@ -14,6 +14,7 @@
 -- ClientProof = ClientKey XOR HMAC(StoredKey, AuthMessage)
 -- ServerSignature = HMAC(ServerKey, AuthMessage)
 local core = require "luasmtp.core"
+local credentials = require "luasmtp.credentials"
 local gs2 = require "luasmtp.sasl.gs2"
 local saslprep = require "luasmtp.sasl.saslprep"
 
@@ -277,18 +278,13 @@ end
 local Server = {}
 Server.__index = Server
 
-local fake_secret
-
---- Keys for a user the verifier does not know: the salt is stable per
--- user (so it does not tell the user does not exist), the keys random.
-local function fake_keys(mech, user, iterations, size)
-  fake_secret = fake_secret or core.random(32)
-  return {
-    salt = hmac("sha256", fake_secret, mech .. "\0" .. user):sub(1, 16),
-    iterations = iterations,
-    stored_key = core.random(size),
-    server_key = core.random(size),
-  }, true
+--- Keys for a user the verifier does not know (see
+-- credentials.fake_scram_keys), with the iteration count the policy
+-- says the real entries use.
+local function fake_keys(mech, user, iterations)
+  local keys = credentials.fake_scram_keys(user, mech)
+  keys.iterations = iterations
+  return keys, true
 end
 
 --- server(ctx) -> object with :step(msg) (see luasmtp.sasl)
@@ -353,7 +349,7 @@ function Server:_first(msg)
   end
   local a = self.algorithm
   if keys == nil then
-    keys, fake = fake_keys(self.base, prepared, policy.scram_iterations or 4096, a.size)
+    keys, fake = fake_keys(self.base, prepared, policy.scram_iterations or 4096)
   end
   assert(type(keys) == "table" and type(keys.salt) == "string" and #keys.salt > 0
     and math.type(keys.iterations) == "integer" and keys.iterations >= 1
