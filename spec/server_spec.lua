@@ -532,6 +532,33 @@ describe("SMTP server", function()
         assert.equal(0, #messages)
       end)
     end)
+
+    it("drops a client that never does the handshake within tls_handshake, also when idle", function()
+      local sctx = H.tls_contexts()
+      local t0 = luasmtp.update_now()
+      H.run_blocking(function()
+        local gone = luasmtp.cond()
+        local srv, port = start { tls = sctx, timeouts = { tls_handshake = 1 },
+          hooks = { on_disconnect = function() gone:signal() end } }
+        local c = raw(port)
+        -- luasmtp.run() only returns once the server and the client are
+        -- closed, also when an assertion fails
+        local ok, err = pcall(function()
+          -- The client reads nothing until the server has given up: no
+          -- event in this process can wake the loop in the meantime.
+          c.sock:send("EHLO client.test\r\nSTARTTLS\r\n")
+          assert.is_true(gone:wait(10), "the stalled handshake was not timed out")
+          assert.equal("220", (c.reply()))
+          assert.equal("250", (c.reply()))
+          assert.equal("220", (c.reply()))
+          assert.is_nil(c.reply())
+        end)
+        c.close()
+        srv:close()
+        assert(ok, err)
+      end)
+      assert.is_true(luasmtp.update_now() - t0 < 10)
+    end)
   end)
 
   describe("with real clients", function()

@@ -249,6 +249,33 @@ describe("TLS", function()
     end)
   end)
 
+  it("times out a stalled server handshake while the loop is otherwise idle", function()
+    -- The reply before the handshake is queued, so the flush before the
+    -- poll finishes it while the handshake already waits: that must
+    -- neither cancel the handshake's deadline nor leave a task ready
+    -- while the loop blocks. Nothing else happens meanwhile: the client
+    -- reads only once the server has given up.
+    local sctx = H.tls_contexts()
+    local t0 = luasmtp.update_now()
+    H.run_blocking(function()
+      local c, s = H.tcp_pair()
+      local st = luasmtp.spawn(function()
+        s:send("220 ready\r\n")
+        return s:starttls(sctx, { timeout = 1 })
+      end)
+      local joined, ok, err = st:join(10)
+      assert.is_true(joined, "the handshake was not timed out")
+      assert.is_nil(ok)
+      assert.equal("timeout", err)
+      assert.equal("220 ready", (c:receiveline(nil, 10)))
+      local line, cerr = c:receiveline(nil, 10)
+      assert.is_nil(line)
+      assert.equal("closed", cerr)
+      c:close()
+    end)
+    assert.is_true(luasmtp.update_now() - t0 < 10)
+  end)
+
   describe("with openssl as the peer", function()
     it("our client talks to openssl s_server", function()
       H.run(function()

@@ -107,15 +107,35 @@ double ls_now(ls_loop *loop);
  * not possible here (C-call boundary, foreign coroutine, error handler). */
 ls_task *ls_current(lua_State *L, ls_loop *loop);
 
+/* One wait of one task: an object that wakes waiters (a socket's reader
+ * and writer slots, a listener) keeps one per slot. A wake-up through it
+ * reaches that wait only: once the task has moved on to another wait
+ * (with its own deadline) the generation differs and the wake-up is
+ * refused. */
+typedef struct ls_waitref {
+    ls_task *task; /* NULL: no wait registered */
+    unsigned gen;
+} ls_waitref;
+
 /* Wait until fd (if >= 0) is ready for `events` (EV_READ/EV_WRITE), or
- * the task is woken by ls_wake(), or the deadline (absolute, ls_now()
- * time; < 0 for none) passes. `t` must be ls_current(L, loop). */
+ * the task is woken by ls_wake()/ls_wake_ref(), or the deadline
+ * (absolute, ls_now() time; < 0 for none) passes. `t` must be
+ * ls_current(L, loop). The wait owns its timer: only its own deadline,
+ * its own fd or a wake-up meant for it ends it. When slot is not NULL it
+ * is set to this wait before the task yields; the caller clears it with
+ * ls_waitref_clear() once the wait is over. */
 int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
-            double deadline, lua_KContext ctx, lua_KFunction k);
+            double deadline, ls_waitref *slot, lua_KContext ctx, lua_KFunction k);
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
-/* Wake a waiting task (stale or repeated wakes are ignored). */
+/* Wake a waiting task (stale or repeated wakes are ignored). For waits
+ * kept in a list that the wake-up unlinks (conditions, joiners, signal
+ * waiters), or the task's own watchers. */
 void ls_wake(ls_loop *loop, ls_task *t, int result);
+/* Wake the wait recorded in ref, if that task still waits in it. */
+void ls_wake_ref(ls_loop *loop, const ls_waitref *ref, int result);
+static inline int ls_waitref_busy(const ls_waitref *ref) { return ref->task != NULL; }
+static inline void ls_waitref_clear(ls_waitref *ref) { ref->task = NULL; }
 
 /* Deferred flushing: sockets with pending output register here and are
  * flushed before the loop blocks (so writes made in one pass of the

@@ -44,7 +44,8 @@ typedef struct ls_socket {
     ls_loop *loop;
     ls_buf rbuf, wbuf;
     SSL *ssl;
-    ls_task *reader, *writer;   /* tasks waiting on this socket */
+    ls_waitref reader, writer;  /* the waits of the tasks using this socket */
+    int handshaking;            /* starttls in progress: no other reader or writer */
     double t_connect, t_read, t_write;
     double rdeadline, wdeadline;
     size_t maxline, sndlimit;
@@ -60,7 +61,7 @@ typedef struct ls_socket {
 typedef struct ls_listener {
     int fd;
     ls_loop *loop;
-    ls_task *acceptor;
+    ls_waitref acceptor;
 } ls_listener;
 
 /* ------------------------------------------------------------------ */
@@ -232,15 +233,13 @@ static void background_flush(ls_socket *s)
     int rc = write_some(s, &err);
     if (rc == LS_IO_OK) {
         wio_stop(s);
-        if (s->writer)
-            ls_wake(s->loop, s->writer, LS_WAKE_READY);
+        ls_wake_ref(s->loop, &s->writer, LS_WAKE_READY);
         return;
     }
     if (rc == LS_IO_ERROR) {
         set_werr(s, &err);
         wio_stop(s);
-        if (s->writer)
-            ls_wake(s->loop, s->writer, LS_WAKE_READY);
+        ls_wake_ref(s->loop, &s->writer, LS_WAKE_READY);
         return;
     }
     int ev = rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE;
@@ -316,10 +315,8 @@ static void socket_destroy(ls_socket *s)
     ls_buf_free(&s->rbuf);
     ls_buf_free(&s->wbuf);
     ls_live[LS_COUNT_SOCKETS]--;
-    if (s->reader)
-        ls_wake(s->loop, s->reader, LS_WAKE_CLOSED);
-    if (s->writer)
-        ls_wake(s->loop, s->writer, LS_WAKE_CLOSED);
+    ls_wake_ref(s->loop, &s->reader, LS_WAKE_CLOSED);
+    ls_wake_ref(s->loop, &s->writer, LS_WAKE_CLOSED);
 }
 
 static int l_sock_close(lua_State *L)
@@ -464,7 +461,7 @@ static int push_partial_error(lua_State *L, ls_socket *s, const char *token)
  * data as the third value). */
 static int after_read_wait(lua_State *L, ls_socket *s, int r, int with_partial)
 {
-    s->reader = NULL;
+    ls_waitref_clear(&s->reader);
     if (r == LS_WAKE_CLOSED || s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (r == LS_WAKE_TIMEOUT)
@@ -496,9 +493,8 @@ static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext 
         return ls_pusherror(L, s->rerr, s->rerr_detail);
     }
     ls_task *t = ls_current(L, s->loop);
-    s->reader = t;
     int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ, s->rdeadline,
-                    ctx, k);
+                    &s->reader, ctx, k);
     return after_read_wait(L, s, r, with_partial);
 }
 
@@ -526,7 +522,7 @@ static int start_read(lua_State *L, int op, int timeout_idx)
     ls_socket *s = check_socket(L, 1);
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (s->reader)
+    if (ls_waitref_busy(&s->reader) || s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
     s->rdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_read));
     lua_settop(L, timeout_idx);
@@ -653,7 +649,7 @@ static int l_receivedata(lua_State *L)
     double total = opt_timeout(L, 5, idle);
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (s->reader)
+    if (ls_waitref_busy(&s->reader) || s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
     lua_Number flush_at = luaL_optnumber(L, 6, 0);
     lua_settop(L, 3);
@@ -675,7 +671,7 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
     ls_socket *s = lua_touserdata(L, 1);
     size_t target = (size_t)ctx;
     if (status == LUA_YIELD) {
-        s->writer = NULL;
+        ls_waitref_clear(&s->writer);
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -704,10 +700,9 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
             return 1;
         }
         ls_task *t = ls_current(L, s->loop);
-        s->writer = t;
         int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE,
-                        s->wdeadline, ctx, drain_k);
-        s->writer = NULL;
+                        s->wdeadline, &s->writer, ctx, drain_k);
+        ls_waitref_clear(&s->writer);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
         if (r == LS_WAKE_TIMEOUT)
@@ -717,7 +712,7 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
 
 static int start_drain(lua_State *L, ls_socket *s, size_t target, int timeout_idx, lua_Integer ret)
 {
-    if (s->writer)
+    if (ls_waitref_busy(&s->writer) || s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: another task is writing to it");
     s->wdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_write));
     lua_settop(L, 2); /* index 2: data to queue once drained, or nil */
@@ -741,6 +736,8 @@ static int l_send(lua_State *L)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->werr)
         return ls_pusherror(L, s->werr, s->werr_detail);
+    if (s->handshaking)
+        return luaL_error(L, "luasmtp: socket busy: the TLS handshake is in progress");
     if (s->wbuf.len + len <= s->sndlimit || s->wbuf.len == 0) {
         if (ls_buf_append(&s->wbuf, data, len) < 0)
             return ls_pusherror(L, LS_ELIMIT, "out of memory");
@@ -904,12 +901,16 @@ static int tls_fail(lua_State *L, ls_socket *s, const char *token, const char *d
     return 3;
 }
 
-static int starttls_k(lua_State *L, int status, lua_KContext ctx)
+static int starttls_k(lua_State *L, int status, lua_KContext ctx);
+
+/* The steps of starttls; starttls_k clears s->handshaking once they
+ * return (while they wait, the socket stays reserved). */
+static int starttls_run(lua_State *L, int status, lua_KContext ctx)
 {
     ls_socket *s = lua_touserdata(L, 1);
     int stage = (int)ctx;
     if (status == LUA_YIELD) {
-        s->reader = s->writer = NULL;
+        ls_waitref_clear(&s->reader);
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -953,16 +954,25 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
             if (rc == LS_IO_ERROR)
                 return tls_fail(L, s, err.token, err.detail);
         }
+        /* The handshake's wait is the reader slot; the writer slot stays
+         * empty (s->handshaking keeps writers out), so the flush of the
+         * plaintext queued before it cannot end this wait. */
         ls_task *t = ls_current(L, s->loop);
-        s->reader = s->writer = t;
         int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE,
-                        s->rdeadline, ctx, starttls_k);
-        s->reader = s->writer = NULL;
+                        s->rdeadline, &s->reader, ctx, starttls_k);
+        ls_waitref_clear(&s->reader);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
         if (r == LS_WAKE_TIMEOUT)
             return tls_fail(L, s, LS_ETIMEOUT, "TLS handshake timed out");
     }
+}
+
+static int starttls_k(lua_State *L, int status, lua_KContext ctx)
+{
+    int n = starttls_run(L, status, ctx);
+    ((ls_socket *)lua_touserdata(L, 1))->handshaking = 0;
+    return n;
 }
 
 /* sock:starttls(ctx [, opts]) -> true | nil, err, detail
@@ -998,7 +1008,7 @@ static int l_starttls(lua_State *L)
     if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && verify_host && sni == NULL)
         return luaL_error(L, "luasmtp: starttls needs opts.servername to verify the server "
                              "(or verify_host = false)");
-    if (s->reader || s->writer)
+    if (ls_waitref_busy(&s->reader) || ls_waitref_busy(&s->writer) || s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: cannot start TLS while another task uses it");
     s->rdeadline = deadline_of(s->loop, timeout);
     lua_settop(L, 2);
@@ -1007,6 +1017,7 @@ static int l_starttls(lua_State *L)
     else
         lua_pushnil(L);
     lua_pushboolean(L, verify_host);
+    s->handshaking = 1;
     return starttls_k(L, LUA_OK, TLS_FLUSH);
 }
 
@@ -1049,7 +1060,7 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx)
     (void)ctx;
     ls_socket *s = lua_touserdata(L, 4);
     if (status == LUA_YIELD) {
-        s->writer = NULL;
+        ls_waitref_clear(&s->writer);
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -1119,8 +1130,7 @@ static int l_connect(lua_State *L)
         return ls_pusherror(L, ls_errno_token(e), strerror(e));
     }
     ls_task *t = ls_current(L, loop);
-    s->writer = t;
-    int r = ls_wait(L, loop, t, fd, EV_WRITE, deadline_of(loop, timeout), 0, connect_k);
+    int r = ls_wait(L, loop, t, fd, EV_WRITE, deadline_of(loop, timeout), &s->writer, 0, connect_k);
     (void)r;
     return connect_k(L, LUA_YIELD, 0);
 }
@@ -1149,8 +1159,7 @@ static void listener_destroy(ls_listener *l)
     close(l->fd);
     l->fd = -1;
     ls_live[LS_COUNT_LISTENERS]--;
-    if (l->acceptor)
-        ls_wake(l->loop, l->acceptor, LS_WAKE_CLOSED);
+    ls_wake_ref(l->loop, &l->acceptor, LS_WAKE_CLOSED);
 }
 
 /* listen(address, port [, opts]) -> listener | nil, err, detail
@@ -1200,7 +1209,7 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx)
     (void)ctx;
     ls_listener *l = lua_touserdata(L, 1);
     if (status == LUA_YIELD) {
-        l->acceptor = NULL;
+        ls_waitref_clear(&l->acceptor);
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || l->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -1224,10 +1233,9 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx)
         if (e != EAGAIN && e != EWOULDBLOCK)
             return ls_pusherror(L, ls_errno_token(e), strerror(e));
         ls_task *t = ls_current(L, l->loop);
-        l->acceptor = t;
         double deadline = lua_isnil(L, 2) ? -1 : deadline_of(l->loop, lua_tonumber(L, 2));
-        int r = ls_wait(L, l->loop, t, l->fd, EV_READ, deadline, 0, accept_k);
-        l->acceptor = NULL;
+        int r = ls_wait(L, l->loop, t, l->fd, EV_READ, deadline, &l->acceptor, 0, accept_k);
+        ls_waitref_clear(&l->acceptor);
         if (r == LS_WAKE_CLOSED || l->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
         if (r == LS_WAKE_TIMEOUT)
@@ -1247,7 +1255,7 @@ static int l_accept(lua_State *L)
     lua_settop(L, 2);
     if (l->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (l->acceptor)
+    if (ls_waitref_busy(&l->acceptor))
         return luaL_error(L, "luasmtp: listener busy: another task is accepting");
     return accept_k(L, LUA_OK, 0);
 }
