@@ -503,6 +503,50 @@ describe("SMTP server", function()
     end)
   end)
 
+  -- A burst: every connection is made while the loop is held, so the
+  -- server accepts them all in one go before any session task runs.
+  local function burst(port, n)
+    local result = H.tmp .. "/burst_" .. port
+    os.remove(result)
+    local p = assert(io.popen(("exec timeout 30 python3 '%s/spec/burst_client.py' %d %d '%s'")
+      :format(H.root, port, n, result)))
+    assert.equal("connected", p:read("l")) -- blocks the loop until all are made
+    local deadline = luasmtp.update_now() + 30
+    local f
+    repeat
+      luasmtp.sleep(0.05)
+      f = io.open(result)
+    until f or luasmtp.update_now() > deadline
+    p:close()
+    assert(f, "the burst client did not finish")
+    local greeted, refused, other = f:read("n", "n", "n")
+    f:close()
+    os.remove(result)
+    return greeted, refused, other
+  end
+
+  it("never greets more than max_connections in a burst", function()
+    H.run(function()
+      local srv, port = start { limits = { max_connections = 5 } }
+      local greeted, refused, other = burst(port, 40)
+      srv:close()
+      assert.equal(5, greeted)
+      assert.equal(35, refused)
+      assert.equal(0, other)
+    end, 40)
+  end)
+
+  it("never greets more than max_connections_per_ip from one address in a burst", function()
+    H.run(function()
+      local srv, port = start { limits = { max_connections_per_ip = 3 } }
+      local greeted, refused, other = burst(port, 40)
+      srv:close()
+      assert.equal(3, greeted)
+      assert.equal(37, refused)
+      assert.equal(0, other)
+    end, 40)
+  end)
+
   describe("with STARTTLS", function()
     it("discards commands injected before the handshake and resets the session", function()
       H.run(function()

@@ -918,7 +918,8 @@ end
 function M.new(opts)
   assert(type(opts) == "table", "server options table expected")
   local config = merge(DEFAULTS, opts)
-  local self = setmetatable({ config = config, listeners = {}, active = 0, per_ip = {} }, Server)
+  local self = setmetatable({ config = config, listeners = {}, active = 0, per_ip = {},
+    slots = { active = 0 } }, Server)
   if config.auth then
     local ok, sasl = pcall(require, "luasmtp.sasl")
     assert(ok, "AUTH needs luasmtp.sasl: " .. tostring(sasl))
@@ -955,6 +956,7 @@ function M.new(opts)
       tls = implicit and config.tls or nil,
       tls_timeout = config.timeouts.tls_handshake,
       max_connections = config.limits.max_connections,
+      slots = self.slots, -- one limit for all the listeners
       handler = function(sock, conn)
         self.active = self.active + 1
         local s = new_session(self, sock, conn)
