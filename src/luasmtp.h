@@ -24,6 +24,8 @@
 #include <lua.h>
 #include <lauxlib.h>
 
+#include "buf.h"
+
 #define LS_VERSION "0.1.0"
 
 /* ------------------------------------------------------------------ */
@@ -59,27 +61,6 @@ int ls_pusherror(lua_State *L, const char *token, const char *detail);
 const char *ls_errno_token(int err);
 
 /* ------------------------------------------------------------------ */
-/* buf.c: a growable byte buffer with a hard cap. */
-typedef struct ls_buf {
-    char *data;
-    size_t off; /* first unread byte */
-    size_t len; /* bytes after off */
-    size_t cap; /* allocated size */
-} ls_buf;
-
-void ls_buf_init(ls_buf *b);
-void ls_buf_free(ls_buf *b);
-/* Make room for at least `need` more bytes after the data; returns a
- * pointer to the free space or NULL on allocation failure. */
-char *ls_buf_reserve(ls_buf *b, size_t need);
-void ls_buf_commit(ls_buf *b, size_t n); /* n bytes were written at reserve() */
-int ls_buf_append(ls_buf *b, const char *p, size_t n); /* 0 ok, -1 ENOMEM */
-void ls_buf_consume(ls_buf *b, size_t n);
-static inline const char *ls_buf_head(const ls_buf *b) { return b->data + b->off; }
-/* Search for a delimiter in the buffered data starting at `from`;
- * returns its offset from the head or (size_t)-1. */
-size_t ls_buf_find(const ls_buf *b, size_t from, const char *delim, size_t dlen);
-
 /* ------------------------------------------------------------------ */
 /* loop.c: the event loop and the task scheduler.
  *
