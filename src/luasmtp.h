@@ -11,6 +11,7 @@
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
+ *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
  */
 #ifndef LUASMTP_H
@@ -25,6 +26,7 @@
 #include <lauxlib.h>
 
 #include "buf.h"
+#include "sink.h"
 
 #define LS_VERSION "0.1.0"
 
@@ -179,6 +181,19 @@ int ls_open_proto(lua_State *L); /* adds protocol functions to the table on top 
 struct smtp_data_decoder;
 /* The decoder inside a core.data_decoder() userdata (raises if not one). */
 struct smtp_data_decoder *ls_data_decoder_check(lua_State *L, int idx);
+
+/* sink_lua.c: core.sink(), the body sink (src/lib/sink.c). The userdata
+ * is a bare ls_sink: the socket layer writes bodies into it through the
+ * library. */
+#define LS_SINK_MT "luasmtp.sink"
+static inline ls_sink *ls_checksink(lua_State *L, int idx)
+{
+    ls_sink *k = luaL_checkudata(L, idx, LS_SINK_MT);
+    if (k->closed)
+        luaL_argerror(L, idx, "sink is closed");
+    return k;
+}
+int ls_open_sink(lua_State *L);
 
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);

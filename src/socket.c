@@ -53,6 +53,7 @@ typedef struct ls_socket {
     int skipline;               /* discard input up to the next CRLF */
     const char *rerr, *werr;    /* sticky error tokens */
     char rerr_detail[256], werr_detail[256];
+    struct smtp_data_decoder dec; /* receivebody: one at a time (the reader slot) */
     ev_io wio;                  /* background flush when no task writes */
     int wio_counted;
     ls_flushable fl;
@@ -660,6 +661,196 @@ static int l_receivedata(lua_State *L)
     double idle_deadline = ls_now(s->loop) + idle;
     s->rdeadline = idle_deadline < ls_now(s->loop) + total ? idle_deadline : ls_now(s->loop) + total;
     return recvdata_k(L, LUA_OK, 0);
+}
+
+/* ------------------------------------------------------------------ */
+/* Bodies into a sink (core.sink): DATA through the decoder, BDAT chunks
+ * as they are. The body goes from the input buffer to the sink (memory
+ * or spool file) without becoming Lua strings. A sink that refuses
+ * (too big, spool write failed) does not stop the reading: the body is
+ * consumed to its end so the session stays in step, and the result says
+ * what went wrong. */
+
+static int sink_out(void *ctx, const char *p, size_t n)
+{
+    ls_sink_write(ctx, p, n); /* a failure is sticky in the sink: reported at the end */
+    return 0;
+}
+
+static void set_field_bool(lua_State *L, const char *name, int v)
+{
+    lua_pushboolean(L, v);
+    lua_setfield(L, -2, name);
+}
+
+/* The sink's failure, if any, as error, detail fields of the table on top. */
+static void set_sink_error(lua_State *L, const ls_sink *k)
+{
+    if (k->too_big) {
+        lua_pushliteral(L, LS_ELIMIT);
+        lua_setfield(L, -2, "error");
+        lua_pushliteral(L, "message too big");
+        lua_setfield(L, -2, "detail");
+    } else if (k->err) {
+        lua_pushliteral(L, LS_EIO);
+        lua_setfield(L, -2, "error");
+        lua_pushfstring(L, "spool write: %s", strerror(k->err));
+        lua_setfield(L, -2, "detail");
+    }
+}
+
+/* stack: 1 sock, 2 sink, 3 idle timeout, 4 absolute total deadline */
+static int recvbody_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)ctx;
+    ls_socket *s = lua_touserdata(L, 1);
+    ls_sink *k = ls_checksink(L, 2);
+    if (status == LUA_YIELD) {
+        int n = after_read_wait(L, s, ls_wait_result(L), 0);
+        if (n)
+            return n;
+    }
+    for (;;) {
+        if (s->rbuf.len > 0) {
+            int done = 0;
+            size_t used = smtp_data_feed(&s->dec, ls_buf_head(&s->rbuf), s->rbuf.len, sink_out, k,
+                                         &done);
+            ls_buf_consume(&s->rbuf, used);
+            if (done) {
+                const struct smtp_data_decoder *d = &s->dec;
+                lua_createtable(L, 0, 8);
+                lua_pushinteger(L, (lua_Integer)d->size);
+                lua_setfield(L, -2, "size");
+                set_field_bool(L, "too_big", d->too_big || k->too_big);
+                set_field_bool(L, "bare_lf", d->bare_lf);
+                set_field_bool(L, "bare_cr", d->bare_cr);
+                set_field_bool(L, "long_line", d->long_line);
+                set_field_bool(L, "rejected", smtp_data_rejected(d));
+                set_sink_error(L, k);
+                return 1;
+            }
+            /* One idle period per block of input. */
+            double idle = ls_now(s->loop) + lua_tonumber(L, 3);
+            double total = lua_tonumber(L, 4);
+            s->rdeadline = idle < total ? idle : total;
+        }
+        int n = read_more(L, s, 0, 0, recvbody_k);
+        if (n)
+            return n;
+    }
+}
+
+/* sock:receivebody(sink [, opts]) -> info | nil, err, detail
+ * Read an SMTP DATA body (up to CRLF.CRLF, dot-stuffing undone) into
+ * sink (core.sink). opts: max_size (bytes, 0 = none), max_line (998, 0 =
+ * no check), bare ("reject" | "normalise"), idle_timeout (each wait for
+ * input; default the read timeout), total_timeout (the whole body).
+ * info = { size =, too_big =, bare_lf =, bare_cr =, long_line =,
+ * rejected =, error =, detail = }: error ("limit" or "io") when the sink
+ * refused some of it; the body is read to its end all the same. Input
+ * after the end stays buffered for the next receiveline.
+ *   local info = sock:receivebody(sink, { max_size = 50e6, total_timeout = 600 }) */
+static int l_receivebody(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    ls_checksink(L, 2);
+    double idle = s->t_read, total = -1;
+    lua_Integer max_size = 0, max_line = SMTP_DEFAULT_MAX_LINE;
+    int bare = SMTP_BARE_REJECT;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "max_size");
+        max_size = luaL_optinteger(L, -1, 0);
+        lua_getfield(L, 3, "max_line");
+        max_line = luaL_optinteger(L, -1, max_line);
+        lua_getfield(L, 3, "bare");
+        const char *m = luaL_optstring(L, -1, "reject");
+        if (strcmp(m, "normalise") == 0 || strcmp(m, "normalize") == 0)
+            bare = SMTP_BARE_NORMALISE;
+        else if (strcmp(m, "reject") != 0)
+            return luaL_argerror(L, 3, "bare must be \"reject\" or \"normalise\"");
+        lua_getfield(L, 3, "idle_timeout");
+        idle = opt_timeout(L, -1, idle);
+        lua_getfield(L, 3, "total_timeout");
+        total = opt_timeout(L, -1, -1);
+        lua_pop(L, 4);
+        luaL_argcheck(L, max_size >= 0 && max_line >= 0, 3, "negative limit");
+    }
+    if (total < 0)
+        total = idle;
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (ls_waitref_busy(&s->reader) || s->handshaking)
+        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    smtp_data_decoder_init(&s->dec, (uint64_t)max_size, (size_t)max_line, bare);
+    lua_settop(L, 2);
+    double now = ls_now(s->loop);
+    lua_pushnumber(L, idle);        /* 3 */
+    lua_pushnumber(L, now + total); /* 4: absolute */
+    s->rdeadline = now + (idle < total ? idle : total);
+    return recvbody_k(L, LUA_OK, 0);
+}
+
+/* stack: 1 sock, 2 sink, 3 bytes left, 4 idle timeout */
+static int recvchunk_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)ctx;
+    ls_socket *s = lua_touserdata(L, 1);
+    ls_sink *k = ls_checksink(L, 2);
+    if (status == LUA_YIELD) {
+        int n = after_read_wait(L, s, ls_wait_result(L), 0);
+        if (n)
+            return n;
+    }
+    for (;;) {
+        lua_Integer left = lua_tointeger(L, 3);
+        if (s->rbuf.len > 0 && left > 0) {
+            size_t n = s->rbuf.len < (size_t)left ? s->rbuf.len : (size_t)left;
+            ls_sink_write(k, ls_buf_head(&s->rbuf), n); /* failure: sticky, see below */
+            ls_buf_consume(&s->rbuf, n);
+            left -= (lua_Integer)n;
+            lua_pushinteger(L, left);
+            lua_replace(L, 3);
+            s->rdeadline = ls_now(s->loop) + lua_tonumber(L, 4);
+        }
+        if (left == 0) {
+            if (k->too_big)
+                return ls_pusherror(L, LS_ELIMIT, "message too big");
+            if (k->err) {
+                lua_pushnil(L);
+                lua_pushliteral(L, LS_EIO);
+                lua_pushfstring(L, "spool write: %s", strerror(k->err));
+                return 3;
+            }
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        int n = read_more(L, s, 0, 0, recvchunk_k);
+        if (n)
+            return n;
+    }
+}
+
+/* sock:receivechunk(sink, n [, timeout]) -> true | nil, err, detail
+ * Move exactly n bytes of input (a BDAT chunk) into sink. timeout bounds
+ * each wait for input (default: the read timeout). When the sink refuses
+ * them ("limit": past its max_size; "io": the spool file failed) the n
+ * bytes are consumed all the same, so the next command is read in step. */
+static int l_receivechunk(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    ls_checksink(L, 2);
+    lua_Integer n = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, n >= 0, 3, "negative size");
+    double idle = opt_timeout(L, 4, s->t_read);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    if (ls_waitref_busy(&s->reader) || s->handshaking)
+        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    lua_settop(L, 3);
+    lua_pushnumber(L, idle); /* 4 */
+    s->rdeadline = ls_now(s->loop) + idle;
+    return recvchunk_k(L, LUA_OK, 0);
 }
 
 /* ------------------------------------------------------------------ */
@@ -1299,6 +1490,8 @@ int ls_open_socket(lua_State *L)
         {"receiveany", l_receiveany},
         {"buffered", l_buffered},
         {"receivedata", l_receivedata},
+        {"receivebody", l_receivebody},
+        {"receivechunk", l_receivechunk},
         {"send", l_send},
         {"flush", l_flush},
         {"shutdown", l_shutdown},
