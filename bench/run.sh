@@ -100,3 +100,8 @@ if command -v smtp-source >/dev/null 2>&1 && command -v smtp-sink >/dev/null 2>&
 else
   echo "smtp-source/smtp-sink not installed (Debian package postfix): SMTP benchmark skipped"
 fi
+
+# Memory: the server's peak RSS growth while it receives large bodies by
+# DATA and BDAT (bench/memory.py; targets printed with the results).
+echo
+python3 bench/memory.py
