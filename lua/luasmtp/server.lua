@@ -434,9 +434,10 @@ function Message:chunks(size)
 end
 
 --- message.sink: the body (core.sink: in memory, or in a spool file in
--- spool_dir past spool_threshold). It is discarded after on_data returns.
+-- spool_dir past spool_threshold). A spooled body is discarded after
+-- on_data returns; one in memory stays readable like a string would.
 function Message:discard()
-  self.sink:close()
+  if self.sink:spooled() then self.sink:close() end
 end
 
 local function received_header(s)
