@@ -1161,8 +1161,10 @@ static int starttls_run(lua_State *L, int status, lua_KContext ctx)
 
 static int starttls_k(lua_State *L, int status, lua_KContext ctx)
 {
+    ls_socket *s = lua_touserdata(L, 1);
+    s->handshaking = 1;
     int n = starttls_run(L, status, ctx);
-    ((ls_socket *)lua_touserdata(L, 1))->handshaking = 0;
+    s->handshaking = 0;
     return n;
 }
 
@@ -1208,7 +1210,6 @@ static int l_starttls(lua_State *L)
     else
         lua_pushnil(L);
     lua_pushboolean(L, verify_host);
-    s->handshaking = 1;
     return starttls_k(L, LUA_OK, TLS_FLUSH);
 }
 
