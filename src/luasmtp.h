@@ -12,7 +12,9 @@
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
+ *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
+ *   lib/               the Lua-free library: buf, errors, proto (codecs), sink
  */
 #ifndef LUASMTP_H
 #define LUASMTP_H
@@ -26,6 +28,7 @@
 #include <lauxlib.h>
 
 #include "buf.h"
+#include "errors.h"
 #include "sink.h"
 
 #define LS_VERSION "0.1.0"
@@ -45,24 +48,12 @@ enum ls_counter {
 extern long ls_live[LS_COUNT_MAX];
 
 /* ------------------------------------------------------------------ */
-/* Error tokens: the closed set returned as the second value of a
- * failed I/O call (`nil, token, detail`). */
-#define LS_ETIMEOUT "timeout"
-#define LS_ECLOSED "closed"
-#define LS_ERESET "reset"
-#define LS_ETLS "tls"
-#define LS_ELIMIT "limit"
-#define LS_EREFUSED "refused"
-#define LS_EDNS "dns"
-#define LS_EUNREACH "unreachable"
-#define LS_EIO "io"
-
+/* error.c: I/O failures as `nil, token, detail`; the tokens and their
+ * registry are in lib/errors.h. */
 /* Push nil, token, detail (detail may be NULL: then nil, token). Returns 3. */
 int ls_pusherror(lua_State *L, const char *token, const char *detail);
-/* Map an errno value to one of the tokens above. */
-const char *ls_errno_token(int err);
+int ls_open_errors(lua_State *L); /* core.errors */
 
-/* ------------------------------------------------------------------ */
 /* ------------------------------------------------------------------ */
 /* loop.c: the event loop and the task scheduler.
  *
