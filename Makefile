@@ -85,9 +85,12 @@ MODULE = $(BUILD)/luasmtp/core.so
 ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer \
 	-fno-sanitize-recover=undefined
 
-.PHONY: fuzz all asan deps test test-asan run bench install clean
+.PHONY: fuzz lib all asan deps test test-asan run bench install clean
 
 all: $(MODULE)
+
+# The Lua-free library alone (the fuzz harnesses build it with their flags).
+lib: $(LIB)
 
 $(MODULE): $(OBJS) $(LIB)
 	@mkdir -p $(@D)
