@@ -169,9 +169,6 @@ int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top *
 
 /* proto.c + proto_lua.c: SMTP protocol codecs (no I/O) */
 int ls_open_proto(lua_State *L); /* adds protocol functions to the table on top */
-struct smtp_data_decoder;
-/* The decoder inside a core.data_decoder() userdata (raises if not one). */
-struct smtp_data_decoder *ls_data_decoder_check(lua_State *L, int idx);
 
 /* sink_lua.c: core.sink(), the body sink (src/lib/sink.c). The userdata
  * is a bare ls_sink: the socket layer writes bodies into it through the

@@ -12,7 +12,9 @@
  * send-buffer limit send() waits for the peer (backpressure).
  *
  * The transport is plain (recv/send) or TLS (tls.c): only fill() and
- * write_some() know the difference.
+ * write_some() know the difference. Message bodies go from the input
+ * buffer through the DATA decoder (lib/proto.c) into a body sink
+ * (lib/sink.c), both called as library code.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -577,91 +579,6 @@ static int l_buffered(lua_State *L)
     return 1;
 }
 
-
-/* ------------------------------------------------------------------ */
-/* DATA: feed the input buffer straight to an SMTP data decoder */
-
-static int data_out(void *ctx, const char *p, size_t n)
-{
-    return ls_buf_append(ctx, p, n);
-}
-
-static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
-{
-    (void)ctx;
-    ls_socket *s = lua_touserdata(L, 1);
-    struct smtp_data_decoder *dec = ls_data_decoder_check(L, 2);
-    if (status == LUA_YIELD) {
-        int n = after_read_wait(L, s, ls_wait_result(L), 0);
-        if (n)
-            return n;
-    }
-    for (;;) {
-        if (s->rbuf.len > 0) {
-            ls_buf out;
-            ls_buf_init(&out);
-            int done = 0;
-            size_t used = smtp_data_feed(dec, ls_buf_head(&s->rbuf), s->rbuf.len, data_out, &out, &done);
-            ls_buf_consume(&s->rbuf, used);
-            double held = lua_tonumber(L, 7) + (double)out.len;
-            if (out.len > 0) {
-                lua_pushlstring(L, ls_buf_head(&out), out.len);
-                lua_rawseti(L, 3, (lua_Integer)lua_rawlen(L, 3) + 1);
-                lua_pushnumber(L, held);
-                lua_replace(L, 7);
-            }
-            ls_buf_free(&out);
-            if (dec->failed)
-                return ls_pusherror(L, LS_ELIMIT, "out of memory");
-            if (done) {
-                lua_pushboolean(L, 1);
-                return 1;
-            }
-            if (lua_tonumber(L, 6) > 0 && held >= lua_tonumber(L, 6)) {
-                lua_pushboolean(L, 0); /* not done: the caller spools parts */
-                return 1;
-            }
-            /* One idle period per block of input. */
-            double idle = ls_now(s->loop) + lua_tonumber(L, 4);
-            double total = lua_tonumber(L, 5);
-            s->rdeadline = idle < total ? idle : total;
-        }
-        int n = read_more(L, s, 0, 0, recvdata_k);
-        if (n)
-            return n;
-    }
-}
-
-/* sock:receivedata(decoder, parts, idle_timeout, total_timeout [, flush_at])
- *   -> true | false | nil, err
- * Read an SMTP message body through `decoder` (core.data_decoder) until
- * its end (CRLF.CRLF), appending the decoded bytes to the array `parts`
- * (one string per block received). Input after the end stays buffered
- * for the next receiveline. idle_timeout bounds each wait for input,
- * total_timeout the whole message. With flush_at, the call returns false
- * (not done yet) once it has added flush_at bytes to parts, so the caller
- * can move them to a spool file and call again. */
-static int l_receivedata(lua_State *L)
-{
-    ls_socket *s = check_socket(L, 1);
-    ls_data_decoder_check(L, 2);
-    luaL_checktype(L, 3, LUA_TTABLE);
-    double idle = opt_timeout(L, 4, s->t_read);
-    double total = opt_timeout(L, 5, idle);
-    if (s->fd < 0)
-        return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (ls_waitref_busy(&s->reader) || s->handshaking)
-        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
-    lua_Number flush_at = luaL_optnumber(L, 6, 0);
-    lua_settop(L, 3);
-    lua_pushnumber(L, idle);                             /* 4 */
-    lua_pushnumber(L, ls_now(s->loop) + total);          /* 5: absolute */
-    lua_pushnumber(L, flush_at);                         /* 6 */
-    lua_pushnumber(L, 0);                                /* 7: bytes added */
-    double idle_deadline = ls_now(s->loop) + idle;
-    s->rdeadline = idle_deadline < ls_now(s->loop) + total ? idle_deadline : ls_now(s->loop) + total;
-    return recvdata_k(L, LUA_OK, 0);
-}
 
 /* ------------------------------------------------------------------ */
 /* Bodies into a sink (core.sink): DATA through the decoder, BDAT chunks
@@ -1490,7 +1407,6 @@ int ls_open_socket(lua_State *L)
         {"receiveuntil", l_receiveuntil},
         {"receiveany", l_receiveany},
         {"buffered", l_buffered},
-        {"receivedata", l_receivedata},
         {"receivebody", l_receivebody},
         {"receivechunk", l_receivechunk},
         {"send", l_send},
