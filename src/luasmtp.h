@@ -14,7 +14,8 @@
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
  *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
- *   lib/               the Lua-free library: buf, errors, proto (codecs), sink
+ *   lib/               the Lua-free library: buf, errors, proto (codecs), sink,
+ *                      transport (plain I/O and the transport interface)
  */
 #ifndef LUASMTP_H
 #define LUASMTP_H
@@ -30,6 +31,7 @@
 #include "buf.h"
 #include "errors.h"
 #include "sink.h"
+#include "transport.h"
 
 #define LS_VERSION "0.1.0"
 
@@ -127,19 +129,9 @@ void ls_flush_dequeue(ls_loop *loop, ls_flushable *f);
 typedef struct ssl_st SSL;
 typedef struct ls_tlsctx ls_tlsctx;
 
-/* Results of the TLS transport calls. */
-enum ls_io {
-    LS_IO_OK = 0,        /* > 0 bytes moved (count in *n) / handshake done */
-    LS_IO_EOF = -1,      /* orderly close by the peer */
-    LS_IO_WANTREAD = -2, /* wait for EV_READ, then call again */
-    LS_IO_WANTWRITE = -3,/* wait for EV_WRITE, then call again */
-    LS_IO_ERROR = -4,    /* failure: token and detail filled in */
-};
-
-typedef struct ls_ioerr {
-    const char *token;  /* one of the LS_E* tokens */
-    char detail[256];
-} ls_ioerr;
+/* The transport results (enum ls_io) and ls_ioerr are in lib/transport.h;
+ * ls_tls_ops is the TLS transport for it. */
+extern const ls_transport_ops ls_tls_ops;
 
 ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx);
 int ls_tlsctx_is_server(const ls_tlsctx *c);

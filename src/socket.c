@@ -148,66 +148,26 @@ static double deadline_of(ls_loop *loop, double timeout)
 /* ------------------------------------------------------------------ */
 /* Transport: read into rbuf, write from wbuf. */
 
+/* The socket's transport right now: plain, or TLS once started. */
+static ls_transport transport_of(const ls_socket *s)
+{
+    ls_transport t = {s->ssl ? &ls_tls_ops : &ls_plain_ops, s->fd, s->ssl};
+    return t;
+}
+
 /* Read once. LS_IO_OK: got data; LS_IO_EOF; LS_IO_WANT*; LS_IO_ERROR. */
 static int fill(ls_socket *s, ls_ioerr *err)
 {
-    char *p = ls_buf_reserve(&s->rbuf, READ_CHUNK);
-    if (p == NULL) {
-        err->token = LS_ELIMIT;
-        snprintf(err->detail, sizeof err->detail, "out of memory");
-        return LS_IO_ERROR;
-    }
-    if (s->ssl) {
-        size_t n = 0;
-        int rc = ls_tls_read(s->ssl, p, READ_CHUNK, &n, err);
-        if (rc == LS_IO_OK)
-            ls_buf_commit(&s->rbuf, n);
-        return rc;
-    }
-    for (;;) {
-        ssize_t n = recv(s->fd, p, READ_CHUNK, 0);
-        if (n > 0) {
-            ls_buf_commit(&s->rbuf, (size_t)n);
-            return LS_IO_OK;
-        }
-        if (n == 0)
-            return LS_IO_EOF;
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return LS_IO_WANTREAD;
-        err->token = ls_errno_token(errno);
-        snprintf(err->detail, sizeof err->detail, "%s", strerror(errno));
-        return LS_IO_ERROR;
-    }
+    ls_transport t = transport_of(s);
+    return ls_io_fill(&t, &s->rbuf, READ_CHUNK, err);
 }
 
 /* Write as much of wbuf as the transport takes. LS_IO_OK when wbuf is
  * empty, LS_IO_WANT* when data remains, LS_IO_ERROR. */
 static int write_some(ls_socket *s, ls_ioerr *err)
 {
-    while (s->wbuf.len > 0) {
-        size_t n = 0;
-        if (s->ssl) {
-            int rc = ls_tls_write(s->ssl, ls_buf_head(&s->wbuf), s->wbuf.len, &n, err);
-            if (rc != LS_IO_OK)
-                return rc == LS_IO_EOF ? (err->token = LS_ECLOSED, LS_IO_ERROR) : rc;
-        } else {
-            ssize_t w = send(s->fd, ls_buf_head(&s->wbuf), s->wbuf.len, MSG_NOSIGNAL);
-            if (w < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    return LS_IO_WANTWRITE;
-                err->token = ls_errno_token(errno);
-                snprintf(err->detail, sizeof err->detail, "%s", strerror(errno));
-                return LS_IO_ERROR;
-            }
-            n = (size_t)w;
-        }
-        ls_buf_consume(&s->wbuf, n);
-    }
-    return LS_IO_OK;
+    ls_transport t = transport_of(s);
+    return ls_io_drain(&t, &s->wbuf, err);
 }
 
 static void set_werr(ls_socket *s, const ls_ioerr *err)
