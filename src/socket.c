@@ -47,7 +47,7 @@ typedef struct ls_socket {
     ls_buf rbuf, wbuf;
     SSL *ssl;
     ls_waitref reader, writer;  /* the waits of the tasks using this socket */
-    int handshaking;            /* starttls in progress: no other reader or writer */
+    int handshaking;            /* a starttls wait: no other reader or writer meanwhile */
     double t_connect, t_read, t_write;
     double rdeadline, wdeadline;
     size_t maxline, sndlimit;
@@ -969,16 +969,13 @@ static int tls_fail(lua_State *L, ls_socket *s, const char *token, const char *d
     return 3;
 }
 
-static int starttls_k(lua_State *L, int status, lua_KContext ctx);
-
-/* The steps of starttls; starttls_k clears s->handshaking once they
- * return (while they wait, the socket stays reserved). */
-static int starttls_run(lua_State *L, int status, lua_KContext ctx)
+static int starttls_k(lua_State *L, int status, lua_KContext ctx)
 {
     ls_socket *s = lua_touserdata(L, 1);
     int stage = (int)ctx;
     if (status == LUA_YIELD) {
         ls_waitref_clear(&s->reader);
+        s->handshaking = 0;
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -1023,26 +1020,20 @@ static int starttls_run(lua_State *L, int status, lua_KContext ctx)
                 return tls_fail(L, s, err.token, err.detail);
         }
         /* The handshake's wait is the reader slot; the writer slot stays
-         * empty (s->handshaking keeps writers out), so the flush of the
-         * plaintext queued before it cannot end this wait. */
+         * empty (s->handshaking keeps other readers and writers out
+         * meanwhile), so the flush of the plaintext queued before it
+         * cannot end this wait. */
         ls_task *t = ls_current(L, s->loop);
+        s->handshaking = 1;
         int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE,
                         s->rdeadline, &s->reader, ctx, starttls_k);
         ls_waitref_clear(&s->reader);
+        s->handshaking = 0;
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
         if (r == LS_WAKE_TIMEOUT)
             return tls_fail(L, s, LS_ETIMEOUT, "TLS handshake timed out");
     }
-}
-
-static int starttls_k(lua_State *L, int status, lua_KContext ctx)
-{
-    ls_socket *s = lua_touserdata(L, 1);
-    s->handshaking = 1;
-    int n = starttls_run(L, status, ctx);
-    s->handshaking = 0;
-    return n;
 }
 
 /* sock:starttls(ctx [, opts]) -> true | nil, err, detail
