@@ -154,6 +154,42 @@ function H.wait_port(port, host, timeout)
   error("port " .. port .. " did not open")
 end
 
+--- Start spec/https_server.py (inside a task or the main chunk).
+-- opts: tls = false for plain HTTP, cert/key = names in the test PKI
+-- (default "server": localhost), root = directory it serves and stores
+-- POST bodies in, lifetime = seconds (60), tag = log file name part.
+-- Returns { pid =, port =, log = } ; stop with H.kill(server.pid).
+function H.https_server(opts)
+  opts = opts or {}
+  local tag = opts.tag or "https"
+  os.execute("mkdir -p '" .. H.tmp .. "'")
+  local log = H.tmp .. "/" .. tag .. ".log"
+  os.remove(log)
+  local args = { "python3", "'" .. H.root .. "/spec/https_server.py'", "--port 0",
+    "--lifetime " .. math.tointeger(opts.lifetime or 60) }
+  if opts.tls ~= false then
+    local d = H.certs()
+    local name = opts.cert or "server"
+    args[#args + 1] = "--cert '" .. d .. "/" .. name .. ".pem' --key '" .. d .. "/" .. name .. ".key'"
+  end
+  if opts.root then
+    args[#args + 1] = "--root '" .. opts.root .. "'"
+  end
+  local pid = H.start(table.concat(args, " "), log)
+  for _ = 1, 500 do -- at most ~10 s
+    local f = io.open(log)
+    local line = f and f:read("l")
+    if f then f:close() end
+    local port = line and math.tointeger(tonumber(line))
+    if port then
+      return { pid = pid, port = port, log = log }
+    end
+    luasmtp.sleep(0.02)
+  end
+  H.kill(pid)
+  error("spec/https_server.py did not start: " .. (io.open(log) and H.readfile(log) or ""))
+end
+
 --- A free TCP port on 127.0.0.1 (for external programs).
 function H.free_port()
   local l, port = H.listen()
