@@ -42,6 +42,7 @@ describe("http", function()
       assert.equal("hello", body)
       assert.equal("text/plain", headers["content-type"])
       assert.equal("5", headers["content-length"])
+      local _
       status, _, body = request { url = pbase .. "/hello", timeout = 10 }
       assert.equal(200, status)
       assert.equal("hello", body)
@@ -116,7 +117,8 @@ describe("http", function()
       assert.is_nil(seen["expect"])
       assert.matches("^luasmtp/", seen["user-agent"])
       -- a body alone means POST; PUT and HEAD
-      status, _, body = get("/echo", { body = "x" })
+      local _
+      _, _, body = get("/echo", { body = "x" })
       assert.equal("POST", dkjson.decode(body).method)
       status, _, body = request { url = pbase .. "/", method = "PUT", body = "put body", timeout = 10 }
       assert.equal(200, status)
@@ -189,7 +191,7 @@ describe("http", function()
       local status, h = get("/redirect")
       assert.equal(302, status)
       assert.equal("/hello", h.location)
-      local body
+      local _, body
       status, _, body = get("/redirect", { follow_redirects = true })
       assert.equal(200, status)
       assert.equal("hello", body)

@@ -26,8 +26,9 @@ Paths:
   POST anything else   stored as ROOT/received/N.body and N.json
                        ({path, headers}), 200 "stored N"
   any other GET        the file ROOT/<host>/<path> (host without port):
-                       200 with the file, or 301 to the contents of
-                       <path>.redirect if that exists, else 404
+                       200 with the file (Content-Type text/plain, or
+                       the contents of <path>.ctype), or 301 to the
+                       contents of <path>.redirect if that exists, else 404
 """
 import argparse
 import json
@@ -140,8 +141,12 @@ class Handler(BaseHTTPRequestHandler):
             with open(full + ".redirect") as f:
                 self.reply(301, b"", [("Location", f.read().strip())])
         elif os.path.isfile(full):
+            ctype = "text/plain"
+            if os.path.isfile(full + ".ctype"):
+                with open(full + ".ctype") as f:
+                    ctype = f.read().strip()
             with open(full, "rb") as f:
-                self.reply(200, f.read(), [("Content-Type", "text/plain")])
+                self.reply(200, f.read(), [("Content-Type", ctype)])
         else:
             self.reply(404, b"not found")
 
