@@ -190,6 +190,50 @@ static void task_init(ls_task *t, ls_loop *loop)
 }
 
 /* ------------------------------------------------------------------ */
+/* Weak watchers: unref'd while active, so the loop is ref'd again
+ * before one is stopped (and when a one-shot timer has fired). */
+
+void ls_weak_io_start(ls_loop *loop, ev_io *w)
+{
+    if (loop->ev == NULL || ev_is_active(w))
+        return;
+    ev_io_start(loop->ev, w);
+    ev_unref(loop->ev);
+}
+
+void ls_weak_io_stop(ls_loop *loop, ev_io *w)
+{
+    if (loop->ev == NULL || !ev_is_active(w))
+        return;
+    ev_ref(loop->ev);
+    ev_io_stop(loop->ev, w);
+}
+
+void ls_weak_timer_start(ls_loop *loop, ev_timer *w, double after)
+{
+    if (loop->ev == NULL)
+        return;
+    ls_weak_timer_stop(loop, w);
+    ev_timer_set(w, after, 0.);
+    ev_timer_start(loop->ev, w);
+    ev_unref(loop->ev);
+}
+
+void ls_weak_timer_stop(ls_loop *loop, ev_timer *w)
+{
+    if (loop->ev == NULL || !ev_is_active(w))
+        return;
+    ev_ref(loop->ev);
+    ev_timer_stop(loop->ev, w);
+}
+
+void ls_weak_timer_fired(ls_loop *loop)
+{
+    if (loop->ev != NULL)
+        ev_ref(loop->ev);
+}
+
+/* ------------------------------------------------------------------ */
 /* Flush queue: run before the loop blocks. */
 
 void ls_flush_queue(ls_loop *loop, ls_flushable *f)

@@ -121,6 +121,17 @@ int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). */
 void ls_wake(ls_loop *loop, ls_task *t, int result);
 
+/* Weak watchers: those of a library (c-ares, libcurl) that must not keep
+ * the loop alive by themselves (the deadline timer of the waiting task
+ * does). Not counted in ls_live[LS_COUNT_WATCHERS]. They do nothing once
+ * the loop is gone (the Lua state is closing). A weak one-shot timer's
+ * callback calls ls_weak_timer_fired() first. */
+void ls_weak_io_start(ls_loop *loop, ev_io *w);
+void ls_weak_io_stop(ls_loop *loop, ev_io *w);
+void ls_weak_timer_start(ls_loop *loop, ev_timer *w, double after);
+void ls_weak_timer_stop(ls_loop *loop, ev_timer *w);
+void ls_weak_timer_fired(ls_loop *loop);
+
 /* Deferred flushing: sockets with pending output register here and are
  * flushed before the loop blocks (so writes made in one pass of the
  * scheduler leave in one syscall). */
