@@ -534,30 +534,12 @@ static int req_k(lua_State *L, int status, lua_KContext ctx)
     return 3;
 }
 
-/* Protected part of a main-chunk wait: args req, deadline. */
-static int main_wait(lua_State *L)
-{
-    http_req *req = lua_touserdata(L, 1);
-    double deadline = lua_tonumber(L, 2);
-    ls_wait(L, req->loop, req->task, -1, 0, deadline, 0, NULL);
-    return 0;
-}
+static void req_abandon(lua_KContext ctx) { req_free((http_req *)ctx); }
 
 static int req_wait(lua_State *L, http_req *req)
 {
     double deadline = ls_now(req->loop) + req->timeout + DEADLINE_SLACK;
-    if (lua_isyieldable(L)) {
-        ls_wait(L, req->loop, req->task, -1, 0, deadline, (lua_KContext)req, req_k);
-        return req_k(L, LUA_OK, (lua_KContext)req);
-    }
-    lua_pushcfunction(L, main_wait);
-    lua_pushlightuserdata(L, req);
-    lua_pushnumber(L, deadline);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-        req_free(req);
-        return lua_error(L);
-    }
-    return req_k(L, LUA_OK, (lua_KContext)req);
+    return ls_wait_k(L, req->loop, req->task, deadline, (lua_KContext)req, req_k, req_abandon);
 }
 
 /* ------------------------------------------------------------------ */

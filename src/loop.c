@@ -468,6 +468,33 @@ int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
     return t->result;
 }
 
+/* Protected part of a main-chunk ls_wait_k: args loop, task, deadline. */
+static int main_wait(lua_State *L)
+{
+    ls_loop *loop = lua_touserdata(L, 1);
+    ls_task *t = lua_touserdata(L, 2);
+    ls_wait(L, loop, t, -1, 0, lua_tonumber(L, 3), 0, NULL);
+    return 0;
+}
+
+int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, lua_KContext ctx,
+              lua_KFunction k, void (*abandon)(lua_KContext ctx))
+{
+    if (t != &loop->main_task) {
+        ls_wait(L, loop, t, -1, 0, deadline, ctx, k); /* yields: k runs on resume */
+        return k(L, LUA_OK, ctx);
+    }
+    lua_pushcfunction(L, main_wait);
+    lua_pushlightuserdata(L, loop);
+    lua_pushlightuserdata(L, t);
+    lua_pushnumber(L, deadline);
+    if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
+        abandon(ctx);
+        return lua_error(L);
+    }
+    return k(L, LUA_OK, ctx);
+}
+
 int ls_wait_result(lua_State *L)
 {
     ls_loop *loop = ls_getloop(L);

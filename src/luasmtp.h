@@ -116,6 +116,13 @@ ls_task *ls_current(lua_State *L, ls_loop *loop);
  * time; < 0 for none) passes. `t` must be ls_current(L, loop). */
 int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
             double deadline, lua_KContext ctx, lua_KFunction k);
+/* Wait until the task is woken (by ls_wake from some library callback)
+ * or the deadline passes, then return k(L, LUA_OK, ctx) -- in a task
+ * (k runs when the task is resumed) and in the main chunk alike. Should
+ * the main chunk's wait raise (a deadlock), abandon(ctx) is called before
+ * the error goes on, so nothing keeps pointing at the main pseudo-task. */
+int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, lua_KContext ctx,
+              lua_KFunction k, void (*abandon)(lua_KContext ctx));
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). */
