@@ -24,9 +24,10 @@ libev-dev libc-ares-dev"
 SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount procps"
 # peers the tests run, with what each needs to do its job there: swaks
 # speaks TLS only with the Perl TLS modules (swaks merely recommends
-# them); smtplib and aiosmtpd (Python); smtp-sink and smtp-source
-# (postfix); doveadm pw (dovecot-core)
-PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl python3 python3-aiosmtpd
+# them) and AUTH with MIME::Base64 (perl); smtplib and aiosmtpd (Python);
+# smtp-sink and smtp-source (postfix); doveadm pw (dovecot-core). The
+# tests check these abilities (H.peers in spec/helper.lua).
+PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
 postfix dovecot-core"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
 EXTRA="netcat-openbsd bc"
