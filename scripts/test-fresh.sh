@@ -52,20 +52,40 @@ mounts_under() {
   findmnt -rn -o TARGET | awk -v d="$dir" 'index($0, d "/") == 1 || $0 == d' | sort -r
 }
 
+# Processes whose root is the test root: the suite and whatever it left.
+procs_in_root() {
+  local p
+  for p in /proc/[0-9]*; do
+    [ "$(readlink "$p/root" 2>/dev/null)" = "$root" ] && echo "${p#/proc/}"
+  done
+  return 0
+}
+
+# Stop them by pid: TERM, then KILL what is still there after 5 s.
+stop_procs_in_root() {
+  local sig pids i
+  for sig in TERM KILL; do
+    pids=$(procs_in_root)
+    [ -z "$pids" ] && return 0
+    # shellcheck disable=SC2086 # one word per pid
+    kill -"$sig" $pids 2>/dev/null
+    for i in $(seq 50); do [ -z "$(procs_in_root)" ] && return 0; sleep 0.1; done
+  done
+}
+
 cleanup() {
   local status=$? m i
   # No second interrupt half-way through the clean-up.
   trap '' INT TERM
   trap - EXIT
   set +e
-  if [ -n "$child" ] && kill -0 "$child" 2>/dev/null; then
+  if [ -n "$child" ]; then
     say "stopping the suite in the root"
-    # The chroot runs in its own process group (setsid): stop all of it.
-    kill -TERM -- "-$child" 2>/dev/null || kill -TERM "$child" 2>/dev/null
-    for i in $(seq 100); do kill -0 "$child" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$child" 2>/dev/null
-    wait "$child" 2>/dev/null
+    # The chroot runs in its own process group (setsid).
+    kill -TERM -- "-$child" 2>/dev/null
   fi
+  stop_procs_in_root
+  [ -n "$child" ] && wait "$child" 2>/dev/null
   # Everything mounted under $dir: what this script mounted and what the
   # suite or mmdebstrap may have left. Deepest first; lazily when busy.
   for i in 1 2 3; do
@@ -118,7 +138,12 @@ while IFS= read -r line; do
 done < <(apt-config dump 2>/dev/null |
   grep -E '^Acquire::(https?|ftp)::Proxy|^Acquire::(https?::)?Check-(Valid-Until|Date) ' || true)
 
-say "building a minimal Debian $suite root in $root (mirrors: ${mirrors[*]:-mmdebstrap default})"
+say "building a minimal Debian $suite root in $root"
+if [ ${#mirrors[@]} -gt 0 ]; then
+  for m in "${mirrors[@]}"; do say "  from this machine's mirror: $m"; done
+else
+  say "  apt knows no Debian $suite mirror here: mmdebstrap's default mirrors"
+fi
 start=$(date +%s)
 mmdebstrap --variant=apt --mode=root --format=directory "${aptopts[@]}" \
   "$suite" "$root" "${mirrors[@]}" >"$log" 2>&1 ||
@@ -162,6 +187,13 @@ child=$!
 rc=0
 wait "$child" || rc=$?
 child=
+left=$(procs_in_root)
+if [ -n "$left" ]; then
+  say "processes the suite left running in the root (stopped now):"
+  # shellcheck disable=SC2086 # one word per pid
+  ps -o pid=,args= -p "$(echo $left | tr ' ' ,)" >&2
+  stop_procs_in_root
+fi
 
 echo "--- last lines of bash .ci/run in a fresh Debian $suite ---"
 grep -E '^(not ok|deps\.sh:|test\.sh:)' "$log" || true

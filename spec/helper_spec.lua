@@ -3,6 +3,17 @@
 -- Debian package, and every package named is one scripts/deps.sh installs.
 local H = require "spec.helper"
 
+--- The packages scripts/deps.sh installs, as a set.
+local function deps_packages()
+  local deps = H.readfile(H.root .. "/scripts/deps.sh")
+  local listed = {}
+  for _, var in ipairs { "BUILD", "SUITE", "PEERS", "EXTRA" } do
+    local words = assert(deps:match("\n" .. var .. '="([^"]*)"'), var .. " in scripts/deps.sh")
+    for p in words:gmatch("%S+") do listed[p] = true end
+  end
+  return listed
+end
+
 local function with_peer(name, peer, fn)
   H.peers[name] = peer
   local ok, err = pcall(fn)
@@ -42,12 +53,7 @@ describe("peer capabilities", function()
   end)
 
   it("name only packages that scripts/deps.sh installs", function()
-    local deps = H.readfile(H.root .. "/scripts/deps.sh")
-    local listed = {}
-    for _, var in ipairs { "BUILD", "SUITE", "PEERS", "EXTRA" } do
-      local words = assert(deps:match("\n" .. var .. '="([^"]*)"'), var .. " in scripts/deps.sh")
-      for p in words:gmatch("%S+") do listed[p] = true end
-    end
+    local listed = deps_packages()
     for name, peer in pairs(H.peers) do
       for p in peer.packages:gmatch("%S+") do
         assert.is_true(listed[p] == true, ("%s: package %s is not in scripts/deps.sh"):format(name, p))
@@ -65,5 +71,20 @@ describe("peer capabilities", function()
       if not ok then missing[#missing + 1] = err end
     end
     assert(#missing == 0, table.concat(missing, "\n"))
+  end)
+end)
+
+describe("scripts/deps.sh", function()
+  it("installs what the README dependency table lists, no more, no less", function()
+    local readme = H.readfile(H.root .. "/README.md")
+    local section = assert(readme:match("\n### Dependencies\n(.-)\n#"), "README: ### Dependencies")
+    local in_readme = {}
+    for row in section:gmatch("\n(|[^\n]*)") do
+      local last = row:match("|%s*([^|]-)%s*|%s*$") -- the packages column
+      for p in last:gmatch("`([^`]+)`") do in_readme[p] = true end
+    end
+    local listed = deps_packages()
+    for p in pairs(listed) do assert.is_true(in_readme[p] == true, p .. " is not in the README table") end
+    for p in pairs(in_readme) do assert.is_true(listed[p] == true, p .. " is not in scripts/deps.sh") end
   end)
 end)
