@@ -196,7 +196,12 @@ if [ -n "$left" ]; then
 fi
 
 echo "--- last lines of bash .ci/run in a fresh Debian $suite ---"
-grep -E '^(not ok|deps\.sh:|test\.sh:)' "$log" || true
+# What deps.sh installed, and each failure with busted's message (the
+# "# ..." lines after "not ok", at most 8 of them).
+awk '/^(deps|test)\.sh:/ { print; next }
+     /^not ok / { print; n = 8; next }
+     n > 0 && /^#/ { print; n--; next }
+     { n = 0 }' "$log"
 tail -n "$tail_lines" "$log"
 echo "--- $(($(date +%s) - start)) s, exit status $rc ---"
 exit "$rc"
