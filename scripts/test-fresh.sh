@@ -45,7 +45,8 @@ case $base in *[[:space:]]*) die "TMPDIR must not contain white space: $base" ;;
 dir=$(mktemp -d "$base/luasmtp-fresh.XXXXXX")
 root=$dir/root
 log=$dir/fresh.log
-child=
+child=   # the chroot running .ci/run (a process group of its own)
+builder= # mmdebstrap
 
 # The mount points under $dir, deepest first (as the kernel lists them).
 mounts_under() {
@@ -79,6 +80,11 @@ cleanup() {
   trap '' INT TERM
   trap - EXIT
   set +e
+  if [ -n "$builder" ]; then
+    say "stopping mmdebstrap"
+    kill -TERM "$builder" 2>/dev/null
+    wait "$builder" 2>/dev/null
+  fi
   if [ -n "$child" ]; then
     say "stopping the suite in the root"
     # The chroot runs in its own process group (setsid).
@@ -145,9 +151,14 @@ else
   say "  apt knows no Debian $suite mirror here: mmdebstrap's default mirrors"
 fi
 start=$(date +%s)
+# In the background, so that an interrupt is handled at once.
 mmdebstrap --variant=apt --mode=root --format=directory "${aptopts[@]}" \
-  "$suite" "$root" "${mirrors[@]}" >"$log" 2>&1 ||
-  { tail -n "$tail_lines" "$log" >&2; die "mmdebstrap failed"; }
+  "$suite" "$root" "${mirrors[@]}" >"$log" 2>&1 &
+builder=$!
+rc=0
+wait "$builder" || rc=$?
+builder=
+[ "$rc" -eq 0 ] || { tail -n "$tail_lines" "$log" >&2; die "mmdebstrap failed (status $rc)"; }
 
 # What a freshly installed machine has besides the packages: name
 # resolution (mmdebstrap copies resolv.conf and hostname; an installer

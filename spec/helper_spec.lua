@@ -56,7 +56,7 @@ describe("peer capabilities", function()
     local listed = deps_packages()
     for name, peer in pairs(H.peers) do
       for p in peer.packages:gmatch("%S+") do
-        assert.is_true(listed[p] == true, ("%s: package %s is not in scripts/deps.sh"):format(name, p))
+        assert(listed[p], ("%s: package %s is not in scripts/deps.sh"):format(name, p))
       end
     end
   end)
@@ -84,7 +84,7 @@ describe("scripts/deps.sh", function()
       for p in last:gmatch("`([^`]+)`") do in_readme[p] = true end
     end
     local listed = deps_packages()
-    for p in pairs(listed) do assert.is_true(in_readme[p] == true, p .. " is not in the README table") end
-    for p in pairs(in_readme) do assert.is_true(listed[p] == true, p .. " is not in scripts/deps.sh") end
+    for p in pairs(listed) do assert(in_readme[p], p .. " is not in the README table") end
+    for p in pairs(in_readme) do assert(listed[p], p .. " is not in scripts/deps.sh") end
   end)
 end)
