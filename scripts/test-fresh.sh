@@ -17,13 +17,15 @@
 #    unmounted (also on failure or interrupt) and the directory removed.
 #
 # Exits with the suite's status. Touches nothing outside its temporary
-# directory (besides installing mmdebstrap on this machine when missing).
+# directory, besides installing its own tools (mmdebstrap) on this machine
+# when missing. Processes left in the root are stopped by pid.
 #
 # Environment:
 #   FRESH_SUITE   Debian suite (default bookworm)
 #   FRESH_TAIL    how many last lines to print (default 25)
 #   FRESH_LOG     also copy the whole log to this file
-#   TMPDIR        where the temporary directory goes (default /tmp)
+#   TMPDIR        where the temporary directory goes (default /tmp); the
+#                 root lives there, so its file system must allow exec
 set -euo pipefail
 
 suite=${FRESH_SUITE:-bookworm}
