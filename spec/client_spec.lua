@@ -208,6 +208,7 @@ describe("SMTP client", function()
   describe("against Postfix smtp-sink", function()
     local sink = "/usr/sbin/smtp-sink"
     local function start_sink(args)
+      H.need("smtp-sink")
       local port = H.free_port()
       local user = io.popen("id -u"):read("l") == "0" and "-u nobody " or ""
       local pid = fake.external(("exec timeout 60 %s %s%s 127.0.0.1:%d 64"):format(sink, user, args or "", port))

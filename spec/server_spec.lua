@@ -536,6 +536,7 @@ describe("SMTP server", function()
 
   describe("with real clients", function()
     it("accepts a message from swaks", function()
+      H.need("swaks")
       H.run(function()
         local messages, on_data = collect_messages()
         local srv, port = start { hooks = { on_data = on_data } }
@@ -550,6 +551,7 @@ describe("SMTP server", function()
     end)
 
     it("accepts a message from Python's smtplib over STARTTLS", function()
+      H.need("python3 smtplib TLS")
       H.run(function()
         local sctx = H.tls_contexts()
         local messages, on_data = collect_messages()
@@ -566,7 +568,7 @@ with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=5) as s
 ]]):format(H.certs() .. "/ca.pem", port))
         f:close()
         local log = H.tmp .. "/smtplib.log"
-        local pid = H.start("exec timeout 10 python3 " .. script, log)
+        local pid = H.start("exec timeout 10 " .. H.python3 .. " " .. script, log)
         assert.is_true(H.wait_pid(pid, 10))
         srv:close()
         assert.matches("refused {}", H.readfile(log))
