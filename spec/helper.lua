@@ -103,6 +103,17 @@ function H.certs()
   return dir
 end
 
+--- A string quoted for sh.
+function H.shquote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+--- Create a directory (and its parents); returns its path.
+function H.mkdir(path)
+  assert(os.execute("mkdir -p " .. H.shquote(path)), "mkdir " .. path)
+  return path
+end
+
 --- Read a whole file.
 function H.readfile(path)
   local f = assert(io.open(path, "rb"))

@@ -575,5 +575,43 @@ with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=5) as s
         assert.matches("with ESMTPS", messages[1].data)
       end, 15)
     end)
+
+    it("accepts smtplib's send_message with mail_options=['SMTPUTF8'] (SMTPUTF8 sent twice)", function()
+      H.run(function()
+        local messages, on_data = collect_messages()
+        local seen
+        local srv, port = start { hooks = { on_data = on_data, on_mail = function(_, _, params)
+          seen = params
+        end } }
+        local script = H.mkdir(H.tmp) .. "/smtplib_utf8.py"
+        local f = assert(io.open(script, "w"))
+        f:write(([[
+import smtplib
+from email.message import EmailMessage
+msg = EmailMessage()
+msg["From"] = "j\u00fcrgen@b\u00fccher.test"
+msg["To"] = "bob@mx.test"
+msg["Subject"] = "gr\u00fc\u00dfe"
+msg.set_content("hall\u00f6\n")
+with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=5) as s:
+    s.set_debuglevel(1)
+    print("refused", s.send_message(msg, mail_options=["SMTPUTF8"]), flush=True)
+]]):format(port))
+        f:close()
+        local log = H.tmp .. "/smtplib_utf8.log"
+        local pid = H.start("exec timeout 10 python3 " .. script, log)
+        assert.is_true(H.wait_pid(pid, 10))
+        srv:close()
+        local out = H.readfile(log)
+        -- the peer really repeats the parameter; the server takes it as one
+        assert.matches("SMTPUTF8 SMTPUTF8 BODY=8BITMIME", out, 1, true)
+        assert.matches("refused {}", out, 1, true)
+        assert.equal(1, #messages, out)
+        assert.equal("j\u{fc}rgen@b\u{fc}cher.test", messages[1].from)
+        assert.is_true(seen.smtputf8)
+        assert.equal("8BITMIME", seen.body)
+        assert.matches("hall\u{f6}", messages[1].data)
+      end, 15)
+    end)
   end)
 end)
