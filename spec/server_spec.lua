@@ -67,9 +67,10 @@ describe("SMTP server", function()
       local ecode, ehlo = c.cmd("EHLO client.test")
       assert.equal("250", ecode)
       for _, ext in ipairs { "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE", "CHUNKING",
-        "ENHANCEDSTATUSCODES", "DSN", "LIMITS RCPTMAX=" } do
+        "ENHANCEDSTATUSCODES", "LIMITS RCPTMAX=" } do
         assert.truthy(ehlo:find("\n250[- ]" .. ext:gsub("%p", "%%%0")), ext)
       end
+      assert.not_matches("DSN", ehlo) -- nothing here sends notices
       assert.not_matches("STARTTLS", ehlo) -- no TLS configured
       assert.not_matches("AUTH", ehlo)
       assert.equal("250", (c.cmd("MAIL FROM:<alice@client.test>")))
@@ -574,6 +575,48 @@ with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=5) as s
         assert.same({ "b@mx.test", "c@mx.test" }, messages[1].rcpt)
         assert.matches("with ESMTPS", messages[1].data)
       end, 15)
+    end)
+
+    it("offers DSN to smtplib only when the script says it honours it", function()
+      H.run(function()
+        local script = H.mkdir(H.tmp) .. "/smtplib_dsn.py"
+        local f = assert(io.open(script, "w"))
+        f:write([[
+import smtplib, sys
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), local_hostname="client.test", timeout=5) as s:
+    s.ehlo()
+    print("dsn", s.has_extn("dsn"), flush=True)
+    try:
+        s.sendmail("a@client.test", ["b@mx.test"], "Subject: dsn\r\n\r\nx\r\n",
+                   mail_options=["RET=HDRS", "ENVID=e1"], rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+        print("sent", flush=True)
+    except smtplib.SMTPException as e:
+        print("refused", e, flush=True)
+]])
+        f:close()
+        for _, dsn in ipairs { false, true } do
+          local messages, on_data = collect_messages()
+          local notify
+          local srv, port = start { dsn = dsn, hooks = { on_data = on_data, on_rcpt = function(_, _, p)
+            notify = p.notify
+          end } }
+          local log = H.tmp .. "/smtplib_dsn.log"
+          local pid = H.start("exec timeout 10 python3 " .. script .. " " .. port, log)
+          assert.is_true(H.wait_pid(pid, 10))
+          srv:close()
+          local out = H.readfile(log)
+          if dsn then
+            assert.matches("dsn True\nsent", out)
+            assert.equal(1, #messages)
+            assert.same({ success = true, failure = true }, notify)
+          else
+            assert.matches("dsn False\nrefused", out)
+            assert.matches("555", out, 1, true)
+            assert.matches("DSN not supported", out, 1, true)
+            assert.equal(0, #messages)
+          end
+        end
+      end, 25)
     end)
 
     it("accepts smtplib's send_message with mail_options=['SMTPUTF8'] (SMTPUTF8 sent twice)", function()

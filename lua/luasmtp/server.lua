@@ -62,7 +62,7 @@ local DEFAULTS = {
   smtputf8 = true,
   eightbitmime = true,
   chunking = true,
-  dsn = true,
+  dsn = false, -- true: advertise DSN; only when the script honours NOTIFY/RET (RFC 3461)
   enhanced_status_codes = true,
   requiretls = true,
   received_header = true,
@@ -352,6 +352,9 @@ handlers.MAIL = function(s, cmd)
   if cmd.smtputf8 and not s.config.smtputf8 then
     return s:send_reply(555, "5.5.4", "SMTPUTF8 not supported")
   end
+  if (cmd.ret or cmd.envid) and not s.config.dsn then
+    return s:send_reply(555, "5.5.4", "DSN not supported")
+  end
   if cmd.utf8 and not cmd.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
   end
@@ -390,6 +393,9 @@ handlers.RCPT = function(s, cmd)
   end
   if cmd.utf8 and not env.params.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+  end
+  if (cmd.notify or cmd.orcpt) and not s.config.dsn then
+    return s:send_reply(555, "5.5.4", "DSN not supported")
   end
   local p = cmd
   local r = s:hook("on_rcpt", cmd.path, p)
