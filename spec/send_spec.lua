@@ -3,6 +3,7 @@
 local luasmtp = require "luasmtp"
 local H = require "spec.helper"
 local fake = require "spec.fake_smtp"
+local postfix = require "spec.postfix"
 
 local function shquote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
@@ -71,6 +72,7 @@ local MESSAGE = table.concat({
 describe("luasmtp send", function()
   after_each(function()
     fake.cleanup()
+    postfix.cleanup()
     H.assert_no_leaks()
   end)
 
@@ -199,6 +201,39 @@ describe("luasmtp send", function()
       assert.equal(76, (send(("--server 127.0.0.1:%d --tls none a@dest.test"):format(port), "x\n")))
       srv:close()
     end, 30)
+  end)
+
+  it("takes -f '<>', -f '' and bracketed addresses, into Postfix's smtpd", function()
+    H.run(function()
+      local pf = postfix.start {}
+      local base = ("--server 127.0.0.1:%d --tls none "):format(pf.port)
+      local runs = {
+        { "-f '<>' '<null1@dest.test>'", "", "null1@dest.test" },
+        { "-f '' null2@dest.test", "", "null2@dest.test" },
+        { "-f'<>' null3@dest.test", "", "null3@dest.test" },
+        { "-r '<a@client.test>' '<b@dest.test>'", "a@client.test", "b@dest.test" },
+        { "--from '<c@client.test>' d@dest.test", "c@client.test", "d@dest.test" },
+      }
+      for _, r in ipairs(runs) do
+        local status, _, err = send(base .. r[1], "Subject: bounce\n\nauto-reply\n")
+        assert.equal(0, status, r[1] .. ": " .. err)
+      end
+      -- one pair of brackets only: what is left is not an address
+      local status, _, err = send(base .. "-f '<<x@client.test>>' e@dest.test", "x\n")
+      assert.equal(65, status)
+      assert.matches("angle brackets", err)
+      assert.equal(65, (send(base .. "-f x@client.test '<>'", "x\n")))
+      local queued = {}
+      for _, m in ipairs(pf:queue("hold")) do queued[m.recipients[1]] = m end
+      for _, r in ipairs(runs) do
+        local m = queued[r[3]]
+        assert.is_table(m, r[3] .. " is not in Postfix's queue: " .. pf:logtext())
+        assert.equal(r[2], m.sender, r[1])
+        assert.same({ r[3] }, m.recipients)
+      end
+      assert.matches("from=<> to=<null1@dest.test>", pf:logtext(), 1, true)
+      pf:stop()
+    end, 90)
   end)
 
   it("speaks LMTP with --lmtp", function()

@@ -22,7 +22,8 @@ local USAGE = [[
 usage: luasmtp send [OPTIONS] [RECIPIENT...] < message
 
 sendmail options:
-  -f FROM, -r FROM    envelope sender (default: the From: header, else USER@HOST)
+  -f FROM, -r FROM    envelope sender (default: the From: header, else USER@HOST);
+                      "<>" or "" is the null sender, <a@b> is a@b
   -t                  take recipients from To:, Cc: and Bcc: (Bcc: is removed)
   -i, -oi             a line with a single "." does not end the message
   -v                  print the SMTP transcript on stderr (credentials masked)
@@ -83,9 +84,18 @@ local function short_option(a, take_value, opts)
   end
 end
 
+-- An address given on the command line: one pair of angle brackets is
+-- taken off, as sendmail does, so "<a@b.example>" is a@b.example and
+-- "<>", like "", the null sender.
+local function argument_address(a)
+  return a:match("^<(.*)>$") or a
+end
+
 -- Split argv into long options, sendmail options and recipients.
 local function parse_args(args)
   local opts, rcpts = getopt.parse(args, LONG, short_option)
+  if opts.from then opts.from = argument_address(opts.from) end
+  for i, r in ipairs(rcpts) do rcpts[i] = argument_address(r) end
   opts.rcpts = rcpts
   return opts
 end

@@ -1,0 +1,146 @@
+--- A private Postfix instance for the specs: its own main.cf, master.cf,
+-- queue, data directory and log in a temporary directory, with master(8)
+-- in the foreground under timeout(1) so it stops by itself. Nothing of
+-- the system's Postfix configuration (if any) is used. master(8) needs
+-- root (it hands the services to the postfix user).
+--
+--   local pf = postfix.start { services = { "smtpd" } }   -- inside a task
+--   ... pf.port ...
+--   pf:stop()                     -- P.cleanup() stops what a failed test left
+--   pf:queue("hold")              -- { {id=, sender=, recipients={...}}, ... }
+local H = require "spec.helper"
+
+local P = {}
+
+local running = {} -- instances not yet stopped, for P.cleanup()
+
+local Instance = {}
+Instance.__index = Instance
+
+-- The services every instance runs, and the ones tests may add.
+local BASE = {
+  "cleanup unix n - n - 0 cleanup",
+  "rewrite unix - - n - - trivial-rewrite",
+  "proxymap unix - - n - - proxymap",
+  "anvil unix - - n - 1 anvil",
+  "postlog unix-dgram n - n - 1 postlogd",
+}
+
+local function command(cmd)
+  local p = assert(io.popen(cmd .. " 2>&1"))
+  local out = p:read("a")
+  local ok, _, code = p:close()
+  return ok, out, code
+end
+
+--- start(opts) -> instance (inside a task). opts: `main` (extra main.cf
+-- lines), `services` (extra master.cf lines), `smtpd` (default true: an
+-- smtpd on 127.0.0.1 at a free port, instance.port), `lifetime` (seconds,
+-- default 60). Mail taken by smtpd is put on hold, so it stays in the
+-- queue for the test to read.
+function P.start(opts)
+  opts = opts or {}
+  assert(select(2, command("id -u")):match("^0\n"), "a private Postfix instance needs root")
+  -- a short path (UNIX socket names are limited) the postfix user can enter
+  local ok, out = command("mktemp -d /tmp/luasmtp-postfix-XXXXXX")
+  assert(ok, out)
+  local dir = out:gsub("%s+$", "")
+  local self = setmetatable({ dir = dir, conf = dir .. "/conf", log = dir .. "/postfix.log" }, Instance)
+  running[self] = true
+  H.mkdir(self.conf)
+  H.mkdir(dir .. "/queue")
+  H.mkdir(dir .. "/data")
+  assert(os.execute("chmod 755 " .. H.shquote(dir) .. " && chown postfix " .. H.shquote(dir .. "/data")))
+  local main = {
+    "compatibility_level = 3.6",
+    "queue_directory = " .. dir .. "/queue",
+    "data_directory = " .. dir .. "/data",
+    "mail_owner = postfix",
+    "setgid_group = postdrop",
+    "myhostname = postfix.test",
+    "mydomain = test",
+    "mydestination =",
+    "alias_maps =",
+    "local_recipient_maps =",
+    "inet_interfaces = 127.0.0.1",
+    "inet_protocols = ipv4",
+    "mynetworks = 127.0.0.0/8",
+    "maillog_file_prefixes = " .. dir,
+    "maillog_file = " .. self.log,
+    "smtpd_recipient_restrictions = permit_mynetworks, reject",
+    "smtpd_end_of_data_restrictions = check_client_access static:HOLD",
+    "biff = no",
+  }
+  for _, l in ipairs(opts.main or {}) do main[#main + 1] = l end
+  local master = {}
+  for _, l in ipairs(BASE) do master[#master + 1] = l end
+  if opts.smtpd ~= false then
+    self.port = H.free_port()
+    master[#master + 1] = ("127.0.0.1:%d inet n - n - - smtpd"):format(self.port)
+  end
+  for _, l in ipairs(opts.services or {}) do master[#master + 1] = l end
+  for name, lines in pairs { ["main.cf"] = main, ["master.cf"] = master } do
+    local f = assert(io.open(self.conf .. "/" .. name, "w"))
+    f:write(table.concat(lines, "\n"), "\n")
+    f:close()
+  end
+  -- creates the queue directories with their owners and modes
+  local cok, cout = command("postfix -c " .. H.shquote(self.conf) .. " check")
+  assert(cok, "postfix check: " .. cout)
+  self.pid = H.start(("exec timeout %d /usr/lib/postfix/sbin/master -c %s -d")
+    :format(opts.lifetime or 60, H.shquote(self.conf)), dir .. "/master.out")
+  if self.port then
+    H.wait_port(self.port, "127.0.0.1", 15)
+  end
+  return self
+end
+
+--- Stop master(8) (timeout(1) passes the signal on), wait for it and
+-- remove the instance's directory.
+function Instance:stop()
+  if not running[self] then return end
+  running[self] = nil
+  H.kill(self.pid)
+  H.wait_pid(self.pid, 10)
+  os.execute("rm -rf " .. H.shquote(self.dir))
+end
+
+--- The messages in one queue ("hold", "incoming", ...), read with
+-- postcat(1): { {id=, sender= ("" for <>), recipients = {...}}, ... }.
+function Instance:queue(name)
+  local list = {}
+  local p = assert(io.popen("find " .. H.shquote(self.dir .. "/queue/" .. name) .. " -type f"))
+  for file in p:lines() do
+    local ok, out = command("postcat -c " .. H.shquote(self.conf) .. " -e " .. H.shquote(file))
+    assert(ok, out)
+    local m = { id = file:match("([^/]+)$"), recipients = {} }
+    for line in out:gmatch("[^\n]+") do
+      local k, v = line:match("^(%w+): ?(.*)$")
+      if k == "sender" then
+        m.sender = v
+      elseif k == "recipient" then
+        m.recipients[#m.recipients + 1] = v
+      end
+    end
+    list[#list + 1] = m
+  end
+  p:close()
+  return list
+end
+
+--- The instance's mail log so far.
+function Instance:logtext()
+  local f = io.open(self.log)
+  if not f then return "" end
+  local text = f:read("a")
+  f:close()
+  return text
+end
+
+--- Stop every instance still running (after each test, also a failed
+-- one).
+function P.cleanup()
+  for inst in pairs(running) do inst:stop() end
+end
+
+return P
