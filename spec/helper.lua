@@ -114,6 +114,22 @@ function H.mkdir(path)
   return path
 end
 
+--- A short private directory for UNIX sockets (their paths are limited
+-- to 107 bytes; H.tmp may be deep), made once and removed when the
+-- interpreter exits.
+function H.sockdir()
+  if not H._sockdir then
+    local p = assert(io.popen("mktemp -d /tmp/luasmtp-spec-XXXXXX"))
+    local dir = assert(p:read("l"))
+    p:close()
+    H._sockdir = dir
+    H._sockdir_guard = setmetatable({}, { __gc = function()
+      os.execute("rm -rf " .. H.shquote(dir))
+    end })
+  end
+  return H._sockdir
+end
+
 --- Read a whole file.
 function H.readfile(path)
   local f = assert(io.open(path, "rb"))
