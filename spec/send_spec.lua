@@ -4,6 +4,7 @@ local luasmtp = require "luasmtp"
 local H = require "spec.helper"
 local fake = require "spec.fake_smtp"
 local postfix = require "spec.postfix"
+local dovecot = require "spec.dovecot"
 
 local function shquote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
@@ -73,6 +74,7 @@ describe("luasmtp send", function()
   after_each(function()
     fake.cleanup()
     postfix.cleanup()
+    dovecot.cleanup()
     H.assert_no_leaks()
   end)
 
@@ -234,6 +236,32 @@ describe("luasmtp send", function()
       assert.matches("from=<> to=<null1@dest.test>", pf:logtext(), 1, true)
       pf:stop()
     end, 90)
+  end)
+
+  it("delivers with --lmtp --server /path into Dovecot's LMTP on a UNIX socket", function()
+    H.run(function()
+      local dc = dovecot.start { users = { "bob@example.test", "carol@example.test" } }
+      local status, _, err = send(("--lmtp --server %s -f '<>' bob@example.test carol@example.test "
+        .. "nobody@example.test"):format(H.shquote(dc.lmtp)), "Subject: over a UNIX socket\n\nhello dovecot\n")
+      -- Dovecot refuses the unknown user; the other two get the message
+      assert.equal(69, status, err .. dc:logtext())
+      assert.matches("<nobody@example.test>: 550 5.1.1", err)
+      for _, user in ipairs { "bob@example.test", "carol@example.test" } do
+        local msgs = dc:maildir(user)
+        assert.equal(1, #msgs, user .. ": " .. dc:logtext())
+        assert.matches("^Return%-Path: <>\r?\n", msgs[1].data)
+        assert.matches("Received: from localhost", msgs[1].data, 1, true) -- our LHLO name
+        assert.matches("Subject: over a UNIX socket\r?\n\r?\nhello dovecot", msgs[1].data)
+      end
+      -- unix:/path says the same; a missing socket is a temporary failure
+      status = send(("--lmtp --server unix:%s bob@example.test"):format(H.shquote(dc.lmtp)), "Subject: 2\n\nx\n")
+      assert.equal(0, status)
+      assert.equal(2, #dc:maildir("bob@example.test"))
+      dc:stop()
+      status, _, err = send(("--lmtp --server %s bob@example.test"):format(H.shquote(dc.lmtp)), "x\n")
+      assert.equal(75, status)
+      assert.matches("connect to " .. dc.lmtp:gsub("%p", "%%%0"), err)
+    end, 60)
   end)
 
   it("speaks LMTP with --lmtp", function()

@@ -45,7 +45,8 @@ M.DEFAULT_TIMEOUTS = {
 local DEFAULTS = {
   host = nil,
   port = nil,        -- 465 for implicit TLS, 24 for LMTP, else 25
-  tls = nil,         -- "implicit" on port 465, else "starttls"
+  path = nil,        -- a UNIX-domain socket instead of host and port
+  tls = nil,         -- "implicit" on port 465, "none" over a UNIX socket, else "starttls"
   lmtp = false,
   helo = nil,        -- default: our address as a literal, [192.0.2.1]
   pipelining = true, -- use PIPELINING when the server offers it
@@ -77,14 +78,17 @@ local function merge(opts)
     cfg.host = cfg.host or host
     if port and cfg.port == nil and cfg.server:find(":%d+$") then cfg.port = port end
   end
+  assert(cfg.path == nil or type(cfg.path) == "string", "path must be a string")
   if cfg.tls == nil then
-    cfg.tls = (cfg.port == 465) and "implicit" or "starttls"
+    -- a UNIX socket never leaves the host
+    cfg.tls = cfg.path and "none" or (cfg.port == 465) and "implicit" or "starttls"
   end
   assert(TLS_MODES[cfg.tls], "tls must be \"implicit\", \"starttls\", \"opportunistic\", \"none\" or \"auto\"")
-  if cfg.port == nil and cfg.tls ~= "auto" then
+  assert(not (cfg.path and cfg.tls == "auto"), "tls = \"auto\" needs a host and port, not a path")
+  if cfg.port == nil and cfg.tls ~= "auto" and not cfg.path then
     cfg.port = cfg.tls == "implicit" and 465 or cfg.lmtp and 24 or 25
   end
-  assert(cfg.sock or type(cfg.host) == "string", "host (or server, or sock) is required")
+  assert(cfg.sock or cfg.path or type(cfg.host) == "string", "host (or server, path or sock) is required")
   assert(cfg.helo == nil or (type(cfg.helo) == "string" and cfg.helo:find("^[%w%.%-%[%]:]+$")),
     "helo must be a domain or an address literal")
   return cfg
@@ -668,6 +672,7 @@ end
 local function local_literal(sock)
   local addr = sock:getsockname()
   if not addr then return "[127.0.0.1]" end
+  if addr:find("^unix:") then return "localhost" end
   if addr:find(":", 1, true) then
     return "[IPv6:" .. addr .. "]"
   end
@@ -725,19 +730,26 @@ function M.connect(opts)
       verify = verifying(cfg, "implicit")
       tls_ctx = client_context(cfg, verify)
     end
-    self:trace("-", ("connecting to %s port %d%s"):format(host, cfg.port, tls_ctx and " (TLS)" or ""))
-    local sock, token, detail = net.connect(host, cfg.port, {
-      timeout = cfg.timeouts.connect,
-      tls = tls_ctx,
-      servername = self.servername,
-      verify_host = verify,
-      family = cfg.family,
-      bind = cfg.bind,
-    })
+    local where = cfg.path or ("%s port %d"):format(host, cfg.port)
+    self:trace("-", ("connecting to %s%s"):format(where, tls_ctx and " (TLS)" or ""))
+    local sock, token, detail
+    if cfg.path then
+      assert(self.servername or not verify, "servername is needed to verify a server on a UNIX socket")
+      sock, token, detail = net.connect_unix(cfg.path, { timeout = cfg.timeouts.connect, tls = tls_ctx,
+        servername = self.servername, verify_host = verify })
+    else
+      sock, token, detail = net.connect(host, cfg.port, {
+        timeout = cfg.timeouts.connect,
+        tls = tls_ctx,
+        servername = self.servername,
+        verify_host = verify,
+        family = cfg.family,
+        bind = cfg.bind,
+      })
+    end
     if not sock then
       local err = io_error(token, detail, "connect", "connect")
-      err.message = ("connect to %s port %d: %s"):format(host, cfg.port,
-        type(detail) == "string" and detail or token)
+      err.message = ("connect to %s: %s"):format(where, type(detail) == "string" and detail or token)
       return nil, token, err
     end
     self.sock = sock

@@ -473,8 +473,10 @@ local function received_header(s)
   local info = s.tls and s.sock:tlsinfo()
   local tlsnote = info and (" (%s %s)"):format(info.version, info.cipher) or ""
   local rcpt = #s.envelope.rcpt == 1 and ("\r\n\tfor <%s>"):format(s.envelope.rcpt[1]) or ""
-  return ("Received: from %s ([%s])\r\n\tby %s with %s id %s%s%s;\r\n\t%s\r\n"):format(
-    s.helo_name or "unknown", s.client_address or "unknown", s.config.hostname, with,
+  -- TCP-info only for a TCP client (RFC 5321 4.4), not over a UNIX socket
+  local tcp_info = s.client_port and (" ([%s])"):format(s.client_address) or ""
+  return ("Received: from %s%s\r\n\tby %s with %s id %s%s%s;\r\n\t%s\r\n"):format(
+    s.helo_name or "unknown", tcp_info, s.config.hostname, with,
     s.server:message_id(s), tlsnote, rcpt, os.date("!%a, %d %b %Y %H:%M:%S +0000"))
 end
 
@@ -953,7 +955,9 @@ function M.new(opts)
   for _, spec in ipairs(specs) do
     local addr, implicit = spec, false
     if type(spec) == "table" then
-      addr, implicit = spec.address or spec[1], spec.tls == "implicit"
+      -- a UNIX-domain spec keeps its table: mode, owner and group go along
+      addr, implicit = (spec.address and spec.address:find("^unix:") and spec) or spec.address or spec[1],
+        spec.tls == "implicit"
     end
     assert(not implicit or config.tls, "implicit TLS needs a tls context")
     local srv, err, detail = net.serve {
@@ -964,7 +968,7 @@ function M.new(opts)
       handler = function(sock, conn)
         self.active = self.active + 1
         local s = new_session(self, sock, conn)
-        s:log("info", "connect from %s:%d", conn.peer_address, conn.peer_port)
+        s:log("info", "connect from %s%s", conn.peer_address, conn.peer_port and (":" .. conn.peer_port) or "")
         local ok, err2 = xpcall(s.run, debug.traceback, s)
         if not ok then
           s:log("error", "session failed: %s", tostring(err2))
