@@ -114,14 +114,16 @@ function H.mkdir(path)
   return path
 end
 
---- A short private directory for UNIX sockets (their paths are limited
--- to 107 bytes; H.tmp may be deep), made once and removed when the
--- interpreter exits.
+--- A short directory for UNIX sockets (their paths are limited to 107
+-- bytes; H.tmp may be deep), made once and removed when the interpreter
+-- exits. Others may enter it (Postfix's lmtp runs as postfix); what is in
+-- it keeps its own modes.
 function H.sockdir()
   if not H._sockdir then
     local p = assert(io.popen("mktemp -d /tmp/luasmtp-spec-XXXXXX"))
     local dir = assert(p:read("l"))
     p:close()
+    assert(os.execute("chmod 711 " .. H.shquote(dir)))
     H._sockdir = dir
     H._sockdir_guard = setmetatable({}, { __gc = function()
       os.execute("rm -rf " .. H.shquote(dir))

@@ -124,6 +124,7 @@ local function new_session(server, sock, conn)
     id = conn.id,
     client_address = conn.peer_address,
     client_port = conn.peer_port,
+    client_credentials = conn.peer_credentials, -- UNIX socket: {pid, uid, gid}
     local_address = conn.local_address,
     local_port = conn.local_port,
     helo_name = nil,
@@ -951,7 +952,7 @@ function M.new(opts)
     self.relay_check = require("luasmtp.relay").checker(config.relay)
   end
   local specs = config.listen or { "127.0.0.1:25" }
-  if type(specs) == "string" then specs = { specs } end
+  if type(specs) == "string" or specs.address then specs = { specs } end
   for _, spec in ipairs(specs) do
     local addr, implicit = spec, false
     if type(spec) == "table" then
