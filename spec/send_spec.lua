@@ -209,14 +209,14 @@ describe("luasmtp send", function()
     H.run(function()
       local pf = postfix.start {}
       local base = ("--server 127.0.0.1:%d --tls none "):format(pf.port)
-      local runs = {
+      local cases = {
         { "-f '<>' '<null1@dest.test>'", "", "null1@dest.test" },
         { "-f '' null2@dest.test", "", "null2@dest.test" },
         { "-f'<>' null3@dest.test", "", "null3@dest.test" },
         { "-r '<a@client.test>' '<b@dest.test>'", "a@client.test", "b@dest.test" },
         { "--from '<c@client.test>' d@dest.test", "c@client.test", "d@dest.test" },
       }
-      for _, r in ipairs(runs) do
+      for _, r in ipairs(cases) do
         local status, _, err = send(base .. r[1], "Subject: bounce\n\nauto-reply\n")
         assert.equal(0, status, r[1] .. ": " .. err)
       end
@@ -227,7 +227,7 @@ describe("luasmtp send", function()
       assert.equal(65, (send(base .. "-f x@client.test '<>'", "x\n")))
       local queued = {}
       for _, m in ipairs(pf:queue("hold")) do queued[m.recipients[1]] = m end
-      for _, r in ipairs(runs) do
+      for _, r in ipairs(cases) do
         local m = queued[r[3]]
         assert.is_table(m, r[3] .. " is not in Postfix's queue: " .. pf:logtext())
         assert.equal(r[2], m.sender, r[1])

@@ -404,12 +404,15 @@ describe("sockets", function()
         ls[1]:close()
         assert.is_nil(io.open(p))
         -- a socket file left by a process that is gone
-        assert(os.execute("python3 -c " .. H.shquote(("import socket; socket.socket(socket.AF_UNIX).bind(%q)"):format(p))))
+        local bind = ("import socket; socket.socket(socket.AF_UNIX).bind(%q)"):format(p)
+        assert(os.execute("python3 -c " .. H.shquote(bind)))
         assert.equal("refused", select(2, luasmtp.connect_unix(p)))
         ls = assert(luasmtp.listen { address = "unix:" .. p, mode = 432 }) -- 0660 as an integer
         assert.equal("660", file_mode(p))
         local c <close> = assert(luasmtp.connect_unix(p, { timeout = 2 }))
         local s <close> = assert(ls[1]:accept(2))
+        c:send("ping\r\n")
+        assert.equal("ping", s:receiveline(nil, 2))
         ls[1]:close()
         -- a file that is not a socket is never removed
         local f = assert(io.open(p, "w"))
