@@ -5,6 +5,8 @@ local H = require "spec.helper"
 local fake = require "spec.fake_smtp"
 local postfix = require "spec.postfix"
 local dovecot = require "spec.dovecot"
+local server = require "luasmtp.server"
+local credentials = require "luasmtp.credentials"
 
 local function shquote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
@@ -261,6 +263,52 @@ describe("luasmtp send", function()
       status, _, err = send(("--lmtp --server %s bob@example.test"):format(H.shquote(dc.lmtp)), "x\n")
       assert.equal(75, status)
       assert.matches("connect to " .. dc.lmtp:gsub("%p", "%%%0"), err)
+    end, 60)
+  end)
+
+  it("after a 535 to SCRAM tries the next mechanism over TLS, within what was allowed", function()
+    H.run(function()
+      -- bob's entry is a crypt hash: it serves PLAIN only, while alice's
+      -- plaintext entry makes the server offer SCRAM and CRAM-MD5 too
+      local got = {}
+      local srv = assert(server.new {
+        listen = "127.0.0.1:0", hostname = "mx.test", tls = (H.tls_contexts()), submission = true,
+        allow_plaintext_auth = true, auth_failure_delay = 0.01, logger = function() end,
+        limits = { max_auth_failures = 10 },
+        auth = { verifier = credentials.table { alice = "wonderland", bob = "{SHA512-CRYPT}"
+          .. luasmtp.crypto.crypt("builder", luasmtp.crypto.crypt_gensalt("$6$")) } },
+        hooks = { on_data = function(session) got[#got + 1] = session.user end },
+      })
+      local port = srv:addresses()[1].port
+      local base = ("-v --server localhost:%d --cafile %s --user bob "):format(port, cafile())
+      local function auth_lines(err)
+        local list = {}
+        for mech, code in err:gmatch(">>> AUTH (%S+)[^\n]*\n[^\n]-<<< (%d+)") do list[#list + 1] = mech .. " " .. code end
+        return list
+      end
+      local status, _, err = send(base .. "a@dest.test", "Subject: x\n\nx\n", { LUASMTP_PASSWORD = "builder" })
+      assert.equal(0, status, err)
+      assert.same({ "bob" }, got)
+      assert.matches("AUTH SCRAM-SHA-256-PLUS refused; trying the next mechanism", err, 1, true)
+      assert.matches(">>> AUTH PLAIN <credentials hidden>\n<<< 235", err)
+      -- a wrong password: each kind of check once (PLAIN, never LOGIN after it), then 77
+      status, _, err = send(base .. "a@dest.test", "x\n", { LUASMTP_PASSWORD = "wrong" })
+      assert.equal(77, status, err)
+      assert.is_nil(err:find(">>> AUTH LOGIN", 1, true))
+      assert.matches(">>> AUTH PLAIN <credentials hidden>\n<<< 535", err)
+      assert.matches("luasmtp send: AUTH SCRAM%-SHA%-256%-PLUS: 535 .*; AUTH PLAIN: 535", err)
+      -- never outside what the user allowed
+      status, _, err = send(base .. "--auth SCRAM-SHA-256-PLUS a@dest.test", "x\n", { LUASMTP_PASSWORD = "builder" })
+      assert.equal(77, status)
+      assert.equal(1, select(2, err:gsub(">>> AUTH ", "")))
+      -- and never without TLS: the first 535 is the answer
+      status, _, err = send(("-v --server 127.0.0.1:%d --tls none --allow-plaintext-auth --user bob a@dest.test")
+        :format(port), "x\n", { LUASMTP_PASSWORD = "builder" })
+      assert.equal(77, status)
+      assert.matches(">>> AUTH SCRAM%-SHA%-256 ", err)
+      assert.equal(1, select(2, err:gsub(">>> AUTH ", "")))
+      assert.equal(1, #got)
+      srv:close()
     end, 60)
   end)
 

@@ -585,11 +585,18 @@ function Session:sasl_io()
   }
 end
 
+-- Mechanisms that check the same secret the same way: after a 535 to
+-- one, the other would fail too.
+local SAME_CHECK = { PLAIN = "LOGIN", LOGIN = "PLAIN" }
+
 --- login(auth) -> true | nil, token, err
 -- auth: { user=, password=, token= (OAuth), authzid=, mechanism= or
 -- mechanisms= {...} (restrict the choice), allow_plaintext= (PLAIN and
 -- LOGIN without TLS) }. The strongest mechanism both sides know is used
--- (luasmtp.sasl).
+-- (luasmtp.sasl). Over TLS, a 535 to one mechanism makes the client try
+-- the next one both sides know and the caller allows (a store may hold a
+-- hash that cannot serve SCRAM for this user); without TLS the first 535
+-- is the answer. err.tried lists the mechanisms refused.
 function Session:login(auth)
   local ok, t, e = self:check()
   if not ok then return nil, t, e end
@@ -609,23 +616,31 @@ function Session:login(auth)
     channel_binding = sasl.tls_binding(self.sock),
     host = self.host,
     port = self.port,
+    exclude = {},
   }
-  local mech, why, detail = sasl.choose(offered, creds, sopts)
-  if not mech then
-    return nil, "auth", new_error("auth", { permanent = true, stage = "auth", command = "AUTH",
-      cause = why, message = "AUTH: " .. tostring(detail or why) })
-  end
-  local res, token, err = sasl.client_exchange(self:sasl_io(), mech)
-  if not res then
-    if self.broken then return nil, self.broken.token, self.broken end
-    return self:fail(new_error(token == "protocol" and "protocol" or token, { stage = "auth", command = "AUTH",
-      cause = err, message = "AUTH " .. mech.name .. ": " .. tostring(err) }))
-  end
-  if res.code == 421 then
-    return self:fail(smtp_error("AUTH " .. mech.name, { code = 421, enhanced = res.enhanced, text = res.text,
-      lines = { res.text } }, "auth"))
-  end
-  if not res.ok then
+  local refused -- the errors of the mechanisms refused so far
+  while true do
+    local mech, why, detail = sasl.choose(offered, creds, sopts)
+    if not mech then
+      if refused then return nil, "auth", refused[#refused] end
+      return nil, "auth", new_error("auth", { permanent = true, stage = "auth", command = "AUTH",
+        cause = why, message = "AUTH: " .. tostring(detail or why) })
+    end
+    local res, token, err = sasl.client_exchange(self:sasl_io(), mech)
+    if not res then
+      if self.broken then return nil, self.broken.token, self.broken end
+      return self:fail(new_error(token == "protocol" and "protocol" or token, { stage = "auth", command = "AUTH",
+        cause = err, message = "AUTH " .. mech.name .. ": " .. tostring(err) }))
+    end
+    if res.code == 421 then
+      return self:fail(smtp_error("AUTH " .. mech.name, { code = 421, enhanced = res.enhanced, text = res.text,
+        lines = { res.text } }, "auth"))
+    end
+    if res.ok then
+      self.authenticated = auth.user or true
+      self.auth_mechanism = mech.name
+      return true
+    end
     local e2 = new_error("auth", {
       permanent = res.code >= 500 and not res.client_error,
       code = res.code, enhanced = res.enhanced, text = res.text, lines = { res.text },
@@ -633,11 +648,25 @@ function Session:login(auth)
       message = ("AUTH %s: %s%s"):format(mech.name, reply_text(res),
         res.client_error and (" (" .. res.client_error .. ")") or ""),
     })
-    return nil, "auth", e2
+    refused = refused or {}
+    refused[#refused + 1] = e2
+    e2.tried = {}
+    for i, r in ipairs(refused) do e2.tried[i] = r.command:match("^AUTH (%S+)") end
+    if #refused > 1 then
+      local parts = {}
+      for i, r in ipairs(refused) do parts[i] = r.message end
+      e2.message = table.concat(parts, "; ")
+    end
+    -- Only wrong credentials, only over TLS, and only when the server
+    -- itself refused (not when this side gave up on a server that did
+    -- not prove itself): then the next mechanism may still work.
+    if res.code ~= 535 or res.cancelled or not self.sock:istls() then
+      return nil, "auth", e2
+    end
+    self:trace("-", "AUTH " .. mech.name .. " refused; trying the next mechanism")
+    sopts.exclude[#sopts.exclude + 1] = mech.name
+    sopts.exclude[#sopts.exclude + 1] = SAME_CHECK[mech.name]
   end
-  self.authenticated = auth.user or true
-  self.auth_mechanism = mech.name
-  return true
 end
 
 -- Greeting, EHLO, STARTTLS, AUTH.
