@@ -11,7 +11,7 @@ set -eu
 PACKAGES="gcc make pkg-config lua5.4 liblua5.4-dev libssl-dev openssl libcrypt-dev
 libev-dev libc-ares-dev lua-busted lua-check lua-dkjson luarocks
 ca-certificates bc python3 python3-aiosmtpd swaks msmtp procps postfix dovecot-core
-dovecot-lmtpd"
+dovecot-lmtpd iproute2"
 
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -8,6 +8,7 @@
 --   ... pf.port ...
 --   pf:stop()                     -- P.cleanup() stops what a failed test left
 --   pf:queue("hold")              -- { {id=, sender=, recipients={...}}, ... }
+local luasmtp = require "luasmtp"
 local H = require "spec.helper"
 
 local P = {}
@@ -36,8 +37,11 @@ end
 --- start(opts) -> instance (inside a task). opts: `main` (extra main.cf
 -- lines), `services` (extra master.cf lines), `smtpd` (default true: an
 -- smtpd on 127.0.0.1 at a free port, instance.port), `lifetime` (seconds,
--- default 60). Mail taken by smtpd is put on hold, so it stays in the
--- queue for the test to read.
+-- default 60), `netns` (run in a network namespace of its own, with only
+-- a loopback interface, so that fixed ports such as 25 and 587 are free;
+-- instance.nsenter is the command prefix that runs a program in there,
+-- and `listening` the ports to wait for). Mail taken by smtpd is put on
+-- hold, so it stays in the queue for the test to read.
 function P.start(opts)
   opts = opts or {}
   assert(select(2, command("id -u")):match("^0\n"), "a private Postfix instance needs root")
@@ -72,14 +76,15 @@ function P.start(opts)
     "biff = no",
   }
   for _, l in ipairs(opts.main or {}) do main[#main + 1] = l end
-  local master = {}
-  for _, l in ipairs(BASE) do master[#master + 1] = l end
+  local services = {}
+  for _, l in ipairs(BASE) do services[#services + 1] = l end
   if opts.smtpd ~= false then
+    assert(not opts.netns, "in a network namespace, give the smtpd services yourself")
     self.port = H.free_port()
-    master[#master + 1] = ("127.0.0.1:%d inet n - n - - smtpd"):format(self.port)
+    services[#services + 1] = ("127.0.0.1:%d inet n - n - - smtpd"):format(self.port)
   end
-  for _, l in ipairs(opts.services or {}) do master[#master + 1] = l end
-  for name, lines in pairs { ["main.cf"] = main, ["master.cf"] = master } do
+  for _, l in ipairs(opts.services or {}) do services[#services + 1] = l end
+  for name, lines in pairs { ["main.cf"] = main, ["master.cf"] = services } do
     local f = assert(io.open(self.conf .. "/" .. name, "w"))
     f:write(table.concat(lines, "\n"), "\n")
     f:close()
@@ -87,12 +92,44 @@ function P.start(opts)
   -- creates the queue directories with their owners and modes
   local cok, cout = command("postfix -c " .. H.shquote(self.conf) .. " check")
   assert(cok, "postfix check: " .. cout)
-  self.pid = H.start(("exec timeout %d /usr/lib/postfix/sbin/master -c %s -d")
-    :format(opts.lifetime or 60, H.shquote(self.conf)), dir .. "/master.out")
+  local master = ("/usr/lib/postfix/sbin/master -c %s -d"):format(H.shquote(self.conf))
+  if opts.netns then
+    master = "unshare -n sh -c " .. H.shquote("ip link set lo up && exec " .. master)
+  end
+  self.pid = H.start(("exec timeout %d %s"):format(opts.lifetime or 60, master), dir .. "/master.out")
   if self.port then
     H.wait_port(self.port, "127.0.0.1", 15)
   end
+  if opts.netns then
+    self:wait_netns(opts.listening or {})
+  end
   return self
+end
+
+-- Wait for master(8) in its namespace: its pid file, then its listeners.
+function Instance:wait_netns(ports)
+  local deadline = luasmtp.update_now() + 15
+  local function expired(what)
+    if luasmtp.update_now() > deadline then
+      error("Postfix did not " .. what .. ": " .. H.readfile(self.dir .. "/master.out") .. self:logtext())
+    end
+    luasmtp.sleep(0.05)
+  end
+  while not self.nsenter do
+    local f = io.open(self.dir .. "/queue/pid/master.pid")
+    local pid = f and math.tointeger(tonumber(f:read("a")))
+    if f then f:close() end
+    if pid then
+      self.nsenter = ("nsenter --net=/proc/%d/ns/net"):format(pid)
+    else
+      expired("start")
+    end
+  end
+  for _, port in ipairs(ports) do
+    while not select(2, command(self.nsenter .. " ss -ltnH")):find("127.0.0.1:" .. port .. " ", 1, true) do
+      expired("listen on port " .. port)
+    end
+  end
 end
 
 --- Stop master(8) (timeout(1) passes the signal on), wait for it and

@@ -15,8 +15,9 @@ end
 local runs = 0
 
 --- Run `luasmtp send ARGS` (inside a task) with input on stdin and env
--- (a table; LUASMTP_PASSWORD is unset unless given). -> status, stdout, stderr
-local function send(args, input, env)
+-- (a table; LUASMTP_PASSWORD is unset unless given); wrap: a command
+-- prefix (nsenter ...). -> status, stdout, stderr
+local function send(args, input, env, wrap)
   os.execute("mkdir -p " .. shquote(fake.TMP))
   runs = runs + 1
   local base = ("%s/send-%d-%d"):format(fake.TMP, math.floor(luasmtp.time()), runs)
@@ -25,8 +26,8 @@ local function send(args, input, env)
   f:close()
   local vars = { "env -u LUASMTP_PASSWORD" }
   for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. shquote(v) end
-  local cmd = ("%s timeout 20 lua5.4 %s send %s < %s > %s 2> %s; echo $? > %s"):format(
-    table.concat(vars, " "), shquote(H.root .. "/bin/luasmtp"), args, shquote(base .. ".in"),
+  local cmd = ("%s %s timeout 20 lua5.4 %s send %s < %s > %s 2> %s; echo $? > %s"):format(
+    wrap or "", table.concat(vars, " "), shquote(H.root .. "/bin/luasmtp"), args, shquote(base .. ".in"),
     shquote(base .. ".out"), shquote(base .. ".err"), shquote(base .. ".status"))
   fake.external("sh -c " .. shquote(cmd))
   -- the status file appears when the command is done (polling it is
@@ -281,11 +282,6 @@ describe("luasmtp send", function()
       })
       local port = srv:addresses()[1].port
       local base = ("-v --server localhost:%d --cafile %s --user bob "):format(port, cafile())
-      local function auth_lines(err)
-        local list = {}
-        for mech, code in err:gmatch(">>> AUTH (%S+)[^\n]*\n[^\n]-<<< (%d+)") do list[#list + 1] = mech .. " " .. code end
-        return list
-      end
       local status, _, err = send(base .. "a@dest.test", "Subject: x\n\nx\n", { LUASMTP_PASSWORD = "builder" })
       assert.equal(0, status, err)
       assert.same({ "bob" }, got)
@@ -310,6 +306,49 @@ describe("luasmtp send", function()
       assert.equal(1, #got)
       srv:close()
     end, 60)
+  end)
+
+  it("with --tls auto uses the mode the port implies: STARTTLS on 587 and 25, TLS on 465 (Postfix)", function()
+    H.run(function()
+      local d = H.certs()
+      local pf = postfix.start {
+        smtpd = false, netns = true, listening = { 25, 465, 587 },
+        main = { "smtpd_tls_cert_file = " .. d .. "/server.pem", "smtpd_tls_key_file = " .. d .. "/server.key",
+          "smtpd_tls_security_level = may", "smtpd_tls_loglevel = 1" },
+        services = { "127.0.0.1:587 inet n - n - - smtpd", "127.0.0.1:25 inet n - n - - smtpd",
+          "127.0.0.1:465 inet n - n - - smtpd -o smtpd_tls_wrappermode=yes",
+          "tlsmgr unix - - n 1000? 1 tlsmgr" },
+      }
+      local function count(text, what)
+        return select(2, text:gsub(what:gsub("%p", "%%%0"), ""))
+      end
+      local seen = 0
+      for _, case in ipairs { { 587, "starttls" }, { 25, "starttls" }, { 465, "implicit" } } do
+        local port, mode = case[1], case[2]
+        local status, _, err = send(("-v --tls auto --server localhost:%d --cafile %s -f a@client.test b@dest.test")
+          :format(port, cafile()), "Subject: auto\n\nx\n", nil, pf.nsenter)
+        assert.equal(0, status, err .. pf:logtext())
+        -- one connection, in the implied mode from the start
+        assert.equal(1, count(err, "--- connecting to "), err)
+        if mode == "starttls" then
+          assert.matches(">>> STARTTLS\n<<< 220", err)
+          assert.matches("connecting to localhost port " .. port .. "\n", err)
+        else
+          assert.matches("connecting to localhost port 465 %(TLS%)", err)
+          assert.is_nil(err:find("STARTTLS", 1, true))
+        end
+        seen = seen + 1
+        local log = pf:logtext()
+        assert.equal(seen, count(log, ": connect from localhost[127.0.0.1]"), log)
+        assert.equal(seen, count(log, "Anonymous TLS connection established from localhost[127.0.0.1]"), log)
+      end
+      local log = pf:logtext()
+      assert.equal(0, count(log, "improper command pipelining"), log)
+      assert.equal(0, count(log, "non-SMTP command"), log)
+      assert.equal(2, count(log, "starttls=1"), log)
+      assert.equal(3, #pf:queue("hold"))
+      pf:stop()
+    end, 90)
   end)
 
   it("speaks LMTP with --lmtp", function()

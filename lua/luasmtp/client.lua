@@ -793,17 +793,36 @@ function M.connect(opts)
   return self
 end
 
+-- The TLS mode a well-known port implies (RFC 8314): implicit TLS on
+-- 465, STARTTLS on the submission port and on 25.
+local PORT_TLS_MODE = { [465] = "implicit", [587] = "starttls", [25] = "starttls" }
+
 --- connect_tls(opts) -> session | nil, token, err
--- Implicit TLS first (opts.implicit_port, else opts.port, else 465); when
--- that cannot connect or the TLS handshake fails, required STARTTLS
--- (opts.starttls_port, else opts.port, else 587). Never plaintext; a
--- certificate that does not verify is not retried.
+-- Implicit TLS (opts.implicit_port, else opts.port, else 465) and
+-- required STARTTLS (opts.starttls_port, else opts.port, else 587), the
+-- second when the first cannot connect, gets no greeting or fails its
+-- TLS handshake. Implicit TLS goes first, except when opts.port is 587 or
+-- 25: a STARTTLS port, where a TLS ClientHello before the greeting is
+-- improper pipelining (a postscreen with greet_action=enforce blocks the
+-- client for it). Never plaintext; a certificate that does not verify is
+-- not retried.
 function M.connect_tls(opts)
-  local first = {}
-  for k, v in pairs(opts) do first[k] = v end
-  first.tls = "implicit"
-  first.port = opts.implicit_port or opts.port or 465
-  local conn, token, err = M.connect(first)
+  local modes = { "implicit", "starttls" }
+  if PORT_TLS_MODE[opts.port] == "starttls" then
+    modes = { "starttls", "implicit" }
+  end
+  local function attempt(mode)
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.tls = mode
+    if mode == "implicit" then
+      o.port = opts.implicit_port or opts.port or 465
+    else
+      o.port = opts.starttls_port or opts.port or 587
+    end
+    return M.connect(o)
+  end
+  local conn, token, err = attempt(modes[1])
   if conn then
     return conn
   end
@@ -814,13 +833,9 @@ function M.connect_tls(opts)
   if not retry then
     return nil, token, err
   end
-  local second = {}
-  for k, v in pairs(opts) do second[k] = v end
-  second.tls = "starttls"
-  second.port = opts.starttls_port or opts.port or 587
-  local conn2, token2, err2 = M.connect(second)
+  local conn2, token2, err2 = attempt(modes[2])
   if not conn2 then
-    err2.implicit_error = err
+    err2.first_error = err -- what the first mode ran into
     return nil, token2, err2
   end
   return conn2

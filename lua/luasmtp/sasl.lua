@@ -445,12 +445,12 @@ local function read_reply(io)
   return nil, "protocol", "reply of more than " .. MAX_REPLY_LINES .. " lines"
 end
 
--- cancelled: this side gave up with "*" (client_error says why)
-local function outcome(r, mech, client_error, cancelled)
+-- gave_up: this side gave up with "*" (client_error says why)
+local function outcome(r, mech, client_error, gave_up)
   local ok = r.code == 235 and client_error == nil and mech:complete()
   local res = { ok = ok, code = r.code, enhanced = r.enhanced, text = r.text }
   if not ok then
-    res.cancelled = cancelled
+    res.cancelled = gave_up
     res.client_error = client_error or mech.error
     if r.code == 235 and not res.client_error then
       res.client_error = "the server accepted before the exchange was complete"
