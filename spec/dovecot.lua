@@ -10,38 +10,25 @@
 --   dc:stop()                        -- D.cleanup() stops what a failed test left
 local luasmtp = require "luasmtp"
 local H = require "spec.helper"
+local daemon = require "spec.daemon"
 
-local D = {}
+local D = { cleanup = daemon.cleanup }
 
-local running = {}
-
-local Instance = {}
+local Instance = { stop = daemon.stop, logtext = daemon.logtext }
 Instance.__index = Instance
 
 -- Mail is stored as nobody: Dovecot does not deliver as root.
 local MAIL_UID, MAIL_GID = 65534, 65534
 
-local function command(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok = p:close()
-  return ok, out
-end
-
 --- start(opts) -> instance (inside a task). opts: `users` (addresses
 -- that have a mailbox), `lifetime` (seconds, default 60).
 function D.start(opts)
   opts = opts or {}
-  assert(select(2, command("id -u")):match("^0\n"), "a private Dovecot needs root")
-  local ok, out = command("mktemp -d /tmp/luasmtp-dovecot-XXXXXX")
-  assert(ok, out)
-  local dir = out:gsub("%s+$", "")
-  local self = setmetatable({ dir = dir, log = dir .. "/dovecot.log", lmtp = dir .. "/run/lmtp",
-    homes = {} }, Instance)
-  running[self] = true
+  local self = daemon.new("dovecot", Instance)
+  local dir = self.dir
+  self.log, self.lmtp, self.homes = dir .. "/dovecot.log", dir .. "/run/lmtp", {}
   for _, d in ipairs { "run", "state", "mail" } do H.mkdir(dir .. "/" .. d) end
-  assert(os.execute(("chmod 755 %s && chown %d:%d %s"):format(H.shquote(dir), MAIL_UID, MAIL_GID,
-    H.shquote(dir .. "/mail"))))
+  assert(os.execute(("chown %d:%d %s"):format(MAIL_UID, MAIL_GID, H.shquote(dir .. "/mail"))))
   local users = {}
   for i, u in ipairs(opts.users or {}) do
     local home = ("%s/mail/user%d"):format(dir, i)
@@ -67,9 +54,7 @@ function D.start(opts)
   f = assert(io.open(dir .. "/dovecot.conf", "w"))
   f:write(conf)
   f:close()
-  -- the daemon is not the code under test: no sanitizer runtime preloaded
-  self.pid = H.start(("exec env -u LD_PRELOAD timeout %d dovecot -F -c %s"):format(opts.lifetime or 60,
-    H.shquote(dir .. "/dovecot.conf")), dir .. "/dovecot.out")
+  daemon.run(self, "dovecot -F -c " .. H.shquote(dir .. "/dovecot.conf"), opts.lifetime)
   -- ready when the LMTP socket accepts
   local deadline = luasmtp.update_now() + 15
   while true do
@@ -79,7 +64,7 @@ function D.start(opts)
       break
     end
     if luasmtp.update_now() > deadline then
-      error("Dovecot did not start: " .. H.readfile(dir .. "/dovecot.out") .. self:logtext())
+      error("Dovecot did not start: " .. self:logtext())
     end
     luasmtp.sleep(0.05)
   end
@@ -96,28 +81,6 @@ function Instance:maildir(user)
   end
   p:close()
   return list
-end
-
-function Instance:logtext()
-  local f = io.open(self.log)
-  if not f then return "" end
-  local text = f:read("a")
-  f:close()
-  return text
-end
-
---- Stop dovecot (timeout(1) passes the signal on), wait for it, remove
--- the directory.
-function Instance:stop()
-  if not running[self] then return end
-  running[self] = nil
-  H.kill(self.pid)
-  H.wait_pid(self.pid, 10)
-  os.execute("rm -rf " .. H.shquote(self.dir))
-end
-
-function D.cleanup()
-  for inst in pairs(running) do inst:stop() end
 end
 
 return D

@@ -132,6 +132,13 @@ function H.sockdir()
   return H._sockdir
 end
 
+--- A path for a UNIX socket in H.sockdir(), nothing there yet.
+function H.sockpath(name)
+  local p = H.sockdir() .. "/" .. name
+  os.remove(p)
+  return p
+end
+
 --- Read a whole file.
 function H.readfile(path)
   local f = assert(io.open(path, "rb"))

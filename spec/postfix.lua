@@ -10,12 +10,11 @@
 --   pf:queue("hold")              -- { {id=, sender=, recipients={...}}, ... }
 local luasmtp = require "luasmtp"
 local H = require "spec.helper"
+local daemon = require "spec.daemon"
 
-local P = {}
+local P = { cleanup = daemon.cleanup }
 
-local running = {} -- instances not yet stopped, for P.cleanup()
-
-local Instance = {}
+local Instance = { stop = daemon.stop, logtext = daemon.logtext }
 Instance.__index = Instance
 
 -- The services every instance runs, and the ones tests may add.
@@ -27,12 +26,7 @@ local BASE = {
   "postlog unix-dgram n - n - 1 postlogd",
 }
 
-local function command(cmd)
-  local p = assert(io.popen(cmd .. " 2>&1"))
-  local out = p:read("a")
-  local ok, _, code = p:close()
-  return ok, out, code
-end
+local command = daemon.command
 
 --- start(opts) -> instance (inside a task). opts: `main` (extra main.cf
 -- lines), `services` (extra master.cf lines), `smtpd` (default true: an
@@ -44,17 +38,13 @@ end
 -- hold, so it stays in the queue for the test to read.
 function P.start(opts)
   opts = opts or {}
-  assert(select(2, command("id -u")):match("^0\n"), "a private Postfix instance needs root")
-  -- a short path (UNIX socket names are limited) the postfix user can enter
-  local ok, out = command("mktemp -d /tmp/luasmtp-postfix-XXXXXX")
-  assert(ok, out)
-  local dir = out:gsub("%s+$", "")
-  local self = setmetatable({ dir = dir, conf = dir .. "/conf", log = dir .. "/postfix.log" }, Instance)
-  running[self] = true
+  local self = daemon.new("postfix", Instance)
+  local dir = self.dir
+  self.conf, self.log = dir .. "/conf", dir .. "/postfix.log"
   H.mkdir(self.conf)
   H.mkdir(dir .. "/queue")
   H.mkdir(dir .. "/data")
-  assert(os.execute("chmod 755 " .. H.shquote(dir) .. " && chown postfix " .. H.shquote(dir .. "/data")))
+  assert(os.execute("chown postfix " .. H.shquote(dir .. "/data")))
   local main = {
     "compatibility_level = 3.6",
     "queue_directory = " .. dir .. "/queue",
@@ -96,9 +86,7 @@ function P.start(opts)
   if opts.netns then
     master = "unshare -n sh -c " .. H.shquote("ip link set lo up && exec " .. master)
   end
-  -- the daemon is not the code under test: no sanitizer runtime preloaded
-  self.pid = H.start(("exec env -u LD_PRELOAD timeout %d %s"):format(opts.lifetime or 60, master),
-    dir .. "/master.out")
+  daemon.run(self, master, opts.lifetime)
   if self.port then
     H.wait_port(self.port, "127.0.0.1", 15)
   end
@@ -113,7 +101,7 @@ function Instance:wait_netns(ports)
   local deadline = luasmtp.update_now() + 15
   local function expired(what)
     if luasmtp.update_now() > deadline then
-      error("Postfix did not " .. what .. ": " .. H.readfile(self.dir .. "/master.out") .. self:logtext())
+      error("Postfix did not " .. what .. ": " .. self:logtext())
     end
     luasmtp.sleep(0.05)
   end
@@ -132,16 +120,6 @@ function Instance:wait_netns(ports)
       expired("listen on port " .. port)
     end
   end
-end
-
---- Stop master(8) (timeout(1) passes the signal on), wait for it and
--- remove the instance's directory.
-function Instance:stop()
-  if not running[self] then return end
-  running[self] = nil
-  H.kill(self.pid)
-  H.wait_pid(self.pid, 10)
-  os.execute("rm -rf " .. H.shquote(self.dir))
 end
 
 --- The messages in one queue ("hold", "incoming", ...), read with
@@ -165,21 +143,6 @@ function Instance:queue(name)
   end
   p:close()
   return list
-end
-
---- The instance's mail log so far.
-function Instance:logtext()
-  local f = io.open(self.log)
-  if not f then return "" end
-  local text = f:read("a")
-  f:close()
-  return text
-end
-
---- Stop every instance still running (after each test, also a failed
--- one).
-function P.cleanup()
-  for inst in pairs(running) do inst:stop() end
 end
 
 return P

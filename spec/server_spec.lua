@@ -540,11 +540,7 @@ describe("SMTP server", function()
   end)
 
   describe("on a UNIX-domain socket", function()
-    local function path(name)
-      local p = H.sockdir() .. "/" .. name
-      os.remove(p)
-      return p
-    end
+    local path = H.sockpath
 
     it("runs a transaction, with the limits of TCP, and removes its socket at close", function()
       H.run(function()

@@ -1,6 +1,25 @@
 local luasmtp = require "luasmtp"
 local H = require "spec.helper"
 
+-- Write to c, whose peer reads nothing, until send() waits for it: the
+-- writer must stall, not buffer 64 MiB. -> bytes sent
+local function write_to_stall(c)
+  c:setoption("sendbuffer", 64 * 1024)
+  local chunk = string.rep("x", 16 * 1024)
+  local sent = 0
+  local writer = luasmtp.spawn(function()
+    while sent < 64 * 1024 * 1024 do
+      local ok, err = c:send(chunk, 0.2)
+      if not ok then return err end
+      sent = sent + #chunk
+    end
+    return "finished"
+  end)
+  assert.same({ true, "timeout" }, { writer:join(5) })
+  assert.is_true(sent < 16 * 1024 * 1024, "sent " .. sent)
+  return sent
+end
+
 describe("sockets", function()
   after_each(H.assert_no_leaks)
 
@@ -219,20 +238,7 @@ describe("sockets", function()
       local c, s = H.tcp_pair()
       local _ <close> = c
       local _ <close> = s
-      c:setoption("sendbuffer", 64 * 1024)
-      local chunk = string.rep("x", 16 * 1024)
-      local sent = 0
-      local writer = luasmtp.spawn(function()
-        while sent < 64 * 1024 * 1024 do
-          local ok, err = c:send(chunk, 0.2)
-          if not ok then return err end
-          sent = sent + #chunk
-        end
-        return "finished"
-      end)
-      -- the peer reads nothing: the writer must stall, not buffer 64 MiB
-      assert.same({ true, "timeout" }, { writer:join(5) })
-      assert.is_true(sent < 16 * 1024 * 1024, "sent " .. sent)
+      local sent = write_to_stall(c)
       -- once the reader drains, writing resumes and everything arrives in order
       local total = 0
       local reader = luasmtp.spawn(function()
@@ -343,11 +349,7 @@ describe("sockets", function()
   end)
 
   describe("UNIX-domain", function()
-    local function path(name)
-      local p = H.sockdir() .. "/" .. name
-      os.remove(p)
-      return p
-    end
+    local path = H.sockpath
     local function file_mode(p)
       local f = assert(io.popen("stat -c %a " .. H.shquote(p)))
       local m = f:read("l")
@@ -441,17 +443,7 @@ describe("sockets", function()
         assert.equal("next", s:receiveline(10))
         c:send("par")
         assert.same({ nil, "timeout", "par" }, { s:receiveline(nil, 0.05) })
-        c:setoption("sendbuffer", 64 * 1024)
-        local sent, chunk = 0, string.rep("y", 16 * 1024)
-        local writer = luasmtp.spawn(function()
-          while sent < 64 * 1024 * 1024 do
-            local ok, err = c:send(chunk, 0.2)
-            if not ok then return err end
-            sent = sent + #chunk
-          end
-        end)
-        assert.same({ true, "timeout" }, { writer:join(5) })
-        assert.is_true(sent < 16 * 1024 * 1024, "sent " .. sent)
+        write_to_stall(c)
         assert.same({ nil, "timeout" }, { l:accept(0.01) })
         local acceptor = luasmtp.spawn(function() return l:accept() end)
         luasmtp.sleep(0)

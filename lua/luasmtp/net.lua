@@ -61,6 +61,22 @@ local function addresses_of(host, family, timeout)
   return out
 end
 
+-- With opts.tls, the TLS handshake right after connect, within the
+-- connect deadline. -> sock | nil, err, detail
+local function implicit_tls(sock, opts, servername, deadline)
+  if opts.tls then
+    local ok, terr, tdetail = sock:starttls(opts.tls, {
+      servername = servername,
+      verify_host = opts.verify_host,
+      timeout = math.max(deadline - core.update_now(), 0.001),
+    })
+    if not ok then
+      return nil, terr, tdetail
+    end
+  end
+  return sock
+end
+
 --- connect(host, port [, opts]) -> socket | nil, err, detail
 -- host: a name (resolved asynchronously, IPv6 and IPv4) or a numeric
 -- address. opts:
@@ -98,18 +114,7 @@ function M.connect(host, port, opts)
   if not sock then
     return nil, err, detail
   end
-  if opts.tls then
-    local remaining = math.max(deadline - core.update_now(), 0.001)
-    local ok, terr, tdetail = sock:starttls(opts.tls, {
-      servername = opts.servername or (not is_numeric(bare) and bare or nil) or bare,
-      verify_host = opts.verify_host,
-      timeout = remaining,
-    })
-    if not ok then
-      return nil, terr, tdetail
-    end
-  end
-  return sock
+  return implicit_tls(sock, opts, opts.servername or bare, deadline)
 end
 
 --- connect_unix(path [, opts]) -> socket | nil, err, detail
@@ -125,17 +130,7 @@ function M.connect_unix(path, opts)
   if not sock then
     return nil, err, ("%s: %s"):format(path, tostring(detail or err))
   end
-  if opts.tls then
-    local ok, terr, tdetail = sock:starttls(opts.tls, {
-      servername = opts.servername,
-      verify_host = opts.verify_host,
-      timeout = math.max(deadline - core.update_now(), 0.001),
-    })
-    if not ok then
-      return nil, terr, tdetail
-    end
-  end
-  return sock
+  return implicit_tls(sock, opts, opts.servername, deadline)
 end
 
 --- The path of a UNIX-domain listen spec: "unix:/path", or a table
