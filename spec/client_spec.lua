@@ -3,9 +3,7 @@ local client = require "luasmtp.client"
 local H = require "spec.helper"
 local fake = require "spec.fake_smtp"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local TMP = H.tmp .. "/client"
 local aiosmtpd, messages_in = fake.aiosmtpd, fake.messages

@@ -8,9 +8,7 @@ local dovecot = require "spec.dovecot"
 local server = require "luasmtp.server"
 local credentials = require "luasmtp.credentials"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local runs = 0
 

@@ -742,11 +742,12 @@ function M.connect(opts)
   local host = cfg.host
   local bare = host and (host:match("^%[(.*)%]$") or host)
   self.servername = cfg.servername or bare
+  assert(self.servername or cfg.tls == "none" or not verifying(cfg, cfg.tls),
+    "servername is needed to verify the server's certificate (no host name)")
   if cfg.sock then
     self.sock = cfg.sock
     if cfg.tls == "implicit" and not self.sock:istls() then
       local verify = verifying(cfg, "implicit")
-      assert(self.servername or not verify, "servername (or host) is needed to verify the server")
       local ok, token, detail = self.sock:starttls(client_context(cfg, verify), {
         servername = self.servername, verify_host = verify, timeout = cfg.timeouts.connect })
       if not ok then
@@ -763,7 +764,6 @@ function M.connect(opts)
     self:trace("-", ("connecting to %s%s"):format(where, tls_ctx and " (TLS)" or ""))
     local sock, token, detail
     if cfg.path then
-      assert(self.servername or not verify, "servername is needed to verify a server on a UNIX socket")
       sock, token, detail = net.connect_unix(cfg.path, { timeout = cfg.timeouts.connect, tls = tls_ctx,
         servername = self.servername, verify_host = verify })
     else
