@@ -38,6 +38,7 @@ local M = {
   listen = net.listen,
   serve = net.serve,
   parse_address = net.parse_address,
+  format_address = net.format_address,
   socketpair = core.socketpair,
   tls = {
     context = core.tls_context,

@@ -38,6 +38,15 @@ function M.parse_address(spec, default_port)
   return host, port
 end
 
+--- format_address(address [, port]) -> "192.0.2.1:25", "[2001:db8::1]:25",
+-- "unix:/path" (no port): an address as getpeername/getsockname give it,
+-- for logs and messages.
+function M.format_address(address, port)
+  if not port then return address end
+  if address:find(":", 1, true) then return ("[%s]:%d"):format(address, port) end
+  return ("%s:%d"):format(address, port)
+end
+
 local function is_numeric(host)
   return host:match("^%d+%.%d+%.%d+%.%d+$") ~= nil or host:find(":", 1, true) ~= nil
 end

@@ -969,7 +969,7 @@ function M.new(opts)
       handler = function(sock, conn)
         self.active = self.active + 1
         local s = new_session(self, sock, conn)
-        s:log("info", "connect from %s%s", conn.peer_address, conn.peer_port and (":" .. conn.peer_port) or "")
+        s:log("info", "connect from %s", net.format_address(conn.peer_address, conn.peer_port))
         local ok, err2 = xpcall(s.run, debug.traceback, s)
         if not ok then
           s:log("error", "session failed: %s", tostring(err2))
