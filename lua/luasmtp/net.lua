@@ -159,11 +159,12 @@ end
 
 --- listen(spec [, opts]) -> {listener...} | nil, err, detail
 -- spec: "addr:port", "[::1]:port", "localhost:port" (every address the
--- name has), "unix:/path" or { address = "unix:/path", mode = "0660",
--- owner = "user", group = "group" } (a UNIX-domain socket, made 0600
--- and then given that mode and owner, removed when the listener closes;
--- a stale socket file left by a process that is gone is replaced), or a
--- list of those. Port 0 picks a free port.
+-- name has), "unix:/path", a table { address = one of those } (for a
+-- UNIX socket with mode = "0660", owner = "user", group = "group": the
+-- socket file is made 0600 and then given that mode and owner, and
+-- removed when the listener closes; a stale socket file left by a
+-- process that is gone is replaced), or a list of those. Port 0 picks a
+-- free port.
 function M.listen(spec, opts)
   local specs = (type(spec) == "table" and not spec.address) and spec or { spec }
   local listeners = {}
@@ -178,9 +179,10 @@ function M.listen(spec, opts)
       listeners[#listeners + 1] = l
       return true
     end
-    local host, port = M.parse_address(s)
+    local text = type(s) == "table" and s.address or s
+    local host, port = M.parse_address(text)
     if not host then
-      return nil, port, select(3, M.parse_address(s))
+      return nil, port, select(3, M.parse_address(text))
     end
     local addrs, err, detail = addresses_of(host, nil, 10)
     if not addrs then
@@ -190,7 +192,7 @@ function M.listen(spec, opts)
       local l
       l, err, detail = core.listen(addr, port, opts)
       if not l then
-        return nil, err, (detail or "") .. " (" .. s .. ")"
+        return nil, err, (detail or "") .. " (" .. text .. ")"
       end
       listeners[#listeners + 1] = l
     end

@@ -956,9 +956,7 @@ function M.new(opts)
   for _, spec in ipairs(specs) do
     local addr, implicit = spec, false
     if type(spec) == "table" then
-      -- a UNIX-domain spec keeps its table: mode, owner and group go along
-      addr, implicit = (spec.address and spec.address:find("^unix:") and spec) or spec.address or spec[1],
-        spec.tls == "implicit"
+      addr, implicit = spec.address and spec or spec[1], spec.tls == "implicit"
     end
     assert(not implicit or config.tls, "implicit TLS needs a tls context")
     local srv, err, detail = net.serve {
