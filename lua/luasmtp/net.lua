@@ -137,7 +137,7 @@ function M.connect_unix(path, opts)
   local deadline = core.update_now() + timeout
   local sock, err, detail = core.connect_unix(path, { timeout = timeout })
   if not sock then
-    return nil, err, ("%s: %s"):format(path, tostring(detail or err))
+    return nil, err, detail
   end
   return implicit_tls(sock, opts, opts.servername, deadline)
 end
