@@ -201,6 +201,46 @@ describe("SMTP client", function()
         srv:close()
       end)
     end)
+
+    it("speaks LMTP over a UNIX socket with path =, plaintext unless asked, from a pool too", function()
+      H.run(function()
+        local server = require "luasmtp.server"
+        local p = H.sockpath("client-lmtp.sock")
+        local got = {}
+        local srv = assert(server.new {
+          listen = "unix:" .. p, hostname = "mx.test", lmtp = true, tls = server_ctx(), logger = function() end,
+          hooks = { on_data = function(_, message)
+            got[#got + 1] = message
+            if message.rcpt[2] then return server.per_recipient { [message.rcpt[2]] = server.tempfail("full") } end
+          end },
+        })
+        local lines = {}
+        local conn = assert(client.connect { path = p, lmtp = true, transcript = transcript_into(lines) })
+        assert.equal("none", conn.tls_mode)
+        assert.is_false(conn.tls) -- STARTTLS is offered, and not needed on a local socket
+        assert.equal("C: LHLO localhost", lines[find(lines, "^C: LHLO")])
+        local res = assert(conn:send { from = "", to = { "a@y.test", "b@y.test" }, body = "Subject: u\r\n\r\nx\r\n" })
+        assert.same({ "a@y.test" }, res.accepted)
+        assert.equal(451, res:recipient("b@y.test").reply.code)
+        conn:close()
+        -- TLS when asked for: the certificate is checked against servername
+        conn = assert(client.connect { path = p, lmtp = true, tls = "starttls", servername = "localhost",
+          cafile = cafile() })
+        assert.is_true(conn.tls)
+        conn:close()
+        assert.has_error(function() client.connect { path = p, tls = "starttls" } end)
+        local pool <close> = client.pool { path = p, lmtp = true }
+        assert((pool:send { from = "a@x.test", to = "c@y.test", body = "x\r\n" }))
+        assert.equal(2, #got)
+        assert.equal("", got[1].from)
+        srv:close()
+        -- nobody listens any more: refused, naming the path
+        local none, token, err = client.connect { path = p, lmtp = true }
+        assert.is_nil(none)
+        assert.equal("refused", token)
+        assert.matches("connect to " .. p:gsub("%p", "%%%0") .. ": ", tostring(err))
+      end)
+    end)
   end)
 
   describe("against Postfix smtp-sink", function()
