@@ -440,6 +440,24 @@ describe("SMTP client", function()
       end)
     end)
 
+    it("sends a MAIL parameter once when mail_params repeats one it sets itself", function()
+      H.run(function()
+        local srv, port, log = fake.start {}
+        local conn = assert(client.connect { host = "127.0.0.1", port = port, tls = "none" })
+        assert(conn:send { from = "j\u{fc}rgen@x.test", to = "b@y.test", body = "gr\u{fc}\u{df}e\r\n",
+          mail_params = { SMTPUTF8 = true, BODY = "8BITMIME", ["X-TAG"] = "1" } })
+        assert.equal("MAIL FROM:<j\u{fc}rgen@x.test> SIZE=9 BODY=8BITMIME SMTPUTF8 X-TAG=1",
+          log.commands[find(log.commands, "^MAIL")])
+        local res, token, err = conn:send { from = "a@x.test", to = "b@y.test", body = "8bit \u{fc}\r\n",
+          mail_params = { BODY = "7BIT" } }
+        assert.is_nil(res)
+        assert.equal("invalid", token)
+        assert.matches("BODY=7BIT contradicts BODY=8BITMIME", tostring(err))
+        conn:close()
+        srv:close()
+      end)
+    end)
+
     it("asks for REQUIRETLS only where it is offered over TLS", function()
       H.run(function()
         local srv, port, log = fake.start { tls = server_ctx(), ext_tls = { "REQUIRETLS" } }

@@ -950,7 +950,19 @@ function Session:check_plan(plan)
     if plan.ret then params[#params + 1] = "RET=" .. plan.ret end
     if plan.envid then params[#params + 1] = "ENVID=" .. plan.envid end
   end
-  for _, p in ipairs(plan.mail_params) do params[#params + 1] = p end
+  -- extra parameters: one that repeats what is there already goes once
+  -- (a server may refuse the repeat), one that contradicts it not at all
+  local have = {}
+  for _, p in ipairs(params) do have[p:match("^[^=]+")] = p end
+  for _, p in ipairs(plan.mail_params) do
+    local key = p:match("^[^=]+")
+    if have[key] == nil then
+      params[#params + 1] = p
+      have[key] = p
+    elseif have[key] ~= p then
+      return invalid(("mail_params: %s contradicts %s"):format(p, have[key]))
+    end
+  end
   return params, use_bdat
 end
 
