@@ -25,10 +25,12 @@ SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount pr
 # peers the tests run, with what each needs to do its job there: swaks
 # speaks TLS only with the Perl TLS modules (swaks merely recommends
 # them) and AUTH with MIME::Base64 (perl); smtplib and aiosmtpd (Python);
-# smtp-sink and smtp-source (postfix); doveadm pw (dovecot-core). The
-# tests check these abilities (H.peers in spec/helper.lua).
+# smtp-sink, smtp-source and private smtpd/lmtp instances (postfix);
+# doveadm pw and a private LMTP server (dovecot-core, dovecot-lmtpd);
+# `ip` for the network-namespace tests (iproute2). The tests check these
+# abilities (H.peers in spec/helper.lua).
 PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
-postfix dovecot-core"
+postfix dovecot-core dovecot-lmtpd iproute2"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
 EXTRA="netcat-openbsd bc"
 

@@ -9,9 +9,7 @@ local crypto = luasmtp.crypto
 
 local DIR = H.tmp .. "/credentials"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local function command_output(cmd)
   local p = assert(io.popen(cmd .. " 2>&1"))

@@ -30,9 +30,7 @@ local RECORDS = {
 -- The second server, on [::1], knows a single name.
 local RECORDS6 = { "six.test=192.0.2.66" }
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 --- Start spec/fake_dns.py on host; returns its pid, UDP port and log file
 -- (the port on the first line, then one "query NAME TYPE" line per query).

@@ -25,9 +25,7 @@ local M = {}
 local started = {}
 local pids = {}
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 M.TMP = H.tmp .. "/client"
 

@@ -104,6 +104,42 @@ function H.certs()
   return dir
 end
 
+--- A string quoted for sh.
+function H.shquote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+--- Create a directory (and its parents); returns its path.
+function H.mkdir(path)
+  assert(os.execute("mkdir -p " .. H.shquote(path)), "mkdir " .. path)
+  return path
+end
+
+--- A short directory for UNIX sockets (their paths are limited to 107
+-- bytes; H.tmp may be deep), made once and removed when the interpreter
+-- exits. Others may enter it (Postfix's lmtp runs as postfix); what is in
+-- it keeps its own modes.
+function H.sockdir()
+  if not H._sockdir then
+    local p = assert(io.popen("mktemp -d /tmp/luasmtp-spec-XXXXXX"))
+    local dir = assert(p:read("l"))
+    p:close()
+    assert(os.execute("chmod 711 " .. H.shquote(dir)))
+    H._sockdir = dir
+    H._sockdir_guard = setmetatable({}, { __gc = function()
+      os.execute("rm -rf " .. H.shquote(dir))
+    end })
+  end
+  return H._sockdir
+end
+
+--- A path for a UNIX socket in H.sockdir(), nothing there yet.
+function H.sockpath(name)
+  local p = H.sockdir() .. "/" .. name
+  os.remove(p)
+  return p
+end
+
 --- Read a whole file.
 function H.readfile(path)
   local f = assert(io.open(path, "rb"))
