@@ -314,8 +314,9 @@ describe("gzip", function()
     local f = assert(io.open(path, "wb"))
     f:write(luasmtp.gzip("from lua\n"))
     f:close()
-    local p = assert(io.popen("python3 -c 'import gzip,sys; sys.stdout.write(gzip.open(sys.argv[1]).read().decode())' "
-      .. path))
+    H.need("python3 https server")
+    local p = assert(io.popen(H.python3 ..
+      " -c 'import gzip,sys; sys.stdout.write(gzip.open(sys.argv[1]).read().decode())' " .. path))
     local out = p:read("a")
     p:close()
     os.remove(path)
