@@ -9,6 +9,8 @@
 #   make deps         install missing Debian packages (scripts/deps.sh)
 #   make test         deps + build + test suite and luacheck
 #   make test-asan    the same suite against the sanitizer build
+#   make test-fresh   the suite on a fresh minimal Debian 12 root, as root
+#                     (scripts/test-fresh.sh: mmdebstrap, chroot)
 #   make run          start the development server
 #   make bench        run the benchmarks (bench/run.sh)
 #   make install      install module, Lua files and bin/luasmtp
@@ -56,13 +58,31 @@ CARES_CFLAGS = $(shell $(PKG_CONFIG) --cflags libcares 2>/dev/null)
 CARES_LIBS = $(shell $(PKG_CONFIG) --libs libcares 2>/dev/null || echo -lcares)
 endif
 
+# libcurl (HTTP client, src/http.c)
+ifdef CURL_INCDIR
+CURL_CFLAGS = $(call incdir,$(CURL_INCDIR))
+CURL_LIBS = $(call libdir,$(CURL_LIBDIR)) -lcurl
+else
+CURL_CFLAGS = $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
+CURL_LIBS = $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
+endif
+
+# zlib (gzip, src/gzip.c)
+ifdef ZLIB_INCDIR
+ZLIB_CFLAGS = $(call incdir,$(ZLIB_INCDIR))
+ZLIB_LIBS = $(call libdir,$(ZLIB_LIBDIR)) -lz
+else
+ZLIB_CFLAGS = $(shell $(PKG_CONFIG) --cflags zlib 2>/dev/null)
+ZLIB_LIBS = $(shell $(PKG_CONFIG) --libs zlib 2>/dev/null || echo -lz)
+endif
+
 # libev ships no pkg-config file
 LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
 LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 
 ALL_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
-	$(LIBEV_CFLAGS) $(CARES_CFLAGS)
-LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) -lcrypt
+	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS)
+LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) -lcrypt
 
 # Install locations (LuaRocks passes its own LIBDIR, LUADIR and BINDIR).
 # An empty INST_BINDIR skips bin/luasmtp: LuaRocks installs it itself.
@@ -85,7 +105,7 @@ MODULE = $(BUILD)/luasmtp/core.so
 ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer \
 	-fno-sanitize-recover=undefined
 
-.PHONY: fuzz lib all asan deps test test-asan run bench install clean
+.PHONY: fuzz lib all asan deps test test-asan test-fresh run bench install clean
 
 all: $(MODULE)
 
@@ -128,6 +148,11 @@ test-asan: deps
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	sh scripts/test.sh build-asan
+
+# deps.sh, the build and the suite from a clean clone of HEAD on a new
+# Debian root filesystem: what a new user's two commands meet.
+test-fresh:
+	@bash scripts/test-fresh.sh
 
 run: all
 	lua5.4 bin/luasmtp serve examples/dev-server.lua $(or $(VAR),var)

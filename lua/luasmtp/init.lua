@@ -5,9 +5,10 @@
 -- task; called from the main chunk, it runs the loop until it is done.
 -- I/O failures return nil, token, detail with token one of:
 -- "timeout", "closed", "reset", "tls", "limit", "refused", "dns",
--- "unreachable", "io".
+-- "unreachable", "io", "protocol".
 local core = require "luasmtp.core"
 local net = require "luasmtp.net"
+local http = require "luasmtp.http"
 
 local M = {
   version = core.version,
@@ -32,11 +33,20 @@ local M = {
   resolve_txt = core.resolve_txt,
   dns_configure = core.dns_configure,
 
-  -- TCP and TLS
+  -- HTTP(S) client (src/http.c)
+  http = http,
+
+  -- gzip over zlib (src/gzip.c)
+  gzip = core.gzip,
+  gunzip = core.gunzip,
+
+  -- TCP, UNIX-domain sockets and TLS
   connect = net.connect,
+  connect_unix = net.connect_unix,
   listen = net.listen,
   serve = net.serve,
   parse_address = net.parse_address,
+  format_address = net.format_address,
   socketpair = core.socketpair,
   tls = {
     context = core.tls_context,
