@@ -605,19 +605,29 @@ static void set_field_bool(lua_State *L, const char *name, int v)
     lua_setfield(L, -2, name);
 }
 
-/* The sink's failure, if any, as error, detail fields of the table on top. */
-static void set_sink_error(lua_State *L, const ls_sink *k)
+/* Push token, detail of the sink's failure and return 2, or return 0
+ * when it took everything. */
+static int push_sink_failure(lua_State *L, const ls_sink *k)
 {
     if (k->too_big) {
         lua_pushliteral(L, LS_ELIMIT);
-        lua_setfield(L, -2, "error");
         lua_pushliteral(L, "message too big");
-        lua_setfield(L, -2, "detail");
-    } else if (k->err) {
+        return 2;
+    }
+    if (k->err) {
         lua_pushliteral(L, LS_EIO);
-        lua_setfield(L, -2, "error");
         lua_pushfstring(L, "spool write: %s", strerror(k->err));
-        lua_setfield(L, -2, "detail");
+        return 2;
+    }
+    return 0;
+}
+
+/* The sink's failure, if any, as error, detail fields of the table on top. */
+static void set_sink_error(lua_State *L, const ls_sink *k)
+{
+    if (push_sink_failure(L, k)) {
+        lua_setfield(L, -3, "detail");
+        lua_setfield(L, -2, "error");
     }
 }
 
@@ -736,14 +746,10 @@ static int recvchunk_k(lua_State *L, int status, lua_KContext ctx)
             s->rdeadline = ls_now(s->loop) + lua_tonumber(L, 4);
         }
         if (left == 0) {
-            if (k->too_big)
-                return ls_pusherror(L, LS_ELIMIT, "message too big");
-            if (k->err) {
-                lua_pushnil(L);
-                lua_pushliteral(L, LS_EIO);
-                lua_pushfstring(L, "spool write: %s", strerror(k->err));
+            lua_pushnil(L);
+            if (push_sink_failure(L, k))
                 return 3;
-            }
+            lua_pop(L, 1);
             lua_pushboolean(L, 1);
             return 1;
         }
