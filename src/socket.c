@@ -525,13 +525,19 @@ static int recv_k(lua_State *L, int status, lua_KContext ctx)
     }
 }
 
+/* A read may start: no other task reads (or shakes hands) meanwhile. */
+static void check_reader_free(lua_State *L, ls_socket *s)
+{
+    if (ls_waitref_busy(&s->reader) || s->handshaking)
+        luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+}
+
 static int start_read(lua_State *L, int op, int timeout_idx)
 {
     ls_socket *s = check_socket(L, 1);
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (ls_waitref_busy(&s->reader) || s->handshaking)
-        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    check_reader_free(L, s);
     s->rdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_read));
     lua_settop(L, timeout_idx);
     return recv_k(L, LUA_OK, op);
@@ -712,8 +718,7 @@ static int l_receivebody(lua_State *L)
         total = idle;
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (ls_waitref_busy(&s->reader) || s->handshaking)
-        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    check_reader_free(L, s);
     smtp_data_decoder_init(&s->dec, (uint64_t)max_size, (size_t)max_line, bare);
     lua_settop(L, 2);
     double now = ls_now(s->loop);
@@ -773,8 +778,7 @@ static int l_receivechunk(lua_State *L)
     double idle = opt_timeout(L, 4, s->t_read);
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (ls_waitref_busy(&s->reader) || s->handshaking)
-        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    check_reader_free(L, s);
     lua_settop(L, 3);
     lua_pushnumber(L, idle); /* 4 */
     s->rdeadline = ls_now(s->loop) + idle;
