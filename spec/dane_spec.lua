@@ -7,6 +7,7 @@ local luasmtp = require "luasmtp"
 local dns = require "luasmtp.dns"
 local H = require "spec.helper"
 local rig = require "spec.dnssec_rig"
+local dane = require "luasmtp.dane"
 
 local function shquote(s)
   return "'" .. s:gsub("'", "'\\''") .. "'"
@@ -61,6 +62,7 @@ describe("DANE", function()
       certs .. "/other-ca.pem"
     local records = {
       "ns2 IN A 127.0.0.1",
+      "cn IN CNAME ee",
       tlsa("ee", 3, 1, 1, sni2),          -- the server's key: match
       tlsa("ee0", 3, 0, 0, sni2),         -- the whole certificate
       tlsa("ee2", 3, 1, 2, sni2),         -- SHA-512
@@ -77,7 +79,14 @@ describe("DANE", function()
       "_" .. port .. "._tcp.unusable IN TLSA 3 1 1 00112233", -- a SHA-256 of 4 bytes
       "_" .. port .. "._tcp.unusable IN TLSA 3 2 1 " .. string.rep("ab", 32), -- selector 2
     }
-    r = rig.start { records = records }
+    local ee_tlsa = "_" .. port .. "._tcp.mx IN TLSA 3 1 1 " .. rig.tlsa_hex(sni2, 1, 1)
+    r = rig.start {
+      records = records,
+      zones = {
+        { name = "plain.example.test", signed = false, records = { ee_tlsa } },
+        { name = "bad.example.test", bogus = "ds", records = { ee_tlsa } },
+      },
+    }
   end)
 
   lazy_teardown(function()
@@ -294,6 +303,39 @@ describe("DANE", function()
       assert.has_error(function()
         luasmtp.tls.context { mode = "server", dane = true, certificate = chain_file, key = certs .. "/sni2.key" }
       end)
+    end, 30)
+  end)
+
+  it("finds the TLSA records of an MX host (RFC 7672 2.2.2) and the names to check", function()
+    H.run(function()
+      local t = assert(dane.lookup("ee.example.test", { port = port }))
+      assert.same({ "ee.example.test", true, 1, 1 }, { t.base_domain, t.authentic, t.usable, #t.tlsa })
+      -- a secure CNAME: the expanded name's records come first
+      t = assert(dane.lookup("cn.example.test", { port = port, expanded = "ee.example.test." }))
+      assert.same({ "ee.example.test", 1 }, { t.base_domain, t.usable })
+      -- no records (an authentic denial): no DANE, base domain the host
+      t = assert(dane.lookup("cn.example.test", { port = port, expanded = "ns2.example.test" }))
+      assert.same({ "cn.example.test", true, 0 }, { t.base_domain, t.authentic, #t.tlsa })
+      -- records of an insecure zone are ignored
+      t = assert(dane.lookup("mx.plain.example.test", { port = port }))
+      assert.same({ false, 0, 0 }, { t.authentic, #t.tlsa, t.usable })
+      -- a bogus TLSA lookup is a (temporary) failure
+      local res, err, detail = dane.lookup("mx.bad.example.test", { port = port })
+      assert.same({ nil, "dns" }, { res, err })
+      assert.matches("SERVFAIL", detail, 1, true)
+      -- the default port is 25
+      t = assert(dane.lookup("ee.example.test"))
+      assert.same({ 0, "ee.example.test" }, { #t.tlsa, t.base_domain })
+
+      assert.same({ "mx.example.org" }, dane.names { base_domain = "mx.example.org", host = "MX.example.org." })
+      assert.same({ "mx2.example.net", "mx.example.org", "example.org" }, dane.names {
+        base_domain = "mx2.example.net", host = "mx.example.org", next_hop = "example.org", mx_authentic = true })
+      assert.same({ "mx.example.org" }, dane.names {
+        base_domain = "mx.example.org", host = "mx.example.org", next_hop = "example.org", mx_authentic = false })
+      -- the names go to starttls: here the certificate names the MX host
+      -- (mail) while the TLSA records were found at the CNAME target (ta1)
+      assert_dane_ok("ta1", { matched = { usage = 2, selector = 1, mtype = 1 }, depth = 1, usable = 1 },
+        dane.names { base_domain = "ta1.example.test", host = "mail.example.test" })
     end, 30)
   end)
 end)
