@@ -43,6 +43,9 @@ describe("DANE", function()
       certificates = {
         { certificate = wrong_chain, key = certs .. "/wronghost.key",
           hosts = { "tawrong.example.test", "eewrong.example.test" } },
+        -- the leaf alone: the trust anchor comes from the TLSA record
+        { certificate = certs .. "/sni2.pem", key = certs .. "/sni2.key",
+          hosts = { "tafull.example.test", "tafull2.example.test" } },
       },
     }
     client_ctx = luasmtp.tls.context { mode = "client", dane = true, cafile = certs .. "/other-ca.pem" }
@@ -74,6 +77,8 @@ describe("DANE", function()
       tlsa("ta1", 2, 1, 1, ca),           -- the issuer's key, but the name is not ta1
       tlsa("tawrong", 2, 0, 1, ca),       -- certificate for other.test
       tlsa("taother", 2, 0, 1, other_ca), -- an unrelated CA
+      tlsa("tafull", 2, 0, 0, ca),        -- the whole CA certificate; the server sends only its leaf
+      tlsa("tafull2", 2, 0, 1, ca),       -- a digest needs the CA in the chain: it is not sent
       tlsa("unusable", 0, 0, 1, ca),      -- PKIX-TA: not for SMTP
       tlsa("unusable", 1, 1, 1, sni2),    -- PKIX-EE: not for SMTP
       "_" .. port .. "._tcp.unusable IN TLSA 3 1 1 00112233", -- a SHA-256 of 4 bytes
@@ -239,6 +244,9 @@ describe("DANE", function()
       assert_dane_ok("ta1", { matched = { usage = 2, selector = 1, mtype = 1 }, depth = 1, usable = 1 },
         { "mail.example.test" })
       assert_dane_fails("tawrong", "^DANE: the certificate matches a DANE%-TA record")
+      assert_dane_ok("tafull", { matched = { usage = 2, selector = 0, mtype = 0 }, depth = 1, usable = 1 },
+        { "mail.example.test" })
+      assert_dane_fails("tafull2", "^DANE: no TLSA record of tafull2%.example%.test matches", { "mail.example.test" })
       for _, host in ipairs { "ta1", "tawrong" } do
         local ok, out = external_verdict(host)
         assert(not ok, "the external verifier accepts " .. host .. ": " .. out)
