@@ -234,7 +234,7 @@ end
 
 -- Wait until the server at port answers a SOA query for zone.
 local function wait_ready(port, zone, pid, what, logfile)
-  for _ = 1, 200 do -- ~10 s
+  for _ = 1, 600 do -- at least 30 s: a loaded machine starts daemons slowly
     if not alive(pid) then break end
     if run(string.format("drill -Q -p %d @127.0.0.1 %s SOA >/dev/null 2>&1", port, sh(zone))) then
       return true
