@@ -205,6 +205,12 @@ describe("dns.query with DNSSEC", function()
       assert(dns.query("mx1.example.test", "A"))
       assert(dns.query("mx1.example.test", "A"))
       assert.same({ entries = 0, hits = 0, misses = 2 }, dns.cache_stats())
+      -- luasmtp.dns_configure (the same servers for resolve*) empties it too
+      assert(dns.configure { servers = { r.server } })
+      assert(dns.query("mx1.example.test", "A"))
+      assert.equal(1, dns.cache_stats().entries)
+      assert(luasmtp.dns_configure { servers = { r.server } })
+      assert.same({ entries = 0, hits = 0, misses = 0 }, dns.cache_stats())
     end, 30)
   end)
 
