@@ -9,9 +9,7 @@ local H = require "spec.helper"
 local rig = require "spec.dnssec_rig"
 local dane = require "luasmtp.dane"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local function hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
@@ -31,13 +29,9 @@ describe("DANE", function()
     certs = H.certs()
     -- mail.example.test with its issuer, so DANE-TA digests can match
     chain_file = H.tmp .. "/dane-chain.pem"
-    local f = assert(io.open(chain_file, "w"))
-    f:write(H.readfile(certs .. "/sni2.pem"), H.readfile(certs .. "/ca.pem"))
-    f:close()
+    H.writefile(chain_file, H.readfile(certs .. "/sni2.pem") .. H.readfile(certs .. "/ca.pem"))
     local wrong_chain = H.tmp .. "/dane-wronghost-chain.pem"
-    f = assert(io.open(wrong_chain, "w"))
-    f:write(H.readfile(certs .. "/wronghost.pem"), H.readfile(certs .. "/ca.pem"))
-    f:close()
+    H.writefile(wrong_chain, H.readfile(certs .. "/wronghost.pem") .. H.readfile(certs .. "/ca.pem"))
     local server_ctx = luasmtp.tls.context {
       mode = "server", certificate = chain_file, key = certs .. "/sni2.key",
       certificates = {
@@ -344,6 +338,53 @@ describe("DANE", function()
       -- (mail) while the TLSA records were found at the CNAME target (ta1)
       assert_dane_ok("ta1", { matched = { usage = 2, selector = 1, mtype = 1 }, depth = 1, usable = 1 },
         dane.names { base_domain = "ta1.example.test", host = "mail.example.test" })
+    end, 30)
+  end)
+
+  it("authenticates our SMTP server after STARTTLS, and refuses it when the records do not match", function()
+    H.run(function()
+      local server = require "luasmtp.server"
+      local srv = assert(server.new {
+        listen = "127.0.0.1:0", hostname = "mail.example.test", logger = function() end,
+        tls = luasmtp.tls.context { mode = "server", certificate = chain_file, key = certs .. "/sni2.key" },
+      })
+      local sport = srv:addresses()[1].port
+      -- the rig's records are for our TLS port: the record set is what
+      -- matters here, not its owner name
+      local function session(host)
+        local c = assert(luasmtp.connect("127.0.0.1", sport, { timeout = 5 }))
+        assert.matches("^220 ", c:receiveline())
+        c:send("EHLO client.example.test\r\n")
+        local line
+        repeat
+          line = assert(c:receiveline())
+        until line:sub(4, 4) == " "
+        c:send("STARTTLS\r\n")
+        assert.matches("^220 ", c:receiveline())
+        local ok, err, detail = c:starttls(client_ctx, { timeout = 5, dane = {
+          base_domain = host .. ".example.test", tlsa = records_of(host),
+          names = dane.names { base_domain = host .. ".example.test", host = "mail.example.test" } } })
+        if not ok then
+          c:close()
+          return nil, err, detail
+        end
+        c:send("EHLO client.example.test\r\n")
+        assert.matches("^250", c:receiveline())
+        local info = c:tlsinfo()
+        c:close()
+        return info
+      end
+      local ok, failure = pcall(function()
+        local info = assert(session("ee"))
+        assert.same({ usage = 3, selector = 1, mtype = 1 }, info.dane.matched)
+        info = assert(session("mail"))
+        assert.same({ { usage = 2, selector = 0, mtype = 1 }, 1 }, { info.dane.matched, info.dane.depth })
+        local none, err, detail = session("eebad")
+        assert.same({ nil, "tls" }, { none, err })
+        assert.matches("^DANE: no TLSA record of eebad%.example%.test matches", detail)
+      end)
+      srv:close()
+      assert(ok, failure)
     end, 30)
   end)
 end)

@@ -40,9 +40,7 @@ local M = {}
 
 local LIFETIME = 600
 
-local function sh(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local sh = H.shquote
 
 local function run(cmd)
   local ok = os.execute(cmd)
@@ -60,11 +58,7 @@ local function must(cmd, what)
   end
 end
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
+local write = H.writefile
 
 local function shell_sleep(s)
   os.execute("sleep " .. s)
