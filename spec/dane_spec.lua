@@ -344,11 +344,11 @@ describe("DANE", function()
   it("authenticates our SMTP server after STARTTLS, and refuses it when the records do not match", function()
     H.run(function()
       local server = require "luasmtp.server"
-      local srv = assert(server.new {
+      local smtp_server = assert(server.new {
         listen = "127.0.0.1:0", hostname = "mail.example.test", logger = function() end,
         tls = luasmtp.tls.context { mode = "server", certificate = chain_file, key = certs .. "/sni2.key" },
       })
-      local sport = srv:addresses()[1].port
+      local sport = smtp_server:addresses()[1].port
       -- the rig's records are for our TLS port: the record set is what
       -- matters here, not its owner name
       local function session(host)
@@ -383,7 +383,7 @@ describe("DANE", function()
         assert.same({ nil, "tls" }, { none, err })
         assert.matches("^DANE: no TLSA record of eebad%.example%.test matches", detail)
       end)
-      srv:close()
+      smtp_server:close()
       assert(ok, failure)
     end, 30)
   end)
