@@ -1,0 +1,467 @@
+--- luasmtp.delivery: mail straight to the recipients' MX hosts.
+--
+--   local delivery = require "luasmtp.delivery"
+--   local res = delivery.deliver { from = "me@example.org",
+--     to = { "bob@example.net" }, body = msg, tls_policy = "dane" }
+--   for _, r in ipairs(res.recipients) do print(r.address, r.ok, r.text) end
+--
+-- Per recipient domain: the destinations (MX hosts, destinations.lua),
+-- each host's addresses, the TLS policy for that host (policy.lua: DANE,
+-- MTA-STS, the configured level, REQUIRETLS), Happy Eyeballs to its
+-- addresses (connect.lua), then an SMTP session (luasmtp.client). Every
+-- step goes into the recipient's decision trail.
+local client = require "luasmtp.client"
+local destinations = require "luasmtp.delivery.destinations"
+local policy = require "luasmtp.delivery.policy"
+local happy = require "luasmtp.delivery.connect"
+
+local M = {
+  LEVELS = policy.LEVELS,
+  DEFAULT_LEVEL = policy.DEFAULT_LEVEL,
+}
+
+local function resolver_of(opts)
+  if opts.dns then return opts.dns end
+  local ok, dns = pcall(require, "luasmtp.dns")
+  assert(ok, "delivery needs a resolver: opts.dns, or the luasmtp.dns module")
+  return dns
+end
+
+local function check_level(opts)
+  local level = opts.tls_policy or policy.DEFAULT_LEVEL
+  assert(policy.LEVELS[level], "tls_policy must be none, may, encrypt, verify, dane or dane-only")
+  return level
+end
+
+-- The domain part of an address ("user@[192.0.2.1]" keeps the brackets).
+local function domain_of(address)
+  local d = address:match("@([^@]+)$")
+  return d and (d:sub(1, 1) == "[" and d or d:lower())
+end
+
+local function describe_dest(dest)
+  if dest.literal then return "address literal " .. dest.domain end
+  local hosts = {}
+  for _, h in ipairs(dest.hosts) do
+    hosts[#hosts + 1] = h.preference and ("%s (%d)"):format(h.name, h.preference) or h.name
+  end
+  local via = dest.expanded ~= dest.domain and (" via CNAME " .. dest.expanded) or ""
+  return ("%s %s%s: %s; DNSSEC %s"):format(dest.have_mx and "MX for" or "no MX, implicit MX for",
+    dest.domain, via, table.concat(hosts, ", "),
+    (dest.authentic and dest.expanded_authentic) and "secure" or "insecure")
+end
+
+-- A per-domain context: resolver, policy sources, the trail.
+local Attempt = {}
+Attempt.__index = Attempt
+
+function Attempt:note(event, text, fields)
+  local entry = fields or {}
+  entry.event, entry.text = event, text
+  self.trail[#self.trail + 1] = entry
+  return entry
+end
+
+-- The MTA-STS policy of the domain, fetched at most once per attempt.
+function Attempt:sts()
+  if self.sts_done then return self.sts_policy end
+  self.sts_done = true
+  local source = self.opts.mtasts
+  if not source or self.dest.literal then return nil end
+  local pol, token, detail = source:policy(self.domain)
+  if pol then
+    self:note("mta-sts", ("MTA-STS policy of %s: mode %s"):format(self.domain, tostring(pol.mode)),
+      { mode = pol.mode, policy = pol })
+    self.sts_policy = pol
+  else
+    self:note("mta-sts", ("no MTA-STS policy for %s%s"):format(self.domain,
+      token and (": " .. tostring(detail or token)) or ""), { token = token })
+    self.sts_failure = token
+  end
+  return self.sts_policy
+end
+
+function Attempt:report(plan, host, address, result, detail)
+  local rec = self.opts.tlsrpt
+  if not rec then return end
+  local entry = {
+    policy_domain = self.domain,
+    policy_type = plan and plan.policy_type or "no-policy-found",
+    mx_host = host,
+    receiving_ip = address,
+    result = result,
+    detail = detail and tostring(detail) or nil,
+  }
+  if plan and plan.dane then
+    entry.tlsa = plan.dane.tlsa
+  elseif plan and plan.policy_type == "sts" then
+    entry.policy = self.sts_policy
+  end
+  rec:record(entry)
+  self:note("tls-rpt", ("TLS-RPT: %s for %s%s"):format(result, host, address and (" " .. address) or ""),
+    { result = result })
+end
+
+-- Client options for a plan.
+function Attempt:client_options(plan, hostinfo, sock, tls_mode)
+  local o = self.opts
+  local c = {
+    sock = sock,
+    host = hostinfo.name,
+    port = self.port,
+    tls = tls_mode or plan.tls,
+    helo = o.helo,
+    timeouts = o.timeouts,
+    transcript = o.transcript,
+    cafile = o.cafile,
+    capath = o.capath,
+    servername = plan.servername or hostinfo.name,
+    verify = false,
+  }
+  if plan.verify == "pkix" then
+    c.verify = true
+    c.tls_context = client.tls_context(o, true)
+  elseif plan.verify == "report" then
+    c.verify = true
+    c.tls_context = client.tls_context(o, "optional")
+  elseif plan.verify == "dane" then
+    c.verify = true
+    c.tls_context = client.tls_context({}, true)
+    c.starttls_options = { dane = plan.dane }
+  elseif o.tls_context then
+    c.tls_context = o.tls_context
+  end
+  return c
+end
+
+-- What the session says about TLS, for the trail.
+local function tls_summary(session)
+  local info = session:tlsinfo()
+  if not info then return "no TLS", nil end
+  local parts = { info.version or "TLS", info.cipher }
+  if info.dane and info.dane.matched then
+    local m = info.dane.matched
+    parts[#parts + 1] = ("DANE matched TLSA %s %s %s at depth %s"):format(tostring(m.usage), tostring(m.selector),
+      tostring(m.mtype), tostring(info.dane.depth))
+  elseif info.verified then
+    parts[#parts + 1] = "verified"
+  else
+    parts[#parts + 1] = "not verified" .. (info.verify_error and (" (" .. info.verify_error .. ")") or "")
+  end
+  return table.concat(parts, ", "), info
+end
+
+-- One SMTP session on a connected socket. Returns "done", result | "retry", err
+-- ("retry": this address failed, try another one).
+function Attempt:session(plan, hostinfo, sock, address)
+  local msg = self.msg
+  local session, token, err = client.connect(self:client_options(plan, hostinfo, sock))
+  if not session and plan.tls == "opportunistic" and err and err.stage == "starttls" and token ~= "smtp" then
+    -- opportunistic TLS that failed in the handshake: plaintext once,
+    -- as Postfix does for "may"
+    self:note("tls", ("STARTTLS with %s failed (%s); again without TLS"):format(address, tostring(err)))
+    self:report(plan, hostinfo.name, address, policy.rpt_result(err, plan), err)
+    local again, t2, e2 = happy.connect({ { address = address } }, self.port,
+      { timeout = self.connect_timeout, bind = self.opts.bind })
+    if not again then return "retry", e2 and tostring(e2) or t2 end
+    session, token, err = client.connect(self:client_options(plan, hostinfo, again, "none"))
+    plan = { level = plan.level, tls = "none", verify = false, policy_type = plan.policy_type,
+      why = plan.why .. "; plaintext after a failed handshake", reported = true }
+  end
+  if not session then
+    self:note("session", ("%s [%s]: %s"):format(hostinfo.name, address, tostring(err)), { error = err })
+    if err.stage == "starttls" or token == "tls" or err.extension == "STARTTLS" then
+      self:report(plan, hostinfo.name, address, policy.rpt_result(err, plan), err)
+      err.message = ("TLS policy %s: %s"):format(plan.level, err.message)
+    end
+    return "retry", err
+  end
+  local summary, info = tls_summary(session)
+  self:note("tls", ("%s [%s]: %s"):format(hostinfo.name, address, summary), { tlsinfo = info })
+  if plan.verify == "report" then
+    if not info then
+      self:report(plan, hostinfo.name, address, "starttls-not-supported", "no STARTTLS")
+    elseif not info.verified then
+      self:report(plan, hostinfo.name, address, policy.rpt_result({ cause = info.verify_error }), info.verify_error)
+    elseif plan.sts_mx_mismatch then
+      self:report(plan, hostinfo.name, address, "validation-failure", "MX not in the MTA-STS policy")
+    else
+      self:report(plan, hostinfo.name, address, "success")
+    end
+  elseif not plan.reported then
+    self:report(plan, hostinfo.name, address, "success")
+  end
+  if msg.requiretls and not (session.tls and session:has("REQUIRETLS")) then
+    session:close()
+    local _, _, e = policy.refuse("REQUIRETLS", ("%s does not advertise REQUIRETLS"):format(hostinfo.name))
+    self:note("policy", e.message, { error = e })
+    return "retry", e
+  end
+  local res, t, e = session:send(msg)
+  session:close()
+  if res then
+    return "done", res
+  end
+  if e and e.result then
+    return "done", e.result
+  end
+  if e and e.permanent then
+    return "done", nil, e
+  end
+  self:note("session", ("%s [%s]: %s"):format(hostinfo.name, address, tostring(e)), { error = e })
+  return "retry", e or t
+end
+
+-- Deliver to one host: addresses, policy, connect, session.
+-- Returns "done", result, err | "next", err
+function Attempt:host(host)
+  local resolver = self.resolver
+  local hostinfo, _, err = destinations.addresses(host, resolver, { family = self.opts.family })
+  if not hostinfo then
+    self:note("addresses", err.message, { host = host.name, error = err })
+    return "next", err
+  end
+  local list = {}
+  for _, a in ipairs(hostinfo.addresses) do list[#list + 1] = a.address end
+  self:note("addresses", ("%s%s: %s; DNSSEC %s"):format(host.name,
+    hostinfo.expanded ~= host.name and (" (CNAME " .. hostinfo.expanded .. ")") or "",
+    table.concat(list, ", "), hostinfo.authentic and "secure" or "insecure"),
+    { host = host.name, addresses = list, authentic = hostinfo.authentic })
+
+  local ctx = { dest = self.dest, hostinfo = hostinfo, requiretls = self.msg.requiretls }
+  if self.level == "dane" or self.level == "dane-only" then
+    local eligible, why = policy.dane_eligible(self.dest, hostinfo)
+    if eligible then
+      local tlsa, t2, e2 = policy.tlsa(self.dest, hostinfo, self.port, resolver)
+      if tlsa then
+        ctx.tlsa = tlsa
+        self:note("tlsa", ("TLSA %s: %s"):format(tlsa.qname, tlsa.state),
+          { state = tlsa.state, records = tlsa.records, base = tlsa.base })
+      else
+        ctx.tlsa_error = e2 or t2
+        self:note("tlsa", tostring(e2 or t2), { error = e2 })
+      end
+    else
+      self:note("tlsa", "no DANE: " .. why)
+    end
+  end
+  if not (ctx.tlsa and ctx.tlsa.state == "usable") and self.level ~= "none" and self.level ~= "dane-only" then
+    ctx.sts = self:sts()
+    local source = self.opts.mtasts
+    ctx.sts_match = source and source.mx_matches
+  end
+  local plan, _, perr = policy.decide(self.level, ctx)
+  if not plan then
+    self:note("policy", perr.message, { error = perr })
+    self:report({ policy_type = perr.policy_type or (ctx.sts and "sts") or "no-policy-found" }, host.name, nil,
+      perr.tlsrpt or "validation-failure", perr.message)
+    return "next", perr
+  end
+  self:note("policy", plan.why, { level = plan.level, verify = plan.verify, plan = plan })
+
+  local last
+  while true do
+    local sock, a2, a3, a4 = happy.connect(hostinfo.addresses, self.port, {
+      timeout = self.connect_timeout, failed = self.failed, bind = self.opts.bind })
+    local attempts = (sock and a3 or a4) or {}
+    for _, a in ipairs(attempts) do
+      self:note("connect", ("%s [%s]:%d: %s%s"):format(host.name, a.address, self.port, tostring(a.result),
+        a.detail and (" (" .. tostring(a.detail) .. ")") or ""),
+        { address = a.address, family = a.family, result = a.result })
+    end
+    if not sock then
+      if #attempts == 0 and last then return "next", last end
+      return "next", setmetatable({ token = a2, permanent = false,
+        message = ("connect to %s port %d: %s"):format(host.name, self.port, tostring(a3)) }, client.Error)
+    end
+    local address = a2.address
+    local status, res, e = self:session(plan, hostinfo, sock, address)
+    if status == "done" then
+      self.used = { host = host.name, address = address, plan = plan }
+      return "done", res, e
+    end
+    last = type(res) == "table" and res or setmetatable({ token = "io", permanent = false,
+      message = tostring(res) }, client.Error)
+    happy.mark_failed(self.failed, address, self.port)
+  end
+end
+
+-- Deliver to one domain's recipients; fills results.
+function Attempt:run(results)
+  local dest, token, err = destinations.destinations(self.domain, self.resolver, { random = self.opts.random })
+  if not dest then
+    self:note("destinations", err.message, { error = err })
+    return self:finish(results, nil, err)
+  end
+  self.dest = dest
+  self:note("destinations", describe_dest(dest), { destinations = dest })
+  local last
+  local all_permanent = true
+  for _, host in ipairs(dest.hosts) do
+    local status, res, e = self:host(host)
+    if status == "done" then
+      return self:finish(results, res, e)
+    end
+    last = res
+    all_permanent = all_permanent and res and res.permanent
+  end
+  if last and not all_permanent then last.permanent = false end
+  return self:finish(results, nil, last or setmetatable({ token = token or "dns", permanent = false,
+    message = "no MX host could be reached" }, client.Error))
+end
+
+-- Per-recipient results from a session result or an error.
+function Attempt:finish(results, res, err)
+  local used = self.used or {}
+  for _, rcpt in ipairs(self.rcpts) do
+    local r = { address = rcpt, domain = self.domain, trail = self.trail, mx = used.host, ip = used.address,
+      tls_policy = used.plan and used.plan.level, tls_why = used.plan and used.plan.why }
+    local got = res and res:recipient(rcpt)
+    if got then
+      r.ok, r.permanent, r.reply = got.ok, got.permanent, got.reply
+      r.error = got.error
+      r.text = got.reply and client.format_reply(got.reply) or (got.error and tostring(got.error))
+    else
+      r.ok, r.permanent, r.error = false, err and err.permanent or false, err
+      r.text = err and tostring(err) or "not delivered"
+    end
+    results[#results + 1] = r
+  end
+end
+
+local Result = {}
+Result.__index = Result
+
+--- result:recipient(address) -> the entry for that address
+function Result:recipient(address)
+  for _, r in ipairs(self.recipients) do
+    if r.address == address then return r end
+  end
+end
+
+-- A function body is read once, so that each domain can send it.
+local function replayable(body)
+  if type(body) ~= "function" then return body end
+  local parts = {}
+  while true do
+    local chunk, why = body()
+    if chunk == nil then
+      if why then return nil, why end
+      return table.concat(parts)
+    end
+    parts[#parts + 1] = chunk
+  end
+end
+
+--- deliver(msg) -> result
+-- msg: from, to (an address or a list), body, and the client's message
+-- fields (requiretls, smtputf8, dsn, ...). Options in the same table:
+-- port (25), tls_policy (see policy.lua), dns (a resolver with query()),
+-- mtasts (:policy(domain), mx_matches), tlsrpt (:record{...}), cafile,
+-- capath (PKIX trust), helo, timeouts (client phases; connect is the
+-- Happy Eyeballs step), family, bind, transcript, random.
+-- result = { ok, recipients = { {address, domain, ok, permanent, reply,
+-- text, error, mx, ip, tls_policy, tls_why, trail = { {event, text,
+-- ...}, ... } }, ... } } in the order given; result:recipient(addr).
+function M.deliver(msg)
+  assert(type(msg) == "table", "deliver needs a table")
+  local level = check_level(msg)
+  local to = type(msg.to) == "table" and msg.to or { msg.to }
+  local body, why = replayable(msg.body or msg.message)
+  local result = setmetatable({ ok = true, recipients = {} }, Result)
+  local order, groups = {}, {}
+  for _, rcpt in ipairs(to) do
+    local address = type(rcpt) == "table" and rcpt.address or rcpt
+    local domain = type(address) == "string" and domain_of(address)
+    local key = domain or ""
+    if not groups[key] then
+      groups[key] = {}
+      order[#order + 1] = key
+    end
+    table.insert(groups[key], rcpt)
+  end
+  local failed = {}
+  for _, domain in ipairs(order) do
+    local rcpts = groups[domain]
+    local addrs = {}
+    for i, r in ipairs(rcpts) do addrs[i] = type(r) == "table" and r.address or r end
+    local attempt = setmetatable({
+      domain = domain, rcpts = addrs, trail = {}, opts = msg, level = level,
+      port = msg.port or 25, failed = failed,
+      connect_timeout = msg.timeouts and msg.timeouts.connect or 30,
+    }, Attempt)
+    if domain == "" or not body then
+      local err = setmetatable({ token = "invalid", permanent = true,
+        message = domain == "" and "recipient without a domain" or ("the body failed: " .. tostring(why)) },
+        client.Error)
+      attempt:note("invalid", err.message)
+      attempt:finish(result.recipients, nil, err)
+    else
+      attempt.resolver = resolver_of(msg)
+      local m = {}
+      for k, v in pairs(msg) do m[k] = v end
+      m.to, m.body, m.message = rcpts, body, nil
+      attempt.msg = m
+      attempt:run(result.recipients)
+    end
+  end
+  for _, r in ipairs(result.recipients) do
+    if not r.ok then result.ok = false end
+  end
+  return result
+end
+
+--- destinations(domain [, opts]) -> dest | nil, token, err: the hosts
+-- to try, each with its addresses (host.addresses, or host.error).
+function M.destinations(domain, opts)
+  opts = opts or {}
+  local resolver = resolver_of(opts)
+  local dest, token, err = destinations.destinations(domain, resolver, { random = opts.random })
+  if not dest then return nil, token, err end
+  for _, host in ipairs(dest.hosts) do
+    local info, _, e = destinations.addresses(host, resolver, { family = opts.family })
+    host.info, host.error = info, e
+    host.addresses = info and info.addresses or {}
+  end
+  return dest
+end
+
+--- policy(domain [, opts]) -> { domain, destinations, sts, hosts = {
+-- {name, plan | error, tlsa}, ... } } | nil, token, err: the TLS policy
+-- each host would get, without connecting.
+function M.policy(domain, opts)
+  opts = opts or {}
+  local level = check_level(opts)
+  local attempt = setmetatable({ domain = domain, trail = {}, opts = opts, level = level,
+    port = opts.port or 25, msg = { requiretls = opts.requiretls } }, Attempt)
+  attempt.resolver = resolver_of(opts)
+  local dest, token, err = M.destinations(domain, opts)
+  if not dest then return nil, token, err end
+  attempt.dest = dest
+  local out = { domain = domain, destinations = dest, hosts = {}, trail = attempt.trail }
+  for _, host in ipairs(dest.hosts) do
+    local entry = { name = host.name }
+    if host.info then
+      local ctx = { dest = dest, hostinfo = host.info, requiretls = opts.requiretls }
+      if (level == "dane" or level == "dane-only") and policy.dane_eligible(dest, host.info) then
+        local tlsa, t2, e2 = policy.tlsa(dest, host.info, attempt.port, attempt.resolver)
+        ctx.tlsa, ctx.tlsa_error = tlsa, not tlsa and (e2 or t2) or nil
+        entry.tlsa = tlsa
+      end
+      if not (ctx.tlsa and ctx.tlsa.state == "usable") and level ~= "none" and level ~= "dane-only" then
+        ctx.sts = attempt:sts()
+        ctx.sts_match = opts.mtasts and opts.mtasts.mx_matches
+      end
+      local plan, _, e = policy.decide(level, ctx)
+      entry.plan, entry.error = plan, e
+    else
+      entry.error = host.error
+    end
+    out.hosts[#out.hosts + 1] = entry
+  end
+  out.sts = attempt.sts_policy
+  return out
+end
+
+
+return M
