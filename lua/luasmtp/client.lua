@@ -347,8 +347,9 @@ local function client_context(cfg, verify)
 end
 
 --- tls_context(opts, verify) -> a client context for opts.cafile /
--- opts.capath (or opts.tls_context itself), verify = true, false or
--- "optional" (verify and record in tlsinfo(), never fail), made once.
+-- opts.capath (or opts.tls_context itself), verifying or not, made once.
+-- Without verification, a session given verify_host still checks the
+-- chain and name for tlsinfo().verified.
 M.tls_context = client_context
 
 -- Does this mode verify the server? On by default wherever TLS is

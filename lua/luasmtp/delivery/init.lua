@@ -122,8 +122,10 @@ function Attempt:client_options(plan, hostinfo, sock, tls_mode)
     c.verify = true
     c.tls_context = client.tls_context(o, true)
   elseif plan.verify == "report" then
+    -- chain and name checked (tlsinfo().verified), the handshake never
+    -- fails on them
     c.verify = true
-    c.tls_context = client.tls_context(o, "optional")
+    c.tls_context = client.tls_context(o, false)
   elseif plan.verify == "dane" then
     c.verify = true
     c.tls_context = client.tls_context({}, true)
