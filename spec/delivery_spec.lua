@@ -351,11 +351,17 @@ end
 
 local BODY = "Subject: delivery test\r\n\r\nhello\r\n"
 
+-- Close the servers and extra sockets of a test (also after_each's job
+-- when the test failed half-way).
+local function stop()
+  for _, srv in ipairs(started) do srv:close() end
+  for _, x in ipairs(extra) do x:close() end
+  started, extra = {}, {}
+end
+
 describe("delivery", function()
   after_each(function()
-    for _, srv in ipairs(started) do srv:close() end
-    for _, x in ipairs(extra) do x:close() end
-    started, extra = {}, {}
+    stop()
     local settle = luasmtp.update_now() + 2
     while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
       luasmtp.step(0.02)
@@ -393,6 +399,7 @@ describe("delivery", function()
       assert.is_false(c.ok)
       assert.is_true(c.permanent)
       assert.matches("null MX", c.text)
+      stop()
     end)
   end)
 
@@ -407,6 +414,7 @@ describe("delivery", function()
       assert.matches("no MX, implicit MX for implicit.test", trail_text(res.recipients[1]))
       assert.equal("127.0.0.4", res.recipients[2].ip)
       assert.equal(2, #got)
+      stop()
     end)
   end)
 
@@ -439,6 +447,7 @@ describe("delivery", function()
         if e.event == "connect" then connects[#connects + 1] = e.address .. " " .. e.result end
       end
       assert.same({ "::1 abandoned", "127.0.0.5 connected" }, connects)
+      stop()
     end, 30)
   end)
 
@@ -457,6 +466,7 @@ describe("delivery", function()
         { timeout = 5, failed = failed })
       assert.equal("unreachable", token2)
       assert.equal(0, #attempts2)
+      stop()
     end)
   end)
 
@@ -488,6 +498,7 @@ describe("delivery", function()
       local results = {}
       for _, r in ipairs(rpt.records) do results[#results + 1] = r.policy_domain .. " " .. r.result end
       assert.same({ "good.test success", "bad.test certificate-host-mismatch" }, results)
+      stop()
     end)
   end)
 
@@ -516,6 +527,7 @@ describe("delivery", function()
       assert.is_true(got[1].tls)
       assert.equal("certificate-host-mismatch", rpt.records[2].result)
       assert.matches("MTA%-STS policy of sts.test: mode testing", trail_text(r))
+      stop()
     end)
   end)
 
@@ -543,6 +555,7 @@ describe("delivery", function()
         tls_policy = "may", requiretls = true, cafile = H.certs() .. "/ca.pem" }
       assert.is_true(res.ok, trail_text(res.recipients[1]))
       assert.matches("REQUIRETLS: PKIX", res.recipients[1].tls_why)
+      stop()
     end)
   end)
 
@@ -557,6 +570,7 @@ describe("delivery", function()
       local pol = assert(delivery.policy("example.test", { dns = dns }))
       assert.equal("dane", pol.hosts[1].plan.verify)
       assert.equal("mx.example.test", pol.hosts[1].tlsa.base)
+      stop()
     end)
   end)
 end)
