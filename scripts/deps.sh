@@ -10,7 +10,8 @@ set -eu
 # needs here.
 PACKAGES="gcc make pkg-config lua5.4 liblua5.4-dev libssl-dev openssl libcrypt-dev
 libev-dev libc-ares-dev lua-busted lua-check lua-dkjson luarocks
-ca-certificates bc python3 python3-aiosmtpd swaks msmtp procps postfix dovecot-core"
+ca-certificates bc python3 python3-aiosmtpd swaks msmtp procps postfix dovecot-core
+nsd unbound ldnsutils"
 
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then
