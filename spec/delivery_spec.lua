@@ -232,7 +232,8 @@ describe("delivery TLS policy", function()
       tlsa = { state = "unusable", qname = "_25._tcp.mx.example.test" } }))
     assert.same({ "encrypt", "starttls", false }, { plan.level, plan.tls, plan.verify })
     assert.matches("none usable", plan.why)
-    plan = assert(policy.decide("dane", { dest = secure_dest, hostinfo = host, tlsa = { state = "none", qname = "q" } }))
+    local no_tlsa = { state = "none", qname = "q" }
+    plan = assert(policy.decide("dane", { dest = secure_dest, hostinfo = host, tlsa = no_tlsa }))
     assert.same({ "may", "opportunistic" }, { plan.level, plan.tls })
     plan = assert(policy.decide("dane", { dest = insecure_dest, hostinfo = host }))
     assert.equal("may", plan.level)
@@ -244,11 +245,11 @@ describe("delivery TLS policy", function()
     assert.equal("dnssec-invalid", err.tlsrpt)
     _, _, err = policy.decide("dane-only", { dest = insecure_dest, hostinfo = host })
     assert.matches("^TLS policy dane%-only: no DANE", tostring(err))
-    _, _, err = policy.decide("dane-only", { dest = secure_dest, hostinfo = host, tlsa = { state = "none", qname = "q" } })
+    _, _, err = policy.decide("dane-only", { dest = secure_dest, hostinfo = host, tlsa = no_tlsa })
     assert.matches("no TLSA records", tostring(err))
     plan = assert(policy.decide("verify", { dest = insecure_dest, hostinfo = host }))
     assert.same({ "starttls", "pkix", "mx.example.test" }, { plan.tls, plan.verify, plan.servername })
-    assert.same({ "none", "none" }, { assert(policy.decide("none", { dest = insecure_dest, hostinfo = host })).tls, "none" })
+    assert.equal("none", assert(policy.decide("none", { dest = insecure_dest, hostinfo = host })).tls)
     assert.equal("starttls", assert(policy.decide("encrypt", { dest = insecure_dest, hostinfo = host })).tls)
   end)
 
@@ -330,7 +331,8 @@ end
 
 local function server_tls(name)
   local d = H.certs()
-  return luasmtp.tls.context { mode = "server", certificate = d .. "/" .. name .. ".pem", key = d .. "/" .. name .. ".key" }
+  return luasmtp.tls.context { mode = "server", certificate = d .. "/" .. name .. ".pem",
+    key = d .. "/" .. name .. ".key" }
 end
 
 local function mock_mtasts(pol)
@@ -379,7 +381,8 @@ describe("delivery", function()
         ["mx2.example.test"] = { A = { "127.0.0.3" } },
         ["other.test"] = { MX = { mx(0, ".") } },
       }
-      local res = delivery.deliver { from = "me@sender.test", to = { "a@example.test", "b@Example.Test", "c@other.test" },
+      local res = delivery.deliver { from = "me@sender.test",
+        to = { "a@example.test", "b@Example.Test", "c@other.test" },
         body = BODY, port = port, dns = dns, tls_policy = "may", timeouts = { connect = 5 } }
       assert.is_false(res.ok)
       local a = res:recipient("a@example.test")
@@ -507,7 +510,8 @@ describe("delivery", function()
       local got, on_data = collect()
       local _, port = shared_port_servers({ "127.0.0.9" }, { tls = server_tls("wronghost"),
         hooks = { on_data = on_data } })
-      local dns = mock_dns { ["sts.test"] = { MX = { mx(10, "mx.sts.test") } }, ["mx.sts.test"] = { A = { "127.0.0.9" } } }
+      local dns = mock_dns { ["sts.test"] = { MX = { mx(10, "mx.sts.test") } },
+        ["mx.sts.test"] = { A = { "127.0.0.9" } } }
       local rpt = mock_tlsrpt()
       local base = { from = "me@sender.test", to = "a@sts.test", body = BODY, port = port, dns = dns,
         cafile = H.certs() .. "/ca.pem", tlsrpt = rpt }
@@ -564,7 +568,8 @@ describe("delivery", function()
       local dns = mock_dns { secure = true,
         ["example.test"] = { MX = { mx(10, "mx.example.test") } },
         ["mx.example.test"] = { A = { "192.0.2.1" } },
-        ["_25._tcp.mx.example.test"] = { TLSA = { { usage = 3, selector = 1, mtype = 1, data = string.rep("\1", 32) } } } }
+        ["_25._tcp.mx.example.test"] = { TLSA = { { usage = 3, selector = 1, mtype = 1,
+          data = string.rep("\1", 32) } } } }
       local dest = assert(delivery.destinations("example.test", { dns = dns }))
       assert.equal("192.0.2.1", dest.hosts[1].addresses[1].address)
       local pol = assert(delivery.policy("example.test", { dns = dns }))
@@ -572,5 +577,187 @@ describe("delivery", function()
       assert.equal("mx.example.test", pol.hosts[1].tlsa.base)
       stop()
     end)
+  end)
+end)
+
+-- A certificate for name from the test CA, with the chain (leaf, CA) in
+-- one file as a DANE-TA server must send it; returns pem, key paths.
+local function ca_cert(name)
+  local d = H.certs()
+  local dir = H.tmp .. "/delivery-certs"
+  local pem, key, chain = dir .. "/" .. name .. ".pem", dir .. "/" .. name .. ".key", dir .. "/" .. name .. "-chain.pem"
+  assert(os.execute(("mkdir -p '%s' && openssl req -x509 -new -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes "
+    .. "-keyout '%s' -out '%s' -subj '/CN=%s' -addext 'subjectAltName=DNS:%s' -addext 'basicConstraints=CA:false' "
+    .. "-CA '%s/ca.pem' -CAkey '%s/ca.key' -days 3650 2>/dev/null && cat '%s' '%s/ca.pem' > '%s'")
+    :format(dir, key, pem, name, name, d, d, pem, d, chain)))
+  return chain, key, pem
+end
+
+describe("delivery with the DNSSEC rig", function()
+  local rig_mod = require "spec.dnssec_rig"
+  local dns = require "luasmtp.dns"
+  local rig, port
+  local d
+
+  lazy_setup(function()
+    d = H.certs()
+    port = H.free_port()
+    local ta_chain, _, ta_pem = ca_cert("mx-ta.example.test")
+    local p = "_" .. port .. "._tcp."
+    rig = rig_mod.start {
+      records = {
+        "implicit IN A 127.0.0.20",
+        "nullmx IN MX 0 .",
+        "cnamed IN MX 10 alias",
+        "alias IN CNAME mx-cn",
+        "mx-cn IN A 127.0.0.21",
+        "insec IN MX 10 mx.plain.example.test.",
+        "bogus IN MX 10 mx.bad.example.test.",
+        "dane-ee IN MX 10 mx-ee",
+        "mx-ee IN A 127.0.0.23",
+        rig_mod.tlsa_record(p .. "mx-ee", 3, 1, 1, d .. "/server.pem"),
+        "dane-bad IN MX 10 mx-bad",
+        "mx-bad IN A 127.0.0.24",
+        rig_mod.tlsa_record(p .. "mx-bad", 3, 1, 1, d .. "/wronghost.pem"),
+        "dane-ta IN MX 10 mx-ta",
+        "mx-ta IN A 127.0.0.25",
+        rig_mod.tlsa_record(p .. "mx-ta", 2, 0, 1, d .. "/ca.pem"),
+        "unusable IN MX 10 mx-un",
+        "mx-un IN A 127.0.0.26",
+        rig_mod.tlsa_record(p .. "mx-un", 0, 0, 1, d .. "/ca.pem"),
+        "he IN MX 10 mx-he",
+        "mx-he IN AAAA ::1",
+        "mx-he IN A 127.0.0.27",
+      },
+      zones = {
+        { name = "plain.example.test", signed = false, records = {
+          "mx IN A 127.0.0.22",
+          rig_mod.tlsa_record(p .. "mx", 3, 1, 1, d .. "/server.pem") } },
+        { name = "bad.example.test", bogus = "ds", records = { "mx IN A 127.0.0.28" } },
+      },
+    }
+    rig.ta_chain, rig.ta_pem = ta_chain, ta_pem
+    assert(dns.configure { servers = { rig.server } })
+  end)
+
+  lazy_teardown(function()
+    dns.configure {}
+    if rig then rig:stop() end
+  end)
+
+  after_each(function()
+    stop()
+    local settle = luasmtp.update_now() + 2
+    while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
+      luasmtp.step(0.02)
+    end
+    H.assert_no_leaks()
+  end)
+
+  local function mx_server(ip, opts)
+    opts = opts or {}
+    local got, on_data = collect()
+    opts.listen = ip .. ":" .. port
+    opts.hostname = opts.hostname or "mx.test"
+    opts.logger = function() end
+    opts.hooks = { on_data = on_data }
+    local srv = assert(server.new(opts))
+    started[#started + 1] = srv
+    return got
+  end
+
+  local function send(to, level, extra)
+    local msg = { from = "me@sender.test", to = to, body = BODY, port = port, tls_policy = level,
+      cafile = d .. "/ca.pem", timeouts = { connect = 10 } }
+    for k, v in pairs(extra or {}) do msg[k] = v end
+    return delivery.deliver(msg)
+  end
+
+  it("delivers to an implicit MX, refuses a null MX, follows a CNAME'd MX", function()
+    H.run(function()
+      local got = mx_server("127.0.0.20")
+      local got_cn = mx_server("127.0.0.21")
+      local res = send({ "a@implicit.example.test", "b@nullmx.example.test", "c@cnamed.example.test" }, "dane")
+      local a, b, c = res.recipients[1], res.recipients[2], res.recipients[3]
+      assert.is_true(a.ok, trail_text(a))
+      assert.matches("no MX, implicit MX for implicit.example.test: implicit.example.test; DNSSEC secure",
+        trail_text(a))
+      assert.matches("no TLSA records at _%d+._tcp.implicit.example.test", a.tls_why)
+      assert.is_false(b.ok)
+      assert.is_true(b.permanent)
+      assert.matches("nullmx.example.test does not accept mail %(null MX", b.text)
+      assert.is_true(c.ok, trail_text(c))
+      assert.matches("alias.example.test %(CNAME mx%-cn.example.test%): 127.0.0.21; DNSSEC secure", trail_text(c))
+      assert.equal(1, #got)
+      assert.equal(1, #got_cn)
+      stop()
+    end, 30)
+  end)
+
+  it("does no DANE for insecure address records, and dane-only refuses them", function()
+    H.run(function()
+      local got = mx_server("127.0.0.22", { tls = server_tls("wronghost") })
+      local r = send("a@insec.example.test", "dane").recipients[1]
+      assert.is_true(r.ok, trail_text(r))
+      assert.equal("may", r.tls_policy)
+      assert.matches("address records of mx.plain.example.test are not DNSSEC%-signed", trail_text(r))
+      assert.is_nil(trail_text(r):find("TLSA _", 1, true)) -- never looked up
+      assert.is_true(got[1].tls)
+      r = send("a@insec.example.test", "dane-only").recipients[1]
+      assert.is_false(r.ok)
+      assert.is_false(r.permanent)
+      assert.matches("TLS policy dane%-only: no DANE for mx.plain.example.test", r.text)
+      assert.equal(1, #got)
+      stop()
+    end, 30)
+  end)
+
+  it("fails temporarily on a bogus signature", function()
+    H.run(function()
+      local got = mx_server("127.0.0.28")
+      local r = send("a@bogus.example.test", "dane").recipients[1]
+      assert.is_false(r.ok)
+      assert.is_false(r.permanent)
+      assert.matches("address lookup for mx.bad.example.test", r.text)
+      assert.equal(0, #got)
+      stop()
+    end, 30)
+  end)
+
+  it("mandatory unauthenticated TLS when every TLSA record is unusable", function()
+    H.run(function()
+      local got = mx_server("127.0.0.26", { tls = server_tls("wronghost") })
+      local r = send("a@unusable.example.test", "dane").recipients[1]
+      assert.is_true(r.ok, trail_text(r))
+      assert.equal("encrypt", r.tls_policy)
+      assert.matches("none usable", r.tls_why)
+      assert.is_true(got[1].tls)
+      -- and without STARTTLS it is not delivered
+      stop()
+      got = mx_server("127.0.0.26")
+      r = send("a@unusable.example.test", "dane").recipients[1]
+      assert.is_false(r.ok)
+      assert.matches("STARTTLS", r.text)
+      assert.equal(0, #got)
+      stop()
+    end, 30)
+  end)
+
+  it("Happy Eyeballs with the rig: ::1 does not answer, IPv4 is reached", function()
+    H.run(function()
+      local hole = assert(luasmtp.listen("[::1]:" .. port, { backlog = 0 }))[1]
+      extra[#extra + 1] = hole
+      extra[#extra + 1] = assert(luasmtp.connect("::1", port, { timeout = 5 }))
+      local got = mx_server("127.0.0.27")
+      local r = send("a@he.example.test", "dane").recipients[1]
+      assert.is_true(r.ok, trail_text(r))
+      local connects = {}
+      for _, e in ipairs(r.trail) do
+        if e.event == "connect" then connects[#connects + 1] = e.address .. " " .. e.result end
+      end
+      assert.same({ "::1 abandoned", "127.0.0.27 connected" }, connects)
+      assert.equal(1, #got)
+      stop()
+    end, 30)
   end)
 end)
