@@ -666,7 +666,7 @@ describe("delivery with the DNSSEC rig", function()
     return got
   end
 
-  local function send(to, level, extra)
+  local function send(to, level, fields)
     local msg = { from = "me@sender.test", to = to, body = BODY, port = port, tls_policy = level,
       cafile = d .. "/ca.pem", timeouts = { connect = 10 } }
     for k, v in pairs(extra or {}) do msg[k] = v end
