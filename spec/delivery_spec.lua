@@ -669,7 +669,7 @@ describe("delivery with the DNSSEC rig", function()
   local function send(to, level, fields)
     local msg = { from = "me@sender.test", to = to, body = BODY, port = port, tls_policy = level,
       cafile = d .. "/ca.pem", timeouts = { connect = 10 } }
-    for k, v in pairs(extra or {}) do msg[k] = v end
+    for k, v in pairs(fields or {}) do msg[k] = v end
     return delivery.deliver(msg)
   end
 
