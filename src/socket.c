@@ -938,6 +938,8 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
                 s->ssl = ls_tls_new(c, s->fd, sni, lua_toboolean(L, 4), &err);
                 if (s->ssl == NULL)
                     return tls_fail(L, s, LS_ETLS, err.detail);
+                if (lua_istable(L, 5) && ls_tls_dane_apply(L, 5, s->ssl, &err) != LS_IO_OK)
+                    return tls_fail(L, s, err.token, err.detail);
                 stage = TLS_HANDSHAKE;
                 ctx = stage;
                 continue;
@@ -969,7 +971,9 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
  * Upgrade the connection to TLS in place (also used for implicit TLS
  * right after connect/accept). opts: servername (client: SNI and the
  * name the certificate must match), verify_host (default true),
- * timeout (default: the read timeout).
+ * timeout (default: the read timeout), dane (client: { base_domain,
+ * tlsa, names }, see ls_tls_dane_check: the peer is authenticated by
+ * its TLSA records instead of PKIX; SNI defaults to the base domain).
  * Client side: input already received and not read is an error (response
  * injection). Server side: it is discarded. On failure the socket is
  * closed. */
@@ -980,6 +984,7 @@ static int l_starttls(lua_State *L)
     const char *sni = NULL;
     int verify_host = 1;
     double timeout = s->t_read;
+    int dane = 0;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
         lua_getfield(L, 3, "servername");
@@ -990,23 +995,42 @@ static int l_starttls(lua_State *L)
         lua_getfield(L, 3, "timeout");
         timeout = opt_timeout(L, -1, timeout);
         lua_pop(L, 3);
+        if (lua_getfield(L, 3, "dane") != LUA_TNIL) {
+            ls_tls_dane_check(L, -1, ls_tlsctx_check(L, 2));
+            dane = lua_gettop(L); /* kept below for starttls_k */
+            /* The names come from opts.dane; SNI is the base domain. */
+            verify_host = 0;
+            if (sni == NULL) {
+                lua_getfield(L, -1, "base_domain");
+                sni = lua_tostring(L, -1);
+                lua_replace(L, 3); /* opts is no longer needed: keeps sni alive */
+            }
+        }
     }
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->ssl)
         return luaL_error(L, "luasmtp: TLS is already active on this socket");
-    if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && verify_host && sni == NULL)
+    if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && !dane && verify_host && sni == NULL)
         return luaL_error(L, "luasmtp: starttls needs opts.servername to verify the server "
                              "(or verify_host = false)");
     if (s->reader || s->writer)
         return luaL_error(L, "luasmtp: socket busy: cannot start TLS while another task uses it");
     s->rdeadline = deadline_of(s->loop, timeout);
-    lua_settop(L, 2);
+    /* Stack for starttls_k: sock, ctx, sni, verify_host, dane table. */
     if (sni)
         lua_pushstring(L, sni);
     else
         lua_pushnil(L);
     lua_pushboolean(L, verify_host);
+    if (dane)
+        lua_pushvalue(L, dane);
+    else
+        lua_pushnil(L);
+    int top = lua_gettop(L);
+    for (int i = 0; i < 3; i++)
+        lua_copy(L, top - 2 + i, 3 + i);
+    lua_settop(L, 5);
     return starttls_k(L, LUA_OK, TLS_FLUSH);
 }
 

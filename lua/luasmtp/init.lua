@@ -40,6 +40,7 @@ local M = {
   socketpair = core.socketpair,
   tls = {
     context = core.tls_context,
+    dane_usable = core.dane_usable,
   },
 
   -- hashes, HMAC, PBKDF2, random, base64, crypt(3) (src/crypto.c)

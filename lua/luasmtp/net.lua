@@ -69,6 +69,8 @@ end
 --   tls          a client TLS context: implicit TLS right after connect
 --   servername   name for SNI and certificate check (default: host)
 --   verify_host  check the certificate's name (default true)
+--   dane         { base_domain, tlsa, names }: authenticate the implicit
+--                TLS by TLSA records (see sock:starttls)
 function M.connect(host, port, opts)
   assert(type(host) == "string", "host must be a string")
   assert(math.type(port) == "integer", "port must be an integer")
@@ -100,9 +102,10 @@ function M.connect(host, port, opts)
   if opts.tls then
     local remaining = math.max(deadline - core.update_now(), 0.001)
     local ok, terr, tdetail = sock:starttls(opts.tls, {
-      servername = opts.servername or (not is_numeric(bare) and bare or nil) or bare,
+      servername = opts.servername or (not opts.dane and bare or nil),
       verify_host = opts.verify_host,
       timeout = remaining,
+      dane = opts.dane,
     })
     if not ok then
       return nil, terr, tdetail
