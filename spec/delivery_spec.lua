@@ -174,17 +174,18 @@ describe("delivery TLS policy", function()
   local host = { name = "mx.example.test", expanded = "mx.example.test", authentic = true, expanded_authentic = true }
   local ee = { usage = 3, selector = 1, mtype = 1, data = string.rep("\1", 32) }
 
-  it("keeps only the TLSA records DANE for SMTP can use", function()
-    local list = policy.usable {
-      ee,
-      { usage = 2, selector = 0, mtype = 2, data = string.rep("\2", 64) },
-      { usage = 1, selector = 1, mtype = 1, data = string.rep("\1", 32) }, -- PKIX-EE
-      { usage = 0, selector = 1, mtype = 1, data = string.rep("\1", 32) }, -- PKIX-TA
-      { usage = 3, selector = 2, mtype = 1, data = string.rep("\1", 32) }, -- unknown selector
-      { usage = 3, selector = 1, mtype = 1, data = string.rep("\1", 31) }, -- short digest
-      { usage = 3, selector = 1, mtype = 3, data = "x" },                   -- unknown matching type
-    }
-    assert.equal(2, #list)
+  it("counts only the TLSA records DANE for SMTP can use", function()
+    local pkix_ee = { usage = 1, selector = 1, mtype = 1, data = string.rep("\1", 32) }
+    local short = { usage = 3, selector = 1, mtype = 1, data = string.rep("\1", 31) }
+    local dns = mock_dns { secure = true,
+      ["_25._tcp.mx.example.test"] = { TLSA = { ee, pkix_ee, short,
+        { usage = 2, selector = 0, mtype = 2, data = string.rep("\2", 64) } } },
+      ["_26._tcp.mx.example.test"] = { TLSA = { pkix_ee, short,
+        { usage = 3, selector = 2, mtype = 1, data = string.rep("\1", 32) } } } }
+    local t = assert(policy.tlsa(secure_dest, host, 25, dns))
+    assert.same({ "usable", 2, 4 }, { t.state, t.usable, #t.records })
+    t = assert(policy.tlsa(secure_dest, host, 26, dns))
+    assert.same({ "unusable", 0 }, { t.state, t.usable })
   end)
 
   it("looks TLSA up at the port, and reports unusable, missing and failed lookups", function()
@@ -221,8 +222,8 @@ describe("delivery TLS policy", function()
   end)
 
   it("decides per level", function()
-    local usable = { state = "usable", records = { ee }, base = "mx.example.test", qname = "_25._tcp.mx.example.test",
-      names = { "mx.example.test" } }
+    local usable = { state = "usable", records = { ee }, usable = 1, base = "mx.example.test",
+      qname = "_25._tcp.mx.example.test", names = { "mx.example.test" } }
     local plan = assert(policy.decide("dane", { dest = secure_dest, hostinfo = host, tlsa = usable }))
     assert.equal("dane", plan.verify)
     assert.equal("starttls", plan.tls)
@@ -267,7 +268,8 @@ describe("delivery TLS policy", function()
     assert.same({ "sts-testing", "report", "opportunistic" }, { plan.level, plan.verify, plan.tls })
     assert.is_true(plan.sts_mx_mismatch)
     -- DANE wins over MTA-STS
-    local usable = { state = "usable", records = { ee }, base = "mx.example.test", qname = "q", names = {} }
+    local usable = { state = "usable", records = { ee }, usable = 1, base = "mx.example.test", qname = "q",
+      names = {} }
     plan = assert(policy.decide("dane", { dest = secure_dest, hostinfo = host, tlsa = usable, sts = sts }))
     assert.equal("dane", plan.verify)
     assert.equal("none", assert(policy.decide("none", { dest = insecure_dest, hostinfo = host, sts = sts })).tls)
@@ -741,6 +743,97 @@ describe("delivery with the DNSSEC rig", function()
       assert.equal(0, #got)
       stop()
     end, 30)
+  end)
+
+  local function dane_trail(r)
+    for _, e in ipairs(r.trail) do
+      if e.event == "tls" and e.tlsinfo then return e.tlsinfo.dane end
+    end
+  end
+
+  it("DANE-EE: delivers when the certificate matches its TLSA record, refuses when not", function()
+    H.run(function()
+      -- server.pem is for localhost: DANE-EE checks the key only
+      local got = mx_server("127.0.0.23", { tls = server_tls("server") })
+      local bad = mx_server("127.0.0.24", { tls = server_tls("server") })
+      local rpt = mock_tlsrpt()
+      local res = send({ "a@dane-ee.example.test", "b@dane-bad.example.test" }, "dane", { tlsrpt = rpt })
+      local a, b = res.recipients[1], res.recipients[2]
+      assert.is_true(a.ok, trail_text(a))
+      assert.equal("dane", a.tls_policy)
+      assert.matches("DANE: 1 usable TLSA record at _%d+._tcp.mx%-ee.example.test", a.tls_why)
+      local dane = assert(dane_trail(a), trail_text(a))
+      assert.same({ usage = 3, selector = 1, mtype = 1 }, dane.matched)
+      assert.equal(0, dane.depth)
+      assert.matches("DANE matched TLSA 3 1 1 at depth 0", trail_text(a))
+      assert.equal(1, #got)
+      assert.is_true(got[1].tls)
+      assert.is_false(b.ok)
+      assert.is_false(b.permanent)
+      assert.matches("^TLS policy dane: STARTTLS", b.text)
+      assert.equal(0, #bad)
+      local results = {}
+      for _, r in ipairs(rpt.records) do results[#results + 1] = r.policy_type .. " " .. r.result end
+      assert.same({ "tlsa success", "tlsa tlsa-invalid" }, results)
+      stop()
+    end, 30)
+  end)
+
+  it("DANE-TA: a chain to the TLSA trust anchor with an allowed name", function()
+    H.run(function()
+      local tls = luasmtp.tls.context { mode = "server", certificate = rig.ta_chain,
+        key = rig.ta_chain:gsub("%-chain%.pem$", ".key") }
+      local got = mx_server("127.0.0.25", { tls = tls })
+      local r = send("a@dane-ta.example.test", "dane-only").recipients[1]
+      assert.is_true(r.ok, trail_text(r))
+      local dane = assert(dane_trail(r), trail_text(r))
+      assert.same({ usage = 2, selector = 0, mtype = 1 }, dane.matched)
+      assert.equal(1, dane.depth)
+      assert.equal(1, #got)
+      stop()
+      -- the same anchor, a certificate for another name: refused
+      got = mx_server("127.0.0.25", { tls = server_tls("sni2") })
+      r = send("a@dane-ta.example.test", "dane").recipients[1]
+      assert.is_false(r.ok)
+      assert.matches("TLS policy dane", r.text)
+      assert.equal(0, #got)
+      stop()
+    end, 30)
+  end)
+
+  it("luasmtp send --mx delivers over DANE and refuses a certificate that does not match", function()
+    H.run(function()
+      local got = mx_server("127.0.0.23", { tls = server_tls("server") })
+      local bad = mx_server("127.0.0.24", { tls = server_tls("server") })
+      local function cli(rcpt)
+        local out = H.tmp .. "/send-mx.out"
+        local cmd = ("printf 'Subject: mx\\r\\n\\r\\nhello\\r\\n' | timeout 60 lua5.4 '%s/bin/luasmtp' send --mx "
+          .. "--dns-server %s --port %d --tls-policy dane -v -f me@sender.test %s >'%s' 2>&1; echo $?")
+          :format(H.root, rig.server, port, rcpt, out)
+        -- the command runs while this loop serves the MX: run it in the background
+        local pid_file = H.tmp .. "/send-mx.status"
+        os.remove(pid_file)
+        H.start("sh -c " .. ("'%s'"):format(cmd:gsub("'", "'\\''")), pid_file)
+        local deadline = luasmtp.update_now() + 60
+        while luasmtp.update_now() < deadline do
+          local f = io.open(pid_file)
+          local status = f and f:read("l")
+          if f then f:close() end
+          if status then return tonumber(status), H.readfile(out) end
+          luasmtp.sleep(0.05)
+        end
+        error("luasmtp send --mx did not finish")
+      end
+      local status, out = cli("a@dane-ee.example.test")
+      assert.equal(0, status, out)
+      assert.matches("DANE matched TLSA 3 1 1", out)
+      assert.equal(1, #got)
+      status, out = cli("b@dane-bad.example.test")
+      assert.equal(75, status, out)
+      assert.matches("<b@dane%-bad.example.test>: TLS policy dane", out)
+      assert.equal(0, #bad)
+      stop()
+    end, 90)
   end)
 
   it("Happy Eyeballs with the rig: ::1 does not answer, IPv4 is reached", function()

@@ -286,7 +286,7 @@ local function run(args)
   local modes = { implicit = true, starttls = true, opportunistic = true, none = true, auto = true }
   if not modes[tls] then usage_error("--tls must be implicit, starttls, opportunistic, none or auto") end
   local server = opts.server or "localhost"
-  local host, port = require("luasmtp.net").parse_address(server)
+  local host, port = require("luasmtp.net").parse_address(server, 25)
   if not host then usage_error("bad --server: " .. server) end
   if not server:find(":%d+$") then port = nil end
   if not port and tls ~= "auto" then

@@ -10,6 +10,7 @@
 -- MTA-STS, the configured level, REQUIRETLS), Happy Eyeballs to its
 -- addresses (connect.lua), then an SMTP session (luasmtp.client). Every
 -- step goes into the recipient's decision trail.
+local core = require "luasmtp.core"
 local client = require "luasmtp.client"
 local destinations = require "luasmtp.delivery.destinations"
 local policy = require "luasmtp.delivery.policy"
@@ -102,6 +103,13 @@ function Attempt:report(plan, host, address, result, detail)
     { result = result })
 end
 
+-- One client context with DANE enabled, made when first needed.
+local dane_ctx
+local function dane_context()
+  dane_ctx = dane_ctx or core.tls_context { mode = "client", dane = true }
+  return dane_ctx
+end
+
 -- Client options for a plan.
 function Attempt:client_options(plan, hostinfo, sock, tls_mode)
   local o = self.opts
@@ -127,8 +135,9 @@ function Attempt:client_options(plan, hostinfo, sock, tls_mode)
     c.verify = true
     c.tls_context = client.tls_context(o, false)
   elseif plan.verify == "dane" then
+    -- the TLSA records decide (PKIX trust plays no part)
     c.verify = true
-    c.tls_context = client.tls_context({}, true)
+    c.tls_context = dane_context()
     c.starttls_options = { dane = plan.dane }
   elseif o.tls_context then
     c.tls_context = o.tls_context
@@ -237,7 +246,8 @@ function Attempt:host(host)
       local tlsa, t2, e2 = policy.tlsa(self.dest, hostinfo, self.port, resolver)
       if tlsa then
         ctx.tlsa = tlsa
-        self:note("tlsa", ("TLSA %s: %s"):format(tlsa.qname, tlsa.state),
+        self:note("tlsa", ("TLSA %s: %s"):format(tlsa.qname, tlsa.records
+          and ("%d of %d records usable"):format(tlsa.usable, #tlsa.records) or "none"),
           { state = tlsa.state, records = tlsa.records, base = tlsa.base })
       else
         ctx.tlsa_error = e2 or t2

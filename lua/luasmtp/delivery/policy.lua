@@ -17,6 +17,7 @@
 --
 --   decide(level, ctx) -> plan | nil, token, err
 --   tlsa(dest, hostinfo, port, resolver) -> info | nil, token, err
+local core = require "luasmtp.core"
 local client = require "luasmtp.client"
 local destinations = require "luasmtp.delivery.destinations"
 
@@ -33,22 +34,6 @@ local function refuse(policy, why, fields)
   return nil, "policy", setmetatable(err, client.Error)
 end
 M.refuse = refuse
-
---- usable(records) -> list: the TLSA records DANE for SMTP can use
--- (RFC 7672 section 3.1.3): usages DANE-TA(2) and DANE-EE(3), selectors
--- 0 and 1, matching types 0 (full), 1 (SHA2-256, 32 bytes) and 2
--- (SHA2-512, 64 bytes). data is the raw association data.
-function M.usable(records)
-  local out = {}
-  for _, r in ipairs(records) do
-    local len = type(r.data) == "string" and #r.data or 0
-    if (r.usage == 2 or r.usage == 3) and (r.selector == 0 or r.selector == 1)
-      and ((r.mtype == 0 and len > 0) or (r.mtype == 1 and len == 32) or (r.mtype == 2 and len == 64)) then
-      out[#out + 1] = r
-    end
-  end
-  return out
-end
 
 -- TLSA records at _port._tcp.name: nil when there are none or they are
 -- not DNSSEC-signed (not an error: the host did not opt in), else the
@@ -97,10 +82,11 @@ end
 --- tlsa(dest, hostinfo, port, resolver) -> info | nil, token, err
 -- Only for a host whose address records are DNSSEC-secure, reached
 -- through a secure MX (or none). info = { state = "none" | "usable" |
--- "unusable", records (the usable ones), all (every record), base
+-- "unusable", records, usable (a count), base
 -- (TLSA base domain), qname, names }. The CNAME-expanded host name is
 -- tried first when its records are secure, then the MX name itself
--- (RFC 7672 section 2.2.2).
+-- (RFC 7672 section 2.2.2). records are all the TLSA records found,
+-- usable how many of them DANE can use.
 function M.tlsa(dest, hostinfo, port, resolver)
   local candidates = { hostinfo.name }
   if hostinfo.expanded ~= hostinfo.name and hostinfo.expanded_authentic then
@@ -122,11 +108,13 @@ function M.tlsa(dest, hostinfo, port, resolver)
   if not records then
     return { state = "none", qname = qname }
   end
-  local usable = M.usable(records)
+  -- usable for SMTP (RFC 7672 3.1.3): DANE-TA/DANE-EE, selectors 0/1,
+  -- matching types 0-2; OpenSSL skips the others when they are added
+  local usable = core.dane_usable(records)
   return {
-    state = #usable > 0 and "usable" or "unusable",
-    records = usable,
-    all = records,
+    state = usable > 0 and "usable" or "unusable",
+    records = records,
+    usable = usable,
     base = base,
     qname = qname,
     names = M.names(dest, hostinfo, base),
@@ -212,8 +200,8 @@ function M.decide(level, ctx)
         servername = ctx.tlsa.base,
         dane = { base_domain = ctx.tlsa.base, tlsa = ctx.tlsa.records, names = ctx.tlsa.names },
         policy_type = "tlsa",
-        why = ("DANE: %d usable TLSA record%s at %s"):format(#ctx.tlsa.records,
-          #ctx.tlsa.records == 1 and "" or "s", ctx.tlsa.qname),
+        why = ("DANE: %d usable TLSA record%s at %s"):format(ctx.tlsa.usable,
+          ctx.tlsa.usable == 1 and "" or "s", ctx.tlsa.qname),
       }
     elseif ctx.tlsa and ctx.tlsa.state == "unusable" then
       -- RFC 7672 section 2.2: TLSA records exist, none usable:
