@@ -28,6 +28,8 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h" },
   LIBEV = { header = "ev.h" },
   CARES = { header = "ares.h" },
+  CURL = { header = "curl/curl.h" },
+  ZLIB = { header = "zlib.h" },
 }
 
 build = {
@@ -42,6 +44,10 @@ build = {
     LIBEV_LIBDIR = "$(LIBEV_LIBDIR)",
     CARES_INCDIR = "$(CARES_INCDIR)",
     CARES_LIBDIR = "$(CARES_LIBDIR)",
+    CURL_INCDIR = "$(CURL_INCDIR)",
+    CURL_LIBDIR = "$(CURL_LIBDIR)",
+    ZLIB_INCDIR = "$(ZLIB_INCDIR)",
+    ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
   },
   install_variables = {
     INST_LIBDIR = "$(LIBDIR)",

@@ -9,7 +9,7 @@ set -eu
 # Everything the build, the test suite and the examples use. Add new
 # needs here.
 PACKAGES="gcc make pkg-config lua5.4 liblua5.4-dev libssl-dev openssl libcrypt-dev
-libev-dev libc-ares-dev lua-busted lua-check lua-dkjson luarocks
+libev-dev libc-ares-dev libcurl4-openssl-dev zlib1g-dev lua-busted lua-check lua-dkjson luarocks
 ca-certificates bc python3 python3-aiosmtpd swaks msmtp procps postfix dovecot-core
 nsd unbound ldnsutils"
 
@@ -48,6 +48,7 @@ On Debian/Ubuntu, as root:
   apt-get install --no-install-recommends $missing
 On other systems install the equivalents: a C compiler, make, pkg-config,
 Lua 5.4 with its headers, OpenSSL 3 (headers and CLI), libev, c-ares,
+libcurl (built with OpenSSL), zlib,
 busted, luacheck and dkjson for Lua 5.4, LuaRocks, Python 3 with aiosmtpd,
 swaks and msmtp.
 MSG

@@ -154,6 +154,67 @@ function H.wait_port(port, host, timeout)
   error("port " .. port .. " did not open")
 end
 
+--- Quote a string for the shell.
+function H.shquote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+--- Start a test server that prints its port as the first line of its
+-- output (inside a task or the main chunk); returns pid, port, log.
+function H.start_server(cmd, tag)
+  os.execute("mkdir -p " .. H.shquote(H.tmp))
+  local log = H.tmp .. "/" .. tag .. ".log"
+  os.remove(log)
+  local pid = H.start(cmd, log)
+  for _ = 1, 500 do -- at most ~10 s
+    local f = io.open(log)
+    local line = f and f:read("l")
+    if f then f:close() end
+    local port = line and math.tointeger(tonumber(line))
+    if port then
+      return pid, port, log
+    end
+    luasmtp.sleep(0.02)
+  end
+  H.kill(pid)
+  error(tag .. " did not start: " .. H.readfile(log))
+end
+
+--- Start spec/fake_dns.py on host with the records given (see its
+-- header); returns its pid, UDP port and log file (one "query NAME TYPE"
+-- line per query after the port).
+function H.fake_dns(host, records, tag, lifetime)
+  local args = {}
+  for i, r in ipairs(records) do
+    args[i] = H.shquote(r)
+  end
+  return H.start_server(string.format("python3 %s --host %s --port 0 --lifetime %d --log %s",
+    H.shquote(H.root .. "/spec/fake_dns.py"), host, math.tointeger(lifetime or 60), table.concat(args, " ")),
+    "fake_dns_" .. tag)
+end
+
+--- Start spec/https_server.py (inside a task or the main chunk).
+-- opts: tls = false for plain HTTP, cert = name in the test PKI
+-- (default "server": localhost), root = directory it serves and stores
+-- POST bodies in, lifetime = seconds (60), tag = log file name part.
+-- Returns { pid =, port =, log = } ; stop with H.kill(server.pid).
+function H.https_server(opts)
+  opts = opts or {}
+  local args = { "python3", H.shquote(H.root .. "/spec/https_server.py"), "--port 0",
+    "--lifetime " .. math.tointeger(opts.lifetime or 60) }
+  if opts.tls ~= false then
+    local d = H.certs()
+    local name = opts.cert or "server"
+    args[#args + 1] = "--cert " .. H.shquote(d .. "/" .. name .. ".pem") .. " --key " ..
+      H.shquote(d .. "/" .. name .. ".key")
+  end
+  if opts.root then
+    args[#args + 1] = "--root " .. H.shquote(opts.root)
+  end
+  local pid, port, log = H.start_server(table.concat(args, " "), opts.tag or "https")
+  return { pid = pid, port = port, log = log }
+end
+
 --- A free TCP port on 127.0.0.1 (for external programs).
 function H.free_port()
   local l, port = H.listen()

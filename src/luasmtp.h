@@ -7,8 +7,10 @@
  *   socket.c           TCP sockets and listeners as Lua userdata
  *   tls.c              OpenSSL contexts and the TLS transport
  *   dns.c              c-ares resolver on the libev loop
+ *   http.c             libcurl multi interface on the libev loop (HTTP client)
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
+ *   gzip.c             gzip compression over zlib
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
  *   core.c             luaopen_luasmtp_core: ties the pieces together
@@ -36,6 +38,7 @@ enum ls_counter {
     LS_COUNT_TLS_SESSIONS,
     LS_COUNT_WATCHERS,
     LS_COUNT_DNS_QUERIES,
+    LS_COUNT_HTTP_REQUESTS,
     LS_COUNT_MAX
 };
 extern long ls_live[LS_COUNT_MAX];
@@ -52,6 +55,7 @@ extern long ls_live[LS_COUNT_MAX];
 #define LS_EDNS "dns"
 #define LS_EUNREACH "unreachable"
 #define LS_EIO "io"
+#define LS_EPROTOCOL "protocol" /* the peer broke the protocol (HTTP here) */
 
 /* Push nil, token, detail (detail may be NULL: then nil, token). Returns 3. */
 int ls_pusherror(lua_State *L, const char *token, const char *detail);
@@ -173,6 +177,12 @@ int ls_open_tls(lua_State *L); /* adds tls functions to the table on top */
 /* Resolve host (numeric or name) to a list of addresses: pushes a Lua
  * array of {family=, address=} tables, or nil, "dns", detail. Waits. */
 int ls_open_dns(lua_State *L); /* adds dns functions to the table on top */
+
+/* http.c: libcurl's multi interface: http_request{...} */
+int ls_open_http(lua_State *L);
+
+/* gzip.c: gzip/gunzip over zlib */
+int ls_open_gzip(lua_State *L);
 
 /* crypto.c: hashes, HMAC, PBKDF2, random, base64, crypt(3) */
 int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top */
