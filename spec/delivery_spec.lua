@@ -7,6 +7,8 @@ local delivery = require "luasmtp.delivery"
 local destinations = require "luasmtp.delivery.destinations"
 local policy = require "luasmtp.delivery.policy"
 local happy = require "luasmtp.delivery.connect"
+local mtasts = require "luasmtp.delivery.mtasts"
+local tlsrpt = require "luasmtp.delivery.tlsrpt"
 local H = require "spec.helper"
 
 -- A mock resolver over a table: zone[name] = { secure = bool (default
@@ -261,9 +263,6 @@ describe("delivery TLS policy", function()
     local other = { name = "mx.elsewhere.test", authentic = false }
     local _, _, err = policy.decide("may", { dest = insecure_dest, hostinfo = other, sts = sts })
     assert.matches("TLS policy MTA%-STS enforce: MX mx.elsewhere.test is not listed", tostring(err))
-    -- one label only for the wildcard
-    assert.is_false(policy.sts_match(sts, "a.mx.example.test"))
-    assert.is_true(policy.sts_match(sts, "mx.example.test"))
     plan = assert(policy.decide("may", { dest = insecure_dest, hostinfo = host, sts = { mode = "testing", mx = {} } }))
     assert.same({ "sts-testing", "report", "opportunistic" }, { plan.level, plan.verify, plan.tls })
     assert.is_true(plan.sts_mx_mismatch)
@@ -335,11 +334,6 @@ local function server_tls(name)
   local d = H.certs()
   return luasmtp.tls.context { mode = "server", certificate = d .. "/" .. name .. ".pem",
     key = d .. "/" .. name .. ".key" }
-end
-
-local function mock_mtasts(pol)
-  return { policy = function(_, domain) if pol then return pol end return nil, "no-policy", "no TXT for " .. domain end,
-    mx_matches = policy.sts_match }
 end
 
 local function mock_tlsrpt()
@@ -508,33 +502,65 @@ describe("delivery", function()
   end)
 
   it("MTA-STS enforce refuses a wrong certificate; testing delivers and reports", function()
-    H.run(function()
+    -- the policies come over HTTPS from spec/https_server.py through
+    -- luasmtp.delivery.mtasts; the results go to a TLS-RPT recorder
+    local root = H.tmp .. "/delivery_sts"
+    os.execute("rm -rf " .. H.shquote(root))
+    local function publish(domain, mode, mx_name)
+      local dir = root .. "/mta-sts." .. domain .. "/.well-known"
+      os.execute("mkdir -p " .. H.shquote(dir))
+      local f = assert(io.open(dir .. "/mta-sts.txt", "wb"))
+      f:write(("version: STSv1\r\nmode: %s\r\nmx: %s\r\nmax_age: 86400\r\n"):format(mode, mx_name))
+      f:close()
+    end
+    publish("example.test", "enforce", "mx.example.test")
+    publish("testing.test", "testing", "*.testing.test")
+    local https = H.https_server { tag = "delivery_sts", cert = "mtasts", root = root }
+    local ok, err = pcall(H.run, function()
       local got, on_data = collect()
       local _, port = shared_port_servers({ "127.0.0.9" }, { tls = server_tls("wronghost"),
         hooks = { on_data = on_data } })
-      local dns = mock_dns { ["sts.test"] = { MX = { mx(10, "mx.sts.test") } },
-        ["mx.sts.test"] = { A = { "127.0.0.9" } } }
-      local rpt = mock_tlsrpt()
-      local base = { from = "me@sender.test", to = "a@sts.test", body = BODY, port = port, dns = dns,
-        cafile = H.certs() .. "/ca.pem", tlsrpt = rpt }
-      base.mtasts = mock_mtasts { mode = "enforce", mx = { "mx.sts.test" }, max_age = 86400 }
-      local r = delivery.deliver(base).recipients[1]
-      assert.is_false(r.ok)
-      assert.is_false(r.permanent)
-      assert.matches("TLS policy sts%-enforce", r.text)
-      assert.equal(0, #got)
-      assert.equal("sts", rpt.records[1].policy_type)
-      assert.equal("certificate-host-mismatch", rpt.records[1].result)
-      base.mtasts = mock_mtasts { mode = "testing", mx = { "mx.sts.test" }, max_age = 86400 }
-      r = delivery.deliver(base).recipients[1]
-      assert.is_true(r.ok, trail_text(r))
-      assert.equal("sts-testing", r.tls_policy)
+      local dns = mock_dns {
+        ["example.test"] = { MX = { mx(10, "mx.example.test") } }, ["mx.example.test"] = { A = { "127.0.0.9" } },
+        ["testing.test"] = { MX = { mx(10, "mx.testing.test") } }, ["mx.testing.test"] = { A = { "127.0.0.9" } },
+        ["_mta-sts.example.test"] = { TXT = { "v=STSv1; id=1" } },
+        ["_mta-sts.testing.test"] = { TXT = { "v=STSv1; id=1" } },
+      }
+      local sts = mtasts.new { dns_query = dns.query, cafile = H.certs() .. "/ca.pem", port = https.port,
+        resolve = { "mta-sts.example.test:" .. https.port .. ":127.0.0.1",
+          "mta-sts.testing.test:" .. https.port .. ":127.0.0.1" }, timeout = 10 }
+      local rec = tlsrpt.new { dir = root .. "/tlsrpt", organization = "luasmtp tests",
+        contact = "postmaster@sender.test", submitter = "sender.test", sync = false }
+      local res = delivery.deliver { from = "me@sender.test", to = { "a@example.test", "b@testing.test" }, body = BODY,
+        port = port, dns = dns, cafile = H.certs() .. "/ca.pem", mtasts = sts, tlsrpt = rec, tls_policy = "dane" }
+      local a, b = res.recipients[1], res.recipients[2]
+      assert.is_false(a.ok)
+      assert.is_false(a.permanent)
+      assert.matches("^TLS policy sts%-enforce: STARTTLS", a.text)
+      assert.matches("mismatch", a.text)
+      assert.matches("MTA%-STS policy of example.test: mode enforce", trail_text(a))
+      assert.is_true(b.ok, trail_text(b))
+      assert.equal("sts-testing", b.tls_policy)
       assert.equal(1, #got)
+      assert.same({ "b@testing.test" }, got[1].rcpt)
       assert.is_true(got[1].tls)
-      assert.equal("certificate-host-mismatch", rpt.records[2].result)
-      assert.matches("MTA%-STS policy of sts.test: mode testing", trail_text(r))
+      local now = luasmtp.time()
+      local function results(domain)
+        local out = {}
+        for _, r in ipairs(rec:records(now - 60, now + 60, domain)) do
+          out[#out + 1] = r.policy_type .. " " .. r.result .. " " .. r.mx_host
+        end
+        return out
+      end
+      assert.same({ "sts certificate-host-mismatch mx.example.test" }, results("example.test"))
+      assert.same({ "sts certificate-host-mismatch mx.testing.test" }, results("testing.test"))
+      local json = rec:report("testing.test", now - 60, now + 60)
+      assert.matches('"policy%-type":"sts"', json)
+      assert.matches('"result%-type":"certificate%-host%-mismatch"', json)
       stop()
-    end)
+    end, 30)
+    H.kill(https.pid)
+    assert(ok, err)
   end)
 
   it("refuses REQUIRETLS to a next hop that does not advertise it", function()

@@ -9,7 +9,8 @@
 -- is first. The first to connect wins and the others are abandoned. One
 -- deadline covers the whole step. opts.failed is a set of "address port"
 -- keys shared by the attempts of one delivery: addresses in it are not
--- tried again, and those that fail here are added to it.
+-- tried again, and those that fail to connect here are added to it.
+-- opts.skip (a set of addresses) leaves more out, for this call only.
 local core = require "luasmtp.core"
 
 local M = {}
@@ -22,22 +23,23 @@ end
 
 --- connect(addresses, port, opts) -> sock, attempt | nil, token, detail, attempts
 -- addresses: { {address=, family=}, ... }. opts: timeout (seconds for
--- the whole step, 30), delay, failed, bind. attempts (also the second
+-- the whole step, 30), delay, failed, skip, bind. attempts (also the second
 -- return on success, attempts[i] for the winner) lists each address in
 -- the order tried: { address, family, result = "connected" | token,
 -- detail }.
 function M.connect(addresses, port, opts)
   opts = opts or {}
   local failed = opts.failed or {}
+  local skip = opts.skip or {}
   local delay = opts.delay or M.DELAY
   local deadline = core.update_now() + (opts.timeout or 30)
   local todo = {}
   for _, a in ipairs(addresses) do
-    if not failed[key(a.address, port)] then todo[#todo + 1] = a end
+    if not failed[key(a.address, port)] and not skip[a.address] then todo[#todo + 1] = a end
   end
   local attempts = {}
   if #todo == 0 then
-    return nil, "unreachable", "every address failed already in this delivery", attempts
+    return nil, "unreachable", "every address was tried already in this delivery", attempts
   end
   local cond = core.cond()
   local winner, winner_attempt
@@ -121,12 +123,6 @@ function M.connect(addresses, port, opts)
   end
   return nil, (last and last.result ~= "abandoned" and last.result) or "timeout", table.concat(detail, "; "),
     attempts
-end
-
---- mark_failed(failed, address, port): mark an address as failed in this
--- delivery (a session that broke after the connect).
-function M.mark_failed(failed, address, port)
-  failed[key(address, port)] = true
 end
 
 return M

@@ -77,30 +77,55 @@ function Attempt:sts()
   else
     self:note("mta-sts", ("no MTA-STS policy for %s%s"):format(self.domain,
       token and (": " .. tostring(detail or token)) or ""), { token = token })
-    self.sts_failure = token
+    self.sts_failure, self.sts_failure_detail = token, detail and tostring(detail) or nil
   end
   return self.sts_policy
 end
 
+-- TLSA records in presentation form, for TLS-RPT policy strings.
+local function tlsa_strings(records)
+  local out = {}
+  for i, r in ipairs(records) do
+    out[i] = ("%d %d %d %s"):format(r.usage, r.selector, r.mtype,
+      (r.data:gsub(".", function(c) return ("%02x"):format(c:byte()) end)))
+  end
+  return out
+end
+
+local function lines_of(text)
+  local out = {}
+  for line in tostring(text or ""):gmatch("[^\r\n]+") do out[#out + 1] = line end
+  return out
+end
+
+-- Record one attempt for TLS-RPT (RFC 8460) when a recorder is given.
+-- The policy domain is the TLSA base domain for DANE, else the
+-- recipient domain. An MTA-STS policy that could not be fetched or
+-- parsed is reported as such on each attempt that had to go without it.
 function Attempt:report(plan, host, address, result, detail)
   local rec = self.opts.tlsrpt
-  if not rec then return end
+  if not rec or self.dest.literal then return end
   local entry = {
     policy_domain = self.domain,
     policy_type = plan and plan.policy_type or "no-policy-found",
     mx_host = host,
     receiving_ip = address,
     result = result,
-    detail = detail and tostring(detail) or nil,
+    failure_reason_code = result ~= "success" and detail and tostring(detail) or nil,
   }
   if plan and plan.dane then
-    entry.tlsa = plan.dane.tlsa
-  elseif plan and plan.policy_type == "sts" then
-    entry.policy = self.sts_policy
+    entry.policy_domain = plan.dane.base_domain
+    entry.policy_strings = tlsa_strings(plan.dane.tlsa)
+  elseif entry.policy_type == "sts" and self.sts_policy then
+    entry.policy_strings = lines_of(self.sts_policy.text)
+  elseif entry.policy_type ~= "tlsa" and self.sts_failure and self.sts_failure:find("^sts%-") then
+    entry.policy_type, entry.result = "sts", self.sts_failure
+    entry.failure_reason_code = self.sts_failure_detail
   end
-  rec:record(entry)
-  self:note("tls-rpt", ("TLS-RPT: %s for %s%s"):format(result, host, address and (" " .. address) or ""),
-    { result = result })
+  local ok, _, err = rec:record(entry)
+  self:note("tls-rpt", ("TLS-RPT: %s %s for %s%s%s"):format(entry.policy_type, entry.result, host,
+    address and (" " .. address) or "", ok and "" or (" (not recorded: " .. tostring(err) .. ")")),
+    { result = entry.result, policy_type = entry.policy_type })
 end
 
 -- One client context with DANE enabled, made when first needed.
@@ -259,22 +284,24 @@ function Attempt:host(host)
   end
   if not (ctx.tlsa and ctx.tlsa.state == "usable") and self.level ~= "none" and self.level ~= "dane-only" then
     ctx.sts = self:sts()
-    local source = self.opts.mtasts
-    ctx.sts_match = source and source.mx_matches
   end
   local plan, _, perr = policy.decide(self.level, ctx)
   if not plan then
     self:note("policy", perr.message, { error = perr })
-    self:report({ policy_type = perr.policy_type or (ctx.sts and "sts") or "no-policy-found" }, host.name, nil,
-      perr.tlsrpt or "validation-failure", perr.message)
+    if perr.tlsrpt then
+      self:report({ policy_type = perr.policy_type or (ctx.sts and "sts") or "tlsa" }, host.name, nil,
+        perr.tlsrpt, perr.message)
+    end
     return "next", perr
   end
   self:note("policy", plan.why, { level = plan.level, verify = plan.verify, plan = plan })
 
-  local last
+  -- failed connects are remembered for the whole delivery; an address
+  -- whose session failed is left out for this host's policy only
+  local last, skip = nil, {}
   while true do
     local sock, a2, a3, a4 = happy.connect(hostinfo.addresses, self.port, {
-      timeout = self.connect_timeout, failed = self.failed, bind = self.opts.bind })
+      timeout = self.connect_timeout, failed = self.failed, skip = skip, bind = self.opts.bind })
     local attempts = (sock and a3 or a4) or {}
     for _, a in ipairs(attempts) do
       self:note("connect", ("%s [%s]:%d: %s%s"):format(host.name, a.address, self.port, tostring(a.result),
@@ -294,7 +321,7 @@ function Attempt:host(host)
     end
     last = type(res) == "table" and res or setmetatable({ token = "io", permanent = false,
       message = tostring(res) }, client.Error)
-    happy.mark_failed(self.failed, address, self.port)
+    skip[address] = true
   end
 end
 
@@ -462,7 +489,6 @@ function M.policy(domain, opts)
       end
       if not (ctx.tlsa and ctx.tlsa.state == "usable") and level ~= "none" and level ~= "dane-only" then
         ctx.sts = attempt:sts()
-        ctx.sts_match = opts.mtasts and opts.mtasts.mx_matches
       end
       local plan, _, e = policy.decide(level, ctx)
       entry.plan, entry.error = plan, e

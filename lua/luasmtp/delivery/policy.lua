@@ -20,6 +20,7 @@
 local core = require "luasmtp.core"
 local client = require "luasmtp.client"
 local destinations = require "luasmtp.delivery.destinations"
+local mtasts = require "luasmtp.delivery.mtasts"
 
 local M = {}
 
@@ -137,26 +138,10 @@ function M.dane_eligible(dest, hostinfo)
   return true
 end
 
---- sts_match(sts, host) -> bool: an MX name against the policy's mx
--- patterns; "*.example.org" matches exactly one more label.
-function M.sts_match(sts, host)
-  for _, pattern in ipairs(sts.mx or {}) do
-    pattern = destinations.normalise(pattern)
-    if pattern == host then return true end
-    local suffix = pattern:match("^%*%.(.+)$")
-    if suffix and host:sub(-#suffix - 1) == "." .. suffix then
-      local label = host:sub(1, #host - #suffix - 1)
-      if label ~= "" and not label:find(".", 1, true) then return true end
-    end
-  end
-  return false
-end
-
 --- decide(level, ctx) -> plan | nil, "policy", err
 -- ctx = { dest, hostinfo, tlsa (from M.tlsa, or nil when not looked
 -- up), tlsa_error (the err of a failed lookup), sts (an MTA-STS policy
--- {mode, mx, ...} or nil), sts_match (function(policy, host) -> bool),
--- requiretls }.
+-- {mode, mx, ...} from luasmtp.delivery.mtasts, or nil), requiretls }.
 -- plan = {
 --   level,        the level that applies after DANE/MTA-STS: "none",
 --                 "may", "encrypt", "verify", "dane", "sts-enforce",
@@ -220,7 +205,7 @@ function M.decide(level, ctx)
     local base = level == "verify" and "verify" or level == "encrypt" and "encrypt" or "may"
     local sts = ctx.sts
     if sts and (sts.mode == "enforce" or sts.mode == "testing") and not dest.literal then
-      local match = (ctx.sts_match or M.sts_match)(sts, host)
+      local match = mtasts.mx_matches(sts, host)
       if sts.mode == "enforce" then
         if not match then
           return refuse("MTA-STS enforce", ("MX %s is not listed in the MTA-STS policy of %s"):format(host,
