@@ -417,6 +417,38 @@ describe("delivery", function()
     end)
   end)
 
+  it("may: a failed STARTTLS handshake is retried once in plaintext; encrypt refuses it", function()
+    H.run(function()
+      local fake = require "spec.fake_smtp"
+      local srv, port, log = fake.start {
+        tls = server_tls("server"),
+        on = { STARTTLS = function(_, sock)
+          sock:send("220 2.0.0 go ahead\r\n")
+          sock:flush(1)
+          sock:send("this is not a TLS handshake\r\n")
+          return "close"
+        end },
+      }
+      extra[#extra + 1] = srv
+      local dns = mock_dns { ["fallback.test"] = { A = { "127.0.0.1" } } }
+      local rpt = mock_tlsrpt()
+      local r = delivery.deliver { from = "me@sender.test", to = "a@fallback.test", body = BODY, port = port,
+        dns = dns, tls_policy = "may", tlsrpt = rpt }.recipients[1]
+      assert.is_true(r.ok, trail_text(r))
+      assert.matches("again without TLS", trail_text(r))
+      assert.matches("plaintext after a failed handshake", r.tls_why)
+      assert.equal(1, #log.messages)
+      assert.equal(2, log.connections)
+      assert.equal(1, #rpt.records)
+      r = delivery.deliver { from = "me@sender.test", to = "a@fallback.test", body = BODY, port = port,
+        dns = dns, tls_policy = "encrypt" }.recipients[1]
+      assert.is_false(r.ok)
+      assert.matches("^TLS policy encrypt: STARTTLS", r.text)
+      assert.equal(1, #log.messages)
+      stop()
+    end)
+  end)
+
   it("Happy Eyeballs: an IPv6 address that does not answer, then IPv4", function()
     H.run(function()
       -- [::1]:port with a full accept queue drops SYNs: it never answers

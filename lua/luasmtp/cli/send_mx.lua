@@ -68,7 +68,7 @@ function M.deliver(opts, message)
       report("--mta-sts-cache needs luasmtp.delivery.mtasts: " .. tostring(mod))
       return EX_TEMPFAIL
     end
-    mtasts = mod.new { cache_dir = opts["mta-sts-cache"], dns_query = dns.query }
+    mtasts = mod.new { cache_dir = opts["mta-sts-cache"], dns_query = dns.query, cafile = opts.cafile }
   end
   local res = delivery.deliver {
     from = message.from, to = message.to, body = message.body, dsn = message.dsn,

@@ -187,8 +187,9 @@ local function tls_summary(session)
   return table.concat(parts, ", "), info
 end
 
--- One SMTP session on a connected socket. Returns "done", result | "retry", err
--- ("retry": this address failed, try another one).
+-- One SMTP session on a connected socket. Returns "done", result, err,
+-- the plan that applied | "retry", err ("retry": this address failed,
+-- try another one).
 function Attempt:session(plan, hostinfo, sock, address)
   local msg = self.msg
   local session, token, err = client.connect(self:client_options(plan, hostinfo, sock))
@@ -236,13 +237,13 @@ function Attempt:session(plan, hostinfo, sock, address)
   local res, t, e = session:send(msg)
   session:close()
   if res then
-    return "done", res
+    return "done", res, nil, plan
   end
   if e and e.result then
-    return "done", e.result
+    return "done", e.result, nil, plan
   end
   if e and e.permanent then
-    return "done", nil, e
+    return "done", nil, e, plan
   end
   self:note("session", ("%s [%s]: %s"):format(hostinfo.name, address, tostring(e)), { error = e })
   return "retry", e or t
@@ -314,9 +315,9 @@ function Attempt:host(host)
         message = ("connect to %s port %d: %s"):format(host.name, self.port, tostring(a3)) }, client.Error)
     end
     local address = a2.address
-    local status, res, e = self:session(plan, hostinfo, sock, address)
+    local status, res, e, used_plan = self:session(plan, hostinfo, sock, address)
     if status == "done" then
-      self.used = { host = host.name, address = address, plan = plan }
+      self.used = { host = host.name, address = address, plan = used_plan or plan }
       return "done", res, e
     end
     last = type(res) == "table" and res or setmetatable({ token = "io", permanent = false,
