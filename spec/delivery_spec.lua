@@ -405,14 +405,16 @@ describe("delivery", function()
   it("delivers to an implicit MX and to an address literal", function()
     H.run(function()
       local got, on_data = collect()
-      local _, port = shared_port_servers({ "127.0.0.4" }, { hooks = { on_data = on_data } })
+      local _, port = shared_port_servers({ "127.0.0.4", "::1" }, { hooks = { on_data = on_data } })
       local dns = mock_dns { ["implicit.test"] = { A = { "127.0.0.4" } } }
-      local res = delivery.deliver { from = "me@sender.test", to = { "x@implicit.test", "y@[127.0.0.4]" },
-        body = BODY, port = port, dns = dns, tls_policy = "dane" }
+      local res = delivery.deliver { from = "me@sender.test", to = { "x@implicit.test", "y@[127.0.0.4]",
+        "z@[IPv6:::1]" }, body = BODY, port = port, dns = dns, tls_policy = "dane" }
       assert.is_true(res.ok, trail_text(res.recipients[1]) .. "\n" .. trail_text(res.recipients[2]))
       assert.matches("no MX, implicit MX for implicit.test", trail_text(res.recipients[1]))
       assert.equal("127.0.0.4", res.recipients[2].ip)
-      assert.equal(2, #got)
+      assert.equal("::1", res.recipients[3].ip)
+      assert.matches("TLS policy dane, an address literal has no TLSA records", res.recipients[3].tls_why)
+      assert.equal(3, #got)
       stop()
     end)
   end)
