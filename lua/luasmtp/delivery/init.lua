@@ -104,7 +104,7 @@ end
 -- parsed is reported as such on each attempt that had to go without it.
 function Attempt:report(plan, host, address, result, detail)
   local rec = self.opts.tlsrpt
-  if not rec or self.dest.literal then return end
+  if not rec or self.tlsrpt_off or self.dest.literal then return end
   local entry = {
     policy_domain = self.domain,
     policy_type = plan and plan.policy_type or "no-policy-found",
@@ -249,6 +249,44 @@ function Attempt:session(plan, hostinfo, sock, address)
   return "retry", e or t
 end
 
+-- The TLS policy for one host: TLSA records when DANE may apply, the
+-- MTA-STS policy when DANE does not, then policy.decide. Returns plan,
+-- nil, tlsa | nil, err, tlsa (and notes each step in the trail).
+function Attempt:plan(hostinfo)
+  local ctx = { dest = self.dest, hostinfo = hostinfo, requiretls = self.msg.requiretls }
+  if self.level == "dane" or self.level == "dane-only" then
+    local eligible, why = policy.dane_eligible(self.dest, hostinfo)
+    if eligible then
+      local tlsa, token, err = policy.tlsa(self.dest, hostinfo, self.port, self.resolver)
+      if tlsa then
+        ctx.tlsa = tlsa
+        self:note("tlsa", ("TLSA %s: %s"):format(tlsa.qname, tlsa.records
+          and ("%d of %d records usable"):format(tlsa.usable, #tlsa.records) or "none"),
+          { state = tlsa.state, records = tlsa.records, base = tlsa.base })
+      else
+        ctx.tlsa_error = err or token
+        self:note("tlsa", tostring(err or token), { error = err })
+      end
+    else
+      self:note("tlsa", "no DANE: " .. why)
+    end
+  end
+  if not (ctx.tlsa and ctx.tlsa.state == "usable") and self.level ~= "none" and self.level ~= "dane-only" then
+    ctx.sts = self:sts()
+  end
+  local plan, _, perr = policy.decide(self.level, ctx)
+  if not plan then
+    self:note("policy", perr.message, { error = perr })
+    if perr.tlsrpt then
+      self:report({ policy_type = perr.policy_type or (ctx.sts and "sts") or "tlsa" }, hostinfo.name, nil,
+        perr.tlsrpt, perr.message)
+    end
+    return nil, perr, ctx.tlsa
+  end
+  self:note("policy", plan.why, { level = plan.level, verify = plan.verify, plan = plan })
+  return plan, nil, ctx.tlsa
+end
+
 -- Deliver to one host: addresses, policy, connect, session.
 -- Returns "done", result, err | "next", err
 function Attempt:host(host)
@@ -265,37 +303,10 @@ function Attempt:host(host)
     table.concat(list, ", "), hostinfo.authentic and "secure" or "insecure"),
     { host = host.name, addresses = list, authentic = hostinfo.authentic })
 
-  local ctx = { dest = self.dest, hostinfo = hostinfo, requiretls = self.msg.requiretls }
-  if self.level == "dane" or self.level == "dane-only" then
-    local eligible, why = policy.dane_eligible(self.dest, hostinfo)
-    if eligible then
-      local tlsa, t2, e2 = policy.tlsa(self.dest, hostinfo, self.port, resolver)
-      if tlsa then
-        ctx.tlsa = tlsa
-        self:note("tlsa", ("TLSA %s: %s"):format(tlsa.qname, tlsa.records
-          and ("%d of %d records usable"):format(tlsa.usable, #tlsa.records) or "none"),
-          { state = tlsa.state, records = tlsa.records, base = tlsa.base })
-      else
-        ctx.tlsa_error = e2 or t2
-        self:note("tlsa", tostring(e2 or t2), { error = e2 })
-      end
-    else
-      self:note("tlsa", "no DANE: " .. why)
-    end
-  end
-  if not (ctx.tlsa and ctx.tlsa.state == "usable") and self.level ~= "none" and self.level ~= "dane-only" then
-    ctx.sts = self:sts()
-  end
-  local plan, _, perr = policy.decide(self.level, ctx)
+  local plan, perr = self:plan(hostinfo)
   if not plan then
-    self:note("policy", perr.message, { error = perr })
-    if perr.tlsrpt then
-      self:report({ policy_type = perr.policy_type or (ctx.sts and "sts") or "tlsa" }, host.name, nil,
-        perr.tlsrpt, perr.message)
-    end
     return "next", perr
   end
-  self:note("policy", plan.why, { level = plan.level, verify = plan.verify, plan = plan })
 
   -- failed connects are remembered for the whole delivery; an address
   -- whose session failed is left out for this host's policy only
@@ -473,7 +484,7 @@ function M.policy(domain, opts)
   opts = opts or {}
   local level = check_level(opts)
   local attempt = setmetatable({ domain = domain, trail = {}, opts = opts, level = level,
-    port = opts.port or 25, msg = { requiretls = opts.requiretls } }, Attempt)
+    port = opts.port or 25, msg = { requiretls = opts.requiretls }, tlsrpt_off = true }, Attempt)
   attempt.resolver = resolver_of(opts)
   local dest, token, err = M.destinations(domain, opts)
   if not dest then return nil, token, err end
@@ -482,17 +493,7 @@ function M.policy(domain, opts)
   for _, host in ipairs(dest.hosts) do
     local entry = { name = host.name }
     if host.info then
-      local ctx = { dest = dest, hostinfo = host.info, requiretls = opts.requiretls }
-      if (level == "dane" or level == "dane-only") and policy.dane_eligible(dest, host.info) then
-        local tlsa, t2, e2 = policy.tlsa(dest, host.info, attempt.port, attempt.resolver)
-        ctx.tlsa, ctx.tlsa_error = tlsa, not tlsa and (e2 or t2) or nil
-        entry.tlsa = tlsa
-      end
-      if not (ctx.tlsa and ctx.tlsa.state == "usable") and level ~= "none" and level ~= "dane-only" then
-        ctx.sts = attempt:sts()
-      end
-      local plan, _, e = policy.decide(level, ctx)
-      entry.plan, entry.error = plan, e
+      entry.plan, entry.error, entry.tlsa = attempt:plan(host.info)
     else
       entry.error = host.error
     end
@@ -501,6 +502,5 @@ function M.policy(domain, opts)
   out.sts = attempt.sts_policy
   return out
 end
-
 
 return M
