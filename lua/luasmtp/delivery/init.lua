@@ -225,9 +225,11 @@ function Attempt:session(plan, hostinfo, sock, address)
     else
       self:report(plan, hostinfo.name, address, "success")
     end
-  elseif not plan.reported then
+  elseif not plan.reported and (info or plan.policy_type ~= "no-policy-found") then
+    -- a plaintext session with no policy is not a TLS session to count
     self:report(plan, hostinfo.name, address, "success")
   end
+  self.tlsinfo = info
   if msg.requiretls and not (session.tls and session:has("REQUIRETLS")) then
     session:close()
     local _, _, e = policy.refuse("REQUIRETLS", ("%s does not advertise REQUIRETLS"):format(hostinfo.name))
@@ -328,7 +330,7 @@ function Attempt:host(host)
     local address = a2.address
     local status, res, e, used_plan = self:session(plan, hostinfo, sock, address)
     if status == "done" then
-      self.used = { host = host.name, address = address, plan = used_plan or plan }
+      self.used = { host = host.name, address = address, plan = used_plan or plan, tlsinfo = self.tlsinfo }
       return "done", res, e
     end
     last = type(res) == "table" and res or setmetatable({ token = "io", permanent = false,
@@ -366,7 +368,9 @@ function Attempt:finish(results, res, err)
   local used = self.used or {}
   for _, rcpt in ipairs(self.rcpts) do
     local r = { address = rcpt, domain = self.domain, trail = self.trail, mx = used.host, ip = used.address,
-      tls_policy = used.plan and used.plan.level, tls_why = used.plan and used.plan.why }
+      tls_policy = used.plan and used.plan.level, tls_why = used.plan and used.plan.why,
+      tls = used.tlsinfo, dane = used.tlsinfo and used.tlsinfo.dane,
+      mta_sts = self.sts_policy and self.sts_policy.mode }
     local got = res and res:recipient(rcpt)
     if got then
       r.ok, r.permanent, r.reply = got.ok, got.permanent, got.reply
@@ -412,8 +416,9 @@ end
 -- capath (PKIX trust), helo, timeouts (client phases; connect is the
 -- Happy Eyeballs step), family, bind, transcript, random.
 -- result = { ok, recipients = { {address, domain, ok, permanent, reply,
--- text, error, mx, ip, tls_policy, tls_why, trail = { {event, text,
--- ...}, ... } }, ... } } in the order given; result:recipient(addr).
+-- text, error, mx, ip, tls_policy, tls_why, tls (tlsinfo), dane (the
+-- TLSA record matched), mta_sts (the policy's mode), trail = { {event,
+-- text, ...}, ... } }, ... } } in the order given; result:recipient(addr).
 function M.deliver(msg)
   assert(type(msg) == "table", "deliver needs a table")
   local level = check_level(msg)
