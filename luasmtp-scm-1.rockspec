@@ -28,7 +28,9 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h" },
   LIBEV = { header = "ev.h" },
   CARES = { header = "ares.h" },
-  CURL = { header = "curl/curl.h" },
+  -- curl/curl.h sits in the multiarch include directory on Debian,
+  -- where LuaRocks does not look: find the library instead.
+  CURL = { library = "curl" },
   ZLIB = { header = "zlib.h" },
 }
 
