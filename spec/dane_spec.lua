@@ -7,10 +7,9 @@ local luasmtp = require "luasmtp"
 local dns = require "luasmtp.dns"
 local H = require "spec.helper"
 local rig = require "spec.dnssec_rig"
+local dane = require "luasmtp.dane"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local function hex(s)
   return (s:gsub(".", function(c) return string.format("%02x", c:byte()) end))
@@ -30,18 +29,17 @@ describe("DANE", function()
     certs = H.certs()
     -- mail.example.test with its issuer, so DANE-TA digests can match
     chain_file = H.tmp .. "/dane-chain.pem"
-    local f = assert(io.open(chain_file, "w"))
-    f:write(H.readfile(certs .. "/sni2.pem"), H.readfile(certs .. "/ca.pem"))
-    f:close()
+    H.writefile(chain_file, H.readfile(certs .. "/sni2.pem") .. H.readfile(certs .. "/ca.pem"))
     local wrong_chain = H.tmp .. "/dane-wronghost-chain.pem"
-    f = assert(io.open(wrong_chain, "w"))
-    f:write(H.readfile(certs .. "/wronghost.pem"), H.readfile(certs .. "/ca.pem"))
-    f:close()
+    H.writefile(wrong_chain, H.readfile(certs .. "/wronghost.pem") .. H.readfile(certs .. "/ca.pem"))
     local server_ctx = luasmtp.tls.context {
       mode = "server", certificate = chain_file, key = certs .. "/sni2.key",
       certificates = {
         { certificate = wrong_chain, key = certs .. "/wronghost.key",
           hosts = { "tawrong.example.test", "eewrong.example.test" } },
+        -- the leaf alone: the trust anchor comes from the TLSA record
+        { certificate = certs .. "/sni2.pem", key = certs .. "/sni2.key",
+          hosts = { "tafull.example.test", "tafull2.example.test" } },
       },
     }
     client_ctx = luasmtp.tls.context { mode = "client", dane = true, cafile = certs .. "/other-ca.pem" }
@@ -61,6 +59,7 @@ describe("DANE", function()
       certs .. "/other-ca.pem"
     local records = {
       "ns2 IN A 127.0.0.1",
+      "cn IN CNAME ee",
       tlsa("ee", 3, 1, 1, sni2),          -- the server's key: match
       tlsa("ee0", 3, 0, 0, sni2),         -- the whole certificate
       tlsa("ee2", 3, 1, 2, sni2),         -- SHA-512
@@ -72,12 +71,21 @@ describe("DANE", function()
       tlsa("ta1", 2, 1, 1, ca),           -- the issuer's key, but the name is not ta1
       tlsa("tawrong", 2, 0, 1, ca),       -- certificate for other.test
       tlsa("taother", 2, 0, 1, other_ca), -- an unrelated CA
+      tlsa("tafull", 2, 0, 0, ca),        -- the whole CA certificate; the server sends only its leaf
+      tlsa("tafull2", 2, 0, 1, ca),       -- a digest needs the CA in the chain: it is not sent
       tlsa("unusable", 0, 0, 1, ca),      -- PKIX-TA: not for SMTP
       tlsa("unusable", 1, 1, 1, sni2),    -- PKIX-EE: not for SMTP
       "_" .. port .. "._tcp.unusable IN TLSA 3 1 1 00112233", -- a SHA-256 of 4 bytes
       "_" .. port .. "._tcp.unusable IN TLSA 3 2 1 " .. string.rep("ab", 32), -- selector 2
     }
-    r = rig.start { records = records }
+    local ee_tlsa = "_" .. port .. "._tcp.mx IN TLSA 3 1 1 " .. rig.tlsa_hex(sni2, 1, 1)
+    r = rig.start {
+      records = records,
+      zones = {
+        { name = "plain.example.test", signed = false, records = { ee_tlsa } },
+        { name = "bad.example.test", bogus = "ds", records = { ee_tlsa } },
+      },
+    }
   end)
 
   lazy_teardown(function()
@@ -230,6 +238,9 @@ describe("DANE", function()
       assert_dane_ok("ta1", { matched = { usage = 2, selector = 1, mtype = 1 }, depth = 1, usable = 1 },
         { "mail.example.test" })
       assert_dane_fails("tawrong", "^DANE: the certificate matches a DANE%-TA record")
+      assert_dane_ok("tafull", { matched = { usage = 2, selector = 0, mtype = 0 }, depth = 1, usable = 1 },
+        { "mail.example.test" })
+      assert_dane_fails("tafull2", "^DANE: no TLSA record of tafull2%.example%.test matches", { "mail.example.test" })
       for _, host in ipairs { "ta1", "tawrong" } do
         local ok, out = external_verdict(host)
         assert(not ok, "the external verifier accepts " .. host .. ": " .. out)
@@ -294,6 +305,86 @@ describe("DANE", function()
       assert.has_error(function()
         luasmtp.tls.context { mode = "server", dane = true, certificate = chain_file, key = certs .. "/sni2.key" }
       end)
+    end, 30)
+  end)
+
+  it("finds the TLSA records of an MX host (RFC 7672 2.2.2) and the names to check", function()
+    H.run(function()
+      local t = assert(dane.lookup("ee.example.test", { port = port }))
+      assert.same({ "ee.example.test", true, 1, 1 }, { t.base_domain, t.authentic, t.usable, #t.tlsa })
+      -- a secure CNAME: the expanded name's records come first
+      t = assert(dane.lookup("cn.example.test", { port = port, expanded = "ee.example.test." }))
+      assert.same({ "ee.example.test", 1 }, { t.base_domain, t.usable })
+      -- no records (an authentic denial): no DANE, base domain the host
+      t = assert(dane.lookup("cn.example.test", { port = port, expanded = "ns2.example.test" }))
+      assert.same({ "cn.example.test", true, 0 }, { t.base_domain, t.authentic, #t.tlsa })
+      -- records of an insecure zone are ignored
+      t = assert(dane.lookup("mx.plain.example.test", { port = port }))
+      assert.same({ false, 0, 0 }, { t.authentic, #t.tlsa, t.usable })
+      -- a bogus TLSA lookup is a (temporary) failure
+      local res, err, detail = dane.lookup("mx.bad.example.test", { port = port })
+      assert.same({ nil, "dns" }, { res, err })
+      assert.matches("SERVFAIL", detail, 1, true)
+      -- the default port is 25
+      t = assert(dane.lookup("ee.example.test"))
+      assert.same({ 0, "ee.example.test" }, { #t.tlsa, t.base_domain })
+
+      assert.same({ "mx.example.org" }, dane.names { base_domain = "mx.example.org", host = "MX.example.org." })
+      assert.same({ "mx2.example.net", "mx.example.org", "example.org" }, dane.names {
+        base_domain = "mx2.example.net", host = "mx.example.org", next_hop = "example.org", mx_authentic = true })
+      assert.same({ "mx.example.org" }, dane.names {
+        base_domain = "mx.example.org", host = "mx.example.org", next_hop = "example.org", mx_authentic = false })
+      -- the names go to starttls: here the certificate names the MX host
+      -- (mail) while the TLSA records were found at the CNAME target (ta1)
+      assert_dane_ok("ta1", { matched = { usage = 2, selector = 1, mtype = 1 }, depth = 1, usable = 1 },
+        dane.names { base_domain = "ta1.example.test", host = "mail.example.test" })
+    end, 30)
+  end)
+
+  it("authenticates our SMTP server after STARTTLS, and refuses it when the records do not match", function()
+    H.run(function()
+      local server = require "luasmtp.server"
+      local smtp_server = assert(server.new {
+        listen = "127.0.0.1:0", hostname = "mail.example.test", logger = function() end,
+        tls = luasmtp.tls.context { mode = "server", certificate = chain_file, key = certs .. "/sni2.key" },
+      })
+      local sport = smtp_server:addresses()[1].port
+      -- the rig's records are for our TLS port: the record set is what
+      -- matters here, not its owner name
+      local function session(host)
+        local c = assert(luasmtp.connect("127.0.0.1", sport, { timeout = 5 }))
+        assert.matches("^220 ", c:receiveline())
+        c:send("EHLO client.example.test\r\n")
+        local line
+        repeat
+          line = assert(c:receiveline())
+        until line:sub(4, 4) == " "
+        c:send("STARTTLS\r\n")
+        assert.matches("^220 ", c:receiveline())
+        local ok, err, detail = c:starttls(client_ctx, { timeout = 5, dane = {
+          base_domain = host .. ".example.test", tlsa = records_of(host),
+          names = dane.names { base_domain = host .. ".example.test", host = "mail.example.test" } } })
+        if not ok then
+          c:close()
+          return nil, err, detail
+        end
+        c:send("EHLO client.example.test\r\n")
+        assert.matches("^250", c:receiveline())
+        local info = c:tlsinfo()
+        c:close()
+        return info
+      end
+      local ok, failure = pcall(function()
+        local info = assert(session("ee"))
+        assert.same({ usage = 3, selector = 1, mtype = 1 }, info.dane.matched)
+        info = assert(session("mail"))
+        assert.same({ { usage = 2, selector = 0, mtype = 1 }, 1 }, { info.dane.matched, info.dane.depth })
+        local none, err, detail = session("eebad")
+        assert.same({ nil, "tls" }, { none, err })
+        assert.matches("^DANE: no TLSA record of eebad%.example%.test matches", detail)
+      end)
+      smtp_server:close()
+      assert(ok, failure)
     end, 30)
   end)
 end)

@@ -40,9 +40,7 @@ local M = {}
 
 local LIFETIME = 600
 
-local function sh(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
+local sh = H.shquote
 
 local function run(cmd)
   local ok = os.execute(cmd)
@@ -60,11 +58,7 @@ local function must(cmd, what)
   end
 end
 
-local function write(path, text)
-  local f = assert(io.open(path, "w"))
-  f:write(text)
-  f:close()
-end
+local write = H.writefile
 
 local function shell_sleep(s)
   os.execute("sleep " .. s)
@@ -234,7 +228,7 @@ end
 
 -- Wait until the server at port answers a SOA query for zone.
 local function wait_ready(port, zone, pid, what, logfile)
-  for _ = 1, 200 do -- ~10 s
+  for _ = 1, 600 do -- at least 30 s: a loaded machine starts daemons slowly
     if not alive(pid) then break end
     if run(string.format("drill -Q -p %d @127.0.0.1 %s SOA >/dev/null 2>&1", port, sh(zone))) then
       return true

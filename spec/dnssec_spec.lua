@@ -187,11 +187,11 @@ describe("dns.query with DNSSEC", function()
       first.answers[1] = "changed by the caller"
       local second = assert(dns.query("MX1.example.test.", "A"))
       assert.same({ "127.0.0.2" }, second.answers)
-      assert.same({ entries = 1, hits = 1, misses = 1 }, dns.cache_stats())
+      assert.same({ entries = 1, hits = 1, misses = 1, joined = 0 }, dns.cache_stats())
       assert(dns.query("nope.example.test", "A"))
       local nx = assert(dns.query("nope.example.test", "A"))
       assert.equal("NXDOMAIN", nx.rcode)
-      assert.same({ entries = 2, hits = 2, misses = 2 }, dns.cache_stats())
+      assert.same({ entries = 2, hits = 2, misses = 2, joined = 0 }, dns.cache_stats())
       -- a 5 s TTL runs out (the loop time is compared, no timing assertion)
       assert(dns.query("short.example.test", "A"))
       assert(dns.query("short.example.test", "A"))
@@ -204,8 +204,45 @@ describe("dns.query with DNSSEC", function()
       assert(dns.configure { servers = { r.server }, max_ttl = 0 })
       assert(dns.query("mx1.example.test", "A"))
       assert(dns.query("mx1.example.test", "A"))
-      assert.same({ entries = 0, hits = 0, misses = 2 }, dns.cache_stats())
+      assert.same({ entries = 0, hits = 0, misses = 2, joined = 0 }, dns.cache_stats())
+      -- luasmtp.dns_configure (the same servers for resolve*) empties it too
+      assert(dns.configure { servers = { r.server } })
+      assert(dns.query("mx1.example.test", "A"))
+      assert.equal(1, dns.cache_stats().entries)
+      assert(luasmtp.dns_configure { servers = { r.server } })
+      assert.same({ entries = 0, hits = 0, misses = 0, joined = 0 }, dns.cache_stats())
     end, 30)
+  end)
+
+  it("sends one query for tasks that ask the same question at once", function()
+    H.run(function()
+      dns.cache_clear()
+      local tasks, answers = {}, {}
+      for i = 1, 5 do
+        tasks[i] = luasmtp.spawn(function()
+          local res = assert(dns.query("mx2.example.test", "A"))
+          answers[i] = res.answers[1]
+          res.answers[1] = "changed by task " .. i
+        end)
+      end
+      for i = 1, 5 do
+        assert(tasks[i]:join(10))
+      end
+      assert.same({ "127.0.0.3", "127.0.0.3", "127.0.0.3", "127.0.0.3", "127.0.0.3" }, answers)
+      assert.same({ entries = 1, hits = 0, misses = 1, joined = 4 }, dns.cache_stats())
+      -- failures are shared too, and not cached
+      for i = 1, 3 do
+        tasks[i] = luasmtp.spawn(function()
+          local res, err = dns.query("host.bad.example.test", "A")
+          answers[i] = tostring(res) .. " " .. err
+        end)
+      end
+      for i = 1, 3 do
+        assert(tasks[i]:join(10))
+      end
+      assert.same({ "nil dns", "nil dns", "nil dns" }, { answers[1], answers[2], answers[3] })
+      assert.same({ entries = 1, hits = 0, misses = 2, joined = 6 }, dns.cache_stats())
+    end)
   end)
 
   it("times out and refuses invalid names as temporary failures", function()

@@ -111,6 +111,18 @@ function H.readfile(path)
   return data
 end
 
+--- Write a whole file.
+function H.writefile(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
+--- A string quoted for sh.
+function H.shquote(s)
+  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
+end
+
 --- Start an external program in the background; returns its pid.
 -- Output goes to logfile. The program must end by itself; H.kill stops it
 -- earlier by pid.

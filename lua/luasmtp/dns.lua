@@ -14,7 +14,8 @@
 --
 -- A per-process cache keeps each answer for its TTL (capped), and
 -- NXDOMAIN / NODATA answers for the negative TTL of RFC 2308. Failures
--- (SERVFAIL, timeouts, REFUSED) are never cached.
+-- (SERVFAIL, timeouts, REFUSED) are never cached. Tasks that ask the
+-- same question while it is in flight wait for that one query.
 local core = require "luasmtp.core"
 
 local M = {}
@@ -34,18 +35,27 @@ local state = {
   max_entries = DEFAULTS.max_entries,
 }
 
+local DEFAULT_TIMEOUT = 10
+
 local cache, entries = {}, 0
-local stats = { hits = 0, misses = 0 }
+local stats = { hits = 0, misses = 0, joined = 0 }
+-- Queries in flight: key -> { cond, result | err, detail }. A query
+-- made before the last cache_clear (another resolver) is not cached.
+local inflight = {}
+local generation = 0
 
 --- cache_clear(): forget every cached answer (tests, resolver changes).
 function M.cache_clear()
   cache, entries = {}, 0
-  stats.hits, stats.misses = 0, 0
+  inflight = {}
+  generation = generation + 1
+  stats.hits, stats.misses, stats.joined = 0, 0, 0
 end
 
---- cache_stats() -> { entries, hits, misses }
+--- cache_stats() -> { entries, hits, misses, joined }
+-- joined: queries that waited for the same query already in flight.
 function M.cache_stats()
-  return { entries = entries, hits = stats.hits, misses = stats.misses }
+  return { entries = entries, hits = stats.hits, misses = stats.misses, joined = stats.joined }
 end
 
 local function check_seconds(name, v)
@@ -146,20 +156,52 @@ function M.query(name, qtype, opts)
     cache[key] = nil
     entries = entries - 1
   end
+  local flight = inflight[key]
+  if flight then
+    stats.joined = stats.joined + 1
+    flight.cond:wait(opts and opts.timeout or DEFAULT_TIMEOUT)
+    if flight.result then
+      return copy(flight.result)
+    end
+    if flight.err then
+      return nil, flight.err, flight.detail
+    end
+    return nil, "dns", name .. " " .. qtype .. ": DNS lookup timed out"
+  end
   stats.misses = stats.misses + 1
-  local r, err, detail = core.dns_query(name, qtype, opts)
-  if not r then
+  flight = { cond = core.cond() }
+  inflight[key] = flight
+  local gen = generation
+  local ok, r, err, detail = pcall(core.dns_query, name, qtype, opts)
+  if inflight[key] == flight then
+    inflight[key] = nil
+  end
+  if not ok then -- a programming error: raise it, after waking the others
+    flight.err, flight.detail = "dns", tostring(r)
+    flight.cond:close()
+    error(r, 0)
+  end
+  local result
+  if r then
+    result = {
+      name = r.name, qtype = r.qtype, rcode = r.rcode, ttl = r.ttl, cname = r.cname,
+      answers = r.answers,
+      authentic = r.ad and (state.trust_ad or r.loopback) or false,
+    }
+    if gen == generation then
+      store(key, result, now)
+    end
+    flight.result = result
+  else
     if err == "timeout" then
       err = "dns" -- one token for every temporary DNS failure
     end
+    flight.err, flight.detail = err, detail
+  end
+  flight.cond:close() -- wakes every waiter
+  if not result then
     return nil, err, detail
   end
-  local result = {
-    name = r.name, qtype = r.qtype, rcode = r.rcode, ttl = r.ttl, cname = r.cname,
-    answers = r.answers,
-    authentic = r.ad and (state.trust_ad or r.loopback) or false,
-  }
-  store(key, result, now)
   return copy(result)
 end
 
