@@ -689,6 +689,9 @@ describe("delivery with the DNSSEC rig", function()
         "unusable IN MX 10 mx-un",
         "mx-un IN A 127.0.0.26",
         rig_mod.tlsa_record(p .. "mx-un", 0, 0, 1, d .. "/ca.pem"),
+        "tb IN MX 10 mx-tb",
+        "mx-tb IN A 127.0.0.29",
+        p .. "mx-tb IN CNAME " .. p .. "mx.bad.example.test.",
         "he IN MX 10 mx-he",
         "mx-he IN AAAA ::1",
         "mx-he IN A 127.0.0.27",
@@ -784,6 +787,21 @@ describe("delivery with the DNSSEC rig", function()
       assert.is_false(r.permanent)
       assert.matches("address lookup for mx.bad.example.test", r.text)
       assert.equal(0, #got)
+      stop()
+    end, 30)
+  end)
+
+  it("fails temporarily when the TLSA lookup meets a bogus signature", function()
+    H.run(function()
+      local got = mx_server("127.0.0.29", { tls = server_tls("server") })
+      local rpt = mock_tlsrpt()
+      local r = send("a@tb.example.test", "dane", { tlsrpt = rpt }).recipients[1]
+      assert.is_false(r.ok)
+      assert.is_false(r.permanent)
+      assert.matches("^TLS policy dane: TLSA lookup for mx%-tb.example.test failed", r.text)
+      assert.equal(0, #got)
+      assert.equal("dnssec-invalid", rpt.records[1].result)
+      assert.equal("tlsa", rpt.records[1].policy_type)
       stop()
     end, 30)
   end)

@@ -17,9 +17,8 @@
 --
 --   decide(level, ctx) -> plan | nil, token, err
 --   tlsa(dest, hostinfo, port, resolver) -> info | nil, token, err
-local core = require "luasmtp.core"
 local client = require "luasmtp.client"
-local destinations = require "luasmtp.delivery.destinations"
+local dane = require "luasmtp.dane"
 local mtasts = require "luasmtp.delivery.mtasts"
 
 local M = {}
@@ -36,89 +35,35 @@ local function refuse(policy, why, fields)
 end
 M.refuse = refuse
 
--- TLSA records at _port._tcp.name: nil when there are none or they are
--- not DNSSEC-signed (not an error: the host did not opt in), else the
--- list; nil, token, err when the lookup failed (a bogus signature is a
--- SERVFAIL from the validating resolver: temporary).
-local function lookup_tlsa(name, port, resolver)
-  local qname = ("_%d._tcp.%s"):format(port, name)
-  local res, steps, err = destinations.follow(qname, "TLSA", resolver)
-  if not res then
-    return nil, steps, err
-  end
-  for _, step in ipairs(steps) do
-    if not step.authentic then return false, qname end
-  end
-  local records = {}
-  if res.rcode == "NOERROR" then
-    for _, rr in ipairs(res.answers or {}) do
-      if type(rr) == "table" and rr.usage then records[#records + 1] = rr end
-    end
-  end
-  if #records == 0 then return false, qname end
-  return records, qname
-end
-
---- names(dest, host, base) -> the names a DANE-TA certificate may carry
--- (RFC 7672 section 3.2.2): the TLSA base domain first (it is also the
--- SNI), then the original base, and with a secure MX the next-hop domain
--- and its CNAME expansion.
-function M.names(dest, hostinfo, base)
-  local list, seen = {}, {}
-  local function add(n)
-    if n and not seen[n] then
-      seen[n] = true
-      list[#list + 1] = n
-    end
-  end
-  add(base)
-  add(hostinfo.name)
-  if dest.have_mx then
-    add(dest.domain)
-    add(dest.expanded)
-  end
-  return list
-end
-
 --- tlsa(dest, hostinfo, port, resolver) -> info | nil, token, err
 -- Only for a host whose address records are DNSSEC-secure, reached
--- through a secure MX (or none). info = { state = "none" | "usable" |
--- "unusable", records, usable (a count), base
--- (TLSA base domain), qname, names }. The CNAME-expanded host name is
--- tried first when its records are secure, then the MX name itself
--- (RFC 7672 section 2.2.2). records are all the TLSA records found,
--- usable how many of them DANE can use.
+-- through a secure MX (or none): luasmtp.dane looks the records up (the
+-- CNAME-expanded host name first when its records are secure, then the
+-- MX name itself, RFC 7672 section 2.2.2) and gives the names a DANE-TA
+-- certificate may carry. info = { state = "none" | "usable" |
+-- "unusable", records (all found), usable (how many DANE can use), base
+-- (TLSA base domain), qname, names }. A failed lookup (a bogus
+-- signature is a SERVFAIL) is nil, token, err: a temporary failure.
 function M.tlsa(dest, hostinfo, port, resolver)
-  local candidates = { hostinfo.name }
-  if hostinfo.expanded ~= hostinfo.name and hostinfo.expanded_authentic then
-    candidates = { hostinfo.expanded, hostinfo.name }
+  local t, token, detail = dane.lookup(hostinfo.name, { port = port, query = resolver.query,
+    expanded = hostinfo.expanded_authentic and hostinfo.expanded or nil })
+  if not t then
+    local err = setmetatable({ token = token or "dns", permanent = false,
+      message = ("TLSA lookup for %s: %s"):format(hostinfo.name, tostring(detail or token)) }, client.Error)
+    return nil, err.token, err
   end
-  local records, qname, base
-  for _, name in ipairs(candidates) do
-    local r, q, err = lookup_tlsa(name, port, resolver)
-    if r == nil then
-      err.message = "TLSA lookup: " .. err.message
-      return nil, q, err
-    end
-    if r then
-      records, qname, base = r, q, name
-      break
-    end
-    qname = qname or q
-  end
-  if not records then
+  local qname = ("_%d._tcp.%s"):format(port, t.base_domain)
+  if #t.tlsa == 0 then
     return { state = "none", qname = qname }
   end
-  -- usable for SMTP (RFC 7672 3.1.3): DANE-TA/DANE-EE, selectors 0/1,
-  -- matching types 0-2; OpenSSL skips the others when they are added
-  local usable = core.dane_usable(records)
   return {
-    state = usable > 0 and "usable" or "unusable",
-    records = records,
-    usable = usable,
-    base = base,
+    state = t.usable > 0 and "usable" or "unusable",
+    records = t.tlsa,
+    usable = t.usable,
+    base = t.base_domain,
     qname = qname,
-    names = M.names(dest, hostinfo, base),
+    names = dane.names { base_domain = t.base_domain, host = hostinfo.name, next_hop = dest.domain,
+      expanded_next_hop = dest.expanded, mx_authentic = dest.have_mx and dest.authentic and dest.expanded_authentic },
   }
 end
 
