@@ -48,11 +48,13 @@ local M = {
   gzip = core.gzip,
   gunzip = core.gunzip,
 
-  -- TCP and TLS
+  -- TCP, UNIX-domain sockets and TLS
   connect = net.connect,
+  connect_unix = net.connect_unix,
   listen = net.listen,
   serve = net.serve,
   parse_address = net.parse_address,
+  format_address = net.format_address,
   socketpair = core.socketpair,
   tls = {
     context = core.tls_context,

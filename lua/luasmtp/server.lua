@@ -62,7 +62,7 @@ local DEFAULTS = {
   smtputf8 = true,
   eightbitmime = true,
   chunking = true,
-  dsn = true,
+  dsn = false, -- true: advertise DSN; only when the script honours NOTIFY/RET (RFC 3461)
   enhanced_status_codes = true,
   requiretls = true,
   received_header = true,
@@ -124,6 +124,7 @@ local function new_session(server, sock, conn)
     id = conn.id,
     client_address = conn.peer_address,
     client_port = conn.peer_port,
+    client_credentials = conn.peer_credentials, -- UNIX socket: {pid, uid, gid}
     local_address = conn.local_address,
     local_port = conn.local_port,
     helo_name = nil,
@@ -352,6 +353,9 @@ handlers.MAIL = function(s, cmd)
   if cmd.smtputf8 and not s.config.smtputf8 then
     return s:send_reply(555, "5.5.4", "SMTPUTF8 not supported")
   end
+  if (cmd.ret or cmd.envid) and not s.config.dsn then
+    return s:send_reply(555, "5.5.4", "DSN not supported")
+  end
   if cmd.utf8 and not cmd.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
   end
@@ -390,6 +394,9 @@ handlers.RCPT = function(s, cmd)
   end
   if cmd.utf8 and not env.params.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+  end
+  if (cmd.notify or cmd.orcpt) and not s.config.dsn then
+    return s:send_reply(555, "5.5.4", "DSN not supported")
   end
   local p = cmd
   local r = s:hook("on_rcpt", cmd.path, p)
@@ -467,8 +474,10 @@ local function received_header(s)
   local info = s.tls and s.sock:tlsinfo()
   local tlsnote = info and (" (%s %s)"):format(info.version, info.cipher) or ""
   local rcpt = #s.envelope.rcpt == 1 and ("\r\n\tfor <%s>"):format(s.envelope.rcpt[1]) or ""
-  return ("Received: from %s ([%s])\r\n\tby %s with %s id %s%s%s;\r\n\t%s\r\n"):format(
-    s.helo_name or "unknown", s.client_address or "unknown", s.config.hostname, with,
+  -- TCP-info only for a TCP client (RFC 5321 4.4), not over a UNIX socket
+  local tcp_info = s.client_port and (" ([%s])"):format(s.client_address) or ""
+  return ("Received: from %s%s\r\n\tby %s with %s id %s%s%s;\r\n\t%s\r\n"):format(
+    s.helo_name or "unknown", tcp_info, s.config.hostname, with,
     s.server:message_id(s), tlsnote, rcpt, os.date("!%a, %d %b %Y %H:%M:%S +0000"))
 end
 
@@ -943,11 +952,11 @@ function M.new(opts)
     self.relay_check = require("luasmtp.relay").checker(config.relay)
   end
   local specs = config.listen or { "127.0.0.1:25" }
-  if type(specs) == "string" then specs = { specs } end
+  if type(specs) == "string" or specs.address then specs = { specs } end
   for _, spec in ipairs(specs) do
     local addr, implicit = spec, false
     if type(spec) == "table" then
-      addr, implicit = spec.address or spec[1], spec.tls == "implicit"
+      addr, implicit = spec.address and spec or spec[1], spec.tls == "implicit"
     end
     assert(not implicit or config.tls, "implicit TLS needs a tls context")
     local srv, err, detail = net.serve {
@@ -958,7 +967,7 @@ function M.new(opts)
       handler = function(sock, conn)
         self.active = self.active + 1
         local s = new_session(self, sock, conn)
-        s:log("info", "connect from %s:%d", conn.peer_address, conn.peer_port)
+        s:log("info", "connect from %s", net.format_address(conn.peer_address, conn.peer_port))
         local ok, err2 = xpcall(s.run, debug.traceback, s)
         if not ok then
           s:log("error", "session failed: %s", tostring(err2))
