@@ -549,6 +549,7 @@ describe("delivery", function()
     end
     publish("example.test", "enforce", "mx.example.test")
     publish("testing.test", "testing", "*.testing.test")
+    H.need("python3")
     local https = H.https_server { tag = "delivery_sts", cert = "mtasts", root = root }
     local ok, err = pcall(H.run, function()
       local got, on_data = collect()
@@ -664,6 +665,7 @@ describe("delivery with the DNSSEC rig", function()
   local d
 
   lazy_setup(function()
+    H.need("DNSSEC rig")
     d = H.certs()
     port = H.free_port()
     local ta_chain, _, ta_pem = ca_cert("mx-ta.example.test")

@@ -300,6 +300,9 @@ H.peers = {
   luarocks = { command = "luarocks --version", packages = "luarocks" },
   mount = { command = "command -v mount && command -v umount || echo mount: not found", expect = "umount",
             packages = "mount" },
+  ["DNSSEC rig"] = { command = "for p in nsd unbound ldns-keygen ldns-signzone; do "
+                       .. "command -v $p >/dev/null || { echo $p: not found; exit 1; }; done",
+                     packages = "nsd unbound ldnsutils" },
 }
 
 local peer_errors = {} -- name -> false (able) or the message saying why not
