@@ -19,6 +19,7 @@ local happy = require "luasmtp.delivery.connect"
 local M = {
   LEVELS = policy.LEVELS,
   DEFAULT_LEVEL = policy.DEFAULT_LEVEL,
+  MAX_PARALLEL = 8, -- domains delivered to at once
 }
 
 local function resolver_of(opts)
@@ -408,13 +409,39 @@ local function replayable(body)
   end
 end
 
+-- fn(item) for each item, at most limit at once, each in its own task;
+-- returns when all are done (an error in one is raised here, after).
+local function run_parallel(items, limit, fn)
+  if #items <= 1 or limit <= 1 then
+    for _, item in ipairs(items) do fn(item) end
+    return
+  end
+  local running, failure = 0, nil
+  local cond = core.cond()
+  local tasks = {}
+  for _, item in ipairs(items) do
+    while running >= limit do cond:wait() end
+    running = running + 1
+    tasks[#tasks + 1] = core.spawn(function()
+      local ok, err = xpcall(fn, debug.traceback, item)
+      if not ok then failure = failure or err end
+      running = running - 1
+      cond:signal()
+    end)
+  end
+  for _, t in ipairs(tasks) do t:join() end
+  cond:close()
+  if failure then error(failure, 0) end
+end
+
 --- deliver(msg) -> result
 -- msg: from, to (an address or a list), body, and the client's message
 -- fields (requiretls, smtputf8, dsn, ...). Options in the same table:
 -- port (25), tls_policy (see policy.lua), dns (a resolver with query()),
 -- mtasts (:policy(domain), mx_matches), tlsrpt (:record{...}), cafile,
 -- capath (PKIX trust), helo, timeouts (client phases; connect is the
--- Happy Eyeballs step), family, bind, transcript, random.
+-- Happy Eyeballs step), family, bind, transcript, random, max_parallel
+-- (domains delivered to at once, 8).
 -- result = { ok, recipients = { {address, domain, ok, permanent, reply,
 -- text, error, mx, ip, tls_policy, tls_why, tls (tlsinfo), dane (the
 -- TLSA record matched), mta_sts (the policy's mode), trail = { {event,
@@ -436,30 +463,40 @@ function M.deliver(msg)
     end
     table.insert(groups[key], rcpt)
   end
-  local failed = {}
+  local failed, attempts, by_domain = {}, {}, {}
   for _, domain in ipairs(order) do
     local rcpts = groups[domain]
     local addrs = {}
     for i, r in ipairs(rcpts) do addrs[i] = type(r) == "table" and r.address or r end
     local attempt = setmetatable({
       domain = domain, rcpts = addrs, trail = {}, opts = msg, level = level,
-      port = msg.port or 25, failed = failed,
+      port = msg.port or 25, failed = failed, results = {},
       connect_timeout = msg.timeouts and msg.timeouts.connect or 30,
     }, Attempt)
+    by_domain[domain] = attempt
     if domain == "" or not body then
       local err = setmetatable({ token = "invalid", permanent = true,
         message = domain == "" and "recipient without a domain" or ("the body failed: " .. tostring(why)) },
         client.Error)
       attempt:note("invalid", err.message)
-      attempt:finish(result.recipients, nil, err)
+      attempt:finish(attempt.results, nil, err)
     else
       attempt.resolver = resolver_of(msg)
       local m = {}
       for k, v in pairs(msg) do m[k] = v end
       m.to, m.body, m.message = rcpts, body, nil
       attempt.msg = m
-      attempt:run(result.recipients)
+      attempts[#attempts + 1] = attempt
     end
+  end
+  run_parallel(attempts, msg.max_parallel or M.MAX_PARALLEL, function(attempt) attempt:run(attempt.results) end)
+  -- the results in the order the recipients were given
+  local cursor = {}
+  for _, rcpt in ipairs(to) do
+    local address = type(rcpt) == "table" and rcpt.address or rcpt
+    local key = type(address) == "string" and domain_of(address) or ""
+    cursor[key] = (cursor[key] or 0) + 1
+    result.recipients[#result.recipients + 1] = by_domain[key].results[cursor[key]]
   end
   for _, r in ipairs(result.recipients) do
     if not r.ok then result.ok = false end
