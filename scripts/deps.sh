@@ -15,7 +15,8 @@ set -eu
 # list each need here, also what a package only recommends. The README
 # dependency table says the same; `make test-fresh` proves the list.
 
-# build: compiler, headers, the libraries of the C core
+# build: compiler, headers, the libraries of the C core (libcurl for the
+# HTTP client, zlib for gzip)
 BUILD="gcc libc6-dev make pkg-config lua5.4 liblua5.4-dev libssl-dev libcrypt-dev
 libev-dev libc-ares-dev libcurl4-openssl-dev zlib1g-dev"
 # suite: busted, luacheck, JSON for the test servers' logs, luarocks for
@@ -27,15 +28,18 @@ SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount pr
 # them) and AUTH with MIME::Base64 (perl); smtplib and aiosmtpd (Python);
 # smtp-sink, smtp-source and private smtpd/lmtp instances (postfix);
 # doveadm pw and a private LMTP server (dovecot-core, dovecot-lmtpd);
-# `ip` for the network-namespace tests (iproute2); the DNSSEC test rig:
-# nsd, a validating unbound, ldns-signzone and ldns-dane (ldnsutils).
-# The tests check these abilities (H.peers in spec/helper.lua).
+# `ip` for the network-namespace tests (iproute2). The tests check these
+# abilities (H.peers in spec/helper.lua).
 PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
-postfix dovecot-core dovecot-lmtpd iproute2 nsd unbound ldnsutils"
+postfix dovecot-core dovecot-lmtpd iproute2"
+# the DNSSEC test rig (spec/dnssec_rig.lua): zone signing and the DANE
+# verifier (ldnsutils), the authoritative server (nsd), the validating
+# resolver (unbound)
+DNSSEC="ldnsutils nsd unbound"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
 EXTRA="netcat-openbsd bc"
 
-PACKAGES="$BUILD $SUITE $PEERS $EXTRA"
+PACKAGES="$BUILD $SUITE $PEERS $DNSSEC $EXTRA"
 [ $# -gt 0 ] && PACKAGES="$*"
 
 missing=""

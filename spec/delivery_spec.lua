@@ -669,7 +669,6 @@ describe("delivery with the DNSSEC rig", function()
   local d
 
   lazy_setup(function()
-    H.need("DNSSEC rig")
     d = H.certs()
     port = H.free_port()
     local ta_chain, _, ta_pem = ca_cert("mx-ta.example.test")

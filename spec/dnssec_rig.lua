@@ -298,6 +298,7 @@ end
 --- Start the rig; see the header. spec.lifetime: seconds before the
 -- daemons end by themselves.
 function M.start(spec)
+  H.need("nsd", "unbound", "ldnsutils")
   spec = spec or {}
   local base = H.tmp .. "/dnssec"
   must("mkdir -p " .. sh(base), "mkdir")

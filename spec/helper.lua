@@ -155,11 +155,6 @@ function H.writefile(path, data)
   f:close()
 end
 
---- A string quoted for sh.
-function H.shquote(s)
-  return "'" .. tostring(s):gsub("'", "'\\''") .. "'"
-end
-
 --- Start an external program in the background; returns its pid.
 -- Output goes to logfile. The program must end by itself; H.kill stops it
 -- earlier by pid.
@@ -300,9 +295,11 @@ H.peers = {
   luarocks = { command = "luarocks --version", packages = "luarocks" },
   mount = { command = "command -v mount && command -v umount || echo mount: not found", expect = "umount",
             packages = "mount" },
-  ["DNSSEC rig"] = { command = "for p in nsd unbound ldns-keygen ldns-signzone; do "
-                       .. "command -v $p >/dev/null || { echo $p: not found; exit 1; }; done",
-                     packages = "nsd unbound ldnsutils" },
+  -- the DNSSEC rig (spec/dnssec_rig.lua) and the DANE verifier
+  nsd = { command = "nsd -v", expect = "NSD version", packages = "nsd" },
+  unbound = { command = "unbound -V", expect = "Version", packages = "unbound" },
+  ldnsutils = { command = "ldns-signzone -v && ldns-keygen -v && drill -v && ldns-dane -v",
+                expect = "ldns-dane version", packages = "ldnsutils" },
 }
 
 local peer_errors = {} -- name -> false (able) or the message saying why not

@@ -126,7 +126,7 @@ function M.connect(host, port, opts)
   if not sock then
     return nil, err, detail
   end
-  -- with DANE the SNI defaults to the TLSA base domain
+  -- with DANE, SNI defaults to the TLSA base domain
   return implicit_tls(sock, opts, opts.servername or (not opts.dane and bare or nil), deadline)
 end
 
