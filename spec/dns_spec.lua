@@ -35,7 +35,6 @@ local shquote = H.shquote
 --- Start spec/fake_dns.py on host; returns its pid, UDP port and log file
 -- (the port on the first line, then one "query NAME TYPE" line per query).
 local function start_fake(host, records, tag)
-  H.need("python3")
   return H.fake_dns(host, records, tag, LIFETIME)
 end
 

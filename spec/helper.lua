@@ -198,11 +198,6 @@ function H.wait_port(port, host, timeout)
   error("port " .. port .. " did not open")
 end
 
---- Quote a string for the shell.
-function H.shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
-
 --- Start a test server that prints its port as the first line of its
 -- output (inside a task or the main chunk); returns pid, port, log.
 function H.start_server(cmd, tag)
@@ -228,6 +223,7 @@ end
 -- header); returns its pid, UDP port and log file (one "query NAME TYPE"
 -- line per query after the port).
 function H.fake_dns(host, records, tag, lifetime)
+  H.need("python3")
   local args = {}
   for i, r in ipairs(records) do
     args[i] = H.shquote(r)
@@ -243,8 +239,9 @@ end
 -- POST bodies in, lifetime = seconds (60), tag = log file name part.
 -- Returns { pid =, port =, log = } ; stop with H.kill(server.pid).
 function H.https_server(opts)
+  H.need("python3 https server")
   opts = opts or {}
-  local args = { "python3", H.shquote(H.root .. "/spec/https_server.py"), "--port 0",
+  local args = { H.python3, H.shquote(H.root .. "/spec/https_server.py"), "--port 0",
     "--lifetime " .. math.tointeger(opts.lifetime or 60) }
   if opts.tls ~= false then
     local d = H.certs()
@@ -287,6 +284,8 @@ H.peers = {
                               packages = "python3" },
   ["python3 aiosmtpd"] = { needs = "python3", command = H.python3 .. " -c 'import aiosmtpd.smtp'",
                            packages = "python3-aiosmtpd" },
+  ["python3 https server"] = { needs = "python3", packages = "python3",
+    command = H.python3 .. " -c 'import http.server, ssl, gzip, email, json'" },
   openssl = { command = "openssl version", packages = "openssl" },
   doveadm = { command = "doveadm pw -s SHA512-CRYPT -p x", expect = "{SHA512-CRYPT}$6$",
               packages = "dovecot-core" },

@@ -245,6 +245,27 @@ describe("http", function()
     end, 40)
   end)
 
+  it("ends the requests still open when the Lua state closes", function()
+    local script = H.tmp .. "/http_exit.lua"
+    local f = assert(io.open(script, "w"))
+    f:write([[
+local luasmtp = require "luasmtp"
+local url = ...
+for _ = 1, 3 do
+  luasmtp.spawn(function() luasmtp.http.request { url = url, timeout = 30 } end)
+end
+for _ = 1, 5 do luasmtp.step(0.05) end
+print(luasmtp.stats().http_requests)
+]])
+    f:close()
+    -- lua5.4 closes the state at exit: the multi handle's finalizer frees them
+    local p = assert(io.popen("timeout 20 lua5.4 " .. H.shquote(script) .. " " ..
+      H.shquote(pbase .. "/stall") .. " 2>&1; echo \"rc=$?\""))
+    local out = p:read("a")
+    p:close()
+    assert.equal("3\nrc=0\n", out)
+  end)
+
   it("checks its arguments", function()
     local bad = {
       {},
@@ -293,8 +314,9 @@ describe("gzip", function()
     local f = assert(io.open(path, "wb"))
     f:write(luasmtp.gzip("from lua\n"))
     f:close()
-    local p = assert(io.popen("python3 -c 'import gzip,sys; sys.stdout.write(gzip.open(sys.argv[1]).read().decode())' "
-      .. path))
+    H.need("python3 https server")
+    local p = assert(io.popen(H.python3 ..
+      " -c 'import gzip,sys; sys.stdout.write(gzip.open(sys.argv[1]).read().decode())' " .. path))
     local out = p:read("a")
     p:close()
     os.remove(path)

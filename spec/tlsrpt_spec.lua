@@ -36,7 +36,8 @@ local function python_check(kind, data)
   local f = assert(io.open(path, "wb"))
   f:write(data)
   f:close()
-  local p = assert(io.popen("python3 " .. H.shquote(H.root .. "/spec/tlsrpt_check.py") .. " " .. kind .. " " ..
+  H.need("python3 https server")
+  local p = assert(io.popen(H.python3 .. " " .. H.shquote(H.root .. "/spec/tlsrpt_check.py") .. " " .. kind .. " " ..
     H.shquote(path) .. " 2>&1"))
   local out = p:read("a")
   p:close()

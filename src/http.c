@@ -5,10 +5,9 @@
  * registry userdata whose __gc ends every request still open. libcurl
  * says through CURLMOPT_SOCKETFUNCTION which sockets to watch (each gets
  * an ev_io, attached to curl's socket with curl_multi_assign) and through
- * CURLMOPT_TIMERFUNCTION when to call it back (one ev_timer). As in
- * dns.c these watchers are unref'd and not counted in
- * ls_live[LS_COUNT_WATCHERS]: the deadline timer of the waiting task is
- * what keeps the loop alive.
+ * CURLMOPT_TIMERFUNCTION when to call it back (one ev_timer). These are
+ * weak watchers (loop.c): the deadline timer of the waiting task is what
+ * keeps the loop alive.
  *
  * A request is a malloc'ed http_req owning its easy handle. The libev
  * callbacks (curl_multi_socket_action, then curl_multi_info_read) never
@@ -98,25 +97,7 @@ static CURLcode lib_status = CURLE_FAILED_INIT;
 static void lib_init(void) { lib_status = curl_global_init(CURL_GLOBAL_DEFAULT); }
 
 /* ------------------------------------------------------------------ */
-/* libev integration. The watchers are unref'd while active, so the loop
- * is ref'd again before stopping one. */
-
-static void sock_stop(struct ev_loop *ev, http_sock *s)
-{
-    if (ev != NULL && ev_is_active(&s->io)) {
-        ev_ref(ev);
-        ev_io_stop(ev, &s->io);
-    }
-}
-
-static void timer_stop(http_multi *m)
-{
-    struct ev_loop *ev = ls_evloop(m->loop);
-    if (ev != NULL && ev_is_active(&m->timer)) {
-        ev_ref(ev);
-        ev_timer_stop(ev, &m->timer);
-    }
-}
+/* libev integration (weak watchers: see ls_weak_io_start). */
 
 /* Take finished transfers out of the multi handle and wake their tasks.
  * Called after every curl_multi_socket_action(). Never calls Lua. */
@@ -159,10 +140,10 @@ static void sock_io_cb(struct ev_loop *ev, ev_io *w, int revents)
 
 static void timer_cb(struct ev_loop *ev, ev_timer *w, int revents)
 {
+    (void)ev;
     (void)revents;
     http_multi *m = (http_multi *)((char *)w - offsetof(http_multi, timer));
-    /* The one-shot timer stopped by itself: balance the ev_unref(). */
-    ev_ref(ev);
+    ls_weak_timer_fired(m->loop);
     if (m->multi == NULL)
         return;
     int running;
@@ -176,10 +157,9 @@ static int socket_fn(CURL *easy, curl_socket_t fd, int what, void *userp, void *
     (void)easy;
     http_multi *m = userp;
     http_sock *s = socketp;
-    struct ev_loop *ev = ls_evloop(m->loop);
     if (what == CURL_POLL_REMOVE) {
         if (s != NULL) {
-            sock_stop(ev, s);
+            ls_weak_io_stop(m->loop, &s->io);
             free(s);
         }
         return 0;
@@ -196,13 +176,11 @@ static int socket_fn(CURL *easy, curl_socket_t fd, int what, void *userp, void *
             return -1;
         }
     } else {
-        sock_stop(ev, s);
+        ls_weak_io_stop(m->loop, &s->io);
         ev_io_set(&s->io, fd, events);
     }
-    if (ev != NULL && events != 0) {
-        ev_io_start(ev, &s->io);
-        ev_unref(ev);
-    }
+    if (events != 0)
+        ls_weak_io_start(m->loop, &s->io);
     return 0;
 }
 
@@ -212,13 +190,10 @@ static int timer_fn(CURLM *multi, long timeout_ms, void *userp)
 {
     (void)multi;
     http_multi *m = userp;
-    struct ev_loop *ev = ls_evloop(m->loop);
-    timer_stop(m);
-    if (timeout_ms < 0 || ev == NULL)
-        return 0;
-    ev_timer_set(&m->timer, (double)timeout_ms / 1000., 0.);
-    ev_timer_start(ev, &m->timer);
-    ev_unref(ev);
+    if (timeout_ms < 0)
+        ls_weak_timer_stop(m->loop, &m->timer);
+    else
+        ls_weak_timer_start(m->loop, &m->timer, (double)timeout_ms / 1000.);
     return 0;
 }
 
@@ -303,7 +278,7 @@ static void multi_destroy(http_multi *m)
         req_free(m->reqs);
     curl_multi_cleanup(m->multi); /* closes the cached connections */
     m->multi = NULL;
-    timer_stop(m);
+    ls_weak_timer_stop(m->loop, &m->timer);
 }
 
 static int multi_gc(lua_State *L)
@@ -559,30 +534,12 @@ static int req_k(lua_State *L, int status, lua_KContext ctx)
     return 3;
 }
 
-/* Protected part of a main-chunk wait: args req, deadline. */
-static int main_wait(lua_State *L)
-{
-    http_req *req = lua_touserdata(L, 1);
-    double deadline = lua_tonumber(L, 2);
-    ls_wait(L, req->loop, req->task, -1, 0, deadline, 0, NULL);
-    return 0;
-}
+static void req_abandon(lua_KContext ctx) { req_free((http_req *)ctx); }
 
 static int req_wait(lua_State *L, http_req *req)
 {
     double deadline = ls_now(req->loop) + req->timeout + DEADLINE_SLACK;
-    if (lua_isyieldable(L)) {
-        ls_wait(L, req->loop, req->task, -1, 0, deadline, (lua_KContext)req, req_k);
-        return req_k(L, LUA_OK, (lua_KContext)req);
-    }
-    lua_pushcfunction(L, main_wait);
-    lua_pushlightuserdata(L, req);
-    lua_pushnumber(L, deadline);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-        req_free(req);
-        return lua_error(L);
-    }
-    return req_k(L, LUA_OK, (lua_KContext)req);
+    return ls_wait_k(L, req->loop, req->task, deadline, (lua_KContext)req, req_k, req_abandon);
 }
 
 /* ------------------------------------------------------------------ */

@@ -116,10 +116,28 @@ ls_task *ls_current(lua_State *L, ls_loop *loop);
  * time; < 0 for none) passes. `t` must be ls_current(L, loop). */
 int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
             double deadline, lua_KContext ctx, lua_KFunction k);
+/* Wait until the task is woken (by ls_wake from some library callback)
+ * or the deadline passes, then return k(L, LUA_OK, ctx) -- in a task
+ * (k runs when the task is resumed) and in the main chunk alike. Should
+ * the main chunk's wait raise (a deadlock), abandon(ctx) is called before
+ * the error goes on, so nothing keeps pointing at the main pseudo-task. */
+int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, lua_KContext ctx,
+              lua_KFunction k, void (*abandon)(lua_KContext ctx));
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). */
 void ls_wake(ls_loop *loop, ls_task *t, int result);
+
+/* Weak watchers: those of a library (c-ares, libcurl) that must not keep
+ * the loop alive by themselves (the deadline timer of the waiting task
+ * does). Not counted in ls_live[LS_COUNT_WATCHERS]. They do nothing once
+ * the loop is gone (the Lua state is closing). A weak one-shot timer's
+ * callback calls ls_weak_timer_fired() first. */
+void ls_weak_io_start(ls_loop *loop, ev_io *w);
+void ls_weak_io_stop(ls_loop *loop, ev_io *w);
+void ls_weak_timer_start(ls_loop *loop, ev_timer *w, double after);
+void ls_weak_timer_stop(ls_loop *loop, ev_timer *w);
+void ls_weak_timer_fired(ls_loop *loop);
 
 /* Deferred flushing: sockets with pending output register here and are
  * flushed before the loop blocks (so writes made in one pass of the

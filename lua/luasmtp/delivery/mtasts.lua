@@ -43,28 +43,16 @@ local CACHE_MAGIC = "luasmtp mta-sts cache 1"
 -- One TXT record (RFC 8461 section 3.1):
 --   v=STSv1; id=<1..32 alphanumerics>[; ext=value ...][;]
 function M.parse_txt(record)
-  if type(record) ~= "string" then
-    return nil, "not a string"
-  end
-  local rest = record:match("^v=STSv1(.*)$")
-  if not rest then
-    return nil, "does not start with v=STSv1"
+  local fields, why = txt.fields(record, "v=STSv1")
+  if not fields then
+    return nil, why
   end
   local id
-  local pos = 1
-  while pos <= #rest do
-    local delim_end = rest:match("^[ \t]*;[ \t]*()", pos)
-    if not delim_end then
-      return nil, "fields must be separated by \";\""
-    end
-    pos = delim_end
-    if pos > #rest then
-      break -- a trailing ";"
-    end
-    -- ext-value: %x21-3A / %x3C / %x3E-7E
-    local name, value, after = rest:match("^([%w][%w_.-]*)=([!-:<>-~]+)()", pos)
-    if not name or #name > 32 then
-      return nil, "invalid field at \"" .. rest:sub(pos, pos + 20) .. "\""
+  for _, f in ipairs(fields) do
+    local name, value = f[1], f[2]
+    -- sts-ext-value = 1*(%x21-3A / %x3C / %x3E-7E)
+    if not value:match("^[!-:<>-~]+$") then
+      return nil, "invalid value of " .. name
     end
     if name == "id" then
       if id then
@@ -75,7 +63,6 @@ function M.parse_txt(record)
       end
       id = value
     end
-    pos = after
   end
   if not id then
     return nil, "no id"
@@ -87,23 +74,7 @@ end
 -- Of all TXT records, those starting with "v=STSv1" count; exactly one
 -- must remain and be valid.
 function M.select_txt(records)
-  local sts = {}
-  for _, r in ipairs(records) do
-    if r:match("^v=STSv1[ \t;]") or r == "v=STSv1" then
-      sts[#sts + 1] = r
-    end
-  end
-  if #sts == 0 then
-    return nil, "no v=STSv1 TXT record"
-  end
-  if #sts > 1 then
-    return nil, #sts .. " v=STSv1 TXT records (exactly one is allowed)"
-  end
-  local id, why = M.parse_txt(sts[1])
-  if not id then
-    return nil, "invalid TXT record: " .. why
-  end
-  return id
+  return txt.select(records, "v=STSv1", M.parse_txt)
 end
 
 local function valid_mx_pattern(p)

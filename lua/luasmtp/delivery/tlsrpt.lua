@@ -44,33 +44,18 @@ local IS_POLICY_TYPE = { sts = true, tlsa = true, ["no-policy-found"] = true }
 --- parse_txt(record) -> { rua = { uri, ... } } | nil, why
 --   v=TLSRPTv1; rua=mailto:a@example.com,https://r.example.com/x[; ext=value][;]
 function M.parse_txt(record)
-  if type(record) ~= "string" then
-    return nil, "not a string"
-  end
-  local rest = record:match("^v=TLSRPTv1(.*)$")
-  if not rest then
-    return nil, "does not start with v=TLSRPTv1"
+  local fields, why = txt.fields(record, "v=TLSRPTv1")
+  if not fields then
+    return nil, why
   end
   local rua
-  local pos = 1
-  while pos <= #rest do
-    local after_delim = rest:match("^[ \t]*;[ \t]*()", pos)
-    if not after_delim then
-      return nil, "fields must be separated by \";\""
-    end
-    pos = after_delim
-    if pos > #rest then
-      break
-    end
-    local name, value, after = rest:match("^([%w][%w_.-]*)=([^;]*)()", pos)
-    if not name or #name > 32 then
-      return nil, "invalid field at \"" .. rest:sub(pos, pos + 20) .. "\""
-    end
-    value = value:gsub("[ \t]+$", "")
+  for _, f in ipairs(fields) do
+    local name, value = f[1], f[2]
     if name == "rua" then
       if rua then
         return nil, "more than one rua"
       end
+      -- tlsrpt-rua = "rua=" uri *(*WSP "," *WSP uri)
       rua = {}
       for uri in (value .. ","):gmatch("[ \t]*([^,]-)[ \t]*,") do
         if not uri:match("^[!-~]+$") then
@@ -81,7 +66,6 @@ function M.parse_txt(record)
     elseif not value:match("^[!-:<>-~]+$") then
       return nil, "invalid value of " .. name
     end
-    pos = after
   end
   if not rua then
     return nil, "no rua"
@@ -92,20 +76,7 @@ end
 --- select_txt(records) -> { rua = {...} } | nil, why: exactly one
 -- record starting with v=TLSRPTv1 must exist and be valid.
 function M.select_txt(records)
-  local found = {}
-  for _, r in ipairs(records) do
-    if r:match("^v=TLSRPTv1[ \t;]") or r == "v=TLSRPTv1" then
-      found[#found + 1] = r
-    end
-  end
-  if #found ~= 1 then
-    return nil, #found == 0 and "no v=TLSRPTv1 TXT record" or #found .. " v=TLSRPTv1 TXT records"
-  end
-  local rec, why = M.parse_txt(found[1])
-  if not rec then
-    return nil, "invalid TXT record: " .. why
-  end
-  return rec
+  return txt.select(records, "v=TLSRPTv1", M.parse_txt)
 end
 
 local function percent_decode(s)

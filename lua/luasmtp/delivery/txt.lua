@@ -59,6 +59,67 @@ function M.domain(name)
   return name
 end
 
+--- fields(record, version) -> { {name, value}, ... } | nil, why
+-- The syntax the TXT records of MTA-STS (RFC 8461 section 3.1) and
+-- TLS-RPT (RFC 8460 section 3) share:
+--   record = version 1*(delim field) [delim]    delim = *WSP ";" *WSP
+--   field  = name "=" value    name = (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".")
+-- A value runs to the next ";" (trailing spaces dropped); its own
+-- syntax is the caller's to check.
+function M.fields(record, version)
+  if type(record) ~= "string" or record:sub(1, #version) ~= version then
+    return nil, "does not start with " .. version
+  end
+  local rest = record:sub(#version + 1)
+  local list = {}
+  local pos = 1
+  while pos <= #rest do
+    local after_delim = rest:match("^[ \t]*;[ \t]*()", pos)
+    if not after_delim then
+      return nil, "fields must be separated by \";\""
+    end
+    pos = after_delim
+    if pos > #rest then
+      break -- a trailing ";"
+    end
+    local name, value, after = rest:match("^([%w][%w_.-]*)=([^;]*)()", pos)
+    if not name or #name > 32 then
+      return nil, "invalid field at \"" .. rest:sub(pos, pos + 20) .. "\""
+    end
+    list[#list + 1] = { name, (value:gsub("[ \t]+$", "")) }
+    pos = after
+  end
+  if #list == 0 then
+    return nil, "no field after " .. version
+  end
+  return list
+end
+
+--- select(records, version, parse) -> parse(record) | nil, why
+-- Of the TXT records of a name, those starting with version count
+-- (followed by a space, a tab, ";" or nothing); exactly one must remain,
+-- and parse(record) must accept it.
+function M.select(records, version, parse)
+  local found = {}
+  for _, r in ipairs(records) do
+    local next_char = r:sub(#version + 1, #version + 1)
+    if r:sub(1, #version) == version and (next_char == "" or next_char:match("[ \t;]")) then
+      found[#found + 1] = r
+    end
+  end
+  if #found == 0 then
+    return nil, "no " .. version .. " TXT record"
+  end
+  if #found > 1 then
+    return nil, #found .. " " .. version .. " TXT records (exactly one is allowed)"
+  end
+  local result, why = parse(found[1])
+  if not result then
+    return nil, "invalid TXT record: " .. why
+  end
+  return result
+end
+
 --- lookup(query, name) -> { string, ... } | nil, token, detail
 -- The TXT records of name; an empty list when there is none (NXDOMAIN
 -- or no TXT record). Any other failure (SERVFAIL, timeout) is an error.
