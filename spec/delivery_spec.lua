@@ -376,14 +376,21 @@ describe("delivery", function()
         ["mx1.example.test"] = { A = { "127.0.0.2" } },
         ["mx2.example.test"] = { A = { "127.0.0.3" } },
         ["other.test"] = { MX = { mx(0, ".") } },
+        ["third.test"] = { MX = { mx(10, "mx2.example.test") } },
       }
+      -- one file body for two sessions that run at the same time
+      local file = assert(io.tmpfile())
+      file:write(BODY)
+      file:seek("set")
       local res = delivery.deliver { from = "me@sender.test",
-        to = { "a@example.test", "c@other.test", "b@Example.Test" },
-        body = BODY, port = port, dns = dns, tls_policy = "may", timeouts = { connect = 5 } }
+        to = { "a@example.test", "c@other.test", "b@Example.Test", "d@third.test" },
+        body = file, port = port, dns = dns, tls_policy = "may", timeouts = { connect = 5 } }
       assert.is_false(res.ok)
       -- the domains went in parallel; the results come in the order given
-      assert.same({ "a@example.test", "c@other.test", "b@Example.Test" },
-        { res.recipients[1].address, res.recipients[2].address, res.recipients[3].address })
+      assert.same({ "a@example.test", "c@other.test", "b@Example.Test", "d@third.test" },
+        { res.recipients[1].address, res.recipients[2].address, res.recipients[3].address,
+          res.recipients[4].address })
+      assert.is_true(res.recipients[4].ok, trail_text(res.recipients[4]))
       local a = res:recipient("a@example.test")
       assert.is_true(a.ok, trail_text(a))
       assert.is_true(res:recipient("b@Example.Test").ok)
@@ -395,8 +402,11 @@ describe("delivery", function()
       assert.matches("MX for example.test: mx1.example.test %(10%), mx2.example.test %(20%)", t)
       assert.matches("mx1.example.test %[127.0.0.2%]:%d+: refused", t)
       assert.matches("mx2.example.test %[127.0.0.3%]:%d+: connected", t)
-      assert.equal(1, #got) -- one transaction for both recipients of the domain
+      assert.equal(2, #got) -- one transaction for both recipients of a domain
+      table.sort(got, function(x, y) return x.rcpt[1] < y.rcpt[1] end)
       assert.same({ "a@example.test", "b@Example.Test" }, got[1].rcpt)
+      assert.same({ "d@third.test" }, got[2].rcpt)
+      for _, m in ipairs(got) do assert.matches("\r\n\r\nhello\r\n$", m.data) end
       local c = res:recipient("c@other.test")
       assert.is_false(c.ok)
       assert.is_true(c.permanent)

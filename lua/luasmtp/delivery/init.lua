@@ -395,8 +395,14 @@ function Result:recipient(address)
   end
 end
 
--- A function body is read once, so that each domain can send it.
-local function replayable(body)
+-- A body that each domain's session can send: a function body is read
+-- once; a file too when several domains (sessions in parallel) share it.
+local function replayable(body, shared)
+  if io.type(body) == "file" and shared then
+    local data, err = body:read("a")
+    if not data then return nil, err end
+    return data
+  end
   if type(body) ~= "function" then return body end
   local parts = {}
   while true do
@@ -450,7 +456,6 @@ function M.deliver(msg)
   assert(type(msg) == "table", "deliver needs a table")
   local level = check_level(msg)
   local to = type(msg.to) == "table" and msg.to or { msg.to }
-  local body, why = replayable(msg.body or msg.message)
   local result = setmetatable({ ok = true, recipients = {} }, Result)
   local order, groups = {}, {}
   for _, rcpt in ipairs(to) do
@@ -463,6 +468,7 @@ function M.deliver(msg)
     end
     table.insert(groups[key], rcpt)
   end
+  local body, why = replayable(msg.body or msg.message, #order > 1)
   local failed, attempts, by_domain = {}, {}, {}
   for _, domain in ipairs(order) do
     local rcpts = groups[domain]
