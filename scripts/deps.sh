@@ -28,18 +28,16 @@ SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount pr
 # them) and AUTH with MIME::Base64 (perl); smtplib and aiosmtpd (Python);
 # smtp-sink, smtp-source and private smtpd/lmtp instances (postfix);
 # doveadm pw and a private LMTP server (dovecot-core, dovecot-lmtpd);
-# `ip` for the network-namespace tests (iproute2). The tests check these
-# abilities (H.peers in spec/helper.lua).
+# `ip` for the network-namespace tests (iproute2); the DNSSEC test rig
+# (spec/dnssec_rig.lua): zone signing and ldns-dane (ldnsutils), the
+# authoritative server (nsd), the validating resolver (unbound). The
+# tests check these abilities (H.peers in spec/helper.lua).
 PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
-postfix dovecot-core dovecot-lmtpd iproute2"
-# the DNSSEC test rig (spec/dnssec_rig.lua): zone signing and the DANE
-# verifier (ldnsutils), the authoritative server (nsd), the validating
-# resolver (unbound)
-DNSSEC="ldnsutils nsd unbound"
+postfix dovecot-core dovecot-lmtpd iproute2 ldnsutils nsd unbound"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
 EXTRA="netcat-openbsd bc"
 
-PACKAGES="$BUILD $SUITE $PEERS $DNSSEC $EXTRA"
+PACKAGES="$BUILD $SUITE $PEERS $EXTRA"
 [ $# -gt 0 ] && PACKAGES="$*"
 
 missing=""
