@@ -7,7 +7,7 @@ local H = require "spec.helper"
 local function deps_packages()
   local deps = H.readfile(H.root .. "/scripts/deps.sh")
   local listed = {}
-  for _, var in ipairs { "BUILD", "SUITE", "PEERS", "DNSSEC", "EXTRA" } do
+  for _, var in ipairs { "BUILD", "SUITE", "PEERS", "EXTRA" } do
     local words = assert(deps:match("\n" .. var .. '="([^"]*)"'), var .. " in scripts/deps.sh")
     for p in words:gmatch("%S+") do listed[p] = true end
   end
