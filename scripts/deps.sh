@@ -75,8 +75,9 @@ On Debian/Ubuntu, as root:
   apt-get install --no-install-recommends $missing
 On other systems install the equivalents: a C compiler, make, pkg-config,
 Lua 5.4 with its headers, OpenSSL 3 (headers and CLI), libev, c-ares,
-libxcrypt, busted, luacheck and dkjson for Lua 5.4, LuaRocks, Python 3
-with aiosmtpd, swaks with Net::SSLeay and IO::Socket::SSL, Postfix's
-smtp-sink and smtp-source, Dovecot's doveadm.
+libcurl (built with OpenSSL), zlib, libxcrypt, busted, luacheck and
+dkjson for Lua 5.4, LuaRocks, Python 3 with aiosmtpd, swaks with
+Net::SSLeay and IO::Socket::SSL, Postfix's smtp-sink and smtp-source,
+Dovecot's doveadm, nsd, unbound and the ldns utilities.
 MSG
 exit 1

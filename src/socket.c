@@ -1165,7 +1165,10 @@ static int start_connect(lua_State *L, ls_loop *loop, ls_socket *s, const struct
 
 /* connect(address, port [, opts]) -> socket | nil, err, detail
  * address must be numeric (IPv4/IPv6); luasmtp.connect resolves names.
- * opts: timeout (seconds), bind (local numeric address). */
+ * opts: timeout (seconds), bind (local numeric address), pending (a
+ * table: while the connect waits, pending.socket is the socket, so
+ * another task can abandon the attempt with pending.socket:close(),
+ * which makes this call return nil, "closed"). */
 static int l_connect(lua_State *L)
 {
     const char *host = luaL_checkstring(L, 1);
@@ -1223,6 +1226,11 @@ static int start_connect(lua_State *L, ls_loop *loop, ls_socket *s, const struct
             return ls_pusherror(L, LS_EREFUSED, "the server's listen queue is full");
         return ls_pusherror(L, ls_errno_token(e), strerror(e));
     }
+    if (lua_istable(L, 3) && lua_getfield(L, 3, "pending") == LUA_TTABLE) {
+        lua_pushvalue(L, 4);
+        lua_setfield(L, -2, "socket");
+    }
+    lua_settop(L, 4);
     ls_task *t = ls_current(L, loop);
     s->writer = t;
     int r = ls_wait(L, loop, t, s->fd, EV_WRITE, deadline_of(loop, timeout), 0, connect_k);

@@ -21,7 +21,8 @@ local M = {}
 -- the host's address records were authentic; the caller checks that.
 -- opts: port (25), expanded (the name the host's address lookup ended at
 -- through an authentic CNAME chain: its TLSA records are tried first,
--- then the host's own), timeout.
+-- then the host's own), timeout, query (the DNS function, default
+-- luasmtp.dns.query: the same interface, for another resolver).
 -- tlsa is empty (no DANE) when there are no records or when they are not
 -- authentic; usable counts the records DANE can use for SMTP (none:
 -- RFC 7672 2.2 says mandatory TLS without authentication). A lookup that
@@ -34,10 +35,11 @@ function M.lookup(host, opts)
   if opts.expanded and opts.expanded:lower():gsub("%.$", "") ~= host:lower():gsub("%.$", "") then
     candidates = { opts.expanded, host }
   end
+  local query = opts.query or dns.query
   local last
   for _, name in ipairs(candidates) do
     local base = name:gsub("%.$", "")
-    local res, err, detail = dns.query("_" .. port .. "._tcp." .. base, "TLSA", { timeout = opts.timeout })
+    local res, err, detail = query("_" .. port .. "._tcp." .. base, "TLSA", { timeout = opts.timeout })
     if not res then
       return nil, err, detail
     end
