@@ -28,10 +28,12 @@ SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount pr
 # them) and AUTH with MIME::Base64 (perl); smtplib and aiosmtpd (Python);
 # smtp-sink, smtp-source and private smtpd/lmtp instances (postfix);
 # doveadm pw and a private LMTP server (dovecot-core, dovecot-lmtpd);
-# `ip` for the network-namespace tests (iproute2). The tests check these
-# abilities (H.peers in spec/helper.lua).
+# `ip` for the network-namespace tests (iproute2); the DNSSEC test rig
+# (spec/dnssec_rig.lua): zone signing and ldns-dane (ldnsutils), the
+# authoritative server (nsd), the validating resolver (unbound). The
+# tests check these abilities (H.peers in spec/helper.lua).
 PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
-postfix dovecot-core dovecot-lmtpd iproute2"
+postfix dovecot-core dovecot-lmtpd iproute2 ldnsutils nsd unbound"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
 EXTRA="netcat-openbsd bc"
 
@@ -73,8 +75,9 @@ On Debian/Ubuntu, as root:
   apt-get install --no-install-recommends $missing
 On other systems install the equivalents: a C compiler, make, pkg-config,
 Lua 5.4 with its headers, OpenSSL 3 (headers and CLI), libev, c-ares,
-libxcrypt, busted, luacheck and dkjson for Lua 5.4, LuaRocks, Python 3
-with aiosmtpd, swaks with Net::SSLeay and IO::Socket::SSL, Postfix's
-smtp-sink and smtp-source, Dovecot's doveadm.
+libcurl (built with OpenSSL), zlib, libxcrypt, busted, luacheck and
+dkjson for Lua 5.4, LuaRocks, Python 3 with aiosmtpd, swaks with
+Net::SSLeay and IO::Socket::SSL, Postfix's smtp-sink and smtp-source,
+Dovecot's doveadm, nsd, unbound and the ldns utilities.
 MSG
 exit 1

@@ -174,6 +174,13 @@ function H.readfile(path)
   return data
 end
 
+--- Write a whole file.
+function H.writefile(path, data)
+  local f = assert(io.open(path, "wb"))
+  f:write(data)
+  f:close()
+end
+
 --- Start an external program in the background; returns its pid.
 -- Output goes to logfile. The program must end by itself; H.kill stops it
 -- earlier by pid.
@@ -313,6 +320,11 @@ H.peers = {
   luarocks = { command = "luarocks --version", packages = "luarocks" },
   mount = { command = "command -v mount && command -v umount || echo mount: not found", expect = "umount",
             packages = "mount" },
+  -- the DNSSEC rig (spec/dnssec_rig.lua) and the DANE verifier
+  nsd = { command = "nsd -v", expect = "NSD version", packages = "nsd" },
+  unbound = { command = "unbound -V", expect = "Version", packages = "unbound" },
+  ldnsutils = { command = "ldns-signzone -v && ldns-keygen -v && drill -v && ldns-dane -v",
+                expect = "ldns-dane version", packages = "ldnsutils" },
 }
 
 local peer_errors = {} -- name -> false (able) or the message saying why not

@@ -21,6 +21,7 @@
  * Numeric hosts are answered at once, without c-ares.
  */
 #include <arpa/inet.h>
+#include <errno.h>
 #include <limits.h>
 #include <math.h>
 #include <netinet/in.h>
@@ -28,16 +29,21 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <sys/random.h>
 
 #include <ares.h>
 
+#include "dnsmsg.h"
 #include "luasmtp.h"
 
 #define DNS_KEY "luasmtp.dns"          /* registry: the current channel */
+#define DNS_RAW_KEY "luasmtp.dns.raw"  /* registry: the channel of query() */
 #define DNS_MT "luasmtp.dns.channel"
 
 #define DEFAULT_TIMEOUT 10.0
 #define MAX_NAME 255                   /* longer names are refused */
+#define EDNS_UDP_SIZE 1232             /* the DNS flag day 2020 value */
+#define MAX_CNAME_HOPS 8               /* within one answer section */
 
 /* From RFC 1035 (ares_nameser.h clashes with <arpa/nameser.h>). */
 enum { QCLASS_IN = 1, QTYPE_MX = 15, QTYPE_TXT = 16 };
@@ -60,9 +66,10 @@ struct dns_chan {
     ev_timer timer;
     dns_sock *socks;      /* one ev_io per c-ares socket */
     int dying;            /* in __gc: free requests, wake nobody */
+    int loopback;         /* every server is on a loopback address */
 };
 
-enum req_kind { REQ_ADDR, REQ_MX, REQ_TXT };
+enum req_kind { REQ_ADDR, REQ_MX, REQ_TXT, REQ_RAW };
 
 typedef struct dns_req {
     ls_loop *loop;
@@ -78,6 +85,9 @@ typedef struct dns_req {
     struct ares_addrinfo *ai;
     struct ares_mx_reply *mx;
     struct ares_txt_ext *txt;
+    unsigned char *abuf; /* REQ_RAW: a copy of the reply */
+    size_t alen;
+    int qtype;           /* REQ_RAW */
     char name[];       /* the name asked for, for messages */
 } dns_req;
 
@@ -202,7 +212,32 @@ typedef struct chan_config {
     int timeout_ms;      /* per try; 0 = default */
     int tries;           /* 0 = default */
     int rotate;          /* -1 default, 0 no, 1 yes */
+    int flags;           /* ARES_FLAG_* */
 } chan_config;
+
+/* 1 when every server of the channel is on 127.0.0.0/8 or ::1: only
+ * then is the AD bit of its replies trusted by default (the path to
+ * the validating resolver cannot be tampered with from outside). */
+static int servers_loopback(ares_channel ch)
+{
+    struct ares_addr_port_node *list = NULL;
+    if (ares_get_servers_ports(ch, &list) != ARES_SUCCESS)
+        return 0;
+    int all = list != NULL;
+    for (const struct ares_addr_port_node *p = list; p != NULL; p = p->next) {
+        if (p->family == AF_INET) {
+            const unsigned char *a = (const unsigned char *)&p->addr.addr4;
+            all = all && a[0] == 127;
+        } else if (p->family == AF_INET6) {
+            static const unsigned char lo6[16] = {[15] = 1};
+            all = all && memcmp(&p->addr.addr6, lo6, 16) == 0;
+        } else {
+            all = 0;
+        }
+    }
+    ares_free_data(list);
+    return all;
+}
 
 static int chan_init(dns_chan *c, ls_loop *loop, const chan_config *cfg)
 {
@@ -224,6 +259,10 @@ static int chan_init(dns_chan *c, ls_loop *loop, const chan_config *cfg)
     }
     if (cfg != NULL && cfg->rotate >= 0)
         mask |= cfg->rotate ? ARES_OPT_ROTATE : ARES_OPT_NOROTATE;
+    if (cfg != NULL && cfg->flags != 0) {
+        mask |= ARES_OPT_FLAGS;
+        o.flags = cfg->flags;
+    }
     c->loop = loop;
     ev_init(&c->timer, timer_cb);
     ares_channel ch = NULL;
@@ -238,6 +277,7 @@ static int chan_init(dns_chan *c, ls_loop *loop, const chan_config *cfg)
         }
     }
     c->channel = ch;
+    c->loopback = servers_loopback(ch);
     return ARES_SUCCESS;
 }
 
@@ -279,21 +319,27 @@ static dns_chan *chan_push(lua_State *L)
 }
 
 /* The loop's channel, created with system defaults on first use.
- * Returns NULL with *status set when c-ares cannot be initialised. */
-static dns_chan *chan_get(lua_State *L, ls_loop *loop, int *status)
+ * Returns NULL with *status set when c-ares cannot be initialised.
+ * raw: the channel of query(), which has ARES_FLAG_NOCHECKRESP: a
+ * SERVFAIL (what a validating resolver answers for a bogus signature)
+ * or REFUSED reply reaches the callback as it is, instead of c-ares
+ * quietly trying the next server. */
+static dns_chan *chan_get(lua_State *L, ls_loop *loop, int *status, int raw)
 {
-    lua_getfield(L, LUA_REGISTRYINDEX, DNS_KEY);
+    const char *key = raw ? DNS_RAW_KEY : DNS_KEY;
+    lua_getfield(L, LUA_REGISTRYINDEX, key);
     dns_chan *c = luaL_testudata(L, -1, DNS_MT);
     lua_pop(L, 1);
     if (c != NULL && c->channel != NULL)
         return c;
+    chan_config cfg = {NULL, 0, 0, -1, raw ? ARES_FLAG_NOCHECKRESP : 0};
     c = chan_push(L);
-    *status = chan_init(c, loop, NULL);
+    *status = chan_init(c, loop, &cfg);
     if (*status != ARES_SUCCESS) {
         lua_pop(L, 1);
         return NULL;
     }
-    lua_setfield(L, LUA_REGISTRYINDEX, DNS_KEY);
+    lua_setfield(L, LUA_REGISTRYINDEX, key);
     return c;
 }
 
@@ -325,6 +371,7 @@ static void req_free(dns_req *req)
         ares_free_data(req->mx);
     if (req->txt != NULL)
         ares_free_data(req->txt);
+    free(req->abuf);
     free(req);
 }
 
@@ -366,6 +413,24 @@ static void txt_cb(void *arg, int status, int timeouts, unsigned char *abuf, int
     dns_req *req = arg;
     if (status == ARES_SUCCESS && req->task != NULL)
         status = ares_parse_txt_reply_ext(abuf, alen, &req->txt);
+    req_complete(req, status);
+}
+
+static void raw_cb(void *arg, int status, int timeouts, unsigned char *abuf, int alen)
+{
+    (void)timeouts;
+    dns_req *req = arg;
+    if (status == ARES_SUCCESS && req->task != NULL) {
+        /* abuf lives only during the callback: keep a copy. */
+        if (abuf == NULL || alen <= 0) {
+            status = ARES_EBADRESP;
+        } else if ((req->abuf = malloc((size_t)alen)) == NULL) {
+            status = ARES_ENOMEM;
+        } else {
+            memcpy(req->abuf, abuf, (size_t)alen);
+            req->alen = (size_t)alen;
+        }
+    }
     req_complete(req, status);
 }
 
@@ -495,11 +560,227 @@ static void push_txt(lua_State *L, const dns_req *req)
     }
 }
 
+/* ------------------------------------------------------------------ */
+/* query(): raw replies */
+
+static const struct {
+    const char *name;
+    int type;
+} qtypes[] = {
+    {"A", DNS_T_A},       {"AAAA", DNS_T_AAAA}, {"MX", DNS_T_MX},
+    {"CNAME", DNS_T_CNAME}, {"TXT", DNS_T_TXT}, {"TLSA", DNS_T_TLSA},
+};
+
+static const char *qtype_name(int type)
+{
+    for (size_t i = 0; i < sizeof qtypes / sizeof qtypes[0]; i++)
+        if (qtypes[i].type == type)
+            return qtypes[i].name;
+    return "?";
+}
+
+static const char *rcode_name(int rcode)
+{
+    switch (rcode) {
+    case DNS_RCODE_FORMERR: return "FORMERR";
+    case DNS_RCODE_SERVFAIL: return "SERVFAIL";
+    case DNS_RCODE_NOTIMP: return "NOTIMP";
+    case DNS_RCODE_REFUSED: return "REFUSED";
+    default: return NULL;
+    }
+}
+
+static int raw_error(lua_State *L, const dns_req *req, const char *what)
+{
+    lua_pushnil(L);
+    lua_pushstring(L, LS_EDNS);
+    lua_pushfstring(L, "%s %s: %s", req->name, qtype_name(req->qtype), what);
+    return 3;
+}
+
+static void txt_piece(void *arg, const unsigned char *s, size_t n)
+{
+    luaL_addlstring((luaL_Buffer *)arg, (const char *)s, n);
+}
+
+/* [-0, +1, m] The Lua value of one answer record; 0 when malformed. */
+static int push_answer(lua_State *L, const dnsmsg *m, const dnsmsg_rr *rr)
+{
+    char name[DNSMSG_NAME_MAX];
+    char addr[INET6_ADDRSTRLEN];
+    unsigned pref, usage, selector, mtype;
+    const unsigned char *data;
+    size_t dlen;
+    switch (rr->type) {
+    case DNS_T_A:
+    case DNS_T_AAAA: {
+        int family = rr->type == DNS_T_A ? AF_INET : AF_INET6;
+        if (rr->rdlen != (family == AF_INET ? 4u : 16u)
+            || inet_ntop(family, m->buf + rr->rdata, addr, sizeof addr) == NULL)
+            return 0;
+        lua_pushstring(L, addr);
+        return 1;
+    }
+    case DNS_T_CNAME:
+        if (dnsmsg_rd_name(m, rr, name) != 0)
+            return 0;
+        lua_pushstring(L, name);
+        return 1;
+    case DNS_T_MX:
+        if (dnsmsg_rd_mx(m, rr, &pref, name) != 0)
+            return 0;
+        lua_createtable(L, 0, 2);
+        lua_pushinteger(L, pref);
+        lua_setfield(L, -2, "preference");
+        lua_pushstring(L, name);
+        lua_setfield(L, -2, "exchange");
+        return 1;
+    case DNS_T_TXT: {
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        if (dnsmsg_rd_txt(m, rr, txt_piece, &b) != 0) {
+            luaL_pushresult(&b);
+            lua_pop(L, 1);
+            return 0;
+        }
+        luaL_pushresult(&b);
+        return 1;
+    }
+    case DNS_T_TLSA:
+        if (dnsmsg_rd_tlsa(m, rr, &usage, &selector, &mtype, &data, &dlen) != 0)
+            return 0;
+        lua_createtable(L, 0, 4);
+        lua_pushinteger(L, usage);
+        lua_setfield(L, -2, "usage");
+        lua_pushinteger(L, selector);
+        lua_setfield(L, -2, "selector");
+        lua_pushinteger(L, mtype);
+        lua_setfield(L, -2, "mtype");
+        lua_pushlstring(L, (const char *)data, dlen);
+        lua_setfield(L, -2, "data");
+        return 1;
+    default:
+        return 0;
+    }
+}
+
+static uint32_t min_ttl(uint32_t a, uint32_t b) { return a < b ? a : b; }
+
+/* Build the result of a raw query: see l_dns_query. */
+static int push_raw(lua_State *L, const dns_req *req)
+{
+    dnsmsg m;
+    dnsmsg_rr rr;
+    if (dnsmsg_open(&m, req->abuf, req->alen) != 0 || !m.qr || m.opcode != 0)
+        return raw_error(L, req, "malformed reply");
+    const char *failure = rcode_name(m.rcode);
+    if (failure != NULL)
+        return raw_error(L, req, lua_pushfstring(L, "the server answered %s%s", failure,
+                                                 m.rcode == DNS_RCODE_SERVFAIL
+                                                     ? " (bogus DNSSEC data or an unreachable zone)"
+                                                     : ""));
+    if (m.rcode != DNS_RCODE_NOERROR && m.rcode != DNS_RCODE_NXDOMAIN)
+        return raw_error(L, req, lua_pushfstring(L, "the server answered rcode %d", m.rcode));
+    if (m.tc)
+        return raw_error(L, req, "truncated reply");
+
+    /* Follow the CNAME chain of the name asked within the answer
+     * section (unless CNAME is what was asked). */
+    char target[DNSMSG_NAME_MAX];
+    size_t tlen = strlen(req->name);
+    memcpy(target, req->name, tlen + 1);
+    uint32_t ttl = UINT32_MAX;
+    int aliased = 0;
+    if (req->qtype != DNS_T_CNAME) {
+        for (int hop = 0; hop <= MAX_CNAME_HOPS; hop++) {
+            dnsmsg scan = m;
+            int found = 0, r;
+            while ((r = dnsmsg_next(&scan, &rr)) == 1) {
+                if (rr.section != DNS_SEC_ANSWER || rr.type != DNS_T_CNAME
+                    || rr.rclass != DNS_CLASS_IN || !dnsmsg_name_eq(rr.name, target))
+                    continue;
+                char next[DNSMSG_NAME_MAX];
+                if (dnsmsg_rd_name(&m, &rr, next) != 0)
+                    return raw_error(L, req, "malformed CNAME record");
+                memcpy(target, next, strlen(next) + 1);
+                ttl = min_ttl(ttl, rr.ttl);
+                found = 1;
+                break;
+            }
+            if (r < 0)
+                return raw_error(L, req, "malformed reply");
+            if (!found)
+                break;
+            if (hop == MAX_CNAME_HOPS)
+                return raw_error(L, req, "CNAME chain too long or looping");
+            aliased = 1;
+        }
+    }
+
+    lua_createtable(L, 0, 8);
+    int res = lua_gettop(L);
+    lua_pushstring(L, req->name);
+    lua_setfield(L, res, "name");
+    lua_pushstring(L, qtype_name(req->qtype));
+    lua_setfield(L, res, "qtype");
+    lua_pushstring(L, m.rcode == DNS_RCODE_NXDOMAIN ? "NXDOMAIN" : "NOERROR");
+    lua_setfield(L, res, "rcode");
+    lua_pushboolean(L, m.ad);
+    lua_setfield(L, res, "ad");
+    lua_pushboolean(L, req->chan->loopback);
+    lua_setfield(L, res, "loopback");
+    if (aliased) {
+        lua_pushstring(L, target);
+        lua_setfield(L, res, "cname");
+    }
+    lua_newtable(L);
+    int answers = lua_gettop(L);
+    lua_Integer n = 0;
+    uint32_t neg_ttl = 0;
+    int have_soa = 0, r;
+    dnsmsg scan = m;
+    while ((r = dnsmsg_next(&scan, &rr)) == 1) {
+        if (rr.rclass != DNS_CLASS_IN)
+            continue;
+        if (rr.section == DNS_SEC_ANSWER && rr.type == req->qtype
+            && dnsmsg_name_eq(rr.name, target)) {
+            if (!push_answer(L, &m, &rr))
+                return raw_error(L, req, lua_pushfstring(L, "malformed %s record",
+                                                         qtype_name(rr.type)));
+            lua_rawseti(L, answers, ++n);
+            ttl = min_ttl(ttl, rr.ttl);
+        } else if (rr.section == DNS_SEC_AUTHORITY && rr.type == DNS_T_SOA && !have_soa) {
+            uint32_t minimum;
+            if (dnsmsg_rd_soa_minimum(&m, &rr, &minimum) != 0)
+                return raw_error(L, req, "malformed SOA record");
+            neg_ttl = min_ttl(rr.ttl, minimum); /* RFC 2308 5 */
+            have_soa = 1;
+        }
+    }
+    if (r < 0)
+        return raw_error(L, req, "malformed reply");
+    lua_setfield(L, res, "answers");
+    /* Without records the TTL is the negative one (0 without a SOA:
+     * not to be cached), bounded by the CNAMEs that led there. */
+    if (n == 0)
+        ttl = min_ttl(ttl, neg_ttl);
+    lua_pushinteger(L, ttl == UINT32_MAX ? 0 : ttl);
+    lua_setfield(L, res, "ttl");
+    lua_settop(L, res);
+    return 1;
+}
+
 /* Protected: build the Lua result of a finished request (arg 1). */
 static int push_result(lua_State *L)
 {
     const dns_req *req = lua_touserdata(L, 1);
     int status = req->status;
+    if (req->kind == REQ_RAW) {
+        if (status != ARES_SUCCESS)
+            return raw_error(L, req, status == ARES_EDESTRUCTION ? "resolver reconfigured"
+                                                                 : ares_strerror(status));
+        return push_raw(L, req);
+    }
     /* "No such record" for MX/TXT is an empty list, not an error: the
      * domain exists (NXDOMAIN stays an error). */
     if (req->kind != REQ_ADDR && status == ARES_ENODATA)
@@ -709,7 +990,7 @@ static int lookup(lua_State *L, int kind, const char *name, size_t len, int fami
     ls_loop *loop = ls_getloop(L);
     ls_task *t = ls_current(L, loop); /* raises where waiting is impossible */
     int st = ARES_SUCCESS;
-    dns_chan *c = chan_get(L, loop, &st);
+    dns_chan *c = chan_get(L, loop, &st, 0);
     if (c == NULL)
         return push_dns_error(L, name, st);
     int localhost = kind == REQ_ADDR && is_localhost(name, len);
@@ -810,6 +1091,69 @@ static int l_resolve_txt(lua_State *L)
     return lookup(L, REQ_TXT, name, len, AF_UNSPEC, timeout);
 }
 
+/* dns_query(name, qtype [, opts]) -> result | nil, "dns", detail | nil, "timeout", detail
+ * [-0, +1|3, e]  Waits. The query is built here: RD and AD set, an
+ * EDNS0 OPT record with DO (so a validating resolver reports the AD
+ * bit), a random id; it goes to the channel with ARES_FLAG_NOCHECKRESP,
+ * so a SERVFAIL is an answer (nil, "dns", "... SERVFAIL ...").
+ *   name   the name as is (no search list), at most 253 bytes
+ *   qtype  "A", "AAAA", "MX", "CNAME", "TXT" or "TLSA"
+ *   opts   timeout = seconds (10)
+ * result = { name, qtype, rcode = "NOERROR" | "NXDOMAIN", ad = bool,
+ *   loopback = bool (every server is on loopback), ttl = seconds
+ *   (for no records: RFC 2308's negative TTL from the SOA, else 0),
+ *   cname = the end of the CNAME chain when the name is an alias,
+ *   answers = { ... } }: the records of that type at the (canonical)
+ *   name: MX {preference, exchange ("" for a null MX)}, A/AAAA address
+ *   strings, TXT strings (the character-strings of one record joined),
+ *   CNAME targets, TLSA {usage, selector, mtype, data (binary)}.
+ * luasmtp.dns (lua/luasmtp/dns.lua) turns ad into authentic and caches.
+ *   local r = assert(core.dns_query("example.org", "MX")) */
+static int l_dns_query(lua_State *L)
+{
+    size_t len;
+    const char *name = check_name(L, 1, &len);
+    const char *tname = luaL_checkstring(L, 2);
+    double timeout = opt_timeout(L, 3);
+    int qtype = -1;
+    for (size_t i = 0; i < sizeof qtypes / sizeof qtypes[0]; i++)
+        if (strcmp(tname, qtypes[i].name) == 0)
+            qtype = qtypes[i].type;
+    if (qtype < 0)
+        return luaL_argerror(L, 2, "qtype must be \"A\", \"AAAA\", \"MX\", \"CNAME\", "
+                                   "\"TXT\" or \"TLSA\"");
+    unsigned char q[DNSMSG_QUERY_MAX];
+    uint16_t id;
+    if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)
+        return ls_pusherror(L, LS_EDNS, "no random query id (getrandom failed)");
+    size_t qlen = len <= MAX_NAME ? dnsmsg_build_query(q, name, (uint16_t)qtype, id,
+                                                       EDNS_UDP_SIZE)
+                                  : 0;
+    if (qlen == 0) {
+        lua_pushnil(L);
+        lua_pushstring(L, LS_EDNS);
+        lua_pushfstring(L, "%s: invalid domain name", name);
+        return 3;
+    }
+    ls_loop *loop = ls_getloop(L);
+    ls_task *t = ls_current(L, loop);
+    int st = ARES_SUCCESS;
+    dns_chan *c = chan_get(L, loop, &st, 1);
+    if (c == NULL)
+        return push_dns_error(L, name, st);
+    /* The name without its final dot: answers are compared to it. */
+    if (name[len - 1] == '.')
+        len--;
+    dns_req *req = req_new(loop, t, c, REQ_RAW, name, len);
+    if (req == NULL)
+        return push_dns_error(L, name, ARES_ENOMEM);
+    req->qtype = qtype;
+    ls_live[LS_COUNT_DNS_QUERIES]++;
+    req->issuing = 1;
+    ares_send(c->channel, q, (int)qlen, raw_cb, req); /* copies q */
+    return req_wait(L, req, timeout);
+}
+
 /* Append opts.servers (a string or an array of strings) as a c-ares CSV
  * list to b. */
 static void add_servers(lua_State *L, int idx, luaL_Buffer *b)
@@ -856,7 +1200,7 @@ static int l_dns_configure(lua_State *L)
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     ls_loop *loop = ls_getloop(L);
-    chan_config cfg = {NULL, 0, 0, -1};
+    chan_config cfg = {NULL, 0, 0, -1, 0};
 
     if (lua_getfield(L, 1, "timeout") != LUA_TNIL) {
         int ok;
@@ -886,23 +1230,35 @@ static int l_dns_configure(lua_State *L)
         cfg.servers = lua_tostring(L, 3);
     }
 
-    dns_chan *c = chan_push(L);
-    int st = chan_init(c, loop, &cfg);
-    if (st == ARES_EBADSTR)
-        return luaL_argerror(L, 1, "servers: each must be \"ip\", \"ip:port\" or \"[ip6]:port\"");
-    if (st != ARES_SUCCESS) {
-        lua_pushnil(L);
-        lua_pushstring(L, LS_EDNS);
-        lua_pushfstring(L, "resolver configuration: %s", ares_strerror(st));
-        return 3;
+    /* Two channels with the same servers: the one of resolve*() and
+     * the one of dns_query() (ARES_FLAG_NOCHECKRESP, see chan_get).
+     * Both are made before either is installed. */
+    lua_settop(L, 3);
+    dns_chan *chans[2];
+    for (int raw = 0; raw < 2; raw++) {
+        cfg.flags = raw ? ARES_FLAG_NOCHECKRESP : 0;
+        chans[raw] = chan_push(L); /* index 4, 5 */
+        int st = chan_init(chans[raw], loop, &cfg);
+        if (st == ARES_EBADSTR)
+            return luaL_argerror(L, 1, "servers: each must be \"ip\", \"ip:port\" or "
+                                       "\"[ip6]:port\"");
+        if (st != ARES_SUCCESS) {
+            lua_pushnil(L);
+            lua_pushstring(L, LS_EDNS);
+            lua_pushfstring(L, "resolver configuration: %s", ares_strerror(st));
+            return 3;
+        }
     }
-    /* Fail the old channel's queries, then install the new one. */
-    lua_getfield(L, LUA_REGISTRYINDEX, DNS_KEY);
-    dns_chan *old = luaL_testudata(L, -1, DNS_MT);
-    if (old != NULL)
-        chan_destroy(old, 0);
-    lua_pop(L, 1);
-    lua_setfield(L, LUA_REGISTRYINDEX, DNS_KEY);
+    /* Fail the old channels' queries, then install the new ones. */
+    static const char *const keys[2] = {DNS_KEY, DNS_RAW_KEY};
+    for (int raw = 1; raw >= 0; raw--) {
+        lua_getfield(L, LUA_REGISTRYINDEX, keys[raw]);
+        dns_chan *old = luaL_testudata(L, -1, DNS_MT);
+        if (old != NULL)
+            chan_destroy(old, 0);
+        lua_pop(L, 1);
+        lua_setfield(L, LUA_REGISTRYINDEX, keys[raw]); /* pops 5, then 4 */
+    }
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -919,6 +1275,7 @@ int ls_open_dns(lua_State *L)
         {"resolve_mx", l_resolve_mx},
         {"resolve_txt", l_resolve_txt},
         {"dns_configure", l_dns_configure},
+        {"dns_query", l_dns_query},
         {NULL, NULL},
     };
     luaL_setfuncs(L, funcs, 0);

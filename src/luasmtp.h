@@ -166,6 +166,10 @@ int ls_tls_read(SSL *ssl, char *buf, size_t len, size_t *n, ls_ioerr *err);
 int ls_tls_write(SSL *ssl, const char *buf, size_t len, size_t *n, ls_ioerr *err);
 /* One non-blocking attempt at close_notify. */
 void ls_tls_shutdown(SSL *ssl);
+/* DANE: check opts.dane (raises on bad arguments), then apply it to a
+ * new client session before its handshake (LS_IO_OK or LS_IO_ERROR). */
+void ls_tls_dane_check(lua_State *L, int idx, ls_tlsctx *c);
+int ls_tls_dane_apply(lua_State *L, int idx, SSL *ssl, ls_ioerr *err);
 /* Push a table describing the session (version, cipher, peer cert...). */
 int ls_tls_pushinfo(lua_State *L, SSL *ssl);
 /* Push channel-binding data: type "tls-exporter" or "tls-unique". */

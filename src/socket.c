@@ -1081,6 +1081,8 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
                 s->ssl = ls_tls_new(c, s->fd, sni, lua_toboolean(L, 4), &err);
                 if (s->ssl == NULL)
                     return tls_fail(L, s, LS_ETLS, err.detail);
+                if (lua_istable(L, 5) && ls_tls_dane_apply(L, 5, s->ssl, &err) != LS_IO_OK)
+                    return tls_fail(L, s, err.token, err.detail);
                 stage = TLS_HANDSHAKE;
                 ctx = stage;
                 continue;
@@ -1117,7 +1119,9 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
  * Upgrade the connection to TLS in place (also used for implicit TLS
  * right after connect/accept). opts: servername (client: SNI and the
  * name the certificate must match), verify_host (default true),
- * timeout (default: the read timeout).
+ * timeout (default: the read timeout), dane (client: { base_domain,
+ * tlsa, names }, see ls_tls_dane_check: the peer is authenticated by
+ * its TLSA records instead of PKIX; SNI defaults to the base domain).
  * Client side: input already received and not read is an error (response
  * injection). Server side: it is discarded. On failure the socket is
  * closed. */
@@ -1128,6 +1132,7 @@ static int l_starttls(lua_State *L)
     const char *sni = NULL;
     int verify_host = 1;
     double timeout = s->t_read;
+    int dane = 0;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
         lua_getfield(L, 3, "servername");
@@ -1138,23 +1143,42 @@ static int l_starttls(lua_State *L)
         lua_getfield(L, 3, "timeout");
         timeout = opt_timeout(L, -1, timeout);
         lua_pop(L, 3);
+        if (lua_getfield(L, 3, "dane") != LUA_TNIL) {
+            ls_tls_dane_check(L, -1, ls_tlsctx_check(L, 2));
+            dane = lua_gettop(L); /* kept below for starttls_k */
+            /* The names come from opts.dane; SNI is the base domain. */
+            verify_host = 0;
+            if (sni == NULL) {
+                lua_getfield(L, -1, "base_domain");
+                sni = lua_tostring(L, -1);
+                lua_replace(L, 3); /* opts is no longer needed: keeps sni alive */
+            }
+        }
     }
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->ssl)
         return luaL_error(L, "luasmtp: TLS is already active on this socket");
-    if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && verify_host && sni == NULL)
+    if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && !dane && verify_host && sni == NULL)
         return luaL_error(L, "luasmtp: starttls needs opts.servername to verify the server "
                              "(or verify_host = false)");
     if (ls_waitref_busy(&s->reader) || ls_waitref_busy(&s->writer) || s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: cannot start TLS while another task uses it");
     s->rdeadline = deadline_of(s->loop, timeout);
-    lua_settop(L, 2);
+    /* Stack for starttls_k: sock, ctx, sni, verify_host, dane table. */
     if (sni)
         lua_pushstring(L, sni);
     else
         lua_pushnil(L);
     lua_pushboolean(L, verify_host);
+    if (dane)
+        lua_pushvalue(L, dane);
+    else
+        lua_pushnil(L);
+    int top = lua_gettop(L);
+    for (int i = 0; i < 3; i++)
+        lua_copy(L, top - 2 + i, 3 + i);
+    lua_settop(L, 5);
     return starttls_k(L, LUA_OK, TLS_FLUSH);
 }
 
@@ -1222,7 +1246,10 @@ static int start_connect(lua_State *L, ls_loop *loop, ls_socket *s, const struct
 
 /* connect(address, port [, opts]) -> socket | nil, err, detail
  * address must be numeric (IPv4/IPv6); luasmtp.connect resolves names.
- * opts: timeout (seconds), bind (local numeric address). */
+ * opts: timeout (seconds), bind (local numeric address), pending (a
+ * table: while the connect waits, pending.socket is the socket, so
+ * another task can abandon the attempt with pending.socket:close(),
+ * which makes this call return nil, "closed"). */
 static int l_connect(lua_State *L)
 {
     const char *host = luaL_checkstring(L, 1);
@@ -1280,6 +1307,11 @@ static int start_connect(lua_State *L, ls_loop *loop, ls_socket *s, const struct
             return ls_pusherror(L, LS_EREFUSED, "the server's listen queue is full");
         return ls_pusherror(L, ls_errno_token(e), strerror(e));
     }
+    if (lua_istable(L, 3) && lua_getfield(L, 3, "pending") == LUA_TTABLE) {
+        lua_pushvalue(L, 4);
+        lua_setfield(L, -2, "socket");
+    }
+    lua_settop(L, 4);
     ls_task *t = ls_current(L, loop);
     int r = ls_wait(L, loop, t, s->fd, EV_WRITE, deadline_of(loop, timeout), &s->writer, 0, connect_k);
     (void)r;

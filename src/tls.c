@@ -79,6 +79,7 @@ struct ls_tlsctx {
     SSL_CTX *ctx;   /* NULL once destroyed */
     sni_set *sni;   /* extra server certificates, or NULL */
     int server;
+    int dane;       /* client: SSL_CTX_dane_enable done */
 };
 
 /* Per-session state: the BIO's data and the SSL's app data. */
@@ -89,6 +90,8 @@ typedef struct ls_session {
     int failed;     /* a fatal error happened: no close_notify */
     int first_verify_error; /* verify = "optional": the first failure */
     sni_set *sni;   /* reference held by this session, or NULL */
+    int dane;       /* DANE enabled for this session */
+    int dane_usable; /* TLSA records OpenSSL accepted */
 } ls_session;
 
 enum tls_op { OP_HANDSHAKE, OP_READ, OP_WRITE };
@@ -399,6 +402,7 @@ typedef struct tls_params {
     int verify;
     int min_version, max_version;
     int session_cache;
+    int dane;
     const char *cafile, *capath;
     const char *ciphers, *ciphersuites;
 } tls_params;
@@ -406,7 +410,7 @@ typedef struct tls_params {
 static const char *const known_fields[] = {
     "mode", "certificate", "certificate_pem", "key", "key_pem", "cafile",
     "capath", "verify", "min_version", "max_version", "ciphers",
-    "ciphersuites", "certificates", "session_cache", NULL,
+    "ciphersuites", "certificates", "session_cache", "dane", NULL,
 };
 
 /* Key passphrases are not supported: never prompt on the terminal.
@@ -525,6 +529,14 @@ static void read_params(lua_State *L, tls_params *p)
      * tls-unique and client-certificate semantics simple). */
     p->session_cache = t == LUA_TNIL ? !p->server : lua_toboolean(L, -1);
     lua_pop(L, 1);
+
+    t = lua_getfield(L, 1, "dane");
+    if (t != LUA_TNIL && t != LUA_TBOOLEAN)
+        ctx_raise(L, "dane must be a boolean");
+    p->dane = lua_toboolean(L, -1);
+    lua_pop(L, 1);
+    if (p->dane && p->server)
+        ctx_raise(L, "dane is for client contexts");
 
     const char *v = get_string(L, 1, "min_version", "", NULL);
     p->min_version = v ? parse_version(L, "min_version", v) : TLS1_2_VERSION;
@@ -839,6 +851,7 @@ static void tlsctx_destroy(ls_tlsctx *c)
  *   certificates          servers: { {certificate=, key=, hosts=}, ... }
  *                         chosen by SNI (hosts default to the cert names)
  *   session_cache         false disables resumption (server default: off)
+ *   dane                  client: true enables DANE (sock:starttls opts.dane)
  *
  * Example:
  *   local ctx = core.tls_context { mode = "server",
@@ -868,6 +881,15 @@ static int l_tls_context(lua_State *L)
     load_trust(L, c->ctx, &p);
     load_identity(L, 1, c->ctx, "", p.server);
     load_sni(L, c, &p);
+    if (p.dane) {
+        ERR_clear_error();
+        if (SSL_CTX_dane_enable(c->ctx) <= 0)
+            ctx_fail(L, "cannot enable DANE");
+        /* RFC 7672 3.1.1: DANE-EE(3) binds the key to the service: the
+         * names in the certificate do not matter. */
+        SSL_CTX_dane_set_flags(c->ctx, DANE_FLAG_NO_DANE_EE_NAMECHECKS);
+        c->dane = 1;
+    }
 
     lua_settop(L, 2);
     return 1;
@@ -1029,8 +1051,24 @@ static int verify_failure(SSL *ssl, ls_ioerr *err)
     msgbuf m;
     err->token = LS_ETLS;
     mb_init(&m, err->detail, sizeof err->detail);
-    mb_add(&m, "certificate verify failed: %s", X509_verify_cert_error_string(vr));
     X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+    ls_session *s = SSL_get_app_data(ssl);
+    if (s != NULL && s->dane) {
+        /* The first reference name is the TLSA base domain. */
+        const char *base = X509_VERIFY_PARAM_get0_host(param, 0);
+        if (vr == X509_V_ERR_DANE_NO_MATCH)
+            mb_add(&m, "DANE: no TLSA record of %s matches the certificate chain "
+                   "(%d usable record%s)", base ? base : "?", s->dane_usable,
+                   s->dane_usable == 1 ? "" : "s");
+        else if (vr == X509_V_ERR_HOSTNAME_MISMATCH)
+            mb_add(&m, "DANE: the certificate matches a DANE-TA record but names "
+                   "neither %s nor another allowed name (RFC 7672 3.2.3)", base ? base : "?");
+        else
+            mb_add(&m, "DANE: certificate verify failed: %s",
+                   X509_verify_cert_error_string(vr));
+        return 1;
+    }
+    mb_add(&m, "certificate verify failed: %s", X509_verify_cert_error_string(vr));
     if (vr == X509_V_ERR_HOSTNAME_MISMATCH) {
         const char *host = X509_VERIFY_PARAM_get0_host(param, 0);
         if (host)
@@ -1179,6 +1217,245 @@ static int tls_write_op(const ls_transport *t, const char *buf, size_t len, size
 }
 
 const ls_transport_ops ls_tls_ops = {tls_read_op, tls_write_op};
+
+/* ------------------------------------------------------------------ */
+/* DANE (RFC 6698, RFC 7671, RFC 7672) through OpenSSL's DANE API */
+
+/* DANE-TA(2) and DANE-EE(3) only: RFC 7672 3.1.3 makes PKIX-TA(0) and
+ * PKIX-EE(1) unusable for SMTP. Selectors 0 and 1, matching types 0, 1
+ * and 2 with the digest length they imply; full data must parse. */
+static int tlsa_usable(lua_Integer usage, lua_Integer selector, lua_Integer mtype,
+                       const unsigned char *data, size_t dlen)
+{
+    if ((usage != 2 && usage != 3) || (selector != 0 && selector != 1) || dlen == 0)
+        return 0;
+    if (mtype == 1)
+        return dlen == 32;
+    if (mtype == 2)
+        return dlen == 64;
+    if (mtype != 0 || dlen > LONG_MAX)
+        return 0;
+    const unsigned char *p = data;
+    int ok;
+    if (selector == 0) {
+        X509 *x = d2i_X509(NULL, &p, (long)dlen);
+        ok = x != NULL && p == data + dlen;
+        X509_free(x);
+    } else {
+        EVP_PKEY *k = d2i_PUBKEY(NULL, &p, (long)dlen);
+        ok = k != NULL && p == data + dlen;
+        EVP_PKEY_free(k);
+    }
+    ERR_clear_error();
+    return ok;
+}
+
+/* [-0, +0, -] Read record i of the array at idx without raising:
+ * 1 with the fields filled in, 0 when the entry is not a well-formed
+ * TLSA table. */
+static int tlsa_fields(lua_State *L, int idx, lua_Integer i, lua_Integer f[3],
+                       const unsigned char **data, size_t *dlen)
+{
+    static const char *const names[3] = {"usage", "selector", "mtype"};
+    int ok = 1;
+    if (lua_rawgeti(L, idx, i) != LUA_TTABLE) {
+        lua_pop(L, 1);
+        return 0;
+    }
+    for (int k = 0; k < 3; k++) {
+        lua_pushstring(L, names[k]);
+        int isint;
+        f[k] = lua_rawget(L, -2) == LUA_TNUMBER ? lua_tointegerx(L, -1, &isint) : (isint = 0);
+        ok = ok && isint && f[k] >= 0 && f[k] <= 255;
+        lua_pop(L, 1);
+    }
+    lua_pushliteral(L, "data");
+    ok = lua_rawget(L, -2) == LUA_TSTRING && ok;
+    /* The string stays referenced by the record table, which the caller
+     * keeps on its stack. */
+    *data = ok ? (const unsigned char *)lua_tolstring(L, -1, dlen) : NULL;
+    lua_pop(L, 2);
+    return ok;
+}
+
+/* [-0, +0, -] A string field of the table at idx, or NULL. */
+static const char *raw_string(lua_State *L, int idx, const char *key)
+{
+    lua_pushstring(L, key);
+    const char *v = lua_rawget(L, idx) == LUA_TSTRING ? lua_tostring(L, -1) : NULL;
+    lua_pop(L, 1); /* the table keeps the string alive */
+    return v;
+}
+
+/*
+ * Validate opts.dane of sock:starttls (the table at idx) for context c:
+ *   { base_domain = "mx.example.org",
+ *     tlsa = { {usage=, selector=, mtype=, data=}, ... } (dns.query answers),
+ *     names = { "example.org", ... } (more names a DANE-TA certificate may carry) }
+ * Bad arguments raise: they are programming errors.        [-0, +0, v]
+ */
+void ls_tls_dane_check(lua_State *L, int idx, ls_tlsctx *c)
+{
+    idx = lua_absindex(L, idx);
+    if (!lua_istable(L, idx))
+        luaL_error(L, "luasmtp: opts.dane must be a table");
+    if (c->server || !c->dane)
+        luaL_error(L, "luasmtp: opts.dane needs a client context made with dane = true");
+    const char *base = raw_string(L, idx, "base_domain");
+    if (base == NULL || *base == '\0' || strlen(base) > 253)
+        luaL_error(L, "luasmtp: opts.dane.base_domain must be a host name");
+    lua_pushliteral(L, "tlsa");
+    if (lua_rawget(L, idx) != LUA_TTABLE)
+        luaL_error(L, "luasmtp: opts.dane.tlsa must be an array of TLSA records");
+    int list = lua_gettop(L);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, list);
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_Integer f[3];
+        const unsigned char *data;
+        size_t dlen;
+        if (!tlsa_fields(L, list, i, f, &data, &dlen))
+            luaL_error(L, "luasmtp: opts.dane.tlsa[%d] must be {usage=, selector=, mtype= "
+                          "(integers 0-255), data = string}", (int)i);
+    }
+    lua_pop(L, 1);
+    lua_pushliteral(L, "names");
+    int t = lua_rawget(L, idx);
+    if (t != LUA_TNIL) {
+        if (t != LUA_TTABLE)
+            luaL_error(L, "luasmtp: opts.dane.names must be an array of host names");
+        lua_Integer k = (lua_Integer)lua_rawlen(L, -1);
+        for (lua_Integer i = 1; i <= k; i++) {
+            if (lua_rawgeti(L, -1, i) != LUA_TSTRING || lua_rawlen(L, -1) == 0)
+                luaL_error(L, "luasmtp: opts.dane.names[%d] must be a host name", (int)i);
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+}
+
+/* Turn DANE on for ssl (a client session of a dane context, before the
+ * handshake) with the table at idx, checked by ls_tls_dane_check. Never
+ * raises: the table is read again as it is now. LS_IO_OK, or
+ * LS_IO_ERROR with err filled in (no usable record among them). */
+int ls_tls_dane_apply(lua_State *L, int idx, SSL *ssl, ls_ioerr *err)
+{
+    ls_session *s = SSL_get_app_data(ssl);
+    idx = lua_absindex(L, idx);
+    ERR_clear_error();
+    const char *base = raw_string(L, idx, "base_domain");
+    if (base == NULL || SSL_dane_enable(ssl, base) <= 0) {
+        msgbuf m;
+        err->token = LS_ETLS;
+        mb_init(&m, err->detail, sizeof err->detail);
+        mb_add(&m, "DANE: cannot enable DANE for %s: ", base ? base : "(no base domain)");
+        drain_errors(&m);
+        return LS_IO_ERROR;
+    }
+    s->dane = 1;
+    /* RFC 7672 3.2.3: names a DANE-TA certificate may carry; a wildcard
+     * only as a whole first label. */
+    SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
+    lua_pushliteral(L, "names");
+    if (lua_rawget(L, idx) == LUA_TTABLE) {
+        lua_Integer k = (lua_Integer)lua_rawlen(L, -1);
+        for (lua_Integer i = 1; i <= k; i++) {
+            if (lua_rawgeti(L, -1, i) == LUA_TSTRING && !SSL_add1_host(ssl, lua_tostring(L, -1))) {
+                lua_pop(L, 2);
+                return set_err(err, LS_ETLS, "DANE: cannot add the reference name %d", (int)i);
+            }
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+    /* Verification must decide the handshake whatever the context's
+     * verify setting: DANE replaces PKIX here, it is not optional. */
+    SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
+    lua_pushliteral(L, "tlsa");
+    lua_Integer n = 0;
+    int usable = 0;
+    if (lua_rawget(L, idx) == LUA_TTABLE) {
+        int list = lua_gettop(L);
+        n = (lua_Integer)lua_rawlen(L, list);
+        for (lua_Integer i = 1; i <= n; i++) {
+            lua_Integer f[3];
+            const unsigned char *data;
+            size_t dlen;
+            lua_rawgeti(L, list, i); /* keeps data alive below */
+            if (tlsa_fields(L, list, i, f, &data, &dlen)
+                && tlsa_usable(f[0], f[1], f[2], data, dlen)
+                && SSL_dane_tlsa_add(ssl, (uint8_t)f[0], (uint8_t)f[1], (uint8_t)f[2], data,
+                                     dlen) > 0)
+                usable++;
+            ERR_clear_error();
+            lua_pop(L, 1);
+        }
+    }
+    lua_pop(L, 1);
+    s->dane_usable = usable;
+    if (usable == 0)
+        return set_err(err, LS_ETLS, "DANE: none of the %d TLSA record%s of %s is usable "
+                       "(RFC 7672: usages 2 and 3, selectors 0 and 1, matching types 0-2)",
+                       (int)n, n == 1 ? "" : "s", base);
+    return LS_IO_OK;
+}
+
+/* luasmtp.tls.dane_usable(tlsa) -> n, total                  [-0, +2, e]
+ * How many of the records (dns.query "TLSA" answers) DANE would use for
+ * SMTP: with none, sock:starttls with opts.dane fails, so a caller
+ * checks first and decides (RFC 7672 2.2: mandatory unauthenticated TLS).
+ *   local n = luasmtp.tls.dane_usable(res.answers) */
+static int l_dane_usable(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    lua_Integer n = (lua_Integer)lua_rawlen(L, 1), usable = 0;
+    for (lua_Integer i = 1; i <= n; i++) {
+        lua_Integer f[3];
+        const unsigned char *data;
+        size_t dlen;
+        lua_rawgeti(L, 1, i);
+        if (tlsa_fields(L, 1, i, f, &data, &dlen) && tlsa_usable(f[0], f[1], f[2], data, dlen))
+            usable++;
+        lua_pop(L, 1);
+    }
+    lua_pushinteger(L, usable);
+    lua_pushinteger(L, n);
+    return 2;
+}
+
+/* [-0, +0, m] info.dane = { matched = {usage, selector, mtype}, depth,
+ * usable, peername } when DANE authenticated the peer. */
+static void push_dane(lua_State *L, int t, SSL *ssl)
+{
+    ls_session *s = SSL_get_app_data(ssl);
+    uint8_t usage, selector, mtype;
+    const unsigned char *data;
+    size_t dlen;
+    if (s == NULL || !s->dane || !SSL_is_init_finished(ssl)
+        || SSL_get_verify_result(ssl) != X509_V_OK)
+        return;
+    int depth = SSL_get0_dane_tlsa(ssl, &usage, &selector, &mtype, &data, &dlen);
+    if (depth < 0)
+        return;
+    lua_createtable(L, 0, 4);
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, usage);
+    lua_setfield(L, -2, "usage");
+    lua_pushinteger(L, selector);
+    lua_setfield(L, -2, "selector");
+    lua_pushinteger(L, mtype);
+    lua_setfield(L, -2, "mtype");
+    lua_setfield(L, -2, "matched");
+    lua_pushinteger(L, depth);
+    lua_setfield(L, -2, "depth");
+    lua_pushinteger(L, s->dane_usable);
+    lua_setfield(L, -2, "usable");
+    const char *peername = SSL_get0_peername(ssl);
+    if (peername) {
+        lua_pushstring(L, peername);
+        lua_setfield(L, -2, "peername");
+    }
+    lua_setfield(L, t, "dane");
+}
 
 /* ------------------------------------------------------------------ */
 /* Session information */
@@ -1371,6 +1648,7 @@ int ls_tls_pushinfo(lua_State *L, SSL *ssl)
         push_peer(L, peer);
         lua_setfield(L, t, "peer");
     }
+    push_dane(L, t, ssl);
     ERR_clear_error();
     return 1;
 }
@@ -1462,5 +1740,7 @@ int ls_open_tls(lua_State *L)
     lua_pop(L, 1);
     lua_pushcfunction(L, l_tls_context);
     lua_setfield(L, -2, "tls_context");
+    lua_pushcfunction(L, l_dane_usable);
+    lua_setfield(L, -2, "dane_usable");
     return 0;
 }

@@ -350,6 +350,12 @@ local function client_context(cfg, verify)
   return ctx
 end
 
+--- tls_context(opts, verify) -> a client context for opts.cafile /
+-- opts.capath (or opts.tls_context itself), verifying or not, made once.
+-- Without verification, a session given verify_host still checks the
+-- chain and name for tlsinfo().verified.
+M.tls_context = client_context
+
 -- Does this mode verify the server? On by default wherever TLS is
 -- required; opportunistic STARTTLS does not unless asked to.
 local function verifying(cfg, mode)
@@ -537,11 +543,9 @@ function Session:starttls(mode)
     return nil, "smtp", smtp_error("STARTTLS", reply, "starttls")
   end
   local verify = verifying(self.config, mode)
-  local ok, token, detail = self.sock:starttls(client_context(self.config, verify), {
-    servername = self.servername,
-    verify_host = verify,
-    timeout = self.timeouts.tls,
-  })
+  local topts = { servername = self.servername, verify_host = verify, timeout = self.timeouts.tls }
+  for k, v in pairs(self.config.starttls_options or {}) do topts[k] = v end
+  local ok, token, detail = self.sock:starttls(client_context(self.config, verify), topts)
   if not ok then
     local sock = self.sock
     self.sock = nil
@@ -712,7 +716,8 @@ end
 -- opts: host and port (or server = "host[:port]", or sock = a connected
 -- socket), tls ("implicit", "starttls", "opportunistic", "none", "auto"),
 -- tls_context or cafile / capath, insecure (no verification), verify,
--- servername, helo, auth (see login), lmtp, pipelining, chunking,
+-- servername, starttls_options (more fields for sock:starttls, such as
+-- dane), helo, auth (see login), lmtp, pipelining, chunking,
 -- timeouts = {connect, greeting, command, tls, data, data_block,
 -- data_end, quit}, transcript = function(direction, line), family, bind.
 function M.connect(opts)

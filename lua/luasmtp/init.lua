@@ -31,7 +31,15 @@ local M = {
   resolve = core.resolve,
   resolve_mx = core.resolve_mx,
   resolve_txt = core.resolve_txt,
-  dns_configure = core.dns_configure,
+  -- also empties luasmtp.dns's cache (its answers came from the old servers)
+  dns_configure = function(opts)
+    local ok, err, detail = core.dns_configure(opts)
+    local dns = package.loaded["luasmtp.dns"]
+    if ok and dns then
+      dns.cache_clear()
+    end
+    return ok, err, detail
+  end,
 
   -- HTTP(S) client (src/http.c)
   http = http,
@@ -50,6 +58,7 @@ local M = {
   socketpair = core.socketpair,
   tls = {
     context = core.tls_context,
+    dane_usable = core.dane_usable,
   },
 
   -- hashes, HMAC, PBKDF2, random, base64, crypt(3) (src/crypto.c)

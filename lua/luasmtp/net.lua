@@ -78,6 +78,7 @@ local function implicit_tls(sock, opts, servername, deadline)
       servername = servername,
       verify_host = opts.verify_host,
       timeout = math.max(deadline - core.update_now(), 0.001),
+      dane = opts.dane,
     })
     if not ok then
       return nil, terr, tdetail
@@ -95,6 +96,8 @@ end
 --   tls          a client TLS context: implicit TLS right after connect
 --   servername   name for SNI and certificate check (default: host)
 --   verify_host  check the certificate's name (default true)
+--   dane         { base_domain, tlsa, names }: authenticate the implicit
+--                TLS by TLSA records (see sock:starttls)
 function M.connect(host, port, opts)
   assert(type(host) == "string", "host must be a string")
   assert(math.type(port) == "integer", "port must be an integer")
@@ -123,7 +126,8 @@ function M.connect(host, port, opts)
   if not sock then
     return nil, err, detail
   end
-  return implicit_tls(sock, opts, opts.servername or bare, deadline)
+  -- with DANE, SNI defaults to the TLSA base domain
+  return implicit_tls(sock, opts, opts.servername or (not opts.dane and bare or nil), deadline)
 end
 
 --- connect_unix(path [, opts]) -> socket | nil, err, detail

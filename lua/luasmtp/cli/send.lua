@@ -12,6 +12,7 @@
 -- recipient is reported on standard error with the server's reply.
 local getopt = require "luasmtp.getopt"
 local client = require "luasmtp.client"
+local send_mx = require "luasmtp.cli.send_mx"
 
 local M = {}
 
@@ -46,13 +47,14 @@ options:
   --helo NAME           name for EHLO/LHLO
   --timeout SECONDS     scale down every time limit to at most SECONDS
   --help
-]]
+]] .. send_mx.USAGE
 
 local LONG = {
   server = "string", tls = "string", user = "string", ["password-file"] = "string",
   auth = "string", ["allow-plaintext-auth"] = "flag", cafile = "string", insecure = "flag",
   lmtp = "flag", helo = "string", timeout = "number", help = "flag", from = "string",
 }
+for k, v in pairs(send_mx.LONG) do LONG[k] = v end
 
 local IGNORED = { ["-bm"] = true, ["-em"] = true, ["-U"] = true, ["-m"] = true }
 
@@ -302,7 +304,7 @@ local function run(args)
     if tls == "auto" then usage_error("--tls auto needs HOST[:PORT], not a socket path") end
     tls = opts.tls or "none"
   else
-    host, port = require("luasmtp.net").parse_address(server)
+    host, port = require("luasmtp.net").parse_address(server, 25)
     if not host then usage_error("bad --server: " .. server) end
     if not server:find(":%d+$") then port = nil end
     if not port and tls ~= "auto" then
@@ -383,6 +385,10 @@ local function run(args)
     dsn = { notify = opts.notify, ret = opts.ret, envid = opts.envid }
   end
 
+  if opts.mx then
+    return send_mx.deliver(opts, { from = from, to = rcpts, body = msg, dsn = dsn, helo = opts.helo,
+      timeouts = timeouts, transcript = transcript })
+  end
   local res, token, err = client.send {
     host = host,
     port = port,
