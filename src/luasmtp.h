@@ -17,7 +17,7 @@
  *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
  *   lib/               the Lua-free library: buf, errors, proto (codecs), sink,
- *                      transport (plain I/O and the transport interface)
+ *                      transport (plain I/O and the transport interface), dnsmsg
  */
 #ifndef LUASMTP_H
 #define LUASMTP_H
