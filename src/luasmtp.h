@@ -181,6 +181,7 @@ struct smtp_data_decoder *ls_data_decoder_check(lua_State *L, int idx);
 
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);
+int ls_open_guard(lua_State *L);
 
 /* loop.c */
 int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */
