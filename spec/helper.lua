@@ -12,6 +12,15 @@ if H.root:sub(1, 1) ~= "/" then
 end
 H.tmp = H.root .. "/spec/tmp"
 
+local tmp_seq = 0
+--- tmpdir(name) -> a new empty directory under spec/tmp for this test.
+function H.tmpdir(name)
+  tmp_seq = tmp_seq + 1
+  local dir = ("%s/%s-%d-%d"):format(H.tmp, name, math.floor(luasmtp.time() * 1000) % 100000000, tmp_seq)
+  assert(os.execute("rm -rf '" .. dir .. "' && mkdir -p '" .. dir .. "'"))
+  return dir
+end
+
 --- Run fn() as a task; fail if it raises, if any task raises, or if it
 -- has not finished after `timeout` seconds (default 10).
 function H.run(fn, timeout)

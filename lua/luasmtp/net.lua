@@ -10,6 +10,20 @@ local M = {}
 
 local DEFAULT_CONNECT_TIMEOUT = 30
 
+-- Sockets opened by a task while it runs a guarded call (a server
+-- plugin): task -> set of sockets, so an abandoned call's sockets can be
+-- closed (see luasmtp.server.chain).
+local trackers = setmetatable({}, { __mode = "k" })
+
+--- track(set) -> previous set: sockets that connect() opens in the
+-- current task go into set (nil: stop tracking).
+function M.track(set)
+  local task = core.current() or trackers -- the main chunk has no task
+  local previous = trackers[task]
+  trackers[task] = set
+  return previous
+end
+
 --- Split "host:port", "[v6]:port" or "host" into host, port.
 -- Returns nil, "invalid", detail for malformed input.
 function M.parse_address(spec, default_port)
@@ -97,6 +111,8 @@ function M.connect(host, port, opts)
   if not sock then
     return nil, err, detail
   end
+  local tracked = trackers[core.current() or trackers]
+  if tracked then tracked[sock] = true end
   if opts.tls then
     local remaining = math.max(deadline - core.update_now(), 0.001)
     local ok, terr, tdetail = sock:starttls(opts.tls, {

@@ -1,0 +1,291 @@
+--- luasmtp.server.message: a message as it arrives, and its header view.
+--
+-- The header block is parsed once, when it ends, into a list of fields
+-- that keep their raw bytes; plugins read and edit the list (add,
+-- prepend, set, remove) without touching the body, which stays in its
+-- body store (memory or spool file, luasmtp.server.body). A message is
+-- then read or streamed as the edited header followed by the body.
+local M = {}
+
+-- The header block is looked for in at most this many bytes; a message
+-- whose header is longer (or that does not start with a field) has an
+-- empty header view and everything counts as body.
+M.MAX_HEADER = 256 * 1024
+
+---------------------------------------------------------------------------
+-- Header view
+
+local Header = {}
+Header.__index = Header
+
+local FIELD_NAME = "^[!-9;-~]+$"
+
+local function check_field(name, value)
+  assert(type(name) == "string" and name:match(FIELD_NAME), "bad header field name")
+  assert(type(value) == "string", "header value must be a string")
+  -- CR and LF only as folding (CRLF followed by a space or tab)
+  local unfolded = value:gsub("\r\n[ \t]", " ")
+  assert(not unfolded:find("[\r\n%z]"), "header value holds CR, LF or NUL outside folding")
+end
+
+local function new_field(name, value)
+  check_field(name, value)
+  return { name = name, raw = name .. ": " .. value .. "\r\n" }
+end
+
+--- Parse a header block (fields each ending in CRLF, without the blank
+-- line). Returns the field list, or nil when it is not a header.
+local function parse_fields(block)
+  local fields = {}
+  local pos = 1
+  while pos <= #block do
+    local eol = block:find("\r\n", pos, true)
+    if not eol then return nil end
+    local line = block:sub(pos, eol + 1)
+    local first = line:byte(1)
+    if first == 32 or first == 9 then
+      local last = fields[#fields]
+      if not last then return nil end
+      last.raw = last.raw .. line
+    else
+      local name = line:match("^([!-9;-~]+)[ \t]*:")
+      if not name then return nil end
+      fields[#fields + 1] = { name = name, raw = line }
+    end
+    pos = eol + 2
+  end
+  return fields
+end
+
+local function new_header(fields, separator)
+  return setmetatable({ list = fields, separator = separator }, Header)
+end
+
+--- header:count() -> number of fields.
+function Header:count()
+  return #self.list
+end
+
+--- header:fields() -> iterator of index, name, value, raw over every field.
+function Header:fields()
+  local i = 0
+  return function()
+    i = i + 1
+    local f = self.list[i]
+    if not f then return nil end
+    return i, f.name, self:value(i), f.raw
+  end
+end
+
+--- header:value(i) -> the unfolded value of field i (leading blanks and
+-- the final CRLF removed).
+function Header:value(i)
+  local f = self.list[i]
+  if not f then return nil end
+  local v = f.raw:match("^[^:]*:[ \t]*(.-)\r\n$") or ""
+  return (v:gsub("\r\n([ \t])", "%1"))
+end
+
+local function matches(f, lname)
+  return f.name:lower() == lname
+end
+
+--- header:get(name [, n]) -> value of the n-th (default first) field of
+-- that name (case-insensitive), or nil.
+function Header:get(name, n)
+  n = n or 1
+  local lname = name:lower()
+  for i, f in ipairs(self.list) do
+    if matches(f, lname) then
+      n = n - 1
+      if n == 0 then return self:value(i) end
+    end
+  end
+  return nil
+end
+
+--- header:get_all(name) -> { value, ... }
+function Header:get_all(name)
+  local out, lname = {}, name:lower()
+  for i, f in ipairs(self.list) do
+    if matches(f, lname) then out[#out + 1] = self:value(i) end
+  end
+  return out
+end
+
+--- header:add(name, value): a new field at the end of the header.
+function Header:add(name, value)
+  table.insert(self.list, new_field(name, value))
+  self.cached = nil
+end
+
+--- header:prepend(name, value): a new field at the top (Received,
+-- Authentication-Results).
+function Header:prepend(name, value)
+  table.insert(self.list, 1, new_field(name, value))
+  self.cached = nil
+end
+
+--- header:set(name, value): replace the first field of that name (or add
+-- one); the other fields of that name are left alone.
+function Header:set(name, value)
+  local lname = name:lower()
+  for i, f in ipairs(self.list) do
+    if matches(f, lname) then
+      self.list[i] = new_field(f.name, value)
+      self.cached = nil
+      return
+    end
+  end
+  self:add(name, value)
+end
+
+--- header:remove(name [, n]) -> number removed: every field of that name,
+-- or only the n-th.
+function Header:remove(name, n)
+  local lname, seen, removed = name:lower(), 0, 0
+  local i = 1
+  while self.list[i] do
+    if matches(self.list[i], lname) then
+      seen = seen + 1
+      if not n or seen == n then
+        table.remove(self.list, i)
+        removed = removed + 1
+        i = i - 1
+      end
+    end
+    i = i + 1
+  end
+  if removed > 0 then self.cached = nil end
+  return removed
+end
+
+--- header:bytes() -> the header block as it will be delivered, blank line
+-- included.
+function Header:bytes()
+  if not self.cached then
+    local parts = {}
+    for i, f in ipairs(self.list) do parts[i] = f.raw end
+    parts[#parts + 1] = self.separator
+    self.cached = table.concat(parts)
+  end
+  return self.cached
+end
+
+M.parse_header = function(block)
+  local fields = parse_fields(block)
+  return fields and new_header(fields, "\r\n")
+end
+
+---------------------------------------------------------------------------
+-- Messages
+
+local Message = {}
+Message.__index = Message
+M.Message = Message
+
+--- new(envelope, body) -> message whose header is still being read.
+function M.new(envelope, body)
+  return setmetatable({
+    envelope = envelope,
+    from = envelope.from,
+    rcpt = envelope.rcpt,
+    body = body,
+    pending = {}, -- header bytes seen so far, until the header block ends
+    pending_len = 0,
+    header = nil,
+  }, Message)
+end
+
+-- End of the header collection: fields found (or none), and the bytes
+-- that follow go to the body.
+local function finish_header(self, data, stop)
+  self.pending, self.pending_len = nil, 0
+  if stop then
+    local fields = parse_fields(data:sub(1, stop - 1))
+    if fields then
+      self.header = new_header(fields, "\r\n")
+      return data:sub(stop + 2)
+    end
+  end
+  self.header = new_header({}, "")
+  return data
+end
+
+--- message:feed(piece) -> body_piece | nil, header_done
+-- Used by the session while the data arrives: collects the header block
+-- and returns what belongs to the body. header_done is true on the call
+-- that completed the header view.
+function Message:feed(piece)
+  if self.header then return piece, false end
+  local p = self.pending
+  p[#p + 1] = piece
+  self.pending_len = self.pending_len + #piece
+  local data = #p == 1 and piece or table.concat(p)
+  if #p > 1 then self.pending = { data } end
+  if data:sub(1, 2) == "\r\n" then
+    self.pending, self.pending_len = nil, 0
+    self.header = new_header({}, "\r\n")
+    return data:sub(3), true
+  end
+  local stop = data:find("\r\n\r\n", 1, true)
+  if stop then
+    return finish_header(self, data, stop + 2), true
+  end
+  if self.pending_len > M.MAX_HEADER then
+    return finish_header(self, data, nil), true
+  end
+  return nil, false
+end
+
+--- message:finish_header() -> body_piece | nil: the data ended: what is
+-- pending is a header without a body (or not a header at all).
+function Message:finish_header()
+  if self.header then return nil end
+  local data = table.concat(self.pending)
+  self.pending, self.pending_len = nil, 0
+  local fields = data ~= "" and data:sub(-2) == "\r\n" and parse_fields(data)
+  if fields then
+    self.header = new_header(fields, "")
+    return nil
+  end
+  self.header = new_header({}, "")
+  return data ~= "" and data or nil
+end
+
+--- message:size() -> bytes of the edited header plus the body.
+function Message:size()
+  return #self.header:bytes() + self.body:size()
+end
+
+--- message:spooled() -> true when the body is in a spool file.
+function Message:spooled()
+  return self.body:spooled()
+end
+
+--- message:chunks([size]) -> iterator over the header, then the body in
+-- pieces of at most size bytes (64 KiB), from memory or the spool file.
+function Message:chunks(size)
+  local header = self.header:bytes()
+  local body = self.body:chunks(size)
+  local started = false
+  return function()
+    if not started then
+      started = true
+      if header ~= "" then return header end
+    end
+    return body()
+  end
+end
+
+--- message:read() -> the whole message as one string (small messages).
+function Message:read()
+  return self.header:bytes() .. self.body:read()
+end
+
+--- message:discard(): release the body (memory or spool file).
+function Message:discard()
+  self.body:discard()
+end
+
+return M
