@@ -163,6 +163,30 @@ function H.wait_port(port, host, timeout)
   error("port " .. port .. " did not open")
 end
 
+--- smtp(port [, timeout]) -> a raw SMTP client for server tests:
+-- c.reply() -> code, all lines joined by "\n"; c.cmd(line) sends a
+-- line and reads the reply; c.sock; c.close().
+function H.smtp(port, timeout)
+  local c = assert(luasmtp.connect("127.0.0.1", port, { timeout = 5 }))
+  c:settimeout(timeout or 5)
+  local client = { sock = c }
+  function client.reply()
+    local lines = {}
+    repeat
+      local line, err = c:receiveline(2000)
+      if not line then return nil, err end
+      lines[#lines + 1] = line
+    until line:sub(4, 4) ~= "-"
+    return lines[#lines]:sub(1, 3), table.concat(lines, "\n")
+  end
+  function client.cmd(line)
+    c:send(line .. "\r\n")
+    return client.reply()
+  end
+  function client.close() c:close() end
+  return client
+end
+
 --- A free TCP port on 127.0.0.1 (for external programs).
 function H.free_port()
   local l, port = H.listen()

@@ -14,27 +14,7 @@ local function start(opts)
   return srv, srv:addresses()[1].port
 end
 
--- A raw client: read replies (all lines of a multi-line reply).
-local function raw(port)
-  local c = assert(luasmtp.connect("127.0.0.1", port, { timeout = 5 }))
-  c:settimeout(5)
-  local client = { sock = c }
-  function client.reply()
-    local lines = {}
-    repeat
-      local line, err = c:receiveline(2000)
-      if not line then return nil, err end
-      lines[#lines + 1] = line
-    until line:sub(4, 4) ~= "-"
-    return lines[#lines]:sub(1, 3), table.concat(lines, "\n")
-  end
-  function client.cmd(line)
-    c:send(line .. "\r\n")
-    return client.reply()
-  end
-  function client.close() c:close() end
-  return client
-end
+local raw = H.smtp
 
 local function collect_messages()
   local messages = {}

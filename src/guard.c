@@ -253,6 +253,32 @@ static int l_guarded(lua_State *L)
     return guard_finish(L, st);
 }
 
+/* interrupt_guarded(thread) -> boolean
+ *   End the guarded calls running in thread (a task's coroutine, from
+ *   coroutine.running() inside it) as if their deadlines had passed: a
+ *   server closing a busy session at its drain deadline. false when the
+ *   thread runs no guarded call.   [-1, +1, -] */
+static int l_interrupt_guarded(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTHREAD);
+    lua_State *co = lua_tothread(L, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_CHAIN);
+    lua_pushvalue(L, 1);
+    lua_rawget(L, -2);
+    ls_guard *g = lua_touserdata(L, -1);
+    lua_pop(L, 2);
+    if (g == NULL || !g->active || co == L) {
+        lua_pushboolean(L, 0);
+        return 1;
+    }
+    for (ls_guard *o = g; o; o = o->outer)
+        o->expired = 1;
+    lua_sethook(co, guard_hook, LUA_MASKCOUNT, 1);
+    ls_wake(g->loop, g->task, LS_WAKE_TIMEOUT);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 int ls_open_guard(lua_State *L)
 {
     lua_newtable(L);
@@ -269,5 +295,7 @@ int ls_open_guard(lua_State *L)
 
     lua_pushcfunction(L, l_guarded);
     lua_setfield(L, -2, "guarded");
+    lua_pushcfunction(L, l_interrupt_guarded);
+    lua_setfield(L, -2, "interrupt_guarded");
     return 0;
 }

@@ -122,13 +122,14 @@ function Body:read()
   return table.concat(out)
 end
 
---- body:discard(): free the memory or close (and so remove) the spool file.
+--- body:discard(): close (and so remove) the spool file; a body in
+-- memory stays readable until it is collected.
 function Body:discard()
   if self.file then
     self.file:close()
     self.file = nil
+    self.parts, self.n, self.bytes = {}, 0, 0
   end
-  self.parts, self.n, self.bytes = {}, 0, 0
 end
 
 Body.__close = Body.discard

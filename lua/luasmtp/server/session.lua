@@ -45,6 +45,9 @@ end
 
 --- session:send_reply(code, enhanced, text): queue a reply.
 function Session:send_reply(code, enhanced, text)
+  if self.closing then
+    return nil, "closed" -- the 421 of the shutdown is the last word
+  end
   if not self.config.enhanced_status_codes then
     enhanced = nil
   end
@@ -100,10 +103,12 @@ end
 
 function Session:close_for_shutdown()
   if self.closing then return end
-  self.closing = true
   local sock = self.sock
+  sock:send(core.format_reply(421, "4.3.2", self.config.hostname .. " Service shutting down"))
+  self.closing = true
+  -- a plugin call in progress is ended as if its deadline had passed
+  if self.thread then core.interrupt_guarded(self.thread) end
   core.spawn(function()
-    sock:send(core.format_reply(421, "4.3.2", self.config.hostname .. " Service shutting down"))
     sock:flush(2)
     sock:close() -- the session's wait ends with "closed"
   end)
@@ -137,6 +142,7 @@ end
 local handlers = commands.handlers
 
 function Session:run()
+  self.thread = coroutine.running()
   local c = self.config
   local sock = self.sock
   sock:settimeouts(nil, c.timeouts.command, c.timeouts.command)
