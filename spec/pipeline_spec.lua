@@ -51,7 +51,9 @@ describe("plugin chains", function()
       end
       local _, port = start { plugins = {
         plugin("first", function(to) if to:match("^vip") then return server.ACCEPT end end),
-        plugin("second", function(to) if to:match("^no") then return server.reply(550, "5.1.1", "No such user") end end),
+        plugin("second", function(to)
+          if to:match("^no") then return server.reply(550, "5.1.1", "No such user") end
+        end),
         plugin("third", function(to) if to:match("^later") then return "450 4.2.1 Try later" end end),
         server.plugins.relay { domains = { "mx.test" } },
       } }

@@ -23,36 +23,60 @@ local core = require "luasmtp.core"
 local net = require "luasmtp.net"
 local sasl = require "luasmtp.sasl"
 local body = require "luasmtp.client.body"
+local options = require "luasmtp.options"
 
 local M = {}
 
 ---------------------------------------------------------------------------
--- Defaults, merged in one place
+-- Options: one schema (luasmtp.options), documented in the README
 
 -- Per-phase timeouts in seconds; the reply timeouts follow RFC 5321
 -- section 4.5.3.2.
-M.DEFAULT_TIMEOUTS = {
-  connect = 30,     -- TCP connect (DNS included) and implicit TLS
-  greeting = 300,   -- the 220 greeting (4.5.3.2.1)
-  command = 300,    -- EHLO, MAIL, RCPT, RSET, NOOP, AUTH steps (4.5.3.2.2, .3)
-  tls = 60,         -- the STARTTLS handshake
-  data = 120,       -- the 354 reply to DATA (4.5.3.2.4)
-  data_block = 180, -- each block of the body to leave (4.5.3.2.5)
-  data_end = 600,   -- the reply after the end of the data (4.5.3.2.6)
-  quit = 10,        -- the reply to QUIT
+local TIMEOUTS = {
+  { "connect", "number", 30, "TCP connect (DNS included) and implicit TLS" },
+  { "greeting", "number", 300, "the 220 greeting (4.5.3.2.1)" },
+  { "command", "number", 300, "EHLO, MAIL, RCPT, RSET, NOOP, AUTH steps (4.5.3.2.2, .3)" },
+  { "tls", "number", 60, "the STARTTLS handshake" },
+  { "data", "number", 120, "the 354 reply to DATA (4.5.3.2.4)" },
+  { "data_block", "number", 180, "each block of the body to leave (4.5.3.2.5)" },
+  { "data_end", "number", 600, "the reply after the end of the data (4.5.3.2.6)" },
+  { "quit", "number", 10, "the reply to QUIT" },
 }
+M.DEFAULT_TIMEOUTS = {}
+for _, t in ipairs(TIMEOUTS) do M.DEFAULT_TIMEOUTS[t[1]] = t[3] end
 
-local DEFAULTS = {
-  host = nil,
-  port = nil,        -- 465 for implicit TLS, 24 for LMTP, else 25
-  tls = nil,         -- "implicit" on port 465, else "starttls"
-  lmtp = false,
-  helo = nil,        -- default: our address as a literal, [192.0.2.1]
-  pipelining = true, -- use PIPELINING when the server offers it
-  chunking = "binary", -- BDAT: "binary" bodies only, true whenever offered, false never
-  max_reply_lines = 100,
-  max_line = 2048,   -- a reply line, CRLF excluded
-}
+M.schema = options.schema("client", {
+  { "server", "string", nil, "`\"host[:port]\"`" },
+  { "host", "string", nil, "the server's name or address" },
+  { "port", "integer", nil, "465 for implicit TLS, 24 for LMTP, else 25" },
+  { "sock", "userdata", nil, "an already connected socket (greeting not yet read)" },
+  { "implicit_port", "integer", nil, "`tls = \"auto\"`: the port for implicit TLS (465)" },
+  { "starttls_port", "integer", nil, "`tls = \"auto\"`: the port for STARTTLS (587)" },
+  { "tls", "string", nil, "`\"starttls\"` (`\"implicit\"` on port 465), `\"implicit\"`, "
+    .. "`\"opportunistic\"`, `\"none\"`, `\"auto\"`" },
+  { "tls_context", "userdata", nil, "a client TLS context" },
+  { "cafile", "string", nil, "trust store file for the TLS context" },
+  { "capath", "string", nil, "trust store directory for the TLS context" },
+  { "insecure", "boolean", false, "do not verify the server" },
+  { "verify", "boolean", nil, "`false`: as insecure; `true`: verify opportunistic STARTTLS too" },
+  { "servername", "string", nil, "name for SNI and the certificate check (default: host)" },
+  { "helo", "string", nil, "EHLO/LHLO name (default: our address as a literal)" },
+  { "auth", "table", nil, "`{ user =, password = }` (or `token =`, `external = true`), ..." },
+  { "lmtp", "boolean", false, "LHLO, and one reply per recipient after the data" },
+  { "pipelining", "boolean", true, "use PIPELINING when offered" },
+  { "chunking", "string|boolean", "binary", "BDAT: `\"binary\"` bodies only, `true` whenever offered, `false`" },
+  { "transcript", "function", nil, "`function(direction, line)`" },
+  { "family", "string", nil, "`\"inet\"` or `\"inet6\"`" },
+  { "bind", "string", nil, "local address" },
+  { "max_reply_lines", "integer", 100, "lines of one reply" },
+  { "max_line", "integer", 2048, "bytes of a reply line, CRLF excluded" },
+  { name = "timeouts", fields = TIMEOUTS },
+})
+
+-- The fields of a message (client.send takes them with the connection
+-- options in one table).
+M.MESSAGE_FIELDS = { from = true, to = true, body = true, message = true, size = true, body_type = true,
+  smtputf8 = true, requiretls = true, dsn = true, mail_params = true, force = true }
 
 local TLS_MODES = { implicit = true, starttls = true, opportunistic = true, none = true, auto = true }
 
@@ -61,15 +85,9 @@ local BDAT_CHUNK = 256 * 1024
 local BDAT_WINDOW = 8
 
 local function merge(opts)
-  local cfg = {}
-  for k, v in pairs(DEFAULTS) do cfg[k] = v end
-  for k, v in pairs(opts) do cfg[k] = v end
-  cfg.timeouts = {}
-  for k, v in pairs(M.DEFAULT_TIMEOUTS) do cfg.timeouts[k] = v end
-  for k, v in pairs(opts.timeouts or {}) do
-    assert(M.DEFAULT_TIMEOUTS[k], "unknown timeout " .. tostring(k))
-    assert(type(v) == "number" and v > 0, "timeout " .. k .. " must be a positive number")
-    cfg.timeouts[k] = v
+  local cfg = M.schema:apply(opts, 3)
+  for k, v in pairs(cfg.timeouts) do
+    assert(v > 0, "timeout " .. k .. " must be a positive number")
   end
   if cfg.server then
     local host, port = net.parse_address(cfg.server)
@@ -1329,8 +1347,12 @@ function M.send(opts)
   assert(type(opts) == "table", "client.send needs an options table")
   local plan, t, e = build_plan(opts)
   if not plan then return nil, t, e end
+  local conn_opts = {}
+  for k, v in pairs(opts) do
+    if not M.MESSAGE_FIELDS[k] then conn_opts[k] = v end
+  end
   local conn
-  conn, t, e = M.connect(opts)
+  conn, t, e = M.connect(conn_opts)
   if not conn then return nil, t, e end
   local res, token, err = conn:send_plan(plan)
   conn:close()
