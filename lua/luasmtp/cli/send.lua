@@ -12,6 +12,7 @@
 -- recipient is reported on standard error with the server's reply.
 local getopt = require "luasmtp.getopt"
 local client = require "luasmtp.client"
+local net = require "luasmtp.net"
 
 local M = {}
 
@@ -284,7 +285,7 @@ local function run(args)
   local modes = { implicit = true, starttls = true, opportunistic = true, none = true, auto = true }
   if not modes[tls] then usage_error("--tls must be implicit, starttls, opportunistic, none or auto") end
   local server = opts.server or "localhost"
-  local host, port = require("luasmtp.net").parse_address(server)
+  local host, port = net.parse_address(server)
   if not host then usage_error("bad --server: " .. server) end
   if not server:find(":%d+$") then port = nil end
   if not port and tls ~= "auto" then
