@@ -5,6 +5,7 @@
 -- deadline for the whole connect, and an accept loop that runs one task
 -- per connection.
 local core = require "luasmtp.core"
+local options = require "luasmtp.options"
 
 local M = {}
 
@@ -191,10 +192,21 @@ end
 --                    (sock, when given, is closed right after; send() on it
 --                    queues a last reply)
 -- server.addresses lists {address, port} of each listener.
+M.serve_schema = options.schema("serve", {
+  { "listen", "string|table", "127.0.0.1:0", "spec or list of specs (see listen)" },
+  { "handler", "function", nil, "`function(sock, conn)`, in a new task per connection" },
+  { "tls", "userdata", nil, "server TLS context: implicit TLS before the handler" },
+  { "tls_timeout", "number", 10, "seconds for that handshake" },
+  { "max_connections", "integer", 1000, "connections handled at once; more are closed at once" },
+  { "on_refused", "function", nil, "`function(conn, reason, sock)` for refused connections" },
+  { "backlog", "integer", nil, "listen(2) backlog" },
+})
+
 function M.serve(opts)
   assert(type(opts) == "table", "serve needs an options table")
+  opts = M.serve_schema:apply(opts, 2)
   assert(type(opts.handler) == "function", "serve needs a handler function")
-  local listeners, err, detail = M.listen(opts.listen or "127.0.0.1:0", { backlog = opts.backlog })
+  local listeners, err, detail = M.listen(opts.listen, { backlog = opts.backlog })
   if not listeners then
     return nil, err, detail
   end
@@ -203,7 +215,7 @@ function M.serve(opts)
     addresses = {},
     active = 0,
     accepted = 0,
-    max_connections = opts.max_connections or 1000,
+    max_connections = opts.max_connections,
   }, Server)
   for i, l in ipairs(listeners) do
     local addr, port = l:getsockname()
@@ -212,7 +224,7 @@ function M.serve(opts)
 
   local function serve_one(sock, conn)
     if opts.tls then
-      local ok, terr, tdetail = sock:starttls(opts.tls, { timeout = opts.tls_timeout or 10 })
+      local ok, terr, tdetail = sock:starttls(opts.tls, { timeout = opts.tls_timeout })
       if not ok then
         if opts.on_refused then
           opts.on_refused(conn, terr .. ": " .. tostring(tdetail))
