@@ -175,11 +175,18 @@ static int guard_finish(lua_State *L, int status)
     ls_guard *g = luaL_checkudata(L, 2, GUARD_MT);
     int expired = g->expired;
     guard_leave(L, g);
-    if (status == LUA_OK || status == LUA_YIELD) {
+    /* Past the deadline the call counts as timed out even when it ended
+     * without running another instruction (a C function as fn). */
+    if ((status == LUA_OK || status == LUA_YIELD) && !expired) {
         int nres = lua_gettop(L) - 3;
         lua_pushboolean(L, 1);
         lua_insert(L, 4);
         return nres + 1;
+    }
+    if (status == LUA_OK || status == LUA_YIELD) {
+        lua_pushboolean(L, 0);
+        lua_pushstring(L, LS_ETIMEOUT);
+        return 2;
     }
     /* the error object is on top */
     if (lua_touserdata(L, -1) == SENTINEL || expired) {
