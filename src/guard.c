@@ -8,7 +8,9 @@
  *     task as if that wait had timed out, so the waiting C code cleans up
  *     the way it does for any timeout;
  *   - running Lua code (a busy loop): a count hook on the task's thread
- *     checks the clock every few thousand instructions.
+ *     checks the clock every few thousand instructions. Until the
+ *     deadline, a call that has kept the loop from polling for a time
+ *     slice yields there, so other tasks, I/O and signals go on.
  * Either way, once the deadline has passed the hook raises an error at
  * every instruction until the error reaches the guard, so a pcall inside
  * fn cannot swallow it. To-be-closed variables of fn are closed on the
@@ -27,6 +29,9 @@
 
 /* Instructions between two clock checks while a guard is active. */
 #define GUARD_CHECK_COUNT 4096
+/* A guarded call that has run this long (seconds) since the loop last
+ * polled yields, so other tasks, I/O and signals are served meanwhile. */
+#define GUARD_SLICE 0.05
 
 typedef struct ls_guard {
     ev_timer timer;
@@ -87,8 +92,15 @@ static void guard_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
     ls_guard *g = chain_get(L);
-    if (g == NULL || !any_expired(g))
+    if (g == NULL)
         return;
+    if (!any_expired(g)) {
+        /* A long computation shares the loop: yield (a count hook may)
+         * when the loop has not polled for a whole slice. */
+        if (lua_isyieldable(L) && ev_time() - ls_now(g->loop) > GUARD_SLICE)
+            lua_yield(L, 0);
+        return;
+    }
     /* From now on raise at every instruction until the guard catches it. */
     if (lua_gethookcount(L) != 1)
         lua_sethook(L, guard_hook, LUA_MASKCOUNT, 1);
