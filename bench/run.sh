@@ -95,3 +95,8 @@ if command -v smtp-source >/dev/null 2>&1 && command -v smtp-sink >/dev/null 2>&
 else
   echo "smtp-source/smtp-sink not installed (Debian package postfix): SMTP benchmark skipped"
 fi
+
+# Memory: peak RSS growth of a Maildir server with 100 MB bodies by DATA
+# and BDAT, and five unfinished 20 MB BDAT bodies (bench/memory.py).
+echo
+python3 bench/memory.py

@@ -49,7 +49,8 @@ describe("server message", function()
     msg.header:set("To", "c@z.test")
     assert.equal(2, msg.header:remove("subject"))
     assert.equal(0, msg.header:remove("nothing"))
-    local expected = "Received: from a\r\n\tby b\r\nX-Folded: one\r\n\ttwo\r\nTo: c@z.test\r\nX-Added: 1\r\n\r\nbody line\r\n"
+    local expected = "Received: from a\r\n\tby b\r\nX-Folded: one\r\n\ttwo\r\nTo: c@z.test\r\n"
+      .. "X-Added: 1\r\n\r\nbody line\r\n"
     assert.equal(expected, msg:read())
     assert.equal(expected, read_all(msg, 3))
     assert.equal(#expected, msg:size())
