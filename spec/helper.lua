@@ -2,6 +2,7 @@
 -- time, re-raises the failing task's traceback, and checks that no
 -- socket, watcher or task outlives the test.
 local luasmtp = require "luasmtp"
+local smtp_server = require "luasmtp.server"
 
 local H = {}
 
@@ -161,6 +162,32 @@ function H.wait_port(port, host, timeout)
     luasmtp.sleep(0.05)
   end
   error("port " .. port .. " did not open")
+end
+
+local started_servers = {}
+
+--- smtp_server(opts) -> server, port: an SMTP server (luasmtp.server) on
+-- 127.0.0.1:0, quiet, hostname mx.test unless opts say otherwise;
+-- H.close_servers() stops every one started so far.
+function H.smtp_server(opts)
+  opts = opts or {}
+  opts.listen = opts.listen or "127.0.0.1:0"
+  opts.hostname = opts.hostname or "mx.test"
+  opts.logger = opts.logger or function() end
+  local srv = assert(smtp_server.new(opts))
+  started_servers[#started_servers + 1] = srv
+  return srv, srv:addresses()[1].port
+end
+
+--- close_servers(): close the servers of smtp_server() and let their
+-- sessions wind down (for after_each: a failed test leaves none behind).
+function H.close_servers()
+  for _, srv in ipairs(started_servers) do srv:close() end
+  started_servers = {}
+  local settle = luasmtp.update_now() + 3
+  while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
+    luasmtp.step(0.02)
+  end
 end
 
 --- smtp(port [, timeout]) -> a raw SMTP client for server tests:

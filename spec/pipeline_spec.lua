@@ -4,15 +4,7 @@ local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local H = require "spec.helper"
 
-local started = {}
-local function start(opts)
-  opts.listen = opts.listen or "127.0.0.1:0"
-  opts.hostname = opts.hostname or "mx.test"
-  opts.logger = opts.logger or function() end
-  local srv = assert(server.new(opts))
-  started[#started + 1] = srv
-  return srv, srv:addresses()[1].port
-end
+local start = H.smtp_server
 
 -- EHLO, MAIL and RCPT on a fresh connection; returns the client and the
 -- RCPT reply.
@@ -31,12 +23,7 @@ end
 
 describe("plugin chains", function()
   after_each(function()
-    for _, srv in ipairs(started) do srv:close() end
-    started = {}
-    local settle = luasmtp.update_now() + 3
-    while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
-      luasmtp.step(0.02)
-    end
+    H.close_servers() -- a failed assertion leaves no server behind
     H.assert_no_leaks()
   end)
 

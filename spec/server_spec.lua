@@ -3,16 +3,7 @@ local server = require "luasmtp.server"
 local H = require "spec.helper"
 
 -- Start a server on 127.0.0.1:0 with opts merged over quiet defaults.
-local started = {}
-local function start(opts)
-  opts = opts or {}
-  opts.listen = opts.listen or "127.0.0.1:0"
-  opts.hostname = opts.hostname or "mx.test"
-  opts.logger = opts.logger or function() end
-  local srv = assert(server.new(opts))
-  started[#started + 1] = srv
-  return srv, srv:addresses()[1].port
-end
+local start = H.smtp_server
 
 local raw = H.smtp
 
@@ -25,13 +16,7 @@ end
 
 describe("SMTP server", function()
   after_each(function()
-    -- a failed assertion must not leave a server behind for the next test
-    for _, srv in ipairs(started) do srv:close() end
-    started = {}
-    local settle = luasmtp.update_now() + 2
-    while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
-      luasmtp.step(0.02)
-    end
+    H.close_servers() -- a failed assertion leaves no server behind
     H.assert_no_leaks()
   end)
 

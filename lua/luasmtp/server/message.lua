@@ -280,7 +280,9 @@ end
 
 --- message:read() -> the whole message as one string (small messages).
 function Message:read()
-  return self.header:bytes() .. self.body:read()
+  local out = { self.header:bytes() }
+  for piece in self.body:chunks(1024 * 1024) do out[#out + 1] = piece end
+  return table.concat(out)
 end
 
 --- message:discard(): release the body (memory or spool file).
