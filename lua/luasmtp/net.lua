@@ -11,17 +11,16 @@ local M = {}
 
 local DEFAULT_CONNECT_TIMEOUT = 30
 
--- Sockets opened by a task while it runs a guarded call (a server
--- plugin): task -> set of sockets, so an abandoned call's sockets can be
--- closed (see luasmtp.server.chain).
+-- Sockets opened by a task, for a server session whose plugin calls
+-- must not leave sockets behind: task -> list that connect() appends to.
 local trackers = setmetatable({}, { __mode = "k" })
 
---- track(set) -> previous set: sockets that connect() opens in the
--- current task go into set (nil: stop tracking).
-function M.track(set)
+--- track(list) -> previous list: sockets that connect() opens in the
+-- current task are appended to list (nil: stop tracking).
+function M.track(list)
   local task = core.current() or trackers -- the main chunk has no task
   local previous = trackers[task]
-  trackers[task] = set
+  trackers[task] = list
   return previous
 end
 
@@ -113,7 +112,7 @@ function M.connect(host, port, opts)
     return nil, err, detail
   end
   local tracked = trackers[core.current() or trackers]
-  if tracked then tracked[sock] = true end
+  if tracked then tracked[#tracked + 1] = sock end
   if opts.tls then
     local remaining = math.max(deadline - core.update_now(), 0.001)
     local ok, terr, tdetail = sock:starttls(opts.tls, {

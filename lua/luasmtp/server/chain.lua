@@ -14,7 +14,6 @@
 -- are closed) and the chain answers the phase's temporary failure.
 local core = require "luasmtp.core"
 local reply = require "luasmtp.reply"
-local net = require "luasmtp.net"
 
 local M = {}
 
@@ -28,6 +27,8 @@ M.is_phase = IS_PHASE
 
 M.CONTINUE = setmetatable({}, { __name = "luasmtp.CONTINUE", __tostring = function() return "CONTINUE" end })
 M.ACCEPT = setmetatable({}, { __name = "luasmtp.ACCEPT", __tostring = function() return "ACCEPT" end })
+local CONTINUE, ACCEPT = M.CONTINUE, M.ACCEPT
+local guarded = core.guarded
 
 --- The reply a phase gets when a plugin fails or runs out of time.
 function M.failure_reply(phase)
@@ -97,16 +98,23 @@ local function to_reply(res, name)
 end
 
 -- Sockets opened through luasmtp.connect during a plugin call belong to
--- it: when the call is abandoned they are closed.
-local function tracked_call(entry, session, ...)
-  local opened = {}
-  local previous = net.track(opened)
-  local results = table.pack(core.guarded(entry.timeout, entry.fn, session, ...))
-  net.track(previous)
-  if not results[1] then
-    for sock in pairs(opened) do sock:close() end
+-- it: when the call is abandoned they are closed. session.opened is the
+-- list net.connect appends to in the session's task (net.track).
+local function close_opened(opened, mark)
+  for i = #opened, mark + 1, -1 do
+    opened[i]:close()
+    opened[i] = nil
   end
-  return results
+end
+
+local function failed(session, entry, phase, err)
+  if err == "timeout" then
+    session:log("warning", "plugin %s: %s phase ran past its %g s deadline", entry.plugin.name, phase,
+      entry.timeout)
+  else
+    session:log("error", "plugin %s: %s phase failed: %s", entry.plugin.name, phase, tostring(err))
+  end
+  return M.failure_reply(phase)
 end
 
 --- run(chains, phase, session, ...) -> nil | reply
@@ -115,24 +123,26 @@ end
 function M.run(chains, phase, session, ...)
   local list = chains[phase]
   if not list then return nil end
+  local opened = session.opened
   for i = 1, #list do
     local entry = list[i]
-    local results = tracked_call(entry, session, ...)
-    if not results[1] then
-      local err = results[2]
-      if err == "timeout" then
-        session:log("warning", "plugin %s: %s phase ran past its %g s deadline", entry.plugin.name, phase,
-          entry.timeout)
+    local mark = opened and #opened
+    local ok, res = guarded(entry.timeout, entry.fn, session, ...)
+    if opened and #opened > mark then
+      if ok then
+        -- what a call opened and kept is its own business now
+        for j = #opened, mark + 1, -1 do opened[j] = nil end
       else
-        session:log("error", "plugin %s: %s phase failed: %s", entry.plugin.name, phase, tostring(err))
+        close_opened(opened, mark)
       end
-      return M.failure_reply(phase)
     end
-    local res = results[2]
-    if res == M.ACCEPT then return nil end
-    if res ~= nil and res ~= true and res ~= M.CONTINUE then
-      local ok, r = pcall(to_reply, res, entry.plugin.name)
-      if not ok then
+    if not ok then
+      return failed(session, entry, phase, res)
+    end
+    if res == ACCEPT then return nil end
+    if res ~= nil and res ~= true and res ~= CONTINUE then
+      local rok, r = pcall(to_reply, res, entry.plugin.name)
+      if not rok then
         session:log("error", "%s", r)
         return M.failure_reply(phase)
       end

@@ -28,7 +28,8 @@ local function ehlo_lines(s)
   local mechs = auth.mechanisms(s)
   if #mechs > 0 and not s.user then add("AUTH " .. table.concat(mechs, " ")) end
   if c.requiretls and s.tls then add("REQUIRETLS") end
-  add(("LIMITS RCPTMAX=%d MAILMAX=%d"):format(c.limits.max_recipients, c.limits.max_messages_per_connection))
+  local limits = s.server.advertised_limits
+  add(("LIMITS RCPTMAX=%d MAILMAX=%d"):format(limits.max_recipients, limits.max_messages_per_connection))
   return table.concat(lines, "\n")
 end
 

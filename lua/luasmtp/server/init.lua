@@ -181,6 +181,14 @@ function M.new(opts)
     list = plugins.defaults(config)
   end
   self.plugins = list
+  -- LIMITS (RFC 9422) advertises what the limits plugin enforces
+  self.advertised_limits = config.limits
+  for _, p in ipairs(list) do
+    if p.name == "limits" and type(p.limits) == "table" then
+      self.advertised_limits = p.limits
+      break
+    end
+  end
   self.chains = chain.build(list, config.timeouts.plugin, config.phase_timeouts)
   self.spool_dir = spool_dir_of(config, list)
   if config.proxy then

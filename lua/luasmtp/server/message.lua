@@ -57,8 +57,45 @@ local function parse_fields(block)
   return fields
 end
 
+-- The field list is made on first use: a message nobody looks at keeps
+-- its header block as the one string it arrived in.
+local Lazy = {}
+Lazy.__index = function(self, k)
+  if k == "list" then
+    local fields = parse_fields(self.block) or {}
+    rawset(self, "list", fields)
+    return fields
+  end
+  return Header[k]
+end
+
+-- Is block (lines ending in CRLF) a header? The same rules as
+-- parse_fields, without building the list.
+local function looks_like_header(block)
+  local pos, len = 1, #block
+  local first = true
+  while pos <= len do
+    local eol = block:find("\r\n", pos, true)
+    if not eol then return false end
+    local c = block:byte(pos)
+    if c == 32 or c == 9 then
+      if first then return false end
+    elseif not block:find("^[!-9;-~]+[ \t]*:", pos) then
+      return false
+    end
+    first = false
+    pos = eol + 2
+  end
+  return true
+end
+
 local function new_header(fields, separator)
   return setmetatable({ list = fields, separator = separator }, Header)
+end
+
+-- block: complete fields, each ending in CRLF, known to parse.
+local function lazy_header(block, separator)
+  return setmetatable({ block = block, separator = separator }, Lazy)
 end
 
 --- header:count() -> number of fields.
@@ -163,6 +200,10 @@ end
 --- header:bytes() -> the header block as it will be delivered, blank line
 -- included.
 function Header:bytes()
+  local block = rawget(self, "block")
+  if block and not rawget(self, "list") then
+    return block .. self.separator -- unparsed, so unedited
+  end
   if not self.cached then
     local parts = {}
     for i, f in ipairs(self.list) do parts[i] = f.raw end
@@ -202,9 +243,9 @@ end
 local function finish_header(self, data, stop)
   self.pending, self.pending_len = nil, 0
   if stop then
-    local fields = parse_fields(data:sub(1, stop - 1))
-    if fields then
-      self.header = new_header(fields, "\r\n")
+    local block = data:sub(1, stop - 1)
+    if looks_like_header(block) then
+      self.header = lazy_header(block, "\r\n")
       return data:sub(stop + 2)
     end
   end

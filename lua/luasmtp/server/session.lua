@@ -7,6 +7,7 @@
 -- esmtp, tls, tls_info(), user, envelope, messages, state (the
 -- script's own data), log().
 local core = require "luasmtp.core"
+local net = require "luasmtp.net"
 local chain = require "luasmtp.server.chain"
 local commands = require "luasmtp.server.commands"
 
@@ -143,6 +144,9 @@ local handlers = commands.handlers
 
 function Session:run()
   self.thread = coroutine.running()
+  -- sockets plugins open with luasmtp.connect (closed when a call fails)
+  self.opened = {}
+  net.track(self.opened)
   local c = self.config
   local sock = self.sock
   sock:settimeouts(nil, c.timeouts.command, c.timeouts.command)
@@ -243,6 +247,7 @@ function M.serve(server, sock, conn)
   end
   s:reset_envelope()
   s:phase("disconnect")
+  net.track(nil)
   s:log("info", "disconnect")
   server.sessions[s] = nil
   server.active = server.active - 1
