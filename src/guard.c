@@ -16,70 +16,69 @@
  * fn cannot swallow it. To-be-closed variables of fn are closed on the
  * way out. Guards nest; each has its own deadline.
  *
- * The only state is the guard record on the Lua stack of the call and a
- * per-thread chain of active guards; libev's timer callback only wakes
- * the task (no Lua from callbacks).
+ * Each thread that makes guarded calls gets one guard set (a userdata
+ * kept in a weak registry table, reused by every call of that thread)
+ * holding the stack of its active guards; libev's timer callback only
+ * wakes the task (no Lua from callbacks).
  */
 #include <string.h>
 
 #include "luasmtp.h"
 
-#define GUARD_MT "luasmtp.guard"
-#define GUARD_CHAIN "luasmtp.guards" /* registry: thread -> innermost guard */
+#define GUARD_MT "luasmtp.guardset"
+#define GUARD_SETS "luasmtp.guardsets" /* registry: thread -> guard set */
 
 /* Instructions between two clock checks while a guard is active. */
 #define GUARD_CHECK_COUNT 4096
 /* A guarded call that has run this long (seconds) since the loop last
  * polled yields, so other tasks, I/O and signals are served meanwhile. */
 #define GUARD_SLICE 0.05
+/* Guarded calls nested in one thread at most. */
+#define GUARD_MAX_DEPTH 16
+
+struct ls_guardset;
 
 typedef struct ls_guard {
     ev_timer timer;
-    ls_loop *loop;
+    struct ls_guardset *set;
     ls_task *task;
-    lua_State *co;          /* the thread the guarded call runs on */
-    struct ls_guard *outer; /* enclosing guard of the same thread */
-    double deadline;        /* ev_time() clock */
+    double deadline; /* ev_time() clock */
     int expired;
-    int active;
-    lua_Hook old_hook;      /* the thread's hook before the outermost guard */
-    int old_mask, old_count;
 } ls_guard;
+
+typedef struct ls_guardset {
+    ls_guard g[GUARD_MAX_DEPTH];
+    int depth;        /* active guards, innermost at g[depth - 1] */
+    ls_loop *loop;
+    lua_State *co;    /* the thread */
+    lua_Hook old_hook; /* the thread's hook before the outermost guard */
+    int old_mask, old_count;
+} ls_guardset;
 
 /* A unique value raised by the hook: the guard recognises it. */
 static const char guard_sentinel = 0;
 #define SENTINEL ((void *)&guard_sentinel)
 
-static ls_guard *chain_get(lua_State *L)
+/* The guard set of thread `th` (at index idx, or the running thread when
+ * idx is 0); NULL when it has none. */
+static ls_guardset *set_of(lua_State *L, int idx)
 {
-    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_CHAIN);
-    lua_pushthread(L);
-    lua_rawget(L, -2);
-    ls_guard *g = lua_touserdata(L, -1);
-    lua_pop(L, 2);
-    return g;
-}
-
-/* The guard record is anchored by the chain table (its userdata), so the
- * chain holds the full userdata, not a light one. idx: the guard userdata
- * or 0 to clear. */
-static void chain_set(lua_State *L, int idx)
-{
-    idx = idx ? lua_absindex(L, idx) : 0;
-    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_CHAIN);
-    lua_pushthread(L);
+    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
     if (idx)
-        lua_pushvalue(L, idx);
+        lua_pushvalue(L, idx > 0 ? idx : idx - 1);
     else
-        lua_pushnil(L);
-    lua_rawset(L, -3);
-    lua_pop(L, 1);
+        lua_pushthread(L);
+    lua_rawget(L, -2);
+    ls_guardset *set = lua_touserdata(L, -1);
+    lua_pop(L, 2);
+    return set;
 }
 
-static int any_expired(ls_guard *g)
+static int any_expired(ls_guardset *set)
 {
     double now = ev_time();
-    for (; g; g = g->outer) {
+    for (int i = set->depth - 1; i >= 0; i--) {
+        ls_guard *g = &set->g[i];
         if (!g->expired && now >= g->deadline)
             g->expired = 1;
         if (g->expired)
@@ -91,13 +90,13 @@ static int any_expired(ls_guard *g)
 static void guard_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    ls_guard *g = chain_get(L);
-    if (g == NULL)
+    ls_guardset *set = set_of(L, 0);
+    if (set == NULL || set->depth == 0)
         return;
-    if (!any_expired(g)) {
+    if (!any_expired(set)) {
         /* A long computation shares the loop: yield (a count hook may)
          * when the loop has not polled for a whole slice. */
-        if (lua_isyieldable(L) && ev_time() - ls_now(g->loop) > GUARD_SLICE)
+        if (lua_isyieldable(L) && ev_time() - ls_now(set->loop) > GUARD_SLICE)
             lua_yield(L, 0);
         return;
     }
@@ -116,53 +115,39 @@ static void timer_cb(struct ev_loop *ev, ev_timer *w, int revents)
     ls_live[LS_COUNT_WATCHERS]--; /* one-shot: stopped by libev */
     g->expired = 1;
     /* Raise at the next instruction the thread runs. */
-    lua_sethook(g->co, guard_hook, LUA_MASKCOUNT, 1);
+    lua_sethook(g->set->co, guard_hook, LUA_MASKCOUNT, 1);
     /* The task waits for something else: end that wait as timed out.
      * A task that is not waiting (ready, running) meets the hook. */
-    ls_wake(g->loop, g->task, LS_WAKE_TIMEOUT);
+    ls_wake(g->set->loop, g->task, LS_WAKE_TIMEOUT);
 }
 
-static void guard_stop(ls_guard *g)
+static void guard_stop(ls_guardset *set, ls_guard *g)
 {
     if (ev_is_active(&g->timer)) {
-        ev_timer_stop(ls_evloop(g->loop), &g->timer);
+        ev_timer_stop(ls_evloop(set->loop), &g->timer);
         ls_live[LS_COUNT_WATCHERS]--;
     }
 }
 
-static int l_guard_gc(lua_State *L)
+static int l_guardset_gc(lua_State *L)
 {
-    ls_guard *g = luaL_checkudata(L, 1, GUARD_MT);
-    if (g->loop)
-        guard_stop(g);
+    ls_guardset *set = luaL_checkudata(L, 1, GUARD_MT);
+    if (set->loop)
+        for (int i = 0; i < GUARD_MAX_DEPTH; i++)
+            guard_stop(set, &set->g[i]);
     return 0;
 }
 
-/* Leave guard g (the innermost of its thread): stop its timer, restore
- * the chain and the hook. */
-static void guard_leave(lua_State *L, ls_guard *g)
+/* Leave the innermost guard: stop its timer, restore the hook. */
+static void guard_leave(lua_State *L, ls_guardset *set)
 {
-    guard_stop(g);
-    g->active = 0;
-    ls_guard *outer = g->outer;
-    if (outer) {
-        lua_getfield(L, LUA_REGISTRYINDEX, GUARD_CHAIN);
-        lua_pushthread(L);
-        lua_rawget(L, -2); /* g */
-        lua_getiuservalue(L, -1, 1); /* outer userdata */
-        lua_remove(L, -2);
-        lua_pushthread(L);
-        lua_insert(L, -2);
-        lua_rawset(L, -3);
-        lua_pop(L, 1);
-        if (any_expired(outer))
-            lua_sethook(L, guard_hook, LUA_MASKCOUNT, 1);
-        else
-            lua_sethook(L, guard_hook, LUA_MASKCOUNT, GUARD_CHECK_COUNT);
-    } else {
-        chain_set(L, 0);
-        lua_sethook(L, g->old_hook, g->old_mask, g->old_count);
-    }
+    ls_guard *g = &set->g[set->depth - 1];
+    guard_stop(set, g);
+    set->depth--;
+    if (set->depth > 0)
+        lua_sethook(L, guard_hook, LUA_MASKCOUNT, any_expired(set) ? 1 : GUARD_CHECK_COUNT);
+    else
+        lua_sethook(L, set->old_hook, set->old_mask, set->old_count);
 }
 
 /* Message handler: a traceback for errors of fn, the sentinel as is. */
@@ -180,13 +165,13 @@ static int guard_msgh(lua_State *L)
     return 1;
 }
 
-/* After the guarded call: stack is [1] timeout [2] guard [3] msgh, then
- * results (ok) or the error object. */
+/* After the guarded call: stack is [1] timeout [2] guard set [3] msgh,
+ * then results (ok) or the error object. */
 static int guard_finish(lua_State *L, int status)
 {
-    ls_guard *g = luaL_checkudata(L, 2, GUARD_MT);
-    int expired = g->expired;
-    guard_leave(L, g);
+    ls_guardset *set = lua_touserdata(L, 2);
+    int expired = set->g[set->depth - 1].expired;
+    guard_leave(L, set);
     /* Past the deadline the call counts as timed out even when it ended
      * without running another instruction (a C function as fn). */
     if ((status == LUA_OK || status == LUA_YIELD) && !expired) {
@@ -234,40 +219,46 @@ static int l_guarded(lua_State *L)
     ls_task *t = ls_current(L, loop);
     int nargs = lua_gettop(L) - 2;
 
-    ls_guard *g = lua_newuserdatauv(L, sizeof *g, 1);
-    memset(g, 0, sizeof *g);
-    luaL_setmetatable(L, GUARD_MT);
-    g->loop = loop;
-    g->task = t;
-    g->co = L;
-    g->deadline = ev_time() + (timeout > 0 ? timeout : 0);
-    ev_init(&g->timer, timer_cb);
-
-    ls_guard *outer = chain_get(L);
-    if (outer) {
-        g->outer = outer;
-        /* keep the outer record reachable from this one */
-        lua_getfield(L, LUA_REGISTRYINDEX, GUARD_CHAIN);
-        lua_pushthread(L);
-        lua_rawget(L, -2);
-        lua_setiuservalue(L, -3, 1);
+    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
+    lua_pushthread(L);
+    lua_rawget(L, -2);
+    ls_guardset *set = lua_touserdata(L, -1);
+    if (set == NULL) {
         lua_pop(L, 1);
-    } else {
-        g->old_hook = lua_gethook(L);
-        g->old_mask = lua_gethookmask(L);
-        g->old_count = lua_gethookcount(L);
+        set = lua_newuserdatauv(L, sizeof *set, 0);
+        memset(set, 0, sizeof *set);
+        luaL_setmetatable(L, GUARD_MT);
+        set->loop = loop;
+        set->co = L;
+        for (int i = 0; i < GUARD_MAX_DEPTH; i++) {
+            set->g[i].set = set;
+            ev_init(&set->g[i].timer, timer_cb);
+        }
+        lua_pushthread(L);
+        lua_pushvalue(L, -2);
+        lua_rawset(L, -4);
     }
-    chain_set(L, -1);
-    g->active = 1;
+    lua_remove(L, -2); /* the registry table; the set stays on the stack */
+    if (set->depth == GUARD_MAX_DEPTH)
+        return luaL_error(L, "luasmtp: guarded calls nested more than %d deep", GUARD_MAX_DEPTH);
+    if (set->depth == 0) {
+        set->old_hook = lua_gethook(L);
+        set->old_mask = lua_gethookmask(L);
+        set->old_count = lua_gethookcount(L);
+    }
+    ls_guard *g = &set->g[set->depth++];
+    g->task = t;
+    g->expired = 0;
+    g->deadline = ev_time() + (timeout > 0 ? timeout : 0);
     ev_timer_set(&g->timer, timeout > 0 ? timeout : 0., 0.);
     ev_timer_start(ls_evloop(loop), &g->timer);
     ls_live[LS_COUNT_WATCHERS]++;
     lua_sethook(L, guard_hook, LUA_MASKCOUNT, timeout > 0 ? GUARD_CHECK_COUNT : 1);
 
-    /* stack: timeout fn args... guard -> timeout guard msgh fn args... */
-    lua_insert(L, 2);                 /* timeout guard fn args... */
+    /* stack: timeout fn args... set -> timeout set msgh fn args... */
+    lua_insert(L, 2);                 /* timeout set fn args... */
     lua_pushcfunction(L, guard_msgh);
-    lua_insert(L, 3);                 /* timeout guard msgh fn args... */
+    lua_insert(L, 3);                 /* timeout set msgh fn args... */
     int st = lua_pcallk(L, nargs, LUA_MULTRET, 3, 0, guard_k);
     return guard_finish(L, st);
 }
@@ -281,19 +272,15 @@ static int l_interrupt_guarded(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTHREAD);
     lua_State *co = lua_tothread(L, 1);
-    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_CHAIN);
-    lua_pushvalue(L, 1);
-    lua_rawget(L, -2);
-    ls_guard *g = lua_touserdata(L, -1);
-    lua_pop(L, 2);
-    if (g == NULL || !g->active || co == L) {
+    ls_guardset *set = set_of(L, 1);
+    if (set == NULL || set->depth == 0 || co == L) {
         lua_pushboolean(L, 0);
         return 1;
     }
-    for (ls_guard *o = g; o; o = o->outer)
-        o->expired = 1;
+    for (int i = 0; i < set->depth; i++)
+        set->g[i].expired = 1;
     lua_sethook(co, guard_hook, LUA_MASKCOUNT, 1);
-    ls_wake(g->loop, g->task, LS_WAKE_TIMEOUT);
+    ls_wake(set->loop, set->g[set->depth - 1].task, LS_WAKE_TIMEOUT);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -305,10 +292,10 @@ int ls_open_guard(lua_State *L)
     lua_pushliteral(L, "k");
     lua_setfield(L, -2, "__mode");
     lua_setmetatable(L, -2);
-    lua_setfield(L, LUA_REGISTRYINDEX, GUARD_CHAIN);
+    lua_setfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
 
     luaL_newmetatable(L, GUARD_MT);
-    lua_pushcfunction(L, l_guard_gc);
+    lua_pushcfunction(L, l_guardset_gc);
     lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
 

@@ -232,8 +232,7 @@ function M.new(envelope, body)
     from = envelope.from,
     rcpt = envelope.rcpt,
     body = body,
-    pending = {}, -- header bytes seen so far, until the header block ends
-    pending_len = 0,
+    pending = nil, -- the pieces seen so far, while the header block has not ended
     header = nil,
   }, Message)
 end
@@ -241,7 +240,7 @@ end
 -- End of the header collection: fields found (or none), and the bytes
 -- that follow go to the body.
 local function finish_header(self, data, stop)
-  self.pending, self.pending_len = nil, 0
+  self.pending = nil
   if stop then
     local block = data:sub(1, stop - 1)
     if looks_like_header(block) then
@@ -259,13 +258,16 @@ end
 -- that completed the header view.
 function Message:feed(piece)
   if self.header then return piece, false end
-  local p = self.pending
-  p[#p + 1] = piece
-  self.pending_len = self.pending_len + #piece
-  local data = #p == 1 and piece or table.concat(p)
-  if #p > 1 then self.pending = { data } end
-  if data:sub(1, 2) == "\r\n" then
-    self.pending, self.pending_len = nil, 0
+  local data = piece
+  local pending = self.pending
+  if pending then
+    -- pieces seen before without the end of the header block
+    pending[#pending + 1] = piece
+    data = table.concat(pending)
+    self.pending = { data }
+  end
+  if data:byte(1) == 13 and data:byte(2) == 10 then
+    self.pending = nil
     self.header = new_header({}, "\r\n")
     return data:sub(3), true
   end
@@ -273,9 +275,10 @@ function Message:feed(piece)
   if stop then
     return finish_header(self, data, stop + 2), true
   end
-  if self.pending_len > M.MAX_HEADER then
+  if #data > M.MAX_HEADER then
     return finish_header(self, data, nil), true
   end
+  if not pending then self.pending = { data } end
   return nil, false
 end
 
@@ -283,8 +286,8 @@ end
 -- pending is a header without a body (or not a header at all).
 function Message:finish_header()
   if self.header then return nil end
-  local data = table.concat(self.pending)
-  self.pending, self.pending_len = nil, 0
+  local data = self.pending and table.concat(self.pending) or ""
+  self.pending = nil
   local fields = data ~= "" and data:sub(-2) == "\r\n" and parse_fields(data)
   if fields then
     self.header = new_header(fields, "")
