@@ -1,18 +1,34 @@
-#!/usr/bin/env python3
-"""Memory benchmark: how much a server's peak RSS grows with large bodies.
+"""Peak memory of the server while it receives large bodies.
 
-Each scenario starts a fresh bench/memory_server.lua (a Maildir MX),
-reads its peak RSS (VmHWM in /proc/PID/status) once it is idle, runs the
-scenario, and reports the growth:
-  - one 100 MB message by DATA, one by BDAT (delivered to the Maildir);
-  - five concurrent BDAT transactions of 20 MB each, left unfinished.
-Targets (issue: streaming bodies): < 4 MB for the first two, < 8 MB for
-the third.
+Starts bench/body_server.lua once per scenario and reports how much its
+peak RSS (VmHWM in /proc/PID/status) grew over what it was after a small
+warm-up message:
+  - one 100 MB message by DATA
+  - one 100 MB message by BDAT (1 MiB chunks)
+  - five concurrent 20 MB BDAT bodies, held unfinished, then finished
+Targets: < 4 MB, < 4 MB, < 8 MB.
+
+Usage: python3 bench/memory.py   (from the repository root; make bench)
 """
-import os, shutil, socket, subprocess, sys, tempfile, time
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MB = 1024 * 1024
+BLOCK = b"".join(b"%07d 0123456789abcdefghijklmnopqrstuvwxyz 0123456789ABCDEFGHIJKLMNOPQ\r\n" % i
+                 for i in range(13107))  # about 1 MiB of CRLF lines, no dots
+
+
+def hwm_kb(pid):
+    with open("/proc/%d/status" % pid) as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise RuntimeError("no VmHWM")
 
 
 def free_port():
@@ -23,84 +39,65 @@ def free_port():
     return port
 
 
-def hwm_kb(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise RuntimeError("no VmHWM")
-
-
 class Client:
     def __init__(self, port):
-        self.sock = socket.create_connection(("127.0.0.1", port), 10)
-        self.sock.settimeout(120)
-        self.buf = b""
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=120)
+        self.f = self.sock.makefile("rb")
         self.reply()
 
     def reply(self):
         while True:
-            while b"\r\n" not in self.buf:
-                data = self.sock.recv(65536)
-                if not data:
-                    raise RuntimeError("closed")
-                self.buf += data
-            line, self.buf = self.buf.split(b"\r\n", 1)
+            line = self.f.readline()
+            if not line:
+                raise RuntimeError("connection closed")
             if line[3:4] != b"-":
-                return line
+                return line.decode().strip()
 
     def cmd(self, line):
         self.sock.sendall(line.encode() + b"\r\n")
         return self.reply()
 
     def envelope(self):
-        self.cmd("EHLO bench.test")
-        assert self.cmd("MAIL FROM:<a@bench.test>").startswith(b"250")
-        assert self.cmd("RCPT TO:<b@memory.test>").startswith(b"250")
+        assert self.cmd("EHLO bench.test").startswith("250")
+        assert self.cmd("MAIL FROM:<a@bench.test>").startswith("250")
+        assert self.cmd("RCPT TO:<b@bench.test>").startswith("250")
+
+    def data(self, size):
+        self.envelope()
+        assert self.cmd("DATA").startswith("354")
+        sent = 0
+        while sent < size:
+            self.sock.sendall(BLOCK)
+            sent += len(BLOCK)
+        self.sock.sendall(b".\r\n")
+        r = self.reply()
+        assert r.startswith("250"), r
+
+    def bdat(self, size, last=True):
+        sent = 0
+        while sent < size:
+            self.sock.sendall(b"BDAT %d\r\n" % len(BLOCK) + BLOCK)
+            sent += len(BLOCK)
+            r = self.reply()
+            assert r.startswith("250"), r
+        if last:
+            r = self.cmd("BDAT 0 LAST")
+            assert r.startswith("250"), r
+
+    def close(self):
+        try:
+            self.cmd("QUIT")
+        except Exception:
+            pass
+        self.sock.close()
 
 
-LINE = b"x" * 78 + b"\r\n"
-BLOCK = LINE * (MB // len(LINE))
-
-
-def data_message(port, size):
-    c = Client(port)
-    c.envelope()
-    assert c.cmd("DATA").startswith(b"354")
-    c.sock.sendall(b"Subject: big\r\n\r\n")
-    sent = 0
-    while sent < size:
-        c.sock.sendall(BLOCK)
-        sent += len(BLOCK)
-    c.sock.sendall(b".\r\n")
-    r = c.reply()
-    assert r.startswith(b"250"), r
-
-
-def bdat_message(port, size, last=True, chunk=MB):
-    c = Client(port)
-    c.envelope()
-    sent = 0
-    head = b"Subject: big\r\n\r\n"
-    first = True
-    while sent < size:
-        piece = (head + BLOCK)[:chunk] if first else BLOCK[:chunk]
-        first = False
-        final = last and sent + len(piece) >= size
-        c.sock.sendall(b"BDAT %d%s\r\n" % (len(piece), b" LAST" if final else b"") + piece)
-        r = c.reply()
-        assert r.startswith(b"250"), r
-        sent += len(piece)
-    return c
-
-
-def scenario(name, run):
-    tmp = tempfile.mkdtemp(prefix="luasmtp-membench-")
+def run(name, target_mb, scenario):
     port = free_port()
-    env = dict(os.environ)
-    env["LUA_PATH_5_4"] = f"{ROOT}/lua/?.lua;{ROOT}/lua/?/init.lua;;"
-    env["LUA_CPATH_5_4"] = f"{ROOT}/build/?.so;;"
-    proc = subprocess.Popen(["lua5.4", f"{ROOT}/bench/memory_server.lua", str(port), tmp + "/md"], env=env)
+    spool = tempfile.mkdtemp(prefix="luasmtp-bench-")
+    server = subprocess.Popen(["lua5.4", "bin/luasmtp", "serve", "bench/body_server.lua",
+                               "--listen", "127.0.0.1:%d" % port, "--spool", spool,
+                               "--lifetime", "300"], stderr=subprocess.DEVNULL)
     try:
         for _ in range(200):
             try:
@@ -108,34 +105,54 @@ def scenario(name, run):
                 break
             except OSError:
                 time.sleep(0.05)
-        # one small message first, so the baseline includes a warm server
-        bdat_message(port, 1000).sock.close()
-        time.sleep(0.2)
-        before = hwm_kb(proc.pid)
-        keep = run(port)
-        time.sleep(0.5)
-        after = hwm_kb(proc.pid)
-        for c in keep or []:
-            c.sock.close()
-        return (after - before) / 1024
+        warm = Client(port)
+        warm.data(64 * 1024)
+        warm.close()
+        base = hwm_kb(server.pid)
+        t0 = time.time()
+        scenario(port, server.pid)
+        grown = (hwm_kb(server.pid) - base) / 1024
+        print("%-44s %8.1f MB %8.1f MB %6s %6.1f s" % (name, grown, target_mb,
+              "ok" if grown < target_mb else "OVER", time.time() - t0))
+        return grown < target_mb
     finally:
-        proc.terminate()
-        proc.wait(10)
-        shutil.rmtree(tmp, ignore_errors=True)
+        server.terminate()
+        server.wait(30)
+        shutil.rmtree(spool, ignore_errors=True)
+
+
+def data_100(port, pid):
+    c = Client(port)
+    c.data(100 * MB)
+    c.close()
+
+
+def bdat_100(port, pid):
+    c = Client(port)
+    c.envelope()
+    c.bdat(100 * MB)
+    c.close()
+
+
+def bdat_5x20(port, pid):
+    clients = [Client(port) for _ in range(5)]
+    for c in clients:
+        c.envelope()
+    for c in clients:
+        c.bdat(20 * MB, last=False)  # all five are now held unfinished
+    for c in clients:
+        r = c.cmd("BDAT 0 LAST")
+        assert r.startswith("250"), r
+        c.close()
 
 
 def main():
-    rows = [
-        ("100 MB message by DATA", lambda p: data_message(p, 100 * MB), 4),
-        ("100 MB message by BDAT", lambda p: bdat_message(p, 100 * MB) and None, 4),
-        ("5 unfinished 20 MB BDAT bodies",
-         lambda p: [bdat_message(p, 20 * MB, last=False) for _ in range(5)], 8),
-    ]
-    print("Peak RSS growth of the server (VmHWM), bench/memory.py.")
-    print(f"{'workload':<34} {'growth MB':>10} {'target MB':>10}")
-    for name, run, target in rows:
-        growth = scenario(name, run)
-        print(f"{name:<34} {growth:>10.1f} {'< ' + str(target):>10}")
+    print("Server peak RSS growth (VmHWM) while receiving large bodies.")
+    print("%-44s %11s %11s %6s %8s" % ("scenario", "growth", "target", "", "time"))
+    ok = run("100 MB message by DATA", 4, data_100)
+    ok = run("100 MB message by BDAT (1 MiB chunks)", 4, bdat_100) and ok
+    ok = run("5 concurrent unfinished 20 MB BDAT bodies", 8, bdat_5x20) and ok
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

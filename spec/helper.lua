@@ -54,6 +54,28 @@ function H.run(fn, timeout)
   return table.unpack(res, 2, res.n)
 end
 
+--- Run fn() as a task under luasmtp.run(), which blocks in the poll the
+-- way a server's loop does (H.run polls in short steps, which would hide
+-- a wait whose timer was lost). fn must bound every wait it makes.
+function H.run_blocking(fn)
+  local errors = {}
+  local prev = luasmtp.on_error(function(msg)
+    errors[#errors + 1] = msg
+  end)
+  local task = luasmtp.spawn(fn)
+  local ok, err, n = luasmtp.run()
+  luasmtp.on_error(prev)
+  assert(ok, ("luasmtp.run: %s (%s tasks left)"):format(tostring(err), tostring(n)))
+  local res = table.pack(task:join())
+  if not res[1] then
+    error(res[2], 0)
+  end
+  if #errors > 0 then
+    error(errors[1], 0)
+  end
+  return table.unpack(res, 2, res.n)
+end
+
 --- Assert that every live object is gone (after a full collection).
 function H.assert_no_leaks()
   for _ = 1, 3 do

@@ -50,6 +50,12 @@ function Maildir:deliver(message)
   local name = ("%d.M%dP%dQ%d.%s"):format(math.floor(t), math.floor((t % 1) * 1e6), core.getpid(), seq, hostname)
   local tmp = self.dir .. "/tmp/" .. name
   local final = self.dir .. "/new/" .. name
+  -- A message as it arrived whose spool file is on this file system
+  -- becomes the mail file itself: fsync, link into new/, fsync new/.
+  if type(message) == "table" and message.sink and message:unedited() and message:spooled() then
+    if message.sink:commit(final) then return final end
+    os.remove(final) -- another file system (or a failure): write a copy instead
+  end
   local ok, _, detail, kind = core.write_file_sync(tmp, source_of(message))
   if not ok then
     return nil, failure_reply(kind, detail)

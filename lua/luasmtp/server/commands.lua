@@ -5,9 +5,7 @@
 -- and sends the reply. It returns "quit" or "close" to end the session.
 local core = require "luasmtp.core"
 local auth = require "luasmtp.server.auth"
-local body_store = require "luasmtp.server.body"
 local message = require "luasmtp.server.message"
-local reply = require "luasmtp.reply"
 
 local M = {}
 local handlers = {}
@@ -223,55 +221,26 @@ end
 ---------------------------------------------------------------------------
 -- The message: DATA and BDAT feed one pipeline
 
--- Start a message: the data phase, then a body store and the message.
--- Returns the message, or nil after sending the refusal.
-local function open_message(s)
+-- The data phase, before the 354 or the first BDAT: nil, or the reply
+-- already sent and whether to close.
+local function data_phase(s)
   local r = s:phase("data")
   if r and r.code >= 400 then
     local _, disc = s:answer(r)
-    return nil, disc
+    return true, disc
   end
-  local body = body_store.new {
-    dir = s.server.spool_dir,
-    threshold = s.config.spool_threshold,
-  }
-  local msg = message.new(s.envelope, body)
-  s.incoming = msg
-  return msg
+  return nil
 end
 
--- A piece of the body: the body store, then the body phase.
-local function body_piece(s, msg, part)
-  if part == "" then return end
-  local ok, _, detail = msg.body:write(part)
-  if not ok then
-    s:log("error", "spool write failed: %s", tostring(detail))
-    msg.verdict = msg.verdict or reply.new(451, "4.3.0", "Local error in processing")
-  end
-  if not msg.verdict and s.chains.body then
-    msg.verdict = s:phase("body", msg, part)
-  end
-end
-
--- A piece of decoded data: header collection, then the headers phase
--- (once, when the header block ends), then the body.
-local function feed(s, msg, piece)
-  local part, header_done = msg:feed(piece)
-  if header_done and not msg.verdict then
-    msg.verdict = s:phase("headers", msg)
-  end
-  if part then body_piece(s, msg, part) end
-end
-
--- The data ended: the remaining phases and the reply (per recipient for
--- LMTP).
-local function finish_message(s, msg, info)
+-- The data ended: the header view, the remaining phases and the reply
+-- (per recipient for LMTP). The body phase gets the body in the pieces
+-- the sink holds it in, from memory or the spool file.
+local function finish_message(s, sink, info)
   local env = s.envelope
-  s.incoming = nil
   s.envelope = nil
   s.bdat = nil
   local function refuse(code, enh, text)
-    msg:discard()
+    sink:close()
     return s:send_reply(code, enh, text)
   end
   if info.too_big then
@@ -285,14 +254,16 @@ local function finish_message(s, msg, info)
     s:log("info", "message refused: line longer than %d", s.config.limits.text_line_length)
     return refuse(554, "5.6.0", "Message line too long")
   end
-  if not msg.header then
-    -- the data ended inside the header block
-    local rest = msg:finish_header()
-    if not msg.verdict then msg.verdict = s:phase("headers", msg) end
-    if rest then body_piece(s, msg, rest) end
-  end
+  local msg = message.from_sink(env, sink)
+  s.incoming = msg
   s.messages = s.messages + 1
-  local r = msg.verdict
+  local r = s:phase("headers", msg)
+  if not r and s.chains.body then
+    for piece in msg:body_chunks() do
+      r = s:phase("body", msg, piece)
+      if r then break end
+    end
+  end
   if not r then
     r = s:phase("message", msg)
     if not r or r.code < 400 then
@@ -300,6 +271,7 @@ local function finish_message(s, msg, info)
     end
   end
   local size = msg:size()
+  s.incoming = nil
   msg:discard()
   s:log("info", "message size=%d rcpt=%d %s", size, #env.rcpt,
     (r == nil or r.code < 400) and "accepted" or ("refused " .. r.code))
@@ -336,40 +308,39 @@ handlers.DATA = function(s, cmd)
   if s.bdat then
     return s:send_reply(503, "5.5.1", "DATA after BDAT")
   end
-  local msg, disc = open_message(s)
-  if not msg then
+  local refused, disc = data_phase(s)
+  if refused then
     if disc then return "close" end
     return
   end
   s:send_reply(354, nil, "End data with <CR><LF>.<CR><LF>")
   local c = s.config
-  local dec = core.data_decoder {
+  local sink = s.server:new_sink()
+  -- The body goes from the socket buffer into the sink (memory, then a
+  -- spool file) in C, decoded on the way; what follows the end of data
+  -- (a pipelined command) stays buffered.
+  local info, err = s.sock:receivebody(sink, {
     max_size = c.limits.max_message_size,
     bare = c.bare_newlines,
     max_line = math.max(c.limits.text_line_length - 2, 0),
-  }
-  local parts = {}
-  local deadline = core.update_now() + c.timeouts.data_total
-  -- The decoder reads straight from the socket buffer; what follows the
-  -- end of data (a pipelined command) stays buffered. Every 64 KiB the
-  -- pieces move on to the message, so the body is never held whole.
-  while true do
-    local left = math.max(deadline - core.update_now(), 0.001)
-    local done, err = s.sock:receivedata(dec, parts, c.timeouts.data_block, left, 65536)
-    if done == nil then
-      s:reset_envelope()
-      if err == "timeout" then
-        s:send_reply(421, "4.4.2", "Timeout during DATA")
-      end
-      return "close" -- timeout, closed or reset mid-message
+    idle_timeout = c.timeouts.data_block,
+    total_timeout = c.timeouts.data_total,
+  })
+  if not info then
+    sink:close()
+    s:reset_envelope()
+    if err == "timeout" then
+      s:send_reply(421, "4.4.2", "Timeout during DATA")
     end
-    for i = 1, #parts do
-      feed(s, msg, parts[i])
-      parts[i] = nil
-    end
-    if done then break end
+    return "close" -- timeout, closed or reset mid-message
   end
-  return finish_message(s, msg, dec:result())
+  if info.error == "io" then
+    sink:close()
+    s.envelope = nil
+    s:log("error", "spool: %s", tostring(info.detail))
+    return s:send_reply(451, "4.3.0", "Local error in processing")
+  end
+  return finish_message(s, sink, info)
 end
 
 handlers.BDAT = function(s, cmd)
@@ -379,16 +350,12 @@ handlers.BDAT = function(s, cmd)
     return s:send_reply(501, "5.5.4", "Syntax: BDAT size [LAST]")
   end
   local timeout = s.config.timeouts.data_block
-  -- A rejected BDAT still consumes its chunk.
+  -- A refused BDAT still consumes its chunk (into a sink that keeps nothing).
   local function discard(code, enh, text)
-    local remaining = size
-    while remaining > 0 do
-      local n = math.min(remaining, 65536)
-      local data = s.sock:receive(n, timeout)
-      if not data then return "close" end
-      remaining = remaining - n
-    end
-    s:send_reply(code, enh, text)
+    local trash <close> = core.sink { max_size = 0, threshold = 0 }
+    local ok, err = s.sock:receivechunk(trash, size, timeout)
+    if not ok and err ~= "limit" then return "close" end
+    if code then s:send_reply(code, enh, text) end
   end
   local env = s.envelope
   if not s.config.chunking then
@@ -400,46 +367,33 @@ handlers.BDAT = function(s, cmd)
   if #env.rcpt == 0 then
     return discard(554, "5.5.1", "No valid recipients")
   end
-  local b = s.bdat
-  if not b then
-    local msg = open_message(s)
-    if not msg then
-      -- the data phase refused: the reply is sent; the chunk is read
-      local remaining = size
-      while remaining > 0 do
-        local n = math.min(remaining, 65536)
-        if not s.sock:receive(n, timeout) then return "close" end
-        remaining = remaining - n
-      end
+  if not s.bdat then
+    local refused, disc = data_phase(s)
+    if refused then
       s.envelope = nil
+      if discard() == "close" or disc then return "close" end
       return
     end
-    b = { msg = msg, size = 0, too_big = false }
-    s.bdat = b
+    s.bdat = { sink = s.server:new_sink(s.config.limits.max_message_size), size = 0 }
   end
-  if b.size + size > s.config.limits.max_message_size then
-    b.too_big = true
-  end
-  local remaining = size
-  while remaining > 0 do
-    local n = math.min(remaining, 65536)
-    local data = s.sock:receive(n, timeout)
-    if not data then
-      s:reset_envelope()
-      return "close"
-    end
-    if not b.too_big then feed(s, b.msg, data) end
-    remaining = remaining - n
+  local b = s.bdat
+  local ok, err = s.sock:receivechunk(b.sink, size, timeout)
+  if not ok and err ~= "limit" and err ~= "io" then
+    s:reset_envelope()
+    return "close"
   end
   b.size = b.size + size
-  if not last then
-    if b.too_big then
-      s:reset_envelope()
-      return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
+  if err == "io" or (err == "limit" and not last) then
+    s:reset_envelope()
+    if err == "io" then
+      return s:send_reply(451, "4.3.0", "Local error in processing")
     end
+    return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
+  end
+  if not last then
     return s:send_reply(250, "2.0.0", ("%d octets received"):format(size))
   end
-  return finish_message(s, b.msg, { too_big = b.too_big })
+  return finish_message(s, b.sink, { too_big = err == "limit" })
 end
 
 return M

@@ -57,9 +57,11 @@ M.schema = options.schema("server", {
   { "enhanced_status_codes", "boolean", true, "offer ENHANCEDSTATUSCODES" },
   { "requiretls", "boolean", true, "offer REQUIRETLS over TLS" },
   { "received_header", "boolean", true, "add a Received header (the default chain's `received` plugin)" },
-  { "spool_threshold", "integer", 1024 * 1024, "bodies larger than this go to a spool file while they arrive" },
+  { "spool_threshold", "integer", 1024 * 1024,
+    "bodies larger than this go to a spool file in `spool_dir` while they arrive" },
   { "spool_dir", "string", nil,
-    "where spool files go; default: the first store plugin's directory, else $TMPDIR or /tmp" },
+    "where spool files go; default: the first store plugin's directory, else $TMPDIR or /tmp; "
+      .. "leftovers of a crashed process are removed at start" },
   { "bare_newlines", "string", "reject", "`\"reject\"` or `\"normalise\"` bare CR/LF in DATA" },
   { "strict_helo", "boolean", false, "refuse EHLO names that are not valid domains" },
   { "hooks", "table", nil, "`{ on_rcpt = fn, ... }`: a one-plugin chain" },
@@ -143,6 +145,11 @@ function Server:connections()
   return self.active
 end
 
+--- server:new_sink([max_size]) -> a body sink (core.sink) in spool_dir.
+function Server:new_sink(max_size)
+  return core.sink { dir = self.spool_dir, threshold = self.config.spool_threshold, max_size = max_size }
+end
+
 --- The directory for spool files: the option, else the first store
 -- plugin's, else $TMPDIR or /tmp.
 local function spool_dir_of(config, list)
@@ -161,6 +168,7 @@ function M.new(opts)
     config = config,
     listeners = {},
     active = 0,
+    slots = { active = 0 }, -- one max_connections for all the listeners
     sessions = setmetatable({}, { __mode = "k" }),
   }, Server)
   self.logger = config.logger or function(level, msg)
@@ -191,6 +199,7 @@ function M.new(opts)
   end
   self.chains = chain.build(list, config.timeouts.plugin, config.phase_timeouts)
   self.spool_dir = spool_dir_of(config, list)
+  core.sink_cleanup(self.spool_dir) -- what a crashed process left there
   if config.proxy then
     local nets = {}
     for i, cidr in ipairs(config.proxy.trusted or {}) do nets[i] = relay.network(cidr) end
@@ -214,6 +223,7 @@ function M.new(opts)
       tls = implicit and config.tls or nil,
       tls_timeout = config.timeouts.tls_handshake,
       max_connections = config.limits.max_connections,
+      slots = self.slots,
       handler = function(sock, conn)
         session.serve(self, sock, conn)
       end,

@@ -1,16 +1,16 @@
 --- luasmtp.server.message: a message as it arrives, and its header view.
 --
--- The header block is parsed once, when it ends, into a list of fields
--- that keep their raw bytes; plugins read and edit the list (add,
--- prepend, set, remove) without touching the body, which stays in its
--- body store (memory or spool file, luasmtp.server.body). A message is
--- then read or streamed as the edited header followed by the body.
+-- The message's bytes are in a body sink (core.sink: memory, or a spool
+-- file in the store's directory). The header block the sink kept apart
+-- is the header view: a list of fields that keep their raw bytes, made
+-- once, on first use; plugins read and edit it (add, prepend, set,
+-- remove) without touching the body, which stays in the sink. A message
+-- is read or streamed as the edited header followed by the body.
 local M = {}
 
--- The header block is looked for in at most this many bytes; a message
--- whose header is longer (or that does not start with a field) has an
--- empty header view and everything counts as body.
-M.MAX_HEADER = 256 * 1024
+-- A message whose header block is longer than the sink keeps apart
+-- (header_max, 64 KiB by default), or that does not start with a header
+-- field, has an empty header view and everything counts as body.
 
 ---------------------------------------------------------------------------
 -- Header view
@@ -153,14 +153,14 @@ end
 --- header:add(name, value): a new field at the end of the header.
 function Header:add(name, value)
   table.insert(self.list, new_field(name, value))
-  self.cached = nil
+  self.cached, self.edited = nil, true
 end
 
 --- header:prepend(name, value): a new field at the top (Received,
 -- Authentication-Results).
 function Header:prepend(name, value)
   table.insert(self.list, 1, new_field(name, value))
-  self.cached = nil
+  self.cached, self.edited = nil, true
 end
 
 --- header:set(name, value): replace the first field of that name (or add
@@ -170,7 +170,7 @@ function Header:set(name, value)
   for i, f in ipairs(self.list) do
     if matches(f, lname) then
       self.list[i] = new_field(f.name, value)
-      self.cached = nil
+      self.cached, self.edited = nil, true
       return
     end
   end
@@ -193,7 +193,7 @@ function Header:remove(name, n)
     end
     i = i + 1
   end
-  if removed > 0 then self.cached = nil end
+  if removed > 0 then self.cached, self.edited = nil, true end
   return removed
 end
 
@@ -213,10 +213,6 @@ function Header:bytes()
   return self.cached
 end
 
-M.parse_header = function(block)
-  local fields = parse_fields(block)
-  return fields and new_header(fields, "\r\n")
-end
 
 ---------------------------------------------------------------------------
 -- Messages
@@ -225,93 +221,68 @@ local Message = {}
 Message.__index = Message
 M.Message = Message
 
---- new(envelope, body) -> message whose header is still being read.
-function M.new(envelope, body)
+--- from_sink(envelope, sink) -> message
+-- sink: the content as received (core.sink); its first header block
+-- becomes the header view, the rest is the body.
+function M.from_sink(envelope, sink)
+  local block, offset = sink:header()
+  local header, body_offset
+  if not block then
+    header, body_offset = new_header({}, ""), 0 -- header block too long
+  elseif offset then
+    if block == "" then
+      header, body_offset = new_header({}, "\r\n"), offset
+    elseif looks_like_header(block) then
+      header, body_offset = lazy_header(block, "\r\n"), offset
+    else
+      header, body_offset = new_header({}, ""), 0
+    end
+  elseif block ~= "" and #block == sink:size() and looks_like_header(block) then
+    header, body_offset = lazy_header(block, ""), #block -- all header, no body
+  else
+    header, body_offset = new_header({}, ""), 0
+  end
   return setmetatable({
     envelope = envelope,
     from = envelope.from,
     rcpt = envelope.rcpt,
-    body = body,
-    pending = nil, -- the pieces seen so far, while the header block has not ended
-    header = nil,
+    sink = sink,
+    header = header,
+    body_offset = body_offset,
   }, Message)
 end
 
--- End of the header collection: fields found (or none), and the bytes
--- that follow go to the body.
-local function finish_header(self, data, stop)
-  self.pending = nil
-  if stop then
-    local block = data:sub(1, stop - 1)
-    if looks_like_header(block) then
-      self.header = lazy_header(block, "\r\n")
-      return data:sub(stop + 2)
-    end
-  end
-  self.header = new_header({}, "")
-  return data
+--- message:body_size() -> bytes of the body (after the header block).
+function Message:body_size()
+  return self.sink:size() - self.body_offset
 end
 
---- message:feed(piece) -> body_piece | nil, header_done
--- Used by the session while the data arrives: collects the header block
--- and returns what belongs to the body. header_done is true on the call
--- that completed the header view.
-function Message:feed(piece)
-  if self.header then return piece, false end
-  local data = piece
-  local pending = self.pending
-  if pending then
-    -- pieces seen before without the end of the header block
-    pending[#pending + 1] = piece
-    data = table.concat(pending)
-    self.pending = { data }
-  end
-  if data:byte(1) == 13 and data:byte(2) == 10 then
-    self.pending = nil
-    self.header = new_header({}, "\r\n")
-    return data:sub(3), true
-  end
-  local stop = data:find("\r\n\r\n", 1, true)
-  if stop then
-    return finish_header(self, data, stop + 2), true
-  end
-  if #data > M.MAX_HEADER then
-    return finish_header(self, data, nil), true
-  end
-  if not pending then self.pending = { data } end
-  return nil, false
+--- message:body_chunks([size]) -> iterator over the body alone.
+function Message:body_chunks(size)
+  return self.sink:chunks(size or 65536, self.body_offset)
 end
 
---- message:finish_header() -> body_piece | nil: the data ended: what is
--- pending is a header without a body (or not a header at all).
-function Message:finish_header()
-  if self.header then return nil end
-  local data = self.pending and table.concat(self.pending) or ""
-  self.pending = nil
-  local fields = data ~= "" and data:sub(-2) == "\r\n" and parse_fields(data)
-  if fields then
-    self.header = new_header(fields, "")
-    return nil
-  end
-  self.header = new_header({}, "")
-  return data ~= "" and data or nil
+--- message:unedited() -> true when the message is byte for byte what
+-- arrived (no header edit): the sink can then become the mail file.
+function Message:unedited()
+  return not self.header.edited and not self.released
 end
 
 --- message:size() -> bytes of the edited header plus the body.
 function Message:size()
-  return #self.header:bytes() + self.body:size()
+  return #self.header:bytes() + self:body_size()
 end
 
 --- message:spooled() -> true when the body is in a spool file.
 function Message:spooled()
-  return self.body:spooled()
+  return not self.released and self.sink:spooled()
 end
 
 --- message:chunks([size]) -> iterator over the header, then the body in
 -- pieces of at most size bytes (64 KiB), from memory or the spool file.
 function Message:chunks(size)
   local header = self.header:bytes()
-  local body = self.body:chunks(size)
+  local body = self:body_chunks(size)
   local started = false
   return function()
     if not started then
@@ -325,13 +296,17 @@ end
 --- message:read() -> the whole message as one string (small messages).
 function Message:read()
   local out = { self.header:bytes() }
-  for piece in self.body:chunks(1024 * 1024) do out[#out + 1] = piece end
+  for piece in self:body_chunks(1024 * 1024) do out[#out + 1] = piece end
   return table.concat(out)
 end
 
---- message:discard(): release the body (memory or spool file).
+--- message:discard(): release a spooled body (its spool file); one in
+-- memory stays readable until it is collected.
 function Message:discard()
-  self.body:discard()
+  if not self.released and self.sink:spooled() then
+    self.sink:close()
+    self.released = true
+  end
 end
 
 return M

@@ -71,8 +71,11 @@ function Session:reset_envelope()
     self.incoming:discard()
     self.incoming = nil
   end
+  if self.bdat then
+    self.bdat.sink:close()
+    self.bdat = nil
+  end
   self.envelope = nil
-  self.bdat = nil
 end
 
 --- session:phase(name, ...) -> nil | reply: run the plugin chain of a
