@@ -9,6 +9,8 @@
 #   make deps         install missing Debian packages (scripts/deps.sh)
 #   make test         deps + build + test suite and luacheck
 #   make test-asan    the same suite against the sanitizer build
+#   make test-fresh   the suite on a fresh minimal Debian 12 root, as root
+#                     (scripts/test-fresh.sh: mmdebstrap, chroot)
 #   make run          start the development server
 #   make bench        run the benchmarks (bench/run.sh)
 #   make install      install module, Lua files and bin/luasmtp
@@ -85,7 +87,7 @@ MODULE = $(BUILD)/luasmtp/core.so
 ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer \
 	-fno-sanitize-recover=undefined
 
-.PHONY: fuzz lib all asan deps test test-asan run bench install clean
+.PHONY: fuzz lib all asan deps test test-asan test-fresh run bench install clean
 
 all: $(MODULE)
 
@@ -128,6 +130,11 @@ test-asan: deps
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 \
 	UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	sh scripts/test.sh build-asan
+
+# deps.sh, the build and the suite from a clean clone of HEAD on a new
+# Debian root filesystem: what a new user's two commands meet.
+test-fresh:
+	@bash scripts/test-fresh.sh
 
 run: all
 	lua5.4 bin/luasmtp serve examples/dev-server.lua $(or $(VAR),var)

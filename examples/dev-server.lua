@@ -5,13 +5,18 @@
 --   * an MX for example.test on 127.0.0.1:2525 (no relaying),
 -- and prints how to send a test message.
 --
---   luasmtp serve examples/dev-server.lua [VARDIR]
+--   luasmtp serve examples/dev-server.lua [VARDIR [SUBMISSION_ADDR MX_ADDR]]
+--
+-- The addresses default to 127.0.0.1:5870 and 127.0.0.1:2525.
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local store = require "luasmtp.store"
 local credentials = require "luasmtp.credentials"
 
-local var = (...) or "var"
+local var, submission_addr, mx_addr = ...
+var = var or "var"
+submission_addr = submission_addr or "127.0.0.1:5870"
+mx_addr = mx_addr or "127.0.0.1:2525"
 local core = require "luasmtp.core"
 assert(core.mkdir(var))
 
@@ -37,7 +42,7 @@ local function deliver(_, msg)
 end
 
 local submission = assert(server.new {
-  listen = "127.0.0.1:5870",
+  listen = submission_addr,
   hostname = "localhost",
   tls = tls,
   submission = true,
@@ -45,7 +50,7 @@ local submission = assert(server.new {
   hooks = { on_data = deliver },
 })
 local mx = assert(server.new {
-  listen = "127.0.0.1:2525",
+  listen = mx_addr,
   hostname = "localhost",
   tls = tls,
   relay = { domains = { "example.test" }, authenticated = false },
@@ -55,12 +60,12 @@ local _ = submission and mx
 
 io.stderr:write(([[
 luasmtp development server
-  submission: 127.0.0.1:5870 (STARTTLS, AUTH PLAIN/LOGIN, user demo, password demo)
-  MX:         127.0.0.1:2525 (mail for example.test, no relaying)
+  submission: %s (STARTTLS, AUTH PLAIN/LOGIN, user demo, password demo)
+  MX:         %s (mail for example.test, no relaying)
   Maildir:    %s/mail/new
 Send a test message:
-  swaks --server 127.0.0.1:5870 --tls --tls-verify --tls-ca-path %s \
+  swaks --server %s --tls --tls-verify --tls-ca-path %s \
         --auth PLAIN --auth-user demo --auth-password demo \
         --from demo@example.test --to someone@example.test
 Stop with Ctrl-C.
-]]):format(var, cert))
+]]):format(submission_addr, mx_addr, var, submission_addr, cert))

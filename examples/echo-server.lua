@@ -12,7 +12,8 @@ local lifetime = tonumber(arg[2]) or 60
 local server = assert(luasmtp.serve {
   listen = listen,
   handler = function(sock, conn)
-    io.stderr:write(("connection %d from %s:%d\n"):format(conn.id, conn.peer_address, conn.peer_port))
+    io.stderr:write(("connection %d from %s\n"):format(conn.id, luasmtp.format_address(conn.peer_address,
+      conn.peer_port)))
     sock:send("220 echo ready\r\n")
     while true do
       local line, err = sock:receiveline(512, 30)
@@ -33,7 +34,7 @@ local server = assert(luasmtp.serve {
 })
 
 for _, a in ipairs(server.addresses) do
-  io.stderr:write(("listening on %s port %d for %g seconds\n"):format(a.address, a.port, lifetime))
+  io.stderr:write(("listening on %s for %g seconds\n"):format(luasmtp.format_address(a.address, a.port), lifetime))
 end
 luasmtp.spawn(function()
   luasmtp.sleep(lifetime)

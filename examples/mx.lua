@@ -58,5 +58,6 @@ local srv = assert(server.new {
   },
 })
 for _, a in ipairs(srv:addresses()) do
-  io.stderr:write(("mx listening on %s port %d for %s\n"):format(a.address, a.port, table.concat(opts.domains, ",")))
+  io.stderr:write(("mx listening on %s for %s\n"):format(luasmtp.format_address(a.address, a.port),
+    table.concat(opts.domains, ",")))
 end

@@ -29,7 +29,7 @@ local srv = assert(server.new {
   },
 })
 for _, a in ipairs(srv:addresses()) do
-  io.stderr:write(("sink listening on %s port %d\n"):format(a.address, a.port))
+  io.stderr:write(("sink listening on %s\n"):format(luasmtp.format_address(a.address, a.port)))
 end
 
 if opts.report then

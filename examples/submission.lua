@@ -41,6 +41,6 @@ local srv = assert(server.new {
   },
 })
 for _, a in ipairs(srv:addresses()) do
-  io.stderr:write(("submission listening on %s port %d (%s)\n"):format(a.address, a.port,
+  io.stderr:write(("submission listening on %s (%s)\n"):format(luasmtp.format_address(a.address, a.port),
     opts["implicit-tls"] and "implicit TLS" or "STARTTLS"))
 end

@@ -21,6 +21,16 @@ static int inside(const char *p, size_t n, const char *line, size_t len)
     return p >= line && n <= len && (size_t)(p - line) <= len - n;
 }
 
+static int same_keyword(const struct smtp_param *a, const struct smtp_param *b)
+{
+    if (a->name_len != b->name_len)
+        return 0;
+    for (size_t k = 0; k < a->name_len; k++)
+        if ((a->name[k] | 0x20) != (b->name[k] | 0x20))
+            return 0;
+    return 1;
+}
+
 static void check_path(const struct smtp_cmd *c, const struct smtp_cmd_opts *o)
 {
     const struct smtp_path *p = &c->path;
@@ -61,6 +71,8 @@ static void check_command(const char *line, size_t len, const struct smtp_cmd_op
     CHECK(c->verb == SMTP_UNKNOWN || c->err.code == 0);
     for (size_t i = 0; i < c->nparams; i++) {
         CHECK(inside(c->params[i].name, c->params[i].name_len, line, len));
+        for (size_t j = 0; j < i; j++) /* a repeated keyword is kept once */
+            CHECK(!same_keyword(&c->params[i], &c->params[j]));
         CHECK(c->params[i].value == NULL ||
               inside(c->params[i].value, c->params[i].value_len, line, len));
     }

@@ -1,16 +1,41 @@
 #!/bin/sh
 # Install the Debian packages needed to build and test luasmtp.
 #
+# Usage: scripts/deps.sh [PACKAGE...]
+#   Without arguments: everything in PACKAGES below. With arguments: just
+#   those (make test-fresh asks for its own tools this way).
+#
 # As root on Debian/Ubuntu, installs whatever is missing with apt-get.
 # Otherwise lists what is missing and exits 1. Silent when nothing is
 # missing.
 set -eu
 
-# Everything the build, the test suite and the examples use. Add new
-# needs here.
-PACKAGES="gcc make pkg-config lua5.4 liblua5.4-dev libssl-dev openssl libcrypt-dev
-libev-dev libc-ares-dev lua-busted lua-check lua-dkjson luarocks
-ca-certificates bc python3 python3-aiosmtpd swaks msmtp procps postfix dovecot-core"
+# Everything the build, the test suite, the examples, `make run` and
+# `make bench` use, on a minimal Debian 12 with --no-install-recommends:
+# list each need here, also what a package only recommends. The README
+# dependency table says the same; `make test-fresh` proves the list.
+
+# build: compiler, headers, the libraries of the C core
+BUILD="gcc libc6-dev make pkg-config lua5.4 liblua5.4-dev libssl-dev libcrypt-dev
+libev-dev libc-ares-dev"
+# suite: busted, luacheck, JSON for the test servers' logs, luarocks for
+# the install test, openssl for the test PKI, the system trust store,
+# mount for the full-disk test's tmpfs, kill/ps
+SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount procps"
+# peers the tests run, with what each needs to do its job there: swaks
+# speaks TLS only with the Perl TLS modules (swaks merely recommends
+# them) and AUTH with MIME::Base64 (perl); smtplib and aiosmtpd (Python);
+# smtp-sink, smtp-source and private smtpd/lmtp instances (postfix);
+# doveadm pw and a private LMTP server (dovecot-core, dovecot-lmtpd);
+# `ip` for the network-namespace tests (iproute2). The tests check these
+# abilities (H.peers in spec/helper.lua).
+PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
+postfix dovecot-core dovecot-lmtpd iproute2"
+# examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
+EXTRA="netcat-openbsd bc"
+
+PACKAGES="$BUILD $SUITE $PEERS $EXTRA"
+[ $# -gt 0 ] && PACKAGES="$*"
 
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then
@@ -47,7 +72,8 @@ On Debian/Ubuntu, as root:
   apt-get install --no-install-recommends $missing
 On other systems install the equivalents: a C compiler, make, pkg-config,
 Lua 5.4 with its headers, OpenSSL 3 (headers and CLI), libev, c-ares,
-busted, luacheck and dkjson for Lua 5.4, LuaRocks, Python 3 with aiosmtpd,
-swaks and msmtp.
+libxcrypt, busted, luacheck and dkjson for Lua 5.4, LuaRocks, Python 3
+with aiosmtpd, swaks with Net::SSLeay and IO::Socket::SSL, Postfix's
+smtp-sink and smtp-source, Dovecot's doveadm.
 MSG
 exit 1

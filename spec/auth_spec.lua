@@ -5,6 +5,7 @@ local H = require "spec.helper"
 
 -- Python smtplib as the client: login with a forced mechanism.
 local function smtplib(port, mech, user, password, log)
+  H.need("python3 smtplib TLS")
   local script = H.tmp .. "/smtplib_auth.py"
   local f = assert(io.open(script, "w"))
   f:write(([[
@@ -25,7 +26,8 @@ with smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=5) as
         print("auth", e.smtp_code, e.smtp_error.decode())
 ]]):format(H.certs() .. "/ca.pem"))
   f:close()
-  local pid = H.start(("exec timeout 10 python3 %s %d %s %s %s"):format(script, port, mech, user, password), log)
+  local pid = H.start(("exec timeout 10 %s %s %d %s %s %s"):format(H.python3, script, port, mech, user, password),
+    log)
   assert.is_true(H.wait_pid(pid, 12))
   return H.readfile(log)
 end
@@ -67,6 +69,7 @@ describe("AUTH in the SMTP server", function()
   end
 
   it("accepts swaks with AUTH PLAIN against a crypt(3) password", function()
+    H.need("swaks TLS", "swaks AUTH")
     H.run(function()
       local srv, port, got = start()
       local log = H.tmp .. "/swaks-auth.log"

@@ -3,9 +3,7 @@ local client = require "luasmtp.client"
 local H = require "spec.helper"
 local fake = require "spec.fake_smtp"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local TMP = H.tmp .. "/client"
 local aiosmtpd, messages_in = fake.aiosmtpd, fake.messages
@@ -203,11 +201,52 @@ describe("SMTP client", function()
         srv:close()
       end)
     end)
+
+    it("speaks LMTP over a UNIX socket with path =, plaintext unless asked, from a pool too", function()
+      H.run(function()
+        local server = require "luasmtp.server"
+        local p = H.sockpath("client-lmtp.sock")
+        local got = {}
+        local srv = assert(server.new {
+          listen = "unix:" .. p, hostname = "mx.test", lmtp = true, tls = server_ctx(), logger = function() end,
+          hooks = { on_data = function(_, message)
+            got[#got + 1] = message
+            if message.rcpt[2] then return server.per_recipient { [message.rcpt[2]] = server.tempfail("full") } end
+          end },
+        })
+        local lines = {}
+        local conn = assert(client.connect { path = p, lmtp = true, transcript = transcript_into(lines) })
+        assert.equal("none", conn.tls_mode)
+        assert.is_false(conn.tls) -- STARTTLS is offered, and not needed on a local socket
+        assert.equal("C: LHLO localhost", lines[find(lines, "^C: LHLO")])
+        local res = assert(conn:send { from = "", to = { "a@y.test", "b@y.test" }, body = "Subject: u\r\n\r\nx\r\n" })
+        assert.same({ "a@y.test" }, res.accepted)
+        assert.equal(451, res:recipient("b@y.test").reply.code)
+        conn:close()
+        -- TLS when asked for: the certificate is checked against servername
+        conn = assert(client.connect { path = p, lmtp = true, tls = "starttls", servername = "localhost",
+          cafile = cafile() })
+        assert.is_true(conn.tls)
+        conn:close()
+        assert.has_error(function() client.connect { path = p, tls = "starttls" } end)
+        local pool <close> = client.pool { path = p, lmtp = true }
+        assert((pool:send { from = "a@x.test", to = "c@y.test", body = "x\r\n" }))
+        assert.equal(2, #got)
+        assert.equal("", got[1].from)
+        srv:close()
+        -- nobody listens any more: refused, naming the path
+        local none, token, err = client.connect { path = p, lmtp = true }
+        assert.is_nil(none)
+        assert.equal("refused", token)
+        assert.matches("connect to " .. p:gsub("%p", "%%%0") .. ": ", tostring(err))
+      end)
+    end)
   end)
 
   describe("against Postfix smtp-sink", function()
     local sink = "/usr/sbin/smtp-sink"
     local function start_sink(args)
+      H.need("smtp-sink")
       local port = H.free_port()
       local user = io.popen("id -u"):read("l") == "0" and "-u nobody " or ""
       local pid = fake.external(("exec timeout 60 %s %s%s 127.0.0.1:%d 64"):format(sink, user, args or "", port))
@@ -398,6 +437,24 @@ describe("SMTP client", function()
           from = "a@x.test", to = "jörg@y.test", body = "caf\xc3\xa9\r\n" })
         assert.is_true(res.ok)
         assert.equal("MAIL FROM:<a@x.test> SIZE=7 BODY=8BITMIME SMTPUTF8", log.commands[find(log.commands, "^MAIL")])
+        srv:close()
+      end)
+    end)
+
+    it("sends a MAIL parameter once when mail_params repeats one it sets itself", function()
+      H.run(function()
+        local srv, port, log = fake.start {}
+        local conn = assert(client.connect { host = "127.0.0.1", port = port, tls = "none" })
+        assert(conn:send { from = "j\u{fc}rgen@x.test", to = "b@y.test", body = "gr\u{fc}\u{df}e\r\n",
+          mail_params = { SMTPUTF8 = true, BODY = "8BITMIME", ["X-TAG"] = "1" } })
+        assert.equal("MAIL FROM:<j\u{fc}rgen@x.test> SIZE=9 BODY=8BITMIME SMTPUTF8 X-TAG=1",
+          log.commands[find(log.commands, "^MAIL")])
+        local res, token, err = conn:send { from = "a@x.test", to = "b@y.test", body = "8bit \u{fc}\r\n",
+          mail_params = { BODY = "7BIT" } }
+        assert.is_nil(res)
+        assert.equal("invalid", token)
+        assert.matches("BODY=7BIT contradicts BODY=8BITMIME", tostring(err))
+        conn:close()
         srv:close()
       end)
     end)

@@ -9,9 +9,7 @@ local crypto = luasmtp.crypto
 
 local DIR = H.tmp .. "/credentials"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local function command_output(cmd)
   local p = assert(io.popen(cmd .. " 2>&1"))
@@ -23,11 +21,13 @@ end
 
 --- `doveadm pw -s scheme -p password`: the "{SCHEME}..." string.
 local function doveadm_pw(scheme, password)
+  H.need("doveadm")
   return command_output("doveadm pw -s " .. scheme .. " -p " .. shquote(password))
 end
 
 --- Does doveadm accept password for hash?
 local function doveadm_verifies(hash, password)
+  H.need("doveadm")
   local p = assert(io.popen("doveadm pw -t " .. shquote(hash) .. " -p " .. shquote(password) .. " 2>&1"))
   local out = p:read("a")
   local ok = p:close()
@@ -81,6 +81,7 @@ describe("credentials", function()
     lines[#lines + 1] = "carol:" .. doveadm_pw("SHA512-CRYPT", "carolpw")
       .. ":1000:1001:Carol C:/home/carol:/bin/sh:userdb_quota_rule=*:storage=1G nodelay quota=5"
     -- no scheme: the default scheme (CRYPT)
+    H.need("openssl")
     lines[#lines + 1] = "dave:" .. command_output("openssl passwd -6 davepw")
     lines[#lines + 1] = "   # an indented comment"
     lines[#lines + 1] = "argon:" .. doveadm_pw("ARGON2I", "x") -- unsupported scheme

@@ -30,13 +30,12 @@ local RECORDS = {
 -- The second server, on [::1], knows a single name.
 local RECORDS6 = { "six.test=192.0.2.66" }
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 --- Start spec/fake_dns.py on host; returns its pid, UDP port and log file
 -- (the port on the first line, then one "query NAME TYPE" line per query).
 local function start_fake(host, records, tag)
+  H.need("python3")
   os.execute("mkdir -p " .. shquote(H.tmp))
   local log = H.tmp .. "/fake_dns_" .. tag .. ".log"
   os.remove(log)
@@ -44,7 +43,7 @@ local function start_fake(host, records, tag)
   for i, r in ipairs(records) do
     args[i] = shquote(r)
   end
-  local pid = H.start(string.format("python3 %s --host %s --port 0 --lifetime %d --log %s",
+  local pid = H.start(string.format("%s %s --host %s --port 0 --lifetime %d --log %s", H.python3,
     shquote(H.root .. "/spec/fake_dns.py"), host, LIFETIME, table.concat(args, " ")), log)
   for _ = 1, 250 do -- at most ~5 s
     local f = io.open(log)

@@ -25,9 +25,7 @@ local M = {}
 local started = {}
 local pids = {}
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 M.TMP = H.tmp .. "/client"
 
@@ -43,6 +41,7 @@ end
 -- (inside a task) with the test PKI and extra arguments; log is the
 -- JSON-lines file of the messages it took.
 function M.aiosmtpd(args)
+  H.need("python3 aiosmtpd")
   os.execute("mkdir -p " .. shquote(M.TMP))
   local d = H.certs()
   local port = H.free_port()
@@ -50,8 +49,8 @@ function M.aiosmtpd(args)
   local out = M.TMP .. "/aiosmtpd-" .. port .. ".out"
   os.remove(log)
   os.remove(out)
-  local pid = M.external(("exec timeout 60 /usr/bin/python3 %s --port %d --cert %s --key %s --log %s --lifetime 50 %s")
-    :format(shquote(H.root .. "/spec/aiosmtpd_server.py"), port, shquote(d .. "/server.pem"),
+  local pid = M.external(("exec timeout 60 %s %s --port %d --cert %s --key %s --log %s --lifetime 50 %s")
+    :format(H.python3, shquote(H.root .. "/spec/aiosmtpd_server.py"), port, shquote(d .. "/server.pem"),
       shquote(d .. "/server.key"), shquote(log), args or ""), out)
   for _ = 1, 500 do -- at most ~10 s
     local f = io.open(out)

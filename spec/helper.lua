@@ -128,11 +128,48 @@ end
 function H.certs()
   local dir = H.tmp .. "/certs"
   if not H._certs then
+    H.need("openssl")
     local ok = os.execute("sh '" .. H.root .. "/spec/certs.sh' '" .. dir .. "'")
     assert(ok, "spec/certs.sh failed")
     H._certs = dir
   end
   return dir
+end
+
+--- A string quoted for sh.
+function H.shquote(s)
+  return "'" .. s:gsub("'", "'\\''") .. "'"
+end
+
+--- Create a directory (and its parents); returns its path.
+function H.mkdir(path)
+  assert(os.execute("mkdir -p " .. H.shquote(path)), "mkdir " .. path)
+  return path
+end
+
+--- A short directory for UNIX sockets (their paths are limited to 107
+-- bytes; H.tmp may be deep), made once and removed when the interpreter
+-- exits. Others may enter it (Postfix's lmtp runs as postfix); what is in
+-- it keeps its own modes.
+function H.sockdir()
+  if not H._sockdir then
+    local p = assert(io.popen("mktemp -d /tmp/luasmtp-spec-XXXXXX"))
+    local dir = assert(p:read("l"))
+    p:close()
+    assert(os.execute("chmod 711 " .. H.shquote(dir)))
+    H._sockdir = dir
+    H._sockdir_guard = setmetatable({}, { __gc = function()
+      os.execute("rm -rf " .. H.shquote(dir))
+    end })
+  end
+  return H._sockdir
+end
+
+--- A path for a UNIX socket in H.sockdir(), nothing there yet.
+function H.sockpath(name)
+  local p = H.sockdir() .. "/" .. name
+  os.remove(p)
+  return p
 end
 
 --- Read a whole file.
@@ -214,9 +251,11 @@ end
 
 --- smtp(port [, timeout]) -> a raw SMTP client for server tests:
 -- c.reply() -> code, all lines joined by "\n"; c.cmd(line) sends a
--- line and reads the reply; c.sock; c.close().
+-- line and reads the reply; c.sock; c.close(). port: a TCP port on
+-- 127.0.0.1, or the path of a UNIX socket.
 function H.smtp(port, timeout)
-  local c = assert(luasmtp.connect("127.0.0.1", port, { timeout = 5 }))
+  local c = assert(type(port) == "string" and luasmtp.connect_unix(port, { timeout = 5 })
+    or luasmtp.connect("127.0.0.1", port, { timeout = 5 }))
   c:settimeout(timeout or 5)
   local client = { sock = c }
   function client.reply()
@@ -241,6 +280,88 @@ function H.free_port()
   local l, port = H.listen()
   l:close()
   return port
+end
+
+--- The Python of the Debian packages (python3, python3-aiosmtpd): the
+-- one the tests run, whatever else PATH offers.
+H.python3 = "/usr/bin/python3"
+
+--- Peer programs: what the tests need each to be able to do, how to find
+-- out, and the Debian packages that make it able (all of them are in
+-- scripts/deps.sh). `command` runs under sh; the peer can when it exits
+-- 0 and, if `expect` is given, its output contains that text. `needs`
+-- names a capability to check first; `why` picks the output lines that
+-- explain a failure (default: the last line).
+H.peers = {
+  swaks = { command = "swaks --version", packages = "swaks" },
+  ["swaks TLS"] = { needs = "swaks", command = "swaks --support", expect = "=== TLS supported",
+                    why = "TLS", packages = "libnet-ssleay-perl libio-socket-ssl-perl" },
+  ["swaks AUTH"] = { needs = "swaks", command = "swaks --support", expect = "=== Basic AUTH supported",
+                     why = "AUTH", packages = "perl" },
+  python3 = { command = H.python3 .. " --version", packages = "python3" },
+  ["python3 smtplib TLS"] = { needs = "python3", command = H.python3 .. " -c 'import smtplib, ssl'",
+                              packages = "python3" },
+  ["python3 aiosmtpd"] = { needs = "python3", command = H.python3 .. " -c 'import aiosmtpd.smtp'",
+                           packages = "python3-aiosmtpd" },
+  openssl = { command = "openssl version", packages = "openssl" },
+  doveadm = { command = "doveadm pw -s SHA512-CRYPT -p x", expect = "{SHA512-CRYPT}$6$",
+              packages = "dovecot-core" },
+  ["smtp-sink"] = { command = "test -x /usr/sbin/smtp-sink || echo /usr/sbin/smtp-sink: not found; "
+                      .. "test -x /usr/sbin/smtp-sink", packages = "postfix" },
+  luarocks = { command = "luarocks --version", packages = "luarocks" },
+  mount = { command = "command -v mount && command -v umount || echo mount: not found", expect = "umount",
+            packages = "mount" },
+}
+
+local peer_errors = {} -- name -> false (able) or the message saying why not
+
+local function peer_error(name)
+  local peer = H.peers[name]
+  if not peer then error("spec/helper.lua: no peer capability named " .. tostring(name), 3) end
+  if peer_errors[name] == nil then
+    local err = peer.needs and peer_error(peer.needs)
+    if not err then
+      local p = assert(io.popen("(" .. peer.command .. ") 2>&1"))
+      local out = p:read("a")
+      local ok = p:close()
+      if not ok or (peer.expect and not out:find(peer.expect, 1, true)) then
+        local why = {}
+        for line in out:gmatch("[^\n]+") do
+          if peer.why and line:find(peer.why, 1, true) then why[#why + 1] = line end
+        end
+        if #why == 0 then why[1] = out:match("([^\n]*)\n*$") end
+        err = ("this test needs %s, which this machine lacks (`%s`: %s); install the Debian "
+          .. "package(s) %s (scripts/deps.sh installs them)")
+          :format(name, peer.command, table.concat(why, " / "):sub(1, 300), peer.packages)
+      end
+    end
+    peer_errors[name] = err or false
+  end
+  return peer_errors[name] or nil
+end
+
+--- Fail the test with a message naming the missing package unless every
+-- named peer capability (keys of H.peers) is there. Checked once per run.
+function H.need(...)
+  for i = 1, select("#", ...) do
+    local err = peer_error((select(i, ...)))
+    if err then error(err, 2) end
+  end
+end
+
+--- Mount a tmpfs of `size` on dir (the full-disk test); returns a function
+-- that unmounts it, or nil and why when this machine does not allow
+-- mounts (not root, or a container without the right): the one optional
+-- capability the README names. A missing mount program fails instead.
+function H.mount_tmpfs(dir, size)
+  H.need("mount")
+  os.execute("mkdir -p '" .. dir .. "'")
+  local p = assert(io.popen("mount -t tmpfs -o size=" .. size .. " tmpfs '" .. dir .. "' 2>&1"))
+  local out = p:read("a")
+  if p:close() then
+    return function() os.execute("umount '" .. dir .. "'") end
+  end
+  return nil, "cannot mount a tmpfs here: " .. out:gsub("%s+$", "")
 end
 
 return H

@@ -2,6 +2,7 @@ local H = require "spec.helper"
 
 describe("luarocks make", function()
   it("installs the module and the command offline into a tree", function()
+    H.need("luarocks")
     local tree = H.tmp .. "/rocks"
     local cmd = ("cd '%s' && rm -rf '%s' && luarocks --lua-version=5.4 --tree='%s' make luasmtp-scm-1.rockspec "
       .. ">'%s/luarocks.log' 2>&1"):format(H.root, tree, tree, H.tmp)

@@ -269,7 +269,38 @@ describe("command parser", function()
       assert.is_nil(cmd.size)
     end)
 
-    it("refuses invalid, duplicate, empty and excess parameters with 501 5.5.4", function()
+    it("takes a keyword repeated with the same value, or a repeated flag, as one", function()
+      -- what Python's smtplib sends for send_message(msg, mail_options = {"SMTPUTF8"})
+      local cmd = assert(parse("MAIL FROM:<a@b.example> SMTPUTF8 SMTPUTF8 BODY=8BITMIME"))
+      assert.is_true(cmd.smtputf8)
+      assert.same({ { name = "SMTPUTF8", known = true }, { name = "BODY", value = "8BITMIME", known = true } },
+        cmd.params)
+      cmd = assert(parse("MAIL FROM:<> SIZE=10 BODY=7BIT size=10 body=7bit RET=HDRS RET=hdrs ENVID=x+2B ENVID=x+2B"))
+      assert.equal(4, #cmd.params)
+      assert.equal(10, cmd.size)
+      assert.equal("x+", cmd.envid)
+      cmd = assert(parse("RCPT TO:<a@b.example> NOTIFY=SUCCESS notify=success ORCPT=rfc822;a@b ORCPT=rfc822;a@b"))
+      assert.equal(2, #cmd.params)
+      assert.same({ success = true }, cmd.notify)
+      cmd = assert(parse("MAIL FROM:<> X-A=1 XYZ X-A=1 xyz"))
+      assert.same({ "X-A", "XYZ" }, cmd.unknown)
+      -- repeats take no slot of the parameter limit
+      assert.equal(2, #assert(parse("MAIL FROM:<> A=1 B=2 A=1 B=2 A=1", { max_params = 2 })).params)
+    end)
+
+    it("refuses a keyword repeated with another value", function()
+      for _, line in ipairs {
+        "MAIL FROM:<> SIZE=1 SIZE=2", "MAIL FROM:<> BODY=7BIT BODY=8BITMIME", "MAIL FROM:<> X-A=1 X-A",
+        "MAIL FROM:<> XYZ XYZ=1", "MAIL FROM:<> ENVID=a ENVID=A", "MAIL FROM:<> X-A=v x-a=V",
+        "RCPT TO:<a@b.example> NOTIFY=NEVER NOTIFY=SUCCESS",
+      } do
+        local cmd, code, enhanced, why = parse(line)
+        assert.is_nil(cmd, line)
+        assert.same({ 501, "5.5.4", "duplicate parameter with a different value" }, { code, enhanced, why }, line)
+      end
+    end)
+
+    it("refuses invalid, conflicting, empty and excess parameters with 501 5.5.4", function()
       local bad = {
         "MAIL FROM:<> SIZE", "MAIL FROM:<> SIZE=", "MAIL FROM:<> SIZE=12a", "MAIL FROM:<> SIZE=-1",
         "MAIL FROM:<> SIZE=" .. ("9"):rep(21), "MAIL FROM:<> BODY=9BIT", "MAIL FROM:<> BODY",

@@ -3,16 +3,19 @@
 local luasmtp = require "luasmtp"
 local H = require "spec.helper"
 local fake = require "spec.fake_smtp"
+local postfix = require "spec.postfix"
+local dovecot = require "spec.dovecot"
+local server = require "luasmtp.server"
+local credentials = require "luasmtp.credentials"
 
-local function shquote(s)
-  return "'" .. s:gsub("'", "'\\''") .. "'"
-end
+local shquote = H.shquote
 
 local runs = 0
 
 --- Run `luasmtp send ARGS` (inside a task) with input on stdin and env
--- (a table; LUASMTP_PASSWORD is unset unless given). -> status, stdout, stderr
-local function send(args, input, env)
+-- (a table; LUASMTP_PASSWORD is unset unless given); wrap: a command
+-- prefix (nsenter ...). -> status, stdout, stderr
+local function send(args, input, env, wrap)
   os.execute("mkdir -p " .. shquote(fake.TMP))
   runs = runs + 1
   local base = ("%s/send-%d-%d"):format(fake.TMP, math.floor(luasmtp.time()), runs)
@@ -21,8 +24,8 @@ local function send(args, input, env)
   f:close()
   local vars = { "env -u LUASMTP_PASSWORD" }
   for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. shquote(v) end
-  local cmd = ("%s timeout 20 lua5.4 %s send %s < %s > %s 2> %s; echo $? > %s"):format(
-    table.concat(vars, " "), shquote(H.root .. "/bin/luasmtp"), args, shquote(base .. ".in"),
+  local cmd = ("%s %s timeout 20 lua5.4 %s send %s < %s > %s 2> %s; echo $? > %s"):format(
+    wrap or "", table.concat(vars, " "), shquote(H.root .. "/bin/luasmtp"), args, shquote(base .. ".in"),
     shquote(base .. ".out"), shquote(base .. ".err"), shquote(base .. ".status"))
   fake.external("sh -c " .. shquote(cmd))
   -- the status file appears when the command is done (polling it is
@@ -71,6 +74,8 @@ local MESSAGE = table.concat({
 describe("luasmtp send", function()
   after_each(function()
     fake.cleanup()
+    postfix.cleanup()
+    dovecot.cleanup()
     H.assert_no_leaks()
   end)
 
@@ -199,6 +204,149 @@ describe("luasmtp send", function()
       assert.equal(76, (send(("--server 127.0.0.1:%d --tls none a@dest.test"):format(port), "x\n")))
       srv:close()
     end, 30)
+  end)
+
+  it("takes -f '<>', -f '' and bracketed addresses, into Postfix's smtpd", function()
+    H.run(function()
+      local pf = postfix.start {}
+      local base = ("--server 127.0.0.1:%d --tls none "):format(pf.port)
+      local cases = {
+        { "-f '<>' '<null1@dest.test>'", "", "null1@dest.test" },
+        { "-f '' null2@dest.test", "", "null2@dest.test" },
+        { "-f'<>' null3@dest.test", "", "null3@dest.test" },
+        { "-r '<a@client.test>' '<b@dest.test>'", "a@client.test", "b@dest.test" },
+        { "--from '<c@client.test>' d@dest.test", "c@client.test", "d@dest.test" },
+      }
+      for _, r in ipairs(cases) do
+        local status, _, err = send(base .. r[1], "Subject: bounce\n\nauto-reply\n")
+        assert.equal(0, status, r[1] .. ": " .. err)
+      end
+      -- one pair of brackets only: what is left is not an address
+      local status, _, err = send(base .. "-f '<<x@client.test>>' e@dest.test", "x\n")
+      assert.equal(65, status)
+      assert.matches("angle brackets", err)
+      assert.equal(65, (send(base .. "-f x@client.test '<>'", "x\n")))
+      local queued = {}
+      for _, m in ipairs(pf:queue("hold")) do queued[m.recipients[1]] = m end
+      for _, r in ipairs(cases) do
+        local m = queued[r[3]]
+        assert.is_table(m, r[3] .. " is not in Postfix's queue: " .. pf:logtext())
+        assert.equal(r[2], m.sender, r[1])
+        assert.same({ r[3] }, m.recipients)
+      end
+      assert.matches("from=<> to=<null1@dest.test>", pf:logtext(), 1, true)
+      pf:stop()
+    end, 90)
+  end)
+
+  it("delivers with --lmtp --server /path into Dovecot's LMTP on a UNIX socket", function()
+    H.run(function()
+      local dc = dovecot.start { users = { "bob@example.test", "carol@example.test" } }
+      local status, _, err = send(("--lmtp --server %s -f '<>' bob@example.test carol@example.test "
+        .. "nobody@example.test"):format(H.shquote(dc.lmtp)), "Subject: over a UNIX socket\n\nhello dovecot\n")
+      -- Dovecot refuses the unknown user; the other two get the message
+      assert.equal(69, status, err .. dc:logtext())
+      assert.matches("<nobody@example.test>: 550 5.1.1", err)
+      for _, user in ipairs { "bob@example.test", "carol@example.test" } do
+        local msgs = dc:maildir(user)
+        assert.equal(1, #msgs, user .. ": " .. dc:logtext())
+        assert.matches("^Return%-Path: <>\r?\n", msgs[1].data)
+        assert.matches("Received: from localhost", msgs[1].data, 1, true) -- our LHLO name
+        assert.matches("Subject: over a UNIX socket\r?\n\r?\nhello dovecot", msgs[1].data)
+      end
+      -- unix:/path says the same; a missing socket is a temporary failure
+      status = send(("--lmtp --server unix:%s bob@example.test"):format(H.shquote(dc.lmtp)), "Subject: 2\n\nx\n")
+      assert.equal(0, status)
+      assert.equal(2, #dc:maildir("bob@example.test"))
+      dc:stop()
+      status, _, err = send(("--lmtp --server %s bob@example.test"):format(H.shquote(dc.lmtp)), "x\n")
+      assert.equal(75, status)
+      assert.matches("connect to " .. dc.lmtp:gsub("%p", "%%%0"), err)
+    end, 60)
+  end)
+
+  it("after a 535 to SCRAM tries the next mechanism over TLS, within what was allowed", function()
+    H.run(function()
+      -- bob's entry is a crypt hash: it serves PLAIN only, while alice's
+      -- plaintext entry makes the server offer SCRAM and CRAM-MD5 too
+      local got = {}
+      local srv = assert(server.new {
+        listen = "127.0.0.1:0", hostname = "mx.test", tls = (H.tls_contexts()), submission = true,
+        allow_plaintext_auth = true, auth_failure_delay = 0.01, logger = function() end,
+        limits = { max_auth_failures = 10 },
+        auth = { verifier = credentials.table { alice = "wonderland", bob = "{SHA512-CRYPT}"
+          .. luasmtp.crypto.crypt("builder", luasmtp.crypto.crypt_gensalt("$6$")) } },
+        hooks = { on_data = function(session) got[#got + 1] = session.user end },
+      })
+      local port = srv:addresses()[1].port
+      local base = ("-v --server localhost:%d --cafile %s --user bob "):format(port, cafile())
+      local status, _, err = send(base .. "a@dest.test", "Subject: x\n\nx\n", { LUASMTP_PASSWORD = "builder" })
+      assert.equal(0, status, err)
+      assert.same({ "bob" }, got)
+      assert.matches("AUTH SCRAM-SHA-256-PLUS refused; trying the next mechanism", err, 1, true)
+      assert.matches(">>> AUTH PLAIN <credentials hidden>\n<<< 235", err)
+      -- a wrong password: each kind of check once (PLAIN, never LOGIN after it), then 77
+      status, _, err = send(base .. "a@dest.test", "x\n", { LUASMTP_PASSWORD = "wrong" })
+      assert.equal(77, status, err)
+      assert.is_nil(err:find(">>> AUTH LOGIN", 1, true))
+      assert.matches(">>> AUTH PLAIN <credentials hidden>\n<<< 535", err)
+      assert.matches("luasmtp send: AUTH SCRAM%-SHA%-256%-PLUS: 535 .*; AUTH PLAIN: 535", err)
+      -- never outside what the user allowed
+      status, _, err = send(base .. "--auth SCRAM-SHA-256-PLUS a@dest.test", "x\n", { LUASMTP_PASSWORD = "builder" })
+      assert.equal(77, status)
+      assert.equal(1, select(2, err:gsub(">>> AUTH ", "")))
+      -- and never without TLS: the first 535 is the answer
+      status, _, err = send(("-v --server 127.0.0.1:%d --tls none --allow-plaintext-auth --user bob a@dest.test")
+        :format(port), "x\n", { LUASMTP_PASSWORD = "builder" })
+      assert.equal(77, status)
+      assert.matches(">>> AUTH SCRAM%-SHA%-256 ", err)
+      assert.equal(1, select(2, err:gsub(">>> AUTH ", "")))
+      assert.equal(1, #got)
+      srv:close()
+    end, 60)
+  end)
+
+  it("with --tls auto uses the mode the port implies: STARTTLS on 587 and 25, TLS on 465 (Postfix)", function()
+    H.run(function()
+      local d = H.certs()
+      local pf = postfix.start {
+        smtpd = false, netns = true, listening = { 25, 465, 587 },
+        main = { "smtpd_tls_cert_file = " .. d .. "/server.pem", "smtpd_tls_key_file = " .. d .. "/server.key",
+          "smtpd_tls_security_level = may", "smtpd_tls_loglevel = 1" },
+        services = { "127.0.0.1:587 inet n - n - - smtpd", "127.0.0.1:25 inet n - n - - smtpd",
+          "127.0.0.1:465 inet n - n - - smtpd -o smtpd_tls_wrappermode=yes",
+          "tlsmgr unix - - n 1000? 1 tlsmgr" },
+      }
+      local function count(text, what)
+        return select(2, text:gsub(what:gsub("%p", "%%%0"), ""))
+      end
+      local seen = 0
+      for _, case in ipairs { { 587, "starttls" }, { 25, "starttls" }, { 465, "implicit" } } do
+        local port, mode = case[1], case[2]
+        local status, _, err = send(("-v --tls auto --server localhost:%d --cafile %s -f a@client.test b@dest.test")
+          :format(port, cafile()), "Subject: auto\n\nx\n", nil, pf.nsenter)
+        assert.equal(0, status, err .. pf:logtext())
+        -- one connection, in the implied mode from the start
+        assert.equal(1, count(err, "--- connecting to "), err)
+        if mode == "starttls" then
+          assert.matches(">>> STARTTLS\n<<< 220", err)
+          assert.matches("connecting to localhost port " .. port .. "\n", err)
+        else
+          assert.matches("connecting to localhost port 465 %(TLS%)", err)
+          assert.is_nil(err:find("STARTTLS", 1, true))
+        end
+        seen = seen + 1
+        local log = pf:logtext()
+        assert.equal(seen, count(log, ": connect from localhost[127.0.0.1]"), log)
+        assert.equal(seen, count(log, "Anonymous TLS connection established from localhost[127.0.0.1]"), log)
+      end
+      local log = pf:logtext()
+      assert.equal(0, count(log, "improper command pipelining"), log)
+      assert.equal(0, count(log, "non-SMTP command"), log)
+      assert.equal(2, count(log, "starttls=1"), log)
+      assert.equal(3, #pf:queue("hold"))
+      pf:stop()
+    end, 90)
   end)
 
   it("speaks LMTP with --lmtp", function()

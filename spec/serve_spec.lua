@@ -7,6 +7,7 @@ local function serve(script, args, log)
 end
 
 local function swaks(args, log)
+  H.need("swaks")
   local pid = H.start("(timeout 20 swaks " .. args .. "; echo \"exit=$?\")", log)
   assert.is_true(H.wait_pid(pid, 25))
   return H.readfile(log)
@@ -39,14 +40,19 @@ describe("luasmtp serve", function()
   end)
 
   it("runs the make-run demo: swaks submits with STARTTLS and AUTH PLAIN into the Maildir", function()
+    H.need("swaks TLS", "swaks AUTH", "openssl")
     H.run(function()
       local var = H.tmp .. "/dev-var"
       os.execute("rm -rf '" .. var .. "'")
-      local pid = serve(H.root .. "/examples/dev-server.lua", var, H.tmp .. "/dev-server.log")
-      H.wait_port(5870)
-      local out = swaks(("--server 127.0.0.1:5870 --tls --tls-verify --tls-ca-path %s/dev-cert.pem "
+      -- free ports instead of the fixed 5870 and 2525 of `make run`
+      local sub, mx = H.free_port(), H.free_port()
+      while mx == sub do mx = H.free_port() end
+      local pid = serve(H.root .. "/examples/dev-server.lua", ("%s 127.0.0.1:%d 127.0.0.1:%d"):format(var, sub, mx),
+        H.tmp .. "/dev-server.log")
+      H.wait_port(sub)
+      local out = swaks(("--server 127.0.0.1:%d --tls --tls-verify --tls-ca-path %s/dev-cert.pem "
         .. "--auth PLAIN --auth-user demo --auth-password demo --from demo@example.test "
-        .. "--to someone@example.test --body demo-message"):format(var), H.tmp .. "/swaks-dev.log")
+        .. "--to someone@example.test --body demo-message"):format(sub, var), H.tmp .. "/swaks-dev.log")
       assert.matches("exit=0", out)
       local p = assert(io.popen("cat '" .. var .. "'/mail/new/*"))
       local stored = p:read("a")
@@ -55,7 +61,7 @@ describe("luasmtp serve", function()
       assert.matches("with ESMTPSA", stored)
       assert.matches("demo%-message", stored)
       -- the MX side refuses to relay
-      out = swaks("--server 127.0.0.1:2525 --from a@b.test --to victim@elsewhere.test",
+      out = swaks(("--server 127.0.0.1:%d --from a@b.test --to victim@elsewhere.test"):format(mx),
         H.tmp .. "/swaks-dev2.log")
       assert.matches("554 5%.7%.1", out)
       os.execute("kill -TERM " .. pid)

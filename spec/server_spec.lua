@@ -1,6 +1,7 @@
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local H = require "spec.helper"
+local postfix = require "spec.postfix"
 
 -- Start a server on 127.0.0.1:0 with opts merged over quiet defaults.
 local start = H.smtp_server
@@ -17,6 +18,7 @@ end
 describe("SMTP server", function()
   after_each(function()
     H.close_servers() -- a failed assertion leaves no server behind
+    postfix.cleanup()
     H.assert_no_leaks()
   end)
 
@@ -32,9 +34,10 @@ describe("SMTP server", function()
       local ecode, ehlo = c.cmd("EHLO client.test")
       assert.equal("250", ecode)
       for _, ext in ipairs { "PIPELINING", "8BITMIME", "SMTPUTF8", "SIZE", "CHUNKING",
-        "ENHANCEDSTATUSCODES", "DSN", "LIMITS RCPTMAX=" } do
+        "ENHANCEDSTATUSCODES", "LIMITS RCPTMAX=" } do
         assert.truthy(ehlo:find("\n250[- ]" .. ext:gsub("%p", "%%%0")), ext)
       end
+      assert.not_matches("DSN", ehlo) -- nothing here sends notices
       assert.not_matches("STARTTLS", ehlo) -- no TLS configured
       assert.not_matches("AUTH", ehlo)
       assert.equal("250", (c.cmd("MAIL FROM:<alice@client.test>")))
@@ -574,8 +577,99 @@ describe("SMTP server", function()
     end)
   end)
 
+  describe("on a UNIX-domain socket", function()
+    local path = H.sockpath
+
+    it("runs a transaction, with the limits of TCP, and removes its socket at close", function()
+      H.run(function()
+        local p = path("smtp.sock")
+        local messages, on_data = collect_messages()
+        local srv = start { listen = { address = "unix:" .. p, mode = "0600" }, hooks = { on_data = on_data },
+          limits = { max_connections = 1, command_line_length = 100 } }
+        assert.same({ { address = "unix:" .. p, tls = false } }, srv:addresses())
+        local c = raw(p)
+        assert.equal("220", (c.reply()))
+        local _, ehlo = c.cmd("EHLO client.test")
+        assert.matches("greets unix:", ehlo, 1, true)
+        -- one connection at most: the next one is told so
+        local c2 = raw(p)
+        assert.same({ "421" }, { (c2.reply()) })
+        c2.close()
+        assert.equal("500", (c.cmd("NOOP " .. ("x"):rep(200))))
+        assert.equal("250", (c.cmd("MAIL FROM:<a@client.test>")))
+        assert.equal("250", (c.cmd("RCPT TO:<b@mx.test>")))
+        assert.equal("354", (c.cmd("DATA")))
+        assert.equal("250", (c.cmd("Subject: unix\r\n\r\nbody\r\n.")))
+        c.cmd("QUIT")
+        c.close()
+        srv:close()
+        assert.is_nil(io.open(p))
+        assert.equal(1, #messages)
+        assert.equal("unix:", messages[1].session.client_address)
+        assert.is_number(messages[1].session.client_credentials.uid)
+        -- no TCP-info in the Received header: there is no address to give
+        assert.matches("^Received: from client%.test\r\n\tby mx%.test with ESMTP", messages[1].data)
+      end)
+    end)
+
+    it("takes mail from Postfix's smtp-source over LMTP (unix:/path)", function()
+      H.run(function()
+        local p = path("lmtp.sock")
+        local messages, on_data = collect_messages()
+        local srv = start { lmtp = true, listen = "unix:" .. p, hooks = { on_data = on_data } }
+        local log = H.mkdir(H.tmp) .. "/smtp-source-unix.log"
+        local pid = H.start(("exec timeout 20 smtp-source -L -s 2 -m 10 -l 512 -f a@client.test -t b@mx.test unix:%s")
+          :format(H.shquote(p)), log)
+        assert.is_true(H.wait_pid(pid, 20))
+        srv:close()
+        assert.equal(10, #messages, H.readfile(log))
+        for _, m in ipairs(messages) do
+          assert.equal("a@client.test", m.from)
+          assert.same({ "b@mx.test" }, m.rcpt)
+          assert.matches("with LMTP", m.data, 1, true)
+        end
+      end, 30)
+    end)
+
+    it("takes mail that Postfix delivers with lmtp:unix:/path, the socket owned by postfix", function()
+      H.run(function()
+        local p = path("postfix-lmtp.sock")
+        local messages, on_data = collect_messages()
+        local srv = start { lmtp = true, listen = { address = "unix:" .. p, owner = "postfix", mode = "0600" },
+          hooks = { on_data = on_data } }
+        local pf = postfix.start {
+          main = { "smtpd_end_of_data_restrictions =", "default_transport = lmtp:unix:" .. p,
+            "lmtp_tls_security_level = none" },
+          services = { "qmgr unix n - n 300 1 qmgr", "lmtp unix - - n - - lmtp",
+            "bounce unix - - n - 0 bounce", "defer unix - - n - 0 bounce", "trace unix - - n - 0 bounce",
+            "error unix - - n - - error", "retry unix - - n - - error" },
+        }
+        local client = require "luasmtp.client"
+        local res, _, err = client.send { host = "127.0.0.1", port = pf.port, tls = "none",
+          from = "alice@client.test", to = { "bob@mx.test", "carol@mx.test" },
+          body = "Subject: through Postfix\r\n\r\nhello\r\n" }
+        assert(res and res.ok, tostring(err))
+        local deadline = luasmtp.update_now() + 20
+        while #messages == 0 and luasmtp.update_now() < deadline do luasmtp.sleep(0.1) end
+        local pflog = pf:logtext()
+        pf:stop()
+        srv:close()
+        assert.equal(1, #messages, pflog)
+        assert.equal("alice@client.test", messages[1].from)
+        assert.same({ "bob@mx.test", "carol@mx.test" }, messages[1].rcpt)
+        assert.matches("Subject: through Postfix", messages[1].data, 1, true)
+        -- the peer is Postfix's lmtp(8), running as the postfix user
+        local id = io.popen("id -u postfix")
+        local postfix_uid = math.tointeger(tonumber(id:read("l")))
+        id:close()
+        assert.equal(postfix_uid, messages[1].session.client_credentials.uid)
+      end, 45)
+    end)
+  end)
+
   describe("with real clients", function()
     it("accepts a message from swaks", function()
+      H.need("swaks")
       H.run(function()
         local messages, on_data = collect_messages()
         local srv, port = start { hooks = { on_data = on_data } }
@@ -590,6 +684,7 @@ describe("SMTP server", function()
     end)
 
     it("accepts a message from Python's smtplib over STARTTLS", function()
+      H.need("python3 smtplib TLS")
       H.run(function()
         local sctx = H.tls_contexts()
         local messages, on_data = collect_messages()
@@ -606,13 +701,93 @@ with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=5) as s
 ]]):format(H.certs() .. "/ca.pem", port))
         f:close()
         local log = H.tmp .. "/smtplib.log"
-        local pid = H.start("exec timeout 10 python3 " .. script, log)
+        local pid = H.start("exec timeout 10 " .. H.python3 .. " " .. script, log)
         assert.is_true(H.wait_pid(pid, 10))
         srv:close()
         assert.matches("refused {}", H.readfile(log))
         assert.equal(1, #messages)
         assert.same({ "b@mx.test", "c@mx.test" }, messages[1].rcpt)
         assert.matches("with ESMTPS", messages[1].data)
+      end, 15)
+    end)
+
+    it("offers DSN to smtplib only when the script says it honours it", function()
+      H.run(function()
+        local script = H.mkdir(H.tmp) .. "/smtplib_dsn.py"
+        local f = assert(io.open(script, "w"))
+        f:write([[
+import smtplib, sys
+with smtplib.SMTP("127.0.0.1", int(sys.argv[1]), local_hostname="client.test", timeout=5) as s:
+    s.ehlo()
+    print("dsn", s.has_extn("dsn"), flush=True)
+    try:
+        s.sendmail("a@client.test", ["b@mx.test"], "Subject: dsn\r\n\r\nx\r\n",
+                   mail_options=["RET=HDRS", "ENVID=e1"], rcpt_options=["NOTIFY=SUCCESS,FAILURE"])
+        print("sent", flush=True)
+    except smtplib.SMTPException as e:
+        print("refused", e, flush=True)
+]])
+        f:close()
+        for _, dsn in ipairs { false, true } do
+          local messages, on_data = collect_messages()
+          local notify
+          local srv, port = start { dsn = dsn, hooks = { on_data = on_data, on_rcpt = function(_, _, p)
+            notify = p.notify
+          end } }
+          local log = H.tmp .. "/smtplib_dsn.log"
+          local pid = H.start("exec timeout 10 python3 " .. script .. " " .. port, log)
+          assert.is_true(H.wait_pid(pid, 10))
+          srv:close()
+          local out = H.readfile(log)
+          if dsn then
+            assert.matches("dsn True\nsent", out)
+            assert.equal(1, #messages)
+            assert.same({ success = true, failure = true }, notify)
+          else
+            assert.matches("dsn False\nrefused", out)
+            assert.matches("555", out, 1, true)
+            assert.matches("DSN not supported", out, 1, true)
+            assert.equal(0, #messages)
+          end
+        end
+      end, 25)
+    end)
+
+    it("accepts smtplib's send_message with mail_options=['SMTPUTF8'] (SMTPUTF8 sent twice)", function()
+      H.run(function()
+        local messages, on_data = collect_messages()
+        local seen
+        local srv, port = start { hooks = { on_data = on_data, on_mail = function(_, _, params)
+          seen = params
+        end } }
+        local script = H.mkdir(H.tmp) .. "/smtplib_utf8.py"
+        local f = assert(io.open(script, "w"))
+        f:write(([[
+import smtplib
+from email.message import EmailMessage
+msg = EmailMessage()
+msg["From"] = "j\u00fcrgen@b\u00fccher.test"
+msg["To"] = "bob@mx.test"
+msg["Subject"] = "gr\u00fc\u00dfe"
+msg.set_content("hall\u00f6\n")
+with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=5) as s:
+    s.set_debuglevel(1)
+    print("refused", s.send_message(msg, mail_options=["SMTPUTF8"]), flush=True)
+]]):format(port))
+        f:close()
+        local log = H.tmp .. "/smtplib_utf8.log"
+        local pid = H.start("exec timeout 10 python3 " .. script, log)
+        assert.is_true(H.wait_pid(pid, 10))
+        srv:close()
+        local out = H.readfile(log)
+        -- the peer really repeats the parameter; the server takes it as one
+        assert.matches("SMTPUTF8 SMTPUTF8 BODY=8BITMIME", out, 1, true)
+        assert.matches("refused {}", out, 1, true)
+        assert.equal(1, #messages, out)
+        assert.equal("j\u{fc}rgen@b\u{fc}cher.test", messages[1].from)
+        assert.is_true(seen.smtputf8)
+        assert.equal("8BITMIME", seen.body)
+        assert.matches("hall\u{f6}", messages[1].data)
       end, 15)
     end)
   end)

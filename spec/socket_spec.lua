@@ -1,6 +1,25 @@
 local luasmtp = require "luasmtp"
 local H = require "spec.helper"
 
+-- Write to c, whose peer reads nothing, until send() waits for it: the
+-- writer must stall, not buffer 64 MiB. -> bytes sent
+local function write_to_stall(c)
+  c:setoption("sendbuffer", 64 * 1024)
+  local chunk = string.rep("x", 16 * 1024)
+  local sent = 0
+  local writer = luasmtp.spawn(function()
+    while sent < 64 * 1024 * 1024 do
+      local ok, err = c:send(chunk, 0.2)
+      if not ok then return err end
+      sent = sent + #chunk
+    end
+    return "finished"
+  end)
+  assert.same({ true, "timeout" }, { writer:join(5) })
+  assert.is_true(sent < 16 * 1024 * 1024, "sent " .. sent)
+  return sent
+end
+
 describe("sockets", function()
   after_each(H.assert_no_leaks)
 
@@ -219,20 +238,7 @@ describe("sockets", function()
       local c, s = H.tcp_pair()
       local _ <close> = c
       local _ <close> = s
-      c:setoption("sendbuffer", 64 * 1024)
-      local chunk = string.rep("x", 16 * 1024)
-      local sent = 0
-      local writer = luasmtp.spawn(function()
-        while sent < 64 * 1024 * 1024 do
-          local ok, err = c:send(chunk, 0.2)
-          if not ok then return err end
-          sent = sent + #chunk
-        end
-        return "finished"
-      end)
-      -- the peer reads nothing: the writer must stall, not buffer 64 MiB
-      assert.same({ true, "timeout" }, { writer:join(5) })
-      assert.is_true(sent < 16 * 1024 * 1024, "sent " .. sent)
+      local sent = write_to_stall(c)
       -- once the reader drains, writing resumes and everything arrives in order
       local total = 0
       local reader = luasmtp.spawn(function()
@@ -339,6 +345,123 @@ describe("sockets", function()
       luasmtp.sleep(0)
       l:close()
       assert.same({ true, nil, "closed" }, { t:join(1) })
+    end)
+  end)
+
+  describe("UNIX-domain", function()
+    local path = H.sockpath
+    local function file_mode(p)
+      local f = assert(io.popen("stat -c %a " .. H.shquote(p)))
+      local m = f:read("l")
+      f:close()
+      return m
+    end
+
+    it("connects, echoes, reports both ends and the peer's credentials, removes its file", function()
+      H.run(function()
+        local p = path("echo.sock")
+        local seen
+        local server = assert(luasmtp.serve {
+          listen = "unix:" .. p,
+          handler = function(sock, conn)
+            seen = conn
+            sock:send("you said " .. sock:receiveline(100, 2) .. "\r\n")
+          end,
+        })
+        assert.same({ { address = "unix:" .. p } }, server.addresses)
+        assert.equal("600", file_mode(p)) -- the default: only our own user
+        local c <close> = assert(luasmtp.connect_unix(p, { timeout = 2 }))
+        assert.same({ "unix:" .. p }, { c:getpeername() })
+        assert.same({ "unix:" }, { c:getsockname() }) -- unnamed
+        c:send("hello\r\n")
+        assert.equal("you said hello", c:receiveline(nil, 2))
+        assert.equal("unix:", seen.peer_address)
+        assert.is_nil(seen.peer_port)
+        assert.equal("unix:" .. p, seen.local_address)
+        local pidf = assert(io.open("/proc/self/stat"))
+        local pid = math.tointeger(tonumber(pidf:read("a"):match("^(%d+)")))
+        pidf:close()
+        assert.same({ pid = pid, uid = seen.peer_credentials.uid, gid = seen.peer_credentials.gid },
+          seen.peer_credentials)
+        assert.equal("io", select(2, c:setoption("nodelay", true))) -- not TCP
+        server:close()
+        assert.is_nil(io.open(p)) -- removed at close
+        local s, err = luasmtp.connect_unix(p, { timeout = 2 })
+        assert.is_nil(s)
+        assert.equal("refused", err) -- no file: nobody listens
+      end)
+    end)
+
+    it("applies mode and owner, replaces a stale socket, refuses a live one or a plain file", function()
+      H.run(function()
+        local p = path("modes.sock")
+        local ls = assert(luasmtp.listen { address = "unix:" .. p, mode = "0660", owner = 0, group = "root" })
+        assert.equal("660", file_mode(p))
+        -- a second listener on the same path: refused, and the first keeps its file
+        local none, err, detail = luasmtp.listen("unix:" .. p)
+        assert.same({ nil, "io" }, { none, err })
+        assert.matches("another listener accepts on it", detail)
+        assert.same({ "io", "unknown owner" },
+          { select(2, luasmtp.listen { address = "unix:" .. p, owner = "no-such-user-here" }) })
+        ls[1]:close()
+        assert.is_nil(io.open(p))
+        -- a socket file left by a process that is gone
+        local bind = ("import socket; socket.socket(socket.AF_UNIX).bind(%q)"):format(p)
+        assert(os.execute("python3 -c " .. H.shquote(bind)))
+        assert.equal("refused", select(2, luasmtp.connect_unix(p)))
+        ls = assert(luasmtp.listen { address = "unix:" .. p, mode = 432 }) -- 0660 as an integer
+        assert.equal("660", file_mode(p))
+        local c <close> = assert(luasmtp.connect_unix(p, { timeout = 2 }))
+        local s <close> = assert(ls[1]:accept(2))
+        c:send("ping\r\n")
+        assert.equal("ping", s:receiveline(nil, 2))
+        ls[1]:close()
+        -- a file that is not a socket is never removed
+        local f = assert(io.open(p, "w"))
+        f:write("precious")
+        f:close()
+        none, err, detail = luasmtp.listen("unix:" .. p)
+        assert.same({ nil, "io" }, { none, err })
+        assert.matches("not a socket", detail)
+        assert.equal("precious", H.readfile(p))
+        os.remove(p)
+        assert.equal("io", select(2, luasmtp.listen("unix:" .. H.sockdir() .. "/" .. ("x"):rep(120))))
+        assert.equal("io", select(2, luasmtp.connect_unix(H.sockdir() .. "/" .. ("x"):rep(120))))
+      end)
+    end)
+
+    it("has the limits of TCP: line cap, timeouts, backpressure, close wakes the acceptor", function()
+      H.run(function()
+        local p = path("limits.sock")
+        local l = assert(luasmtp.listen("unix:" .. p))[1]
+        local t = luasmtp.spawn(function() return assert(l:accept(2)) end)
+        local c <close> = assert(luasmtp.connect_unix(p, { timeout = 2 }))
+        local _, s = t:join(2)
+        local _ <close> = s
+        c:send(string.rep("x", 100) .. "\r\nnext\r\n")
+        assert.same({ nil, "limit", "line too long" }, { s:receiveline(10) })
+        assert.equal("next", s:receiveline(10))
+        c:send("par")
+        assert.same({ nil, "timeout", "par" }, { s:receiveline(nil, 0.05) })
+        write_to_stall(c)
+        assert.same({ nil, "timeout" }, { l:accept(0.01) })
+        local acceptor = luasmtp.spawn(function() return l:accept() end)
+        luasmtp.sleep(0)
+        l:close()
+        assert.same({ true, nil, "closed" }, { acceptor:join(1) })
+        assert.is_nil(io.open(p))
+      end)
+    end)
+
+    it("removes the socket file of a listener that was collected", function()
+      local p = path("gc.sock")
+      H.run(function()
+        local l = assert(luasmtp.listen("unix:" .. p))
+        assert.is_table(l)
+      end)
+      collectgarbage("collect")
+      collectgarbage("collect")
+      assert.is_nil(io.open(p))
     end)
   end)
 

@@ -11,14 +11,6 @@ local function ls(dir)
   return names
 end
 
--- A tiny tmpfs to fill up; nil when this machine does not allow mounts.
-local function tiny_fs(dir)
-  os.execute("mkdir -p '" .. dir .. "'")
-  if os.execute("mount -t tmpfs -o size=16k tmpfs '" .. dir .. "' 2>/dev/null") then
-    return function() os.execute("umount '" .. dir .. "'") end
-  end
-end
-
 describe("mail storage", function()
   local base = H.tmp .. "/store"
   before_each(function() os.execute("rm -rf '" .. base .. "' && mkdir -p '" .. base .. "'") end)
@@ -74,9 +66,9 @@ describe("mail storage", function()
 
   it("answers 452 on a full disk and leaves nothing half-written", function()
     local dir = base .. "/full"
-    local undo = tiny_fs(dir)
+    local undo, why = H.mount_tmpfs(dir, "16k") -- a tiny file system to fill up
     if not undo then
-      pending("tmpfs mounts are not allowed here")
+      pending(why)
       return
     end
     local ok, err = pcall(function()

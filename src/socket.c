@@ -1,5 +1,5 @@
 /*
- * socket.c - TCP sockets and listeners as Lua userdata.
+ * socket.c - TCP and UNIX-domain sockets and listeners as Lua userdata.
  *
  * Calls look synchronous: a call that cannot complete at once waits
  * through ls_wait() (the task yields; the main chunk runs the loop).
@@ -18,10 +18,15 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <grp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <pwd.h>
+#include <stddef.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
 #include <sys/un.h>
 #include <unistd.h>
 
@@ -61,10 +66,18 @@ typedef struct ls_socket {
     ls_flushable fl;
 } ls_socket;
 
+#define UNIX_PATH_MAX (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
+
 typedef struct ls_listener {
     int fd;
     ls_loop *loop;
     ls_waitref acceptor;
+    /* UNIX-domain listener: the socket file it made, removed at close
+     * when it is still that file (same device and inode) */
+    int unix_path;
+    dev_t dev;
+    ino_t ino;
+    char path[UNIX_PATH_MAX + 1];
 } ls_listener;
 
 /* ------------------------------------------------------------------ */
@@ -110,8 +123,23 @@ static int parse_addr(const char *host, int port, struct sockaddr_storage *ss, s
     return -1;
 }
 
-/* Push address, port of a sockaddr; returns 2. */
-static int push_sockaddr(lua_State *L, const struct sockaddr_storage *ss)
+/* A UNIX-domain address for path: 0, or -1 when the path is empty or
+ * does not fit in sun_path. */
+static int unix_addr(const char *path, size_t n, struct sockaddr_un *sun, socklen_t *len)
+{
+    if (n == 0 || n > UNIX_PATH_MAX || memchr(path, '\0', n) != NULL)
+        return -1;
+    memset(sun, 0, sizeof *sun);
+    sun->sun_family = AF_UNIX;
+    memcpy(sun->sun_path, path, n);
+    *len = (socklen_t)(offsetof(struct sockaddr_un, sun_path) + n + 1);
+    return 0;
+}
+
+/* Push address, port of a sockaddr of len bytes; returns 2. A UNIX-domain
+ * address is "unix:PATH" ("unix:" for an unnamed peer, "unix:@NAME" in
+ * the abstract namespace) with a nil port. */
+static int push_sockaddr(lua_State *L, const struct sockaddr_storage *ss, socklen_t len)
 {
     char buf[INET6_ADDRSTRLEN];
     if (ss->ss_family == AF_INET) {
@@ -124,9 +152,26 @@ static int push_sockaddr(lua_State *L, const struct sockaddr_storage *ss)
         inet_ntop(AF_INET6, &in6->sin6_addr, buf, sizeof buf);
         lua_pushstring(L, buf);
         lua_pushinteger(L, ntohs(in6->sin6_port));
+    } else if (ss->ss_family == AF_UNIX) {
+        const struct sockaddr_un *sun = (const struct sockaddr_un *)ss;
+        size_t off = offsetof(struct sockaddr_un, sun_path);
+        size_t n = len > off ? (size_t)len - off : 0;
+        if (n > sizeof sun->sun_path)
+            n = sizeof sun->sun_path;
+        luaL_Buffer b;
+        luaL_buffinit(L, &b);
+        luaL_addstring(&b, "unix:");
+        if (n > 0 && sun->sun_path[0] == '\0') {
+            luaL_addchar(&b, '@');
+            luaL_addlstring(&b, sun->sun_path + 1, n - 1);
+        } else {
+            luaL_addlstring(&b, sun->sun_path, strnlen(sun->sun_path, n));
+        }
+        luaL_pushresult(&b);
+        lua_pushnil(L);
     } else {
-        lua_pushstring(L, "unix");
-        lua_pushinteger(L, 0);
+        lua_pushstring(L, "unknown");
+        lua_pushnil(L);
     }
     return 2;
 }
@@ -927,7 +972,7 @@ static int push_name(lua_State *L, int fd, int peer)
                   : getsockname(fd, (struct sockaddr *)&ss, &len);
     if (rc < 0)
         return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
-    return push_sockaddr(L, &ss);
+    return push_sockaddr(L, &ss, len);
 }
 
 /* sock:getpeername() -> address, port */
@@ -946,6 +991,28 @@ static int l_getsockname(lua_State *L)
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     return push_name(L, s->fd, 0);
+}
+
+/* sock:peercred() -> {pid=, uid=, gid=} | nil, err, detail
+ * The process at the other end of a UNIX-domain socket (SO_PEERCRED: as
+ * it was when it connected). */
+static int l_peercred(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    struct ucred cred;
+    socklen_t len = sizeof cred;
+    if (getsockopt(s->fd, SOL_SOCKET, SO_PEERCRED, &cred, &len) < 0)
+        return ls_pusherror(L, LS_EIO, strerror(errno));
+    lua_createtable(L, 0, 3);
+    lua_pushinteger(L, cred.pid);
+    lua_setfield(L, -2, "pid");
+    lua_pushinteger(L, cred.uid);
+    lua_setfield(L, -2, "uid");
+    lua_pushinteger(L, cred.gid);
+    lua_setfield(L, -2, "gid");
+    return 1;
 }
 
 static int l_getfd(lua_State *L)
@@ -1140,6 +1207,9 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx)
     return 1;
 }
 
+static int start_connect(lua_State *L, ls_loop *loop, ls_socket *s, const struct sockaddr *sa,
+                         socklen_t salen, double timeout);
+
 /* connect(address, port [, opts]) -> socket | nil, err, detail
  * address must be numeric (IPv4/IPv6); luasmtp.connect resolves names.
  * opts: timeout (seconds), bind (local numeric address). */
@@ -1182,17 +1252,57 @@ static int l_connect(lua_State *L)
             return ls_pusherror(L, LS_EIO, e ? strerror(e) : "bad bind address");
         }
     }
-    if (connect(fd, (struct sockaddr *)&ss, sslen) == 0)
+    return start_connect(L, loop, s, (struct sockaddr *)&ss, sslen, timeout);
+}
+
+/* Connect s (its userdata at index 4) to sa and wait for the result. */
+static int start_connect(lua_State *L, ls_loop *loop, ls_socket *s, const struct sockaddr *sa,
+                         socklen_t salen, double timeout)
+{
+    if (connect(s->fd, sa, salen) == 0)
         return 1;
     if (errno != EINPROGRESS) {
         int e = errno;
         socket_destroy(s);
+        if (sa->sa_family == AF_UNIX && e == ENOENT) /* no socket file: nobody listens */
+            return ls_pusherror(L, LS_EREFUSED, strerror(e));
+        if (sa->sa_family == AF_UNIX && e == EAGAIN) /* its listen queue is full */
+            return ls_pusherror(L, LS_EREFUSED, "the server's listen queue is full");
         return ls_pusherror(L, ls_errno_token(e), strerror(e));
     }
     ls_task *t = ls_current(L, loop);
-    int r = ls_wait(L, loop, t, fd, EV_WRITE, deadline_of(loop, timeout), &s->writer, 0, connect_k);
+    int r = ls_wait(L, loop, t, s->fd, EV_WRITE, deadline_of(loop, timeout), &s->writer, 0, connect_k);
     (void)r;
     return connect_k(L, LUA_YIELD, 0);
+}
+
+/* connect_unix(path [, opts]) -> socket | nil, err, detail
+ * A UNIX-domain stream socket connected to path. opts: timeout (seconds).
+ * A missing socket file or a full listen queue is "refused". */
+static int l_connect_unix(lua_State *L)
+{
+    size_t n;
+    const char *path = luaL_checklstring(L, 1, &n);
+    double timeout = DEFAULT_TIMEOUT;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        lua_getfield(L, 2, "timeout");
+        timeout = opt_timeout(L, -1, timeout);
+        lua_pop(L, 1);
+    }
+    struct sockaddr_un sun;
+    socklen_t sunlen;
+    if (unix_addr(path, n, &sun, &sunlen) < 0)
+        return ls_pusherror(L, LS_EIO, "UNIX socket path empty or too long");
+    ls_loop *loop = ls_getloop(L);
+    lua_settop(L, 3);
+    ls_socket *s = new_socket(L, loop); /* index 4 */
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    attach_fd(s, fd);
+    s->t_connect = timeout;
+    return start_connect(L, loop, s, (struct sockaddr *)&sun, sunlen, timeout);
 }
 
 /* socketpair() -> sock1, sock2: a connected local pair (for tests). */
@@ -1219,7 +1329,26 @@ static void listener_destroy(ls_listener *l)
     close(l->fd);
     l->fd = -1;
     ls_live[LS_COUNT_LISTENERS]--;
+    if (l->unix_path) {
+        /* only the file this listener made: not one another process put
+         * there since */
+        struct stat st;
+        if (lstat(l->path, &st) == 0 && S_ISSOCK(st.st_mode) && st.st_dev == l->dev &&
+            st.st_ino == l->ino)
+            unlink(l->path);
+        l->unix_path = 0;
+    }
     ls_wake_ref(l->loop, &l->acceptor, LS_WAKE_CLOSED);
+}
+
+static ls_listener *new_listener(lua_State *L)
+{
+    ls_listener *l = lua_newuserdatauv(L, sizeof *l, 0);
+    memset(l, 0, sizeof *l);
+    l->fd = -1;
+    luaL_setmetatable(L, LISTENER_MT);
+    l->loop = ls_getloop(L);
+    return l;
 }
 
 /* listen(address, port [, opts]) -> listener | nil, err, detail
@@ -1242,11 +1371,7 @@ static int l_listen(lua_State *L)
     socklen_t sslen;
     if (parse_addr(host, (int)port, &ss, &sslen) < 0)
         return luaL_argerror(L, 1, "not a numeric IPv4 or IPv6 address");
-    ls_listener *l = lua_newuserdatauv(L, sizeof *l, 0);
-    memset(l, 0, sizeof *l);
-    l->fd = -1;
-    luaL_setmetatable(L, LISTENER_MT);
-    l->loop = ls_getloop(L);
+    ls_listener *l = new_listener(L);
     int fd = socket(ss.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
         return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
@@ -1261,6 +1386,147 @@ static int l_listen(lua_State *L)
         listener_destroy(l);
         return ls_pusherror(L, e == EADDRINUSE ? LS_EIO : ls_errno_token(e), strerror(e));
     }
+    return 1;
+}
+
+/* A uid or gid from opts[field]: a number, or a user or group name.
+ * Returns 0 and sets *id, 1 when the field is absent, -1 when unknown. */
+static int opt_owner(lua_State *L, int opts, const char *field, int group, unsigned *id)
+{
+    int rc = 1;
+    lua_getfield(L, opts, field);
+    if (lua_isinteger(L, -1)) {
+        lua_Integer v = lua_tointeger(L, -1);
+        luaL_argcheck(L, v >= 0 && v < 0x7fffffff, opts, "uid or gid out of range");
+        *id = (unsigned)v;
+        rc = 0;
+    } else if (lua_type(L, -1) == LUA_TSTRING) {
+        /* at start-up only: NSS may block */
+        char buf[16384];
+        const char *name = lua_tostring(L, -1);
+        rc = -1;
+        if (group) {
+            struct group gr, *res = NULL;
+            if (getgrnam_r(name, &gr, buf, sizeof buf, &res) == 0 && res) {
+                *id = (unsigned)gr.gr_gid;
+                rc = 0;
+            }
+        } else {
+            struct passwd pw, *res = NULL;
+            if (getpwnam_r(name, &pw, buf, sizeof buf, &res) == 0 && res) {
+                *id = (unsigned)pw.pw_uid;
+                rc = 0;
+            }
+        }
+    } else if (!lua_isnil(L, -1)) {
+        luaL_argerror(L, opts, "owner and group must be names or numbers");
+    }
+    lua_pop(L, 1);
+    return rc;
+}
+
+/* What is at a UNIX socket path that bind found in use. */
+enum unix_existing { UNIX_STALE, UNIX_LIVE, UNIX_NOT_SOCKET };
+
+/* A socket file nothing accepts on (a connect is refused) was left by a
+ * process that is gone: UNIX_STALE. */
+static enum unix_existing unix_existing(const struct sockaddr_un *sun, socklen_t len)
+{
+    struct stat st;
+    if (lstat(sun->sun_path, &st) < 0 || !S_ISSOCK(st.st_mode))
+        return UNIX_NOT_SOCKET;
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return UNIX_LIVE;
+    int stale = connect(fd, (const struct sockaddr *)sun, len) < 0 && errno == ECONNREFUSED;
+    close(fd);
+    return stale ? UNIX_STALE : UNIX_LIVE;
+}
+
+static int listen_unix_fail(lua_State *L, ls_listener *l, const char *token, const char *why,
+                            const char *path)
+{
+    listener_destroy(l);
+    lua_pushnil(L);
+    lua_pushstring(L, token);
+    lua_pushfstring(L, "%s: %s", path, why);
+    return 3;
+}
+
+/* listen_unix(path [, opts]) -> listener | nil, err, detail
+ * A UNIX-domain stream listener. The socket file is made with mode 0600
+ * (no window with wider permissions), then given opts.owner / opts.group
+ * (names or numbers) and opts.mode (an integer such as tonumber("660", 8)).
+ * A socket file left by a process that is gone (connect refused) is
+ * replaced; one that something accepts on, or a file that is not a
+ * socket, is an error. The file is removed when the listener closes.
+ * opts: backlog (default 511), mode, owner, group. */
+static int l_listen_unix(lua_State *L)
+{
+    size_t n;
+    const char *path = luaL_checklstring(L, 1, &n);
+    int backlog = 511, mode = -1;
+    unsigned uid = (unsigned)-1, gid = (unsigned)-1;
+    int has_uid = 1, has_gid = 1;
+    if (!lua_isnoneornil(L, 2)) {
+        luaL_checktype(L, 2, LUA_TTABLE);
+        lua_getfield(L, 2, "backlog");
+        backlog = (int)luaL_optinteger(L, -1, backlog);
+        lua_getfield(L, 2, "mode");
+        if (!lua_isnil(L, -1)) {
+            lua_Integer m = luaL_checkinteger(L, -1);
+            luaL_argcheck(L, m >= 0 && m <= 0777, 2, "mode must be within 0 and 0777 (octal)");
+            mode = (int)m;
+        }
+        lua_pop(L, 2);
+        has_uid = opt_owner(L, 2, "owner", 0, &uid);
+        has_gid = opt_owner(L, 2, "group", 1, &gid);
+        if (has_uid < 0)
+            return ls_pusherror(L, LS_EIO, "unknown owner");
+        if (has_gid < 0)
+            return ls_pusherror(L, LS_EIO, "unknown group");
+    }
+    struct sockaddr_un sun;
+    socklen_t sunlen;
+    if (unix_addr(path, n, &sun, &sunlen) < 0)
+        return ls_pusherror(L, LS_EIO, "UNIX socket path empty or too long");
+    lua_settop(L, 2);
+    ls_listener *l = new_listener(L);
+    int fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
+    if (fd < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    l->fd = fd;
+    ls_live[LS_COUNT_LISTENERS]++;
+    int rc, e = 0;
+    for (int attempt = 0; attempt < 2; attempt++) {
+        mode_t old = umask(0177);
+        rc = bind(fd, (struct sockaddr *)&sun, sunlen);
+        e = errno;
+        umask(old);
+        if (rc == 0 || e != EADDRINUSE || attempt > 0)
+            break;
+        enum unix_existing what = unix_existing(&sun, sunlen);
+        if (what == UNIX_LIVE)
+            return listen_unix_fail(L, l, LS_EIO, "in use: another listener accepts on it", path);
+        if (what == UNIX_NOT_SOCKET)
+            return listen_unix_fail(L, l, LS_EIO, "exists and is not a socket", path);
+        unlink(sun.sun_path); /* stale: left by a process that is gone */
+    }
+    if (rc < 0)
+        return listen_unix_fail(L, l, ls_errno_token(e), strerror(e), path);
+    struct stat st;
+    if (lstat(sun.sun_path, &st) < 0)
+        return listen_unix_fail(L, l, LS_EIO, strerror(errno), path);
+    memcpy(l->path, sun.sun_path, n + 1);
+    l->dev = st.st_dev;
+    l->ino = st.st_ino;
+    l->unix_path = 1; /* from here on, closing removes it */
+    if ((has_uid == 0 || has_gid == 0) && chown(l->path, uid, gid) < 0)
+        return listen_unix_fail(L, l, LS_EIO, strerror(errno), path);
+    if (mode >= 0 && chmod(l->path, (mode_t)mode) < 0)
+        return listen_unix_fail(L, l, LS_EIO, strerror(errno), path);
+    if (listen(fd, backlog) < 0)
+        return listen_unix_fail(L, l, ls_errno_token(errno), strerror(errno), path);
     return 1;
 }
 
@@ -1371,6 +1637,7 @@ int ls_open_socket(lua_State *L)
         {"getpeername", l_getpeername},
         {"getsockname", l_getsockname},
         {"getfd", l_getfd},
+        {"peercred", l_peercred},
         {"starttls", l_starttls},
         {"tlsinfo", l_tlsinfo},
         {"channel_binding", l_channel_binding},
@@ -1407,7 +1674,9 @@ int ls_open_socket(lua_State *L)
     lua_pop(L, 1);
     static const luaL_Reg funcs[] = {
         {"connect", l_connect},
+        {"connect_unix", l_connect_unix},
         {"listen", l_listen},
+        {"listen_unix", l_listen_unix},
         {"socketpair", l_socketpair},
         {NULL, NULL},
     };

@@ -32,11 +32,13 @@ local M = {
   resolve_txt = core.resolve_txt,
   dns_configure = core.dns_configure,
 
-  -- TCP and TLS
+  -- TCP, UNIX-domain sockets and TLS
   connect = net.connect,
+  connect_unix = net.connect_unix,
   listen = net.listen,
   serve = net.serve,
   parse_address = net.parse_address,
+  format_address = net.format_address,
   socketpair = core.socketpair,
   tls = {
     context = core.tls_context,

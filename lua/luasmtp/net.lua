@@ -1,4 +1,5 @@
---- luasmtp.net: connecting, listening and serving over TCP (and TLS).
+--- luasmtp.net: connecting, listening and serving over TCP and
+-- UNIX-domain sockets (and TLS).
 --
 -- The socket primitives live in the C core; this module adds what is
 -- policy rather than mechanism: address parsing, name resolution with one
@@ -51,6 +52,15 @@ function M.parse_address(spec, default_port)
   return host, port
 end
 
+--- format_address(address [, port]) -> "192.0.2.1:25", "[2001:db8::1]:25",
+-- "unix:/path" (no port): an address as getpeername/getsockname give it,
+-- for logs and messages.
+function M.format_address(address, port)
+  if not port then return address end
+  if address:find(":", 1, true) then return ("[%s]:%d"):format(address, port) end
+  return ("%s:%d"):format(address, port)
+end
+
 local function is_numeric(host)
   return host:match("^%d+%.%d+%.%d+%.%d+$") ~= nil or host:find(":", 1, true) ~= nil
 end
@@ -72,6 +82,24 @@ local function addresses_of(host, family, timeout)
     return nil, "dns", host .. ": no address"
   end
   return out
+end
+
+-- With opts.tls, the TLS handshake right after connect, within the
+-- connect deadline. -> sock | nil, err, detail
+local function implicit_tls(sock, opts, servername, deadline)
+  local tracked = trackers[core.current() or trackers]
+  if tracked then tracked[#tracked + 1] = sock end
+  if opts.tls then
+    local ok, terr, tdetail = sock:starttls(opts.tls, {
+      servername = servername,
+      verify_host = opts.verify_host,
+      timeout = math.max(deadline - core.update_now(), 0.001),
+    })
+    if not ok then
+      return nil, terr, tdetail
+    end
+  end
+  return sock
 end
 
 --- connect(host, port [, opts]) -> socket | nil, err, detail
@@ -111,50 +139,88 @@ function M.connect(host, port, opts)
   if not sock then
     return nil, err, detail
   end
-  local tracked = trackers[core.current() or trackers]
-  if tracked then tracked[#tracked + 1] = sock end
-  if opts.tls then
-    local remaining = math.max(deadline - core.update_now(), 0.001)
-    local ok, terr, tdetail = sock:starttls(opts.tls, {
-      servername = opts.servername or (not is_numeric(bare) and bare or nil) or bare,
-      verify_host = opts.verify_host,
-      timeout = remaining,
-    })
-    if not ok then
-      return nil, terr, tdetail
-    end
+  return implicit_tls(sock, opts, opts.servername or bare, deadline)
+end
+
+--- connect_unix(path [, opts]) -> socket | nil, err, detail
+-- A UNIX-domain stream socket. opts: timeout (30), tls (a client
+-- context: implicit TLS right after connect; then servername is needed
+-- to verify the name), servername, verify_host.
+function M.connect_unix(path, opts)
+  assert(type(path) == "string", "path must be a string")
+  opts = opts or {}
+  local timeout = opts.timeout or DEFAULT_CONNECT_TIMEOUT
+  local deadline = core.update_now() + timeout
+  local sock, err, detail = core.connect_unix(path, { timeout = timeout })
+  if not sock then
+    return nil, err, detail
   end
-  return sock
+  return implicit_tls(sock, opts, opts.servername, deadline)
+end
+
+--- The path of a UNIX-domain listen spec: "unix:/path", or a table
+-- { address = "unix:/path", mode =, owner =, group = }; nil otherwise.
+local function unix_spec(s)
+  local addr = type(s) == "table" and s.address or s
+  return type(addr) == "string" and addr:match("^unix:(.+)$") or nil
+end
+
+-- A socket file mode: an integer, or octal digits in a string ("0660").
+local function file_mode(mode)
+  if mode == nil or math.type(mode) == "integer" then return mode end
+  local m = type(mode) == "string" and mode:match("^[0-7]+$") and tonumber(mode, 8)
+  assert(m, "mode must be an integer or octal digits such as \"0660\"")
+  return m
 end
 
 --- listen(spec [, opts]) -> {listener...} | nil, err, detail
 -- spec: "addr:port", "[::1]:port", "localhost:port" (every address the
--- name has), or a list of those. Port 0 picks a free port.
+-- name has), "unix:/path", a table { address = one of those } (for a
+-- UNIX socket with mode = "0660", owner = "user", group = "group": the
+-- socket file is made 0600 and then given that mode and owner, and
+-- removed when the listener closes; a stale socket file left by a
+-- process that is gone is replaced), or a list of those. Port 0 picks a
+-- free port.
 function M.listen(spec, opts)
-  local specs = type(spec) == "table" and spec or { spec }
+  local specs = (type(spec) == "table" and not spec.address) and spec or { spec }
   local listeners = {}
-  local function fail(err, detail)
-    for _, l in ipairs(listeners) do
-      l:close()
+  -- the listeners of one spec, appended to listeners
+  local function listen_one(s)
+    local path = unix_spec(s)
+    if path then
+      local t = type(s) == "table" and s or {}
+      local l, err, detail = core.listen_unix(path, { backlog = opts and opts.backlog,
+        mode = file_mode(t.mode), owner = t.owner, group = t.group })
+      if not l then return nil, err, detail end
+      listeners[#listeners + 1] = l
+      return true
     end
-    return nil, err, detail
-  end
-  for _, s in ipairs(specs) do
-    local host, port = M.parse_address(s)
+    local text = type(s) == "table" and s.address or s
+    local host, port = M.parse_address(text)
     if not host then
-      return fail(port, select(3, M.parse_address(s)))
+      return nil, port, select(3, M.parse_address(text))
     end
     local addrs, err, detail = addresses_of(host, nil, 10)
     if not addrs then
-      return fail(err, detail)
+      return nil, err, detail
     end
     for _, addr in ipairs(addrs) do
       local l
       l, err, detail = core.listen(addr, port, opts)
       if not l then
-        return fail(err, (detail or "") .. " (" .. s .. ")")
+        return nil, err, (detail or "") .. " (" .. text .. ")"
       end
       listeners[#listeners + 1] = l
+    end
+    return true
+  end
+  for _, s in ipairs(specs) do
+    local ok, err, detail = listen_one(s)
+    if not ok then
+      for _, l in ipairs(listeners) do
+        l:close()
+      end
+      return nil, err, detail
     end
   end
   return listeners
@@ -182,7 +248,10 @@ end
 --   listen           spec or list of specs (see listen)
 --   handler          function(sock, conn); conn = {peer_address=, peer_port=,
 --                    local_address=, local_port=, id=}; the socket is closed
---                    when the handler returns or raises
+--                    when the handler returns or raises. Over a UNIX-domain
+--                    socket the addresses are "unix:PATH" ("unix:" for the
+--                    usual unnamed peer), the ports nil, and
+--                    conn.peer_credentials = {pid=, uid=, gid=}
 --   tls              server TLS context: implicit TLS before the handler
 --   tls_timeout      seconds for that handshake (10)
 --   max_connections  connections handled at once; more are closed at
@@ -193,7 +262,8 @@ end
 --   on_refused       function(conn, reason, sock) called for refused connections
 --                    (sock, when given, is closed right after; send() on it
 --                    queues a last reply)
--- server.addresses lists {address, port} of each listener.
+-- server.addresses lists {address, port} of each listener (for a UNIX
+-- socket: "unix:PATH" and no port).
 M.serve_schema = options.schema("serve", {
   { "listen", "string|table", "127.0.0.1:0", "spec or list of specs (see listen)" },
   { "handler", "function", nil, "`function(sock, conn)`, in a new task per connection" },
@@ -263,6 +333,9 @@ function M.serve(opts)
           local_address = laddr,
           local_port = lport,
         }
+        if not lport then -- a UNIX-domain socket: who connected
+          conn.peer_credentials = sock:peercred()
+        end
         -- Count at accept time: a burst is accepted in one go, before
         -- any of its tasks has run.
         if slots.active >= server.max_connections then

@@ -360,6 +360,8 @@ end
 
 --- choose(server_mechanisms, creds, opts) -> mechanism object | nil, err, detail
 -- server_mechanisms: a list, or the EHLO AUTH parameter as a string.
+-- opts.exclude: mechanisms not to take (already refused); they still
+-- count as advertised, so a refused -PLUS never lets a plain SCRAM in.
 function M.choose(server_mechs, creds, opts)
   creds = creds or {}
   opts = opts or {}
@@ -371,6 +373,7 @@ function M.choose(server_mechs, creds, opts)
   assert(type(server_mechs) == "table", "server mechanisms: list or string expected")
   local offered = set_of(server_mechs)
   local allowed = opts.mechanisms and set_of(opts.mechanisms)
+  local excluded = set_of(opts.exclude)
   local cleartext_ok = opts.tls or opts.allow_plaintext
   local cb = opts.channel_binding
   local plus_advertised = false
@@ -390,7 +393,7 @@ function M.choose(server_mechs, creds, opts)
   end
   local skipped = {}
   for _, m in ipairs(candidates) do
-    if offered[m] and (not allowed or allowed[m]) then
+    if offered[m] and (not allowed or allowed[m]) and not excluded[m] then
       local base, plus = scram.split_name(m)
       if plus and not cb then
         skipped[#skipped + 1] = m .. " (no channel binding)"
@@ -445,10 +448,12 @@ local function read_reply(io)
   return nil, "protocol", "reply of more than " .. MAX_REPLY_LINES .. " lines"
 end
 
-local function outcome(r, mech, client_error)
+-- gave_up: this side gave up with "*" (client_error says why)
+local function outcome(r, mech, client_error, gave_up)
   local ok = r.code == 235 and client_error == nil and mech:complete()
   local res = reply_value.new(r.code, r.enhanced, r.text, { ok = ok })
   if not ok then
+    res.cancelled = gave_up
     res.client_error = client_error or mech.error
     if r.code == 235 and not res.client_error then
       res.client_error = "the server accepted before the exchange was complete"
@@ -462,9 +467,11 @@ end
 -- Sends AUTH (with the initial response when it fits in opts.max_line,
 -- default 512 octets), answers the 334 challenges and returns
 --   { ok = true, code = 235, enhanced =, text = }
---   { ok = false, code =, enhanced =, text =, client_error =, oauth_error = }
+--   { ok = false, code =, enhanced =, text =, client_error =, oauth_error =, cancelled = }
 -- client_error says why the client gave up or does not trust a success
--- (a SCRAM server that did not prove it knows the password).
+-- (a SCRAM server that did not prove it knows the password), or what the
+-- server reported inside the mechanism (SCRAM e=); cancelled is true when
+-- this side gave up with "*".
 function M.client_exchange(io, mech, opts)
   opts = opts or {}
   local ir = mech:start()
@@ -511,7 +518,7 @@ function M.client_exchange(io, mech, opts)
       if not r then
         return nil, err, detail
       end
-      return outcome(r, mech, cerr or "mechanism failed")
+      return outcome(r, mech, cerr or "mechanism failed", true)
     end
     ok, err, detail = io:send_line(b64encode(response))
     if not ok then

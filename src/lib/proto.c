@@ -577,11 +577,29 @@ static int ieq_span(const char *a, size_t alen, const char *b, size_t blen)
     return 1;
 }
 
-static int param_duplicate(const struct smtp_cmd *cmd, const struct smtp_param *p)
+/* A keyword given before on this command: 0 when new, 1 when it repeats
+ * the earlier one (a flag again, or the same value), -1 when the values
+ * differ. Token values (SIZE, BODY, RET, NOTIFY) compare ignoring ASCII
+ * case; xtext and unknown values compare octet for octet. Python's
+ * smtplib sends "SMTPUTF8 SMTPUTF8" when the caller asks for SMTPUTF8
+ * too; Postfix and Exim take such repeats as one. */
+static int param_repeat(const struct smtp_cmd *cmd, const struct smtp_param *p)
 {
-    for (size_t i = 0; i < cmd->nparams; i++)
-        if (ieq_span(cmd->params[i].name, cmd->params[i].name_len, p->name, p->name_len))
+    for (size_t i = 0; i < cmd->nparams; i++) {
+        const struct smtp_param *q = &cmd->params[i];
+        if (!ieq_span(q->name, q->name_len, p->name, p->name_len))
+            continue;
+        if ((q->value == NULL) != (p->value == NULL))
+            return -1;
+        if (q->value == NULL)
             return 1;
+        int token = q->key == SMTP_P_SIZE || q->key == SMTP_P_BODY || q->key == SMTP_P_RET ||
+                    q->key == SMTP_P_NOTIFY;
+        if (token ? ieq_span(q->value, q->value_len, p->value, p->value_len)
+                  : q->value_len == p->value_len && memcmp(q->value, p->value, p->value_len) == 0)
+            return 1;
+        return -1;
+    }
     return 0;
 }
 
@@ -625,10 +643,15 @@ static int parse_param(struct pctx *c, const unsigned char *s, size_t n, size_t 
     } else if (i < n && s[i] != ' ') {
         return param_fail(c, "invalid parameter name");
     }
+    int repeat = param_repeat(c->cmd, &p);
+    if (repeat < 0)
+        return param_fail(c, "duplicate parameter with a different value");
+    if (repeat > 0) { /* the same again: taken as one */
+        *pos = i;
+        return 0;
+    }
     if (c->cmd->nparams >= max_params)
         return param_fail(c, "too many parameters");
-    if (param_duplicate(c->cmd, &p))
-        return param_fail(c, "duplicate parameter");
     param_classify(c, &p);
     if (!p.unknown &&
         param_value(c, p.key, (const unsigned char *)p.value, p.value_len) < 0)

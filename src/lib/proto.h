@@ -76,7 +76,7 @@ enum smtp_status {
     SMTP_E_LINE,   /* 500 5.5.2: empty, too long, control characters */
     SMTP_E_SYNTAX, /* 501 5.5.4: arguments malformed */
     SMTP_E_PATH,   /* 501 5.1.7 (MAIL) / 5.1.3 (RCPT): bad address */
-    SMTP_E_PARAM,  /* 501 5.5.4: bad, duplicate or too many parameters */
+    SMTP_E_PARAM,  /* 501 5.5.4: bad, conflicting repeated or too many parameters */
     SMTP_E_UTF8,   /* 553 5.6.7: non-ASCII address without SMTPUTF8 */
 };
 
@@ -190,7 +190,10 @@ struct smtp_cmd {
     /* MAIL / RCPT; the large members last, cleared only in part */
     struct smtp_path path;
     struct smtp_mailparams mp;
-    struct smtp_param params[SMTP_MAX_PARAMS]; /* [0, nparams) */
+    /* [0, nparams), one per keyword: a keyword repeated with the same
+     * value (or a flag repeated) is kept once, a repeat with another
+     * value is SMTP_E_PARAM */
+    struct smtp_param params[SMTP_MAX_PARAMS];
 };
 
 struct smtp_cmd_opts {

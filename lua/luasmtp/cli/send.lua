@@ -23,7 +23,8 @@ local USAGE = [[
 usage: luasmtp send [OPTIONS] [RECIPIENT...] < message
 
 sendmail options:
-  -f FROM, -r FROM    envelope sender (default: the From: header, else USER@HOST)
+  -f FROM, -r FROM    envelope sender (default: the From: header, else USER@HOST);
+                      "<>" or "" is the null sender, <a@b> is a@b
   -t                  take recipients from To:, Cc: and Bcc: (Bcc: is removed)
   -i, -oi             a line with a single "." does not end the message
   -v                  print the SMTP transcript on stderr (credentials masked)
@@ -33,7 +34,8 @@ sendmail options:
   -F NAME, -o..., -B... accepted and ignored
 options:
   --server HOST[:PORT]  server (default localhost; port 465 for implicit TLS,
-                        24 for LMTP, 587 with --user, else 25)
+                        24 for LMTP, 587 with --user, else 25); or /PATH (or
+                        unix:/PATH), a UNIX-domain socket (then --tls none by default)
   --tls MODE            implicit | starttls (default) | opportunistic | none | auto
   --user USER           authenticate as USER; the password comes from
   --password-file FILE  its first line, or the environment variable LUASMTP_PASSWORD
@@ -84,9 +86,18 @@ local function short_option(a, take_value, opts)
   end
 end
 
+-- An address given on the command line: one pair of angle brackets is
+-- taken off, as sendmail does, so "<a@b.example>" is a@b.example and
+-- "<>", like "", the null sender.
+local function argument_address(a)
+  return a:match("^<(.*)>$") or a
+end
+
 -- Split argv into long options, sendmail options and recipients.
 local function parse_args(args)
   local opts, rcpts = getopt.parse(args, LONG, short_option)
+  if opts.from then opts.from = argument_address(opts.from) end
+  for i, r in ipairs(rcpts) do rcpts[i] = argument_address(r) end
   opts.rcpts = rcpts
   return opts
 end
@@ -285,11 +296,19 @@ local function run(args)
   local modes = { implicit = true, starttls = true, opportunistic = true, none = true, auto = true }
   if not modes[tls] then usage_error("--tls must be implicit, starttls, opportunistic, none or auto") end
   local server = opts.server or "localhost"
-  local host, port = net.parse_address(server)
-  if not host then usage_error("bad --server: " .. server) end
-  if not server:find(":%d+$") then port = nil end
-  if not port and tls ~= "auto" then
-    port = tls == "implicit" and 465 or opts.lmtp and 24 or opts.user and 587 or 25
+  local host, port
+  -- a UNIX-domain socket: "/path" or "unix:/path"; TLS off unless asked for
+  local path = server:match("^unix:(/.*)$") or server:match("^/.*$")
+  if path then
+    if tls == "auto" then usage_error("--tls auto needs HOST[:PORT], not a socket path") end
+    tls = opts.tls or "none"
+  else
+    host, port = net.parse_address(server)
+    if not host then usage_error("bad --server: " .. server) end
+    if not server:find(":%d+$") then port = nil end
+    if not port and tls ~= "auto" then
+      port = tls == "implicit" and 465 or opts.lmtp and 24 or opts.user and 587 or 25
+    end
   end
   if opts.auth and not opts.user then usage_error("--auth needs --user") end
   if opts.helo and not opts.helo:find("^[%w%.%-%[%]:]+$") then usage_error("bad --helo name") end
@@ -368,6 +387,7 @@ local function run(args)
   local res, token, err = client.send {
     host = host,
     port = port,
+    path = path,
     tls = tls,
     cafile = opts.cafile,
     insecure = opts.insecure,

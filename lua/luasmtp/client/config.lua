@@ -27,10 +27,11 @@ M.schema = options.schema("client", {
   { "server", "string", nil, "`\"host[:port]\"`" },
   { "host", "string", nil, "the server's name or address" },
   { "port", "integer", nil, "465 for implicit TLS, 24 for LMTP, else 25" },
+  { "path", "string", nil, "a UNIX-domain socket instead of host and port" },
   { "sock", "userdata", nil, "an already connected socket (greeting not yet read)" },
   { "implicit_port", "integer", nil, "`tls = \"auto\"`: the port for implicit TLS (465)" },
   { "starttls_port", "integer", nil, "`tls = \"auto\"`: the port for STARTTLS (587)" },
-  { "tls", "string", nil, "`\"starttls\"` (`\"implicit\"` on port 465), `\"implicit\"`, "
+  { "tls", "string", nil, "`\"starttls\"` (`\"implicit\"` on port 465, `\"none\"` over a UNIX socket), `\"implicit\"`, "
     .. "`\"opportunistic\"`, `\"none\"`, `\"auto\"`" },
   { "tls_context", "userdata", nil, "a client TLS context" },
   { "cafile", "string", nil, "trust store file for the TLS context" },
@@ -74,13 +75,15 @@ function M.merge(opts)
     if port and cfg.port == nil and cfg.server:find(":%d+$") then cfg.port = port end
   end
   if cfg.tls == nil then
-    cfg.tls = (cfg.port == 465) and "implicit" or "starttls"
+    -- a UNIX socket never leaves the host
+    cfg.tls = cfg.path and "none" or (cfg.port == 465) and "implicit" or "starttls"
   end
   assert(TLS_MODES[cfg.tls], "tls must be \"implicit\", \"starttls\", \"opportunistic\", \"none\" or \"auto\"")
-  if cfg.port == nil and cfg.tls ~= "auto" then
+  assert(not (cfg.path and cfg.tls == "auto"), "tls = \"auto\" needs a host and port, not a path")
+  if cfg.port == nil and cfg.tls ~= "auto" and not cfg.path then
     cfg.port = cfg.tls == "implicit" and 465 or cfg.lmtp and 24 or 25
   end
-  assert(cfg.sock or type(cfg.host) == "string", "host (or server, or sock) is required")
+  assert(cfg.sock or cfg.path or type(cfg.host) == "string", "host (or server, path or sock) is required")
   assert(cfg.helo == nil or (type(cfg.helo) == "string" and cfg.helo:find("^[%w%.%-%[%]:]+$")),
     "helo must be a domain or an address literal")
   return cfg

@@ -6,7 +6,7 @@
 --   local res, token, err = pool:send { from = ..., to = ..., body = ... }
 --   pool:close()
 --
--- Sessions are keyed by server (host, port, TLS mode, user, LMTP, HELO
+-- Sessions are keyed by server (host, port or path, TLS mode, user, LMTP, HELO
 -- name); each key has at most max_connections sessions, each used for at
 -- most max_messages messages (or the server's LIMITS MAILMAX). An idle
 -- session older than idle_timeout is closed instead of reused. When the
@@ -35,7 +35,8 @@ Pool.__close = function(self) self:close() end
 local function key_of(opts)
   local auth = opts.auth or {}
   return table.concat({
-    tostring(opts.server or ""), tostring(opts.host or ""), tostring(opts.port or ""), tostring(opts.tls or ""),
+    tostring(opts.server or ""), tostring(opts.host or ""), tostring(opts.port or ""), tostring(opts.path or ""),
+    tostring(opts.tls or ""),
     tostring(auth.user or ""), tostring(opts.lmtp or false), tostring(opts.helo or ""),
   }, "\0")
 end

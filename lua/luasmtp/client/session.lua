@@ -12,7 +12,7 @@ local plan_mod = require "luasmtp.client.plan"
 local merge = config.merge
 local new_error, smtp_error, io_error, reply_text = errors.new_error, errors.smtp_error, errors.io_error,
   errors.reply_text
-local unsupported = plan_mod.unsupported
+local invalid, unsupported = plan_mod.invalid, plan_mod.unsupported
 local Error, build_plan = errors.Error, plan_mod.build_plan
 
 local M = {}
@@ -274,11 +274,18 @@ function Session:sasl_io()
   }
 end
 
+-- Mechanisms that check the same secret the same way: after a 535 to
+-- one, the other would fail too.
+local SAME_CHECK = { PLAIN = "LOGIN", LOGIN = "PLAIN" }
+
 --- login(auth) -> true | nil, token, err
 -- auth: { user=, password=, token= (OAuth), authzid=, mechanism= or
 -- mechanisms= {...} (restrict the choice), allow_plaintext= (PLAIN and
 -- LOGIN without TLS) }. The strongest mechanism both sides know is used
--- (luasmtp.sasl).
+-- (luasmtp.sasl). Over TLS, a 535 to one mechanism makes the client try
+-- the next one both sides know and the caller allows (a store may hold a
+-- hash that cannot serve SCRAM for this user); without TLS the first 535
+-- is the answer. err.tried lists the mechanisms refused.
 function Session:login(auth)
   local ok, t, e = self:check()
   if not ok then return nil, t, e end
@@ -298,23 +305,31 @@ function Session:login(auth)
     channel_binding = sasl.tls_binding(self.sock),
     host = self.host,
     port = self.port,
+    exclude = {},
   }
-  local mech, why, detail = sasl.choose(offered, creds, sopts)
-  if not mech then
-    return nil, "auth", new_error("auth", { permanent = true, stage = "auth", command = "AUTH",
-      cause = why, message = "AUTH: " .. tostring(detail or why) })
-  end
-  local res, token, err = sasl.client_exchange(self:sasl_io(), mech)
-  if not res then
-    if self.broken then return nil, self.broken.token, self.broken end
-    return self:fail(new_error(token == "protocol" and "protocol" or token, { stage = "auth", command = "AUTH",
-      cause = err, message = "AUTH " .. mech.name .. ": " .. tostring(err) }))
-  end
-  if res.code == 421 then
-    return self:fail(smtp_error("AUTH " .. mech.name, { code = 421, enhanced = res.enhanced, text = res.text,
-      lines = { res.text } }, "auth"))
-  end
-  if not res.ok then
+  local refused -- the errors of the mechanisms refused so far
+  while true do
+    local mech, why, detail = sasl.choose(offered, creds, sopts)
+    if not mech then
+      if refused then return nil, "auth", refused[#refused] end
+      return nil, "auth", new_error("auth", { permanent = true, stage = "auth", command = "AUTH",
+        cause = why, message = "AUTH: " .. tostring(detail or why) })
+    end
+    local res, token, err = sasl.client_exchange(self:sasl_io(), mech)
+    if not res then
+      if self.broken then return nil, self.broken.token, self.broken end
+      return self:fail(new_error(token == "protocol" and "protocol" or token, { stage = "auth", command = "AUTH",
+        cause = err, message = "AUTH " .. mech.name .. ": " .. tostring(err) }))
+    end
+    if res.code == 421 then
+      return self:fail(smtp_error("AUTH " .. mech.name, { code = 421, enhanced = res.enhanced, text = res.text,
+        lines = { res.text } }, "auth"))
+    end
+    if res.ok then
+      self.authenticated = auth.user or true
+      self.auth_mechanism = mech.name
+      return true
+    end
     local e2 = new_error("auth", {
       permanent = res.code >= 500 and not res.client_error,
       code = res.code, enhanced = res.enhanced, text = res.text, lines = { res.text },
@@ -322,11 +337,25 @@ function Session:login(auth)
       message = ("AUTH %s: %s%s"):format(mech.name, reply_text(res),
         res.client_error and (" (" .. res.client_error .. ")") or ""),
     })
-    return nil, "auth", e2
+    refused = refused or {}
+    refused[#refused + 1] = e2
+    e2.tried = {}
+    for i, r in ipairs(refused) do e2.tried[i] = r.command:match("^AUTH (%S+)") end
+    if #refused > 1 then
+      local parts = {}
+      for i, r in ipairs(refused) do parts[i] = r.message end
+      e2.message = table.concat(parts, "; ")
+    end
+    -- Only wrong credentials, only over TLS, and only when the server
+    -- itself refused (not when this side gave up on a server that did
+    -- not prove itself): then the next mechanism may still work.
+    if res.code ~= 535 or res.cancelled or not self.sock:istls() then
+      return nil, "auth", e2
+    end
+    self:trace("-", "AUTH " .. mech.name .. " refused; trying the next mechanism")
+    sopts.exclude[#sopts.exclude + 1] = mech.name
+    sopts.exclude[#sopts.exclude + 1] = SAME_CHECK[mech.name]
   end
-  self.authenticated = auth.user or true
-  self.auth_mechanism = mech.name
-  return true
 end
 
 -- Greeting, EHLO, STARTTLS, AUTH.
@@ -361,6 +390,7 @@ end
 local function local_literal(sock)
   local addr = sock:getsockname()
   if not addr then return "[127.0.0.1]" end
+  if addr:find("^unix:") then return "localhost" end
   if addr:find(":", 1, true) then
     return "[IPv6:" .. addr .. "]"
   end
@@ -401,11 +431,12 @@ function M.connect(opts)
   local host = cfg.host
   local bare = host and (host:match("^%[(.*)%]$") or host)
   self.servername = cfg.servername or bare
+  assert(self.servername or cfg.tls == "none" or not verifying(cfg, cfg.tls),
+    "servername is needed to verify the server's certificate (no host name)")
   if cfg.sock then
     self.sock = cfg.sock
     if cfg.tls == "implicit" and not self.sock:istls() then
       local verify = verifying(cfg, "implicit")
-      assert(self.servername or not verify, "servername (or host) is needed to verify the server")
       local ok, token, detail = self.sock:starttls(client_context(cfg, verify), {
         servername = self.servername, verify_host = verify, timeout = cfg.timeouts.connect })
       if not ok then
@@ -418,19 +449,25 @@ function M.connect(opts)
       verify = verifying(cfg, "implicit")
       tls_ctx = client_context(cfg, verify)
     end
-    self:trace("-", ("connecting to %s port %d%s"):format(host, cfg.port, tls_ctx and " (TLS)" or ""))
-    local sock, token, detail = net.connect(host, cfg.port, {
-      timeout = cfg.timeouts.connect,
-      tls = tls_ctx,
-      servername = self.servername,
-      verify_host = verify,
-      family = cfg.family,
-      bind = cfg.bind,
-    })
+    local where = cfg.path or ("%s port %d"):format(host, cfg.port)
+    self:trace("-", ("connecting to %s%s"):format(where, tls_ctx and " (TLS)" or ""))
+    local sock, token, detail
+    if cfg.path then
+      sock, token, detail = net.connect_unix(cfg.path, { timeout = cfg.timeouts.connect, tls = tls_ctx,
+        servername = self.servername, verify_host = verify })
+    else
+      sock, token, detail = net.connect(host, cfg.port, {
+        timeout = cfg.timeouts.connect,
+        tls = tls_ctx,
+        servername = self.servername,
+        verify_host = verify,
+        family = cfg.family,
+        bind = cfg.bind,
+      })
+    end
     if not sock then
       local err = io_error(token, detail, "connect", "connect")
-      err.message = ("connect to %s port %d: %s"):format(host, cfg.port,
-        type(detail) == "string" and detail or token)
+      err.message = ("connect to %s: %s"):format(where, type(detail) == "string" and detail or token)
       return nil, token, err
     end
     self.sock = sock
@@ -445,17 +482,36 @@ function M.connect(opts)
   return self
 end
 
+-- The TLS mode a well-known port implies (RFC 8314): implicit TLS on
+-- 465, STARTTLS on the submission port and on 25.
+local PORT_TLS_MODE = { [465] = "implicit", [587] = "starttls", [25] = "starttls" }
+
 --- connect_tls(opts) -> session | nil, token, err
--- Implicit TLS first (opts.implicit_port, else opts.port, else 465); when
--- that cannot connect or the TLS handshake fails, required STARTTLS
--- (opts.starttls_port, else opts.port, else 587). Never plaintext; a
--- certificate that does not verify is not retried.
+-- Implicit TLS (opts.implicit_port, else opts.port, else 465) and
+-- required STARTTLS (opts.starttls_port, else opts.port, else 587), the
+-- second when the first cannot connect, gets no greeting or fails its
+-- TLS handshake. Implicit TLS goes first, except when opts.port is 587 or
+-- 25: a STARTTLS port, where a TLS ClientHello before the greeting is
+-- improper pipelining (a postscreen with greet_action=enforce blocks the
+-- client for it). Never plaintext; a certificate that does not verify is
+-- not retried.
 function M.connect_tls(opts)
-  local first = {}
-  for k, v in pairs(opts) do first[k] = v end
-  first.tls = "implicit"
-  first.port = opts.implicit_port or opts.port or 465
-  local conn, token, err = M.connect(first)
+  local modes = { "implicit", "starttls" }
+  if PORT_TLS_MODE[opts.port] == "starttls" then
+    modes = { "starttls", "implicit" }
+  end
+  local function attempt(mode)
+    local o = {}
+    for k, v in pairs(opts) do o[k] = v end
+    o.tls = mode
+    if mode == "implicit" then
+      o.port = opts.implicit_port or opts.port or 465
+    else
+      o.port = opts.starttls_port or opts.port or 587
+    end
+    return M.connect(o)
+  end
+  local conn, token, err = attempt(modes[1])
   if conn then
     return conn
   end
@@ -466,13 +522,9 @@ function M.connect_tls(opts)
   if not retry then
     return nil, token, err
   end
-  local second = {}
-  for k, v in pairs(opts) do second[k] = v end
-  second.tls = "starttls"
-  second.port = opts.starttls_port or opts.port or 587
-  local conn2, token2, err2 = M.connect(second)
+  local conn2, token2, err2 = attempt(modes[2])
   if not conn2 then
-    err2.implicit_error = err
+    err2.first_error = err -- what the first mode ran into
     return nil, token2, err2
   end
   return conn2
@@ -587,7 +639,19 @@ function Session:check_plan(plan)
     if plan.ret then params[#params + 1] = "RET=" .. plan.ret end
     if plan.envid then params[#params + 1] = "ENVID=" .. plan.envid end
   end
-  for _, p in ipairs(plan.mail_params) do params[#params + 1] = p end
+  -- extra parameters: one that repeats what is there already goes once
+  -- (a server may refuse the repeat), one that contradicts it not at all
+  local have = {}
+  for _, p in ipairs(params) do have[p:match("^[^=]+")] = p end
+  for _, p in ipairs(plan.mail_params) do
+    local key = p:match("^[^=]+")
+    if have[key] == nil then
+      params[#params + 1] = p
+      have[key] = p
+    elseif have[key] ~= p then
+      return invalid(("mail_params: %s contradicts %s"):format(p, have[key]))
+    end
+  end
   return params, use_bdat
 end
 

@@ -173,6 +173,9 @@ handlers.MAIL = function(s, cmd)
   if cmd.smtputf8 and not c.smtputf8 then
     return s:send_reply(555, "5.5.4", "SMTPUTF8 not supported")
   end
+  if (cmd.ret or cmd.envid) and not c.dsn then
+    return s:send_reply(555, "5.5.4", "DSN not supported")
+  end
   if cmd.utf8 and not cmd.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
   end
@@ -207,6 +210,9 @@ handlers.RCPT = function(s, cmd)
   end
   if cmd.utf8 and not env.params.smtputf8 then
     return s:send_reply(553, "5.6.7", "Non-ASCII address requires SMTPUTF8")
+  end
+  if (cmd.notify or cmd.orcpt) and not s.config.dsn then
+    return s:send_reply(555, "5.5.4", "DSN not supported")
   end
   local r = s:phase("rcpt", cmd.path, cmd)
   local accepted, disc = s:answer(r, 250, "2.1.5", "Recipient OK")

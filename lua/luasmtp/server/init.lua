@@ -38,7 +38,8 @@ M.plugins = plugins
 -- Options: one schema, documented in the README (checked by a spec)
 
 M.schema = options.schema("server", {
-  { "listen", "string|table", { "127.0.0.1:25" }, "address specs, or `{address=, tls=\"implicit\"}`" },
+  { "listen", "string|table", { "127.0.0.1:25" },
+    "address specs (`\"unix:/path\"` too), or `{address=, tls=\"implicit\", mode=, owner=, group=}`" },
   { "hostname", "string", "localhost", "name in the greeting, EHLO and Received" },
   { "greeting", "string", "ESMTP", "text after the hostname in the 220 greeting" },
   { "tls", "userdata", nil, "server TLS context: STARTTLS is offered before TLS" },
@@ -53,7 +54,7 @@ M.schema = options.schema("server", {
   { "smtputf8", "boolean", true, "offer SMTPUTF8" },
   { "eightbitmime", "boolean", true, "offer 8BITMIME" },
   { "chunking", "boolean", true, "offer CHUNKING (BDAT)" },
-  { "dsn", "boolean", true, "offer DSN" },
+  { "dsn", "boolean", false, "offer DSN: only when the script honours NOTIFY and RET (RFC 3461)" },
   { "enhanced_status_codes", "boolean", true, "offer ENHANCEDSTATUSCODES" },
   { "requiretls", "boolean", true, "offer REQUIRETLS over TLS" },
   { "received_header", "boolean", true, "add a Received header (the default chain's `received` plugin)" },
@@ -211,11 +212,12 @@ function M.new(opts)
     end
   end
   local specs = config.listen
-  if type(specs) == "string" then specs = { specs } end
+  if type(specs) == "string" or specs.address then specs = { specs } end
   for _, spec in ipairs(specs) do
     local addr, implicit = spec, false
     if type(spec) == "table" then
-      addr, implicit = spec.address or spec[1], spec.tls == "implicit"
+      -- { address = "unix:/path", mode =, owner = } goes to listen whole
+      addr, implicit = spec.address and spec or spec[1], spec.tls == "implicit"
     end
     assert(not implicit or config.tls, "implicit TLS needs a tls context")
     local srv, err, detail = net.serve {

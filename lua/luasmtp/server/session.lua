@@ -28,6 +28,7 @@ function M.new(server, sock, conn)
     id = conn.id,
     client_address = conn.peer_address,
     client_port = conn.peer_port,
+    client_credentials = conn.peer_credentials, -- UNIX socket: {pid, uid, gid}
     local_address = conn.local_address,
     local_port = conn.local_port,
     helo_name = nil,
@@ -241,7 +242,7 @@ function M.serve(server, sock, conn)
   server.active = server.active + 1
   local s = M.new(server, sock, conn)
   server.sessions[s] = true
-  s:log("info", "connect from %s:%d", conn.peer_address, conn.peer_port)
+  s:log("info", "connect from %s", net.format_address(conn.peer_address, conn.peer_port))
   if server.shutting_down then s.shutdown_deadline = server.shutting_down end
   local ok, err = xpcall(s.run, debug.traceback, s)
   if not ok then

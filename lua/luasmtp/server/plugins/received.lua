@@ -20,8 +20,10 @@ return function()
       local tlsnote = info and (" (%s %s)"):format(info.version, info.cipher) or ""
       local rcpt = message.rcpt
       local for_clause = #rcpt == 1 and ("\r\n\tfor <%s>"):format(rcpt[1]) or ""
-      message.header:prepend("Received", ("from %s ([%s])\r\n\tby %s with %s id %s%s%s;\r\n\t%s"):format(
-        s.helo_name or "unknown", s.client_address or "unknown", s.config.hostname, with,
+      -- TCP-info only for a TCP client (RFC 5321 4.4), not over a UNIX socket
+      local tcp_info = s.client_port and (" ([%s])"):format(s.client_address) or ""
+      message.header:prepend("Received", ("from %s%s\r\n\tby %s with %s id %s%s%s;\r\n\t%s"):format(
+        s.helo_name or "unknown", tcp_info, s.config.hostname, with,
         message_id(s), tlsnote, for_clause, os.date("!%a, %d %b %Y %H:%M:%S +0000")))
     end,
   }
