@@ -58,44 +58,33 @@ local function parse_fields(block)
 end
 
 -- The field list is made on first use: a message nobody looks at keeps
--- its header block as the one string it arrived in.
+-- its header block as the one string it arrived in. A block that then
+-- turns out not to be a header becomes part of the body again (nothing
+-- has been edited before that, so the message's bytes do not change).
 local Lazy = {}
 Lazy.__index = function(self, k)
   if k == "list" then
-    local fields = parse_fields(self.block) or {}
+    local fields = parse_fields(self.block)
+    if not fields then
+      fields = {}
+      self.separator = ""
+      self.owner.body_offset = 0
+    end
+    rawset(self, "block", nil)
     rawset(self, "list", fields)
     return fields
   end
   return Header[k]
 end
 
--- Is block (lines ending in CRLF) a header? The same rules as
--- parse_fields, without building the list.
-local function looks_like_header(block)
-  local pos, len = 1, #block
-  local first = true
-  while pos <= len do
-    local eol = block:find("\r\n", pos, true)
-    if not eol then return false end
-    local c = block:byte(pos)
-    if c == 32 or c == 9 then
-      if first then return false end
-    elseif not block:find("^[!-9;-~]+[ \t]*:", pos) then
-      return false
-    end
-    first = false
-    pos = eol + 2
-  end
-  return true
-end
-
 local function new_header(fields, separator)
   return setmetatable({ list = fields, separator = separator }, Header)
 end
 
--- block: complete fields, each ending in CRLF, known to parse.
-local function lazy_header(block, separator)
-  return setmetatable({ block = block, separator = separator }, Lazy)
+-- block: the header block as the sink kept it (parsed on first use);
+-- owner: the message, whose body starts again at 0 if it is no header.
+local function lazy_header(block, separator, owner)
+  return setmetatable({ block = block, separator = separator, owner = owner }, Lazy)
 end
 
 --- header:count() -> number of fields.
@@ -197,11 +186,19 @@ function Header:remove(name, n)
   return removed
 end
 
+--- header:length() -> #header:bytes(), without making the string when
+-- the header has not been looked at.
+function Header:length()
+  local block = rawget(self, "block")
+  if block then return #block + #self.separator end
+  return #self:bytes()
+end
+
 --- header:bytes() -> the header block as it will be delivered, blank line
 -- included.
 function Header:bytes()
   local block = rawget(self, "block")
-  if block and not rawget(self, "list") then
+  if block then
     return block .. self.separator -- unparsed, so unedited
   end
   if not self.cached then
@@ -225,31 +222,28 @@ M.Message = Message
 -- sink: the content as received (core.sink); its first header block
 -- becomes the header view, the rest is the body.
 function M.from_sink(envelope, sink)
-  local block, offset = sink:header()
-  local header, body_offset
-  if not block then
-    header, body_offset = new_header({}, ""), 0 -- header block too long
-  elseif offset then
-    if block == "" then
-      header, body_offset = new_header({}, "\r\n"), offset
-    elseif looks_like_header(block) then
-      header, body_offset = lazy_header(block, "\r\n"), offset
-    else
-      header, body_offset = new_header({}, ""), 0
-    end
-  elseif block ~= "" and #block == sink:size() and looks_like_header(block) then
-    header, body_offset = lazy_header(block, ""), #block -- all header, no body
-  else
-    header, body_offset = new_header({}, ""), 0
-  end
-  return setmetatable({
+  local msg = setmetatable({
     envelope = envelope,
     from = envelope.from,
     rcpt = envelope.rcpt,
     sink = sink,
-    header = header,
-    body_offset = body_offset,
+    body_offset = 0,
   }, Message)
+  local block, offset = sink:header()
+  if not block then
+    msg.header = new_header({}, "") -- a header block too long: all body
+  elseif offset then
+    if block == "" then
+      msg.header, msg.body_offset = new_header({}, "\r\n"), offset
+    else
+      msg.header, msg.body_offset = lazy_header(block, "\r\n", msg), offset
+    end
+  elseif block ~= "" and #block == sink:size() then
+    msg.header, msg.body_offset = lazy_header(block, "", msg), #block -- all header, no body
+  else
+    msg.header = new_header({}, "")
+  end
+  return msg
 end
 
 --- message:body_size() -> bytes of the body (after the header block).
@@ -270,7 +264,7 @@ end
 
 --- message:size() -> bytes of the edited header plus the body.
 function Message:size()
-  return #self.header:bytes() + self:body_size()
+  return self.header:length() + self:body_size()
 end
 
 --- message:spooled() -> true when the body is in a spool file.
