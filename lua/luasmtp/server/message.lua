@@ -215,35 +215,52 @@ end
 -- Messages
 
 local Message = {}
-Message.__index = Message
 M.Message = Message
+
+-- The header view is made when it is first asked for: a message that no
+-- plugin reads or edits is the sink's content as it is.
+local function make_view(msg)
+  local sink = msg.sink
+  local header
+  local offset = 0
+  local block, body_offset = sink:header()
+  if not block then
+    header = new_header({}, "") -- a header block too long: all body
+  elseif body_offset then
+    if block == "" then
+      header, offset = new_header({}, "\r\n"), body_offset
+    else
+      header, offset = lazy_header(block, "\r\n", msg), body_offset
+    end
+  elseif block ~= "" and #block == sink:size() then
+    header, offset = lazy_header(block, "", msg), #block -- all header, no body
+  else
+    header = new_header({}, "")
+  end
+  rawset(msg, "body_offset", offset)
+  rawset(msg, "header", header)
+  return header
+end
+
+Message.__index = function(msg, k)
+  if k == "header" then return make_view(msg) end
+  if k == "body_offset" then
+    make_view(msg)
+    return rawget(msg, "body_offset")
+  end
+  return Message[k]
+end
 
 --- from_sink(envelope, sink) -> message
 -- sink: the content as received (core.sink); its first header block
 -- becomes the header view, the rest is the body.
 function M.from_sink(envelope, sink)
-  local msg = setmetatable({
+  return setmetatable({
     envelope = envelope,
     from = envelope.from,
     rcpt = envelope.rcpt,
     sink = sink,
-    body_offset = 0,
   }, Message)
-  local block, offset = sink:header()
-  if not block then
-    msg.header = new_header({}, "") -- a header block too long: all body
-  elseif offset then
-    if block == "" then
-      msg.header, msg.body_offset = new_header({}, "\r\n"), offset
-    else
-      msg.header, msg.body_offset = lazy_header(block, "\r\n", msg), offset
-    end
-  elseif block ~= "" and #block == sink:size() then
-    msg.header, msg.body_offset = lazy_header(block, "", msg), #block -- all header, no body
-  else
-    msg.header = new_header({}, "")
-  end
-  return msg
 end
 
 --- message:body_size() -> bytes of the body (after the header block).
@@ -259,12 +276,15 @@ end
 --- message:unedited() -> true when the message is byte for byte what
 -- arrived (no header edit): the sink can then become the mail file.
 function Message:unedited()
-  return not self.header.edited and not self.released
+  local header = rawget(self, "header")
+  return not (header and header.edited) and not self.released
 end
 
 --- message:size() -> bytes of the edited header plus the body.
 function Message:size()
-  return self.header:length() + self:body_size()
+  local header = rawget(self, "header")
+  if not header then return self.sink:size() end
+  return header:length() + self:body_size()
 end
 
 --- message:spooled() -> true when the body is in a spool file.
@@ -275,6 +295,7 @@ end
 --- message:chunks([size]) -> iterator over the header, then the body in
 -- pieces of at most size bytes (64 KiB), from memory or the spool file.
 function Message:chunks(size)
+  if not rawget(self, "header") then return self.sink:chunks(size or 65536) end
   local header = self.header:bytes()
   local body = self:body_chunks(size)
   local started = false
@@ -289,8 +310,8 @@ end
 
 --- message:read() -> the whole message as one string (small messages).
 function Message:read()
-  local out = { self.header:bytes() }
-  for piece in self:body_chunks(1024 * 1024) do out[#out + 1] = piece end
+  local out = {}
+  for piece in self:chunks(1024 * 1024) do out[#out + 1] = piece end
   return table.concat(out)
 end
 
