@@ -58,13 +58,31 @@ CARES_CFLAGS = $(shell $(PKG_CONFIG) --cflags libcares 2>/dev/null)
 CARES_LIBS = $(shell $(PKG_CONFIG) --libs libcares 2>/dev/null || echo -lcares)
 endif
 
+# libcurl (HTTP client, src/http.c)
+ifdef CURL_INCDIR
+CURL_CFLAGS = $(call incdir,$(CURL_INCDIR))
+CURL_LIBS = $(call libdir,$(CURL_LIBDIR)) -lcurl
+else
+CURL_CFLAGS = $(shell $(PKG_CONFIG) --cflags libcurl 2>/dev/null)
+CURL_LIBS = $(shell $(PKG_CONFIG) --libs libcurl 2>/dev/null || echo -lcurl)
+endif
+
+# zlib (gzip, src/gzip.c)
+ifdef ZLIB_INCDIR
+ZLIB_CFLAGS = $(call incdir,$(ZLIB_INCDIR))
+ZLIB_LIBS = $(call libdir,$(ZLIB_LIBDIR)) -lz
+else
+ZLIB_CFLAGS = $(shell $(PKG_CONFIG) --cflags zlib 2>/dev/null)
+ZLIB_LIBS = $(shell $(PKG_CONFIG) --libs zlib 2>/dev/null || echo -lz)
+endif
+
 # libev ships no pkg-config file
 LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
 LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 
 ALL_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
-	$(LIBEV_CFLAGS) $(CARES_CFLAGS)
-LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) -lcrypt
+	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS)
+LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) -lcrypt
 
 # Install locations (LuaRocks passes its own LIBDIR, LUADIR and BINDIR).
 # An empty INST_BINDIR skips bin/luasmtp: LuaRocks installs it itself.

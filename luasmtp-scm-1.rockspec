@@ -28,6 +28,10 @@ external_dependencies = {
   OPENSSL = { header = "openssl/ssl.h" },
   LIBEV = { header = "ev.h" },
   CARES = { header = "ares.h" },
+  -- curl/curl.h sits in the multiarch include directory on Debian,
+  -- where LuaRocks does not look: find the library instead.
+  CURL = { library = "curl" },
+  ZLIB = { header = "zlib.h" },
 }
 
 build = {
@@ -42,6 +46,10 @@ build = {
     LIBEV_LIBDIR = "$(LIBEV_LIBDIR)",
     CARES_INCDIR = "$(CARES_INCDIR)",
     CARES_LIBDIR = "$(CARES_LIBDIR)",
+    CURL_INCDIR = "$(CURL_INCDIR)",
+    CURL_LIBDIR = "$(CURL_LIBDIR)",
+    ZLIB_INCDIR = "$(ZLIB_INCDIR)",
+    ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
   },
   install_variables = {
     INST_LIBDIR = "$(LIBDIR)",

@@ -15,9 +15,10 @@ set -eu
 # list each need here, also what a package only recommends. The README
 # dependency table says the same; `make test-fresh` proves the list.
 
-# build: compiler, headers, the libraries of the C core
+# build: compiler, headers, the libraries of the C core (libcurl for the
+# HTTP client, zlib for gzip)
 BUILD="gcc libc6-dev make pkg-config lua5.4 liblua5.4-dev libssl-dev libcrypt-dev
-libev-dev libc-ares-dev"
+libev-dev libc-ares-dev libcurl4-openssl-dev zlib1g-dev"
 # suite: busted, luacheck, JSON for the test servers' logs, luarocks for
 # the install test, openssl for the test PKI, the system trust store,
 # mount for the full-disk test's tmpfs, kill/ps

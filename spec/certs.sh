@@ -9,6 +9,7 @@
 #   untrusted.pem/.key          localhost, signed by other-ca
 #   sni2.pem/.key               mail.example.test (second SNI name)
 #   client.pem/.key             client@example.test (TLS client auth)
+#   mtasts.pem/.key             mta-sts.<domain> for the MTA-STS test domains
 #
 # Usage: spec/certs.sh OUTDIR
 # Does nothing when OUTDIR/ca.pem is newer than this script. All keys are
@@ -116,11 +117,16 @@ leaf wronghost "/CN=other.test" "DNS:other.test"
 leaf expired "/CN=localhost" "$localhost_san" ca 20200101000000Z 20200201000000Z
 leaf untrusted "/CN=localhost" "$localhost_san" other-ca
 leaf sni2 "/CN=mail.example.test" "DNS:mail.example.test"
+sts=""
+for d in example testing none redirect big invalid missing refresh ctype report; do
+  sts="$sts${sts:+, }DNS:mta-sts.$d.test"
+done
+leaf mtasts "/CN=mta-sts.example.test" "$sts"
 EKU=clientAuth leaf client "/CN=client@example.test" "email:client@example.test"
 
 # Publish: keys and certificates first, ca.pem last, so that an
 # interrupted run is redone next time.
-for n in ca other-ca server wronghost expired untrusted sni2 client; do
+for n in ca other-ca server wronghost expired untrusted sni2 client mtasts; do
   chmod 600 "$work/$n.key"
   mv -f "$work/$n.key" "$out/$n.key"
   [ "$n" = ca ] || mv -f "$work/$n.pem" "$out/$n.pem"

@@ -35,28 +35,7 @@ local shquote = H.shquote
 --- Start spec/fake_dns.py on host; returns its pid, UDP port and log file
 -- (the port on the first line, then one "query NAME TYPE" line per query).
 local function start_fake(host, records, tag)
-  H.need("python3")
-  os.execute("mkdir -p " .. shquote(H.tmp))
-  local log = H.tmp .. "/fake_dns_" .. tag .. ".log"
-  os.remove(log)
-  local args = {}
-  for i, r in ipairs(records) do
-    args[i] = shquote(r)
-  end
-  local pid = H.start(string.format("%s %s --host %s --port 0 --lifetime %d --log %s", H.python3,
-    shquote(H.root .. "/spec/fake_dns.py"), host, LIFETIME, table.concat(args, " ")), log)
-  for _ = 1, 250 do -- at most ~5 s
-    local f = io.open(log)
-    local line = f and f:read("l")
-    if f then f:close() end
-    local port = line and math.tointeger(tonumber(line))
-    if port then
-      return pid, port, log
-    end
-    luasmtp.sleep(0.02)
-  end
-  H.kill(pid)
-  error("spec/fake_dns.py on " .. host .. " did not start")
+  return H.fake_dns(host, records, tag, LIFETIME)
 end
 
 --- "family address" strings of a resolve() result, sorted: a set.

@@ -275,6 +275,64 @@ function H.smtp(port, timeout)
   return client
 end
 
+--- Start a test server that prints its port as the first line of its
+-- output (inside a task or the main chunk); returns pid, port, log.
+function H.start_server(cmd, tag)
+  os.execute("mkdir -p " .. H.shquote(H.tmp))
+  local log = H.tmp .. "/" .. tag .. ".log"
+  os.remove(log)
+  local pid = H.start(cmd, log)
+  for _ = 1, 500 do -- at most ~10 s
+    local f = io.open(log)
+    local line = f and f:read("l")
+    if f then f:close() end
+    local port = line and math.tointeger(tonumber(line))
+    if port then
+      return pid, port, log
+    end
+    luasmtp.sleep(0.02)
+  end
+  H.kill(pid)
+  error(tag .. " did not start: " .. H.readfile(log))
+end
+
+--- Start spec/fake_dns.py on host with the records given (see its
+-- header); returns its pid, UDP port and log file (one "query NAME TYPE"
+-- line per query after the port).
+function H.fake_dns(host, records, tag, lifetime)
+  H.need("python3")
+  local args = {}
+  for i, r in ipairs(records) do
+    args[i] = H.shquote(r)
+  end
+  return H.start_server(string.format("%s %s --host %s --port 0 --lifetime %d --log %s", H.python3,
+    H.shquote(H.root .. "/spec/fake_dns.py"), host, math.tointeger(lifetime or 60), table.concat(args, " ")),
+    "fake_dns_" .. tag)
+end
+
+--- Start spec/https_server.py (inside a task or the main chunk).
+-- opts: tls = false for plain HTTP, cert = name in the test PKI
+-- (default "server": localhost), root = directory it serves and stores
+-- POST bodies in, lifetime = seconds (60), tag = log file name part.
+-- Returns { pid =, port =, log = } ; stop with H.kill(server.pid).
+function H.https_server(opts)
+  H.need("python3 https server")
+  opts = opts or {}
+  local args = { H.python3, H.shquote(H.root .. "/spec/https_server.py"), "--port 0",
+    "--lifetime " .. math.tointeger(opts.lifetime or 60) }
+  if opts.tls ~= false then
+    local d = H.certs()
+    local name = opts.cert or "server"
+    args[#args + 1] = "--cert " .. H.shquote(d .. "/" .. name .. ".pem") .. " --key " ..
+      H.shquote(d .. "/" .. name .. ".key")
+  end
+  if opts.root then
+    args[#args + 1] = "--root " .. H.shquote(opts.root)
+  end
+  local pid, port, log = H.start_server(table.concat(args, " "), opts.tag or "https")
+  return { pid = pid, port = port, log = log }
+end
+
 --- A free TCP port on 127.0.0.1 (for external programs).
 function H.free_port()
   local l, port = H.listen()
@@ -303,6 +361,8 @@ H.peers = {
                               packages = "python3" },
   ["python3 aiosmtpd"] = { needs = "python3", command = H.python3 .. " -c 'import aiosmtpd.smtp'",
                            packages = "python3-aiosmtpd" },
+  ["python3 https server"] = { needs = "python3", packages = "python3",
+    command = H.python3 .. " -c 'import http.server, ssl, gzip, email, json'" },
   openssl = { command = "openssl version", packages = "openssl" },
   doveadm = { command = "doveadm pw -s SHA512-CRYPT -p x", expect = "{SHA512-CRYPT}$6$",
               packages = "dovecot-core" },

@@ -10,6 +10,8 @@ int luaopen_luasmtp_core(lua_State *L)
     ls_open_socket(L);
     ls_open_tls(L);
     ls_open_dns(L);
+    ls_open_http(L);
+    ls_open_gzip(L);
     ls_open_crypto(L);
     ls_open_proto(L);
     ls_open_fs(L);

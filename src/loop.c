@@ -229,6 +229,50 @@ static void task_init(ls_task *t, ls_loop *loop)
 }
 
 /* ------------------------------------------------------------------ */
+/* Weak watchers: unref'd while active, so the loop is ref'd again
+ * before one is stopped (and when a one-shot timer has fired). */
+
+void ls_weak_io_start(ls_loop *loop, ev_io *w)
+{
+    if (loop->ev == NULL || ev_is_active(w))
+        return;
+    ev_io_start(loop->ev, w);
+    ev_unref(loop->ev);
+}
+
+void ls_weak_io_stop(ls_loop *loop, ev_io *w)
+{
+    if (loop->ev == NULL || !ev_is_active(w))
+        return;
+    ev_ref(loop->ev);
+    ev_io_stop(loop->ev, w);
+}
+
+void ls_weak_timer_start(ls_loop *loop, ev_timer *w, double after)
+{
+    if (loop->ev == NULL)
+        return;
+    ls_weak_timer_stop(loop, w);
+    ev_timer_set(w, after, 0.);
+    ev_timer_start(loop->ev, w);
+    ev_unref(loop->ev);
+}
+
+void ls_weak_timer_stop(ls_loop *loop, ev_timer *w)
+{
+    if (loop->ev == NULL || !ev_is_active(w))
+        return;
+    ev_ref(loop->ev);
+    ev_timer_stop(loop->ev, w);
+}
+
+void ls_weak_timer_fired(ls_loop *loop)
+{
+    if (loop->ev != NULL)
+        ev_ref(loop->ev);
+}
+
+/* ------------------------------------------------------------------ */
 /* Flush queue: run before the loop blocks. */
 
 void ls_flush_queue(ls_loop *loop, ls_flushable *f)
@@ -467,6 +511,34 @@ int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
                       "can trigger");
     }
     return t->result;
+}
+
+/* Protected part of a main-chunk ls_wait_k: args loop, task, deadline, slot. */
+static int main_wait(lua_State *L)
+{
+    ls_loop *loop = lua_touserdata(L, 1);
+    ls_task *t = lua_touserdata(L, 2);
+    ls_wait(L, loop, t, -1, 0, lua_tonumber(L, 3), lua_touserdata(L, 4), 0, NULL);
+    return 0;
+}
+
+int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitref *slot,
+              lua_KContext ctx, lua_KFunction k, void (*abandon)(lua_KContext ctx))
+{
+    if (t != &loop->main_task) {
+        ls_wait(L, loop, t, -1, 0, deadline, slot, ctx, k); /* yields: k runs on resume */
+        return k(L, LUA_OK, ctx);
+    }
+    lua_pushcfunction(L, main_wait);
+    lua_pushlightuserdata(L, loop);
+    lua_pushlightuserdata(L, t);
+    lua_pushnumber(L, deadline);
+    lua_pushlightuserdata(L, slot);
+    if (lua_pcall(L, 4, 0, 0) != LUA_OK) {
+        abandon(ctx);
+        return lua_error(L);
+    }
+    return k(L, LUA_OK, ctx);
 }
 
 int ls_wait_result(lua_State *L)
@@ -956,6 +1028,7 @@ static int l_stats(lua_State *L)
 {
     static const char *const names[LS_COUNT_MAX] = {
         "tasks", "sockets", "listeners", "tls_contexts", "tls_sessions", "watchers", "dns_queries",
+        "http_requests",
     };
     lua_createtable(L, 0, LS_COUNT_MAX + 1);
     long total = 0;

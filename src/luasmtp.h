@@ -7,8 +7,10 @@
  *   socket.c           TCP sockets and listeners as Lua userdata
  *   tls.c              OpenSSL contexts and the TLS transport
  *   dns.c              c-ares resolver on the libev loop
+ *   http.c             libcurl multi interface on the libev loop (HTTP client)
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
+ *   gzip.c             gzip compression over zlib
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
@@ -45,6 +47,7 @@ enum ls_counter {
     LS_COUNT_TLS_SESSIONS,
     LS_COUNT_WATCHERS,
     LS_COUNT_DNS_QUERIES,
+    LS_COUNT_HTTP_REQUESTS,
     LS_COUNT_MAX
 };
 extern long ls_live[LS_COUNT_MAX];
@@ -102,6 +105,14 @@ typedef struct ls_waitref {
  * ls_waitref_clear() once the wait is over. */
 int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
             double deadline, ls_waitref *slot, lua_KContext ctx, lua_KFunction k);
+/* Wait until the task is woken (through slot, by ls_wake_ref from some
+ * library callback) or the deadline passes, then return k(L, LUA_OK,
+ * ctx) -- in a task (k runs when the task is resumed) and in the main
+ * chunk alike. Should the main chunk's wait raise (a deadlock),
+ * abandon(ctx) is called before the error goes on, so nothing keeps
+ * pointing at the main pseudo-task. */
+int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitref *slot,
+              lua_KContext ctx, lua_KFunction k, void (*abandon)(lua_KContext ctx));
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). For waits
@@ -112,6 +123,17 @@ void ls_wake(ls_loop *loop, ls_task *t, int result);
 void ls_wake_ref(ls_loop *loop, const ls_waitref *ref, int result);
 static inline int ls_waitref_busy(const ls_waitref *ref) { return ref->task != NULL; }
 static inline void ls_waitref_clear(ls_waitref *ref) { ref->task = NULL; }
+
+/* Weak watchers: those of a library (c-ares, libcurl) that must not keep
+ * the loop alive by themselves (the deadline timer of the waiting task
+ * does). Not counted in ls_live[LS_COUNT_WATCHERS]. They do nothing once
+ * the loop is gone (the Lua state is closing). A weak one-shot timer's
+ * callback calls ls_weak_timer_fired() first. */
+void ls_weak_io_start(ls_loop *loop, ev_io *w);
+void ls_weak_io_stop(ls_loop *loop, ev_io *w);
+void ls_weak_timer_start(ls_loop *loop, ev_timer *w, double after);
+void ls_weak_timer_stop(ls_loop *loop, ev_timer *w);
+void ls_weak_timer_fired(ls_loop *loop);
 
 /* Deferred flushing: sockets with pending output register here and are
  * flushed before the loop blocks (so writes made in one pass of the
@@ -155,6 +177,12 @@ int ls_open_tls(lua_State *L); /* adds tls functions to the table on top */
 /* Resolve host (numeric or name) to a list of addresses: pushes a Lua
  * array of {family=, address=} tables, or nil, "dns", detail. Waits. */
 int ls_open_dns(lua_State *L); /* adds dns functions to the table on top */
+
+/* http.c: libcurl's multi interface: http_request{...} */
+int ls_open_http(lua_State *L);
+
+/* gzip.c: gzip/gunzip over zlib */
+int ls_open_gzip(lua_State *L);
 
 /* crypto.c: hashes, HMAC, PBKDF2, random, base64, crypt(3) */
 int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top */

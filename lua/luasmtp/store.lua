@@ -72,6 +72,31 @@ function Maildir:deliver(message)
   return final
 end
 
+local tmp_seq = 0
+
+--- replace_file(path, data [, mode]) -> true | nil, "io", detail, kind
+-- Durably replace (or create) path with data: write a temporary file
+-- beside it, fsync it, rename it over path and fsync the directory. A
+-- reader sees the old contents or the new, never a mix; a crash leaves
+-- at most a stray "path.tmp.*" file. kind is as for write_file_sync.
+function M.replace_file(path, data, mode)
+  tmp_seq = tmp_seq + 1
+  local tmp = ("%s.tmp.%d.%d"):format(path, core.getpid(), tmp_seq)
+  os.remove(tmp) -- a leftover of a crashed process with the same pid
+  local ok, token, detail, kind = core.write_file_sync(tmp, data, mode)
+  if not ok then
+    return nil, token, detail, kind
+  end
+  local renamed, rerr = os.rename(tmp, path)
+  if not renamed then
+    os.remove(tmp)
+    return nil, "io", rerr, "other"
+  end
+  local dir = path:match("^(.*)/[^/]*$") or "."
+  if dir == "" then dir = "/" end
+  return core.fsync_dir(dir)
+end
+
 local Mbox = {}
 Mbox.__index = Mbox
 

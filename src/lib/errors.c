@@ -15,7 +15,7 @@ const ls_errtoken ls_errtokens[] = {
     {LS_EDNS, "name resolution failed"},
     {LS_EUNREACH, "the network or host is unreachable"},
     {LS_EIO, "any other system error; the detail names it"},
-    {LS_EPROTOCOL, "the peer broke the SMTP grammar"},
+    {LS_EPROTOCOL, "the peer broke the SMTP (or HTTP) grammar"},
 };
 
 const size_t ls_nerrtokens = sizeof ls_errtokens / sizeof ls_errtokens[0];

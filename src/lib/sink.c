@@ -148,32 +148,44 @@ static int open_spool(ls_sink *s)
     return -1;
 }
 
-/* Follow the first header block: up to and including its empty line. */
+/* Follow the first header block: up to and including its empty line.
+ * The block is kept up to header_max bytes (plus the empty line); past
+ * that the search stops. */
 static void scan_header(ls_sink *s, const char *p, size_t n)
 {
     static const char end[4] = {'\r', '\n', '\r', '\n'};
-    for (size_t i = 0; i < n && s->hstate >= 0; i++) {
-        char c = p[i];
-        if (s->header.len >= s->header_max + 2) {
-            s->hoverflow = 1;
-            s->hstate = -2; /* too long: stop looking */
+    size_t room = s->header_max + 2 - s->header.len;
+    size_t limit = n < room ? n : room, i = 0;
+    int st = s->hstate;
+    while (i < limit) {
+        if (st == 0) { /* skip to the next CR */
+            const char *cr = memchr(p + i, '\r', limit - i);
+            if (cr == NULL) {
+                i = limit;
+                break;
+            }
+            i = (size_t)(cr - p);
+        }
+        char c = p[i++];
+        st = c == end[st] ? st + 1 : c == '\r';
+        if (st == 4)
             break;
-        }
-        if (ls_buf_append(&s->header, &c, 1) < 0) {
-            s->hoverflow = 1;
-            s->hstate = -2;
-            break;
-        }
-        if (c == end[s->hstate])
-            s->hstate++;
-        else
-            s->hstate = c == '\r' ? 1 : 0;
-        if (s->hstate == 4) {
-            /* keep the fields with their CRLF, not the empty line */
-            s->header.len -= 2;
-            s->body_offset = s->size + i + 1;
-            s->hstate = -1;
-        }
+    }
+    if (ls_buf_append(&s->header, p, i) < 0) {
+        s->hoverflow = 1;
+        s->hstate = -2;
+        return;
+    }
+    if (st == 4) {
+        /* keep the fields with their CRLF, not the empty line */
+        s->header.len -= 2;
+        s->body_offset = s->size + i;
+        s->hstate = -1;
+    } else if (i < n) {
+        s->hoverflow = 1; /* too long: stop looking */
+        s->hstate = -2;
+    } else {
+        s->hstate = st;
     }
 }
 
