@@ -4,9 +4,10 @@
  * guarded(timeout, fn, ...) runs fn(...) in the calling task like pcall,
  * but gives it a time budget. Past the deadline the call is interrupted
  * wherever it is:
- *   - waiting (socket, sleep, DNS, condition, join): a timer wakes the
- *     task as if that wait had timed out, so the waiting C code cleans up
- *     the way it does for any timeout;
+ *   - waiting (socket, sleep, DNS, condition, join): the scheduler caps
+ *     every wait of the task at the deadline (ls_task_cap), so the wait
+ *     ends as timed out and the waiting C code cleans up the way it does
+ *     for any timeout;
  *   - running Lua code (a busy loop): a count hook on the task's thread
  *     checks the clock every few thousand instructions. Until the
  *     deadline, a call that has kept the loop from polling for a time
@@ -18,8 +19,8 @@
  *
  * Each thread that makes guarded calls gets one guard set (a userdata
  * kept in a weak registry table, reused by every call of that thread)
- * holding the stack of its active guards; libev's timer callback only
- * wakes the task (no Lua from callbacks).
+ * holding the stack of its active guards. No watcher of its own: the
+ * deadline rides on the waits the call makes.
  */
 #include <string.h>
 
@@ -39,11 +40,12 @@
 struct ls_guardset;
 
 typedef struct ls_guard {
-    ev_timer timer;
     struct ls_guardset *set;
     ls_task *task;
     double deadline; /* ev_time() clock */
     int expired;
+    int prev_capped;  /* the task's wait cap before this guard */
+    double prev_cap;
 } ls_guard;
 
 typedef struct ls_guardset {
@@ -51,6 +53,7 @@ typedef struct ls_guardset {
     int depth;        /* active guards, innermost at g[depth - 1] */
     ls_loop *loop;
     lua_State *co;    /* the thread */
+    ls_task *task;    /* the task running on it */
     lua_Hook old_hook; /* the thread's hook before the outermost guard */
     int old_mask, old_count;
 } ls_guardset;
@@ -74,6 +77,16 @@ static ls_guardset *set_of(lua_State *L, int idx)
     return set;
 }
 
+/* The running thread's guard set, from the thread's extra space (no
+ * lookup). A new thread starts with a copy of the main thread's extra
+ * space, hence the owner check; the main thread's set lives as long as
+ * the state, so the copied pointer is never stale. */
+static ls_guardset *set_here(lua_State *L)
+{
+    ls_guardset *set = *(ls_guardset **)lua_getextraspace(L);
+    return set && set->co == L ? set : NULL;
+}
+
 static int any_expired(ls_guardset *set)
 {
     double now = ev_time();
@@ -90,7 +103,7 @@ static int any_expired(ls_guardset *set)
 static void guard_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    ls_guardset *set = set_of(L, 0);
+    ls_guardset *set = set_here(L);
     if (set == NULL || set->depth == 0)
         return;
     if (!any_expired(set)) {
@@ -107,42 +120,11 @@ static void guard_hook(lua_State *L, lua_Debug *ar)
     lua_error(L);
 }
 
-static void timer_cb(struct ev_loop *ev, ev_timer *w, int revents)
-{
-    (void)ev;
-    (void)revents;
-    ls_guard *g = (ls_guard *)((char *)w - offsetof(ls_guard, timer));
-    ls_live[LS_COUNT_WATCHERS]--; /* one-shot: stopped by libev */
-    g->expired = 1;
-    /* Raise at the next instruction the thread runs. */
-    lua_sethook(g->set->co, guard_hook, LUA_MASKCOUNT, 1);
-    /* The task waits for something else: end that wait as timed out.
-     * A task that is not waiting (ready, running) meets the hook. */
-    ls_wake(g->set->loop, g->task, LS_WAKE_TIMEOUT);
-}
-
-static void guard_stop(ls_guardset *set, ls_guard *g)
-{
-    if (ev_is_active(&g->timer)) {
-        ev_timer_stop(ls_evloop(set->loop), &g->timer);
-        ls_live[LS_COUNT_WATCHERS]--;
-    }
-}
-
-static int l_guardset_gc(lua_State *L)
-{
-    ls_guardset *set = luaL_checkudata(L, 1, GUARD_MT);
-    if (set->loop)
-        for (int i = 0; i < GUARD_MAX_DEPTH; i++)
-            guard_stop(set, &set->g[i]);
-    return 0;
-}
-
-/* Leave the innermost guard: stop its timer, restore the hook. */
+/* Leave the innermost guard: restore the task's wait cap and the hook. */
 static void guard_leave(lua_State *L, ls_guardset *set)
 {
     ls_guard *g = &set->g[set->depth - 1];
-    guard_stop(set, g);
+    ls_task_cap(g->task, g->prev_capped, g->prev_cap, NULL, NULL);
     set->depth--;
     if (set->depth > 0)
         lua_sethook(L, guard_hook, LUA_MASKCOUNT, any_expired(set) ? 1 : GUARD_CHECK_COUNT);
@@ -165,12 +147,13 @@ static int guard_msgh(lua_State *L)
     return 1;
 }
 
-/* After the guarded call: stack is [1] timeout [2] guard set [3] msgh,
+/* After the guarded call: stack is [1] timeout [2] guard set (light) [3] msgh,
  * then results (ok) or the error object. */
 static int guard_finish(lua_State *L, int status)
 {
     ls_guardset *set = lua_touserdata(L, 2);
-    int expired = set->g[set->depth - 1].expired;
+    ls_guard *top = &set->g[set->depth - 1];
+    int expired = top->expired || ev_time() >= top->deadline;
     guard_leave(L, set);
     /* Past the deadline the call counts as timed out even when it ended
      * without running another instruction (a C function as fn). */
@@ -215,30 +198,31 @@ static int l_guarded(lua_State *L)
 {
     double timeout = luaL_checknumber(L, 1);
     luaL_checktype(L, 2, LUA_TFUNCTION);
-    ls_loop *loop = ls_getloop(L);
-    ls_task *t = ls_current(L, loop);
     int nargs = lua_gettop(L) - 2;
-
-    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
-    lua_pushthread(L);
-    lua_rawget(L, -2);
-    ls_guardset *set = lua_touserdata(L, -1);
+    ls_guardset *set = set_here(L);
     if (set == NULL) {
-        lua_pop(L, 1);
+        /* first guarded call of this thread: its set, anchored in the
+         * registry by the thread (weakly) and found through the extra
+         * space from now on */
+        ls_loop *loop = ls_getloop(L);
+        ls_task *t = ls_current(L, loop);
+        lua_getfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
         set = lua_newuserdatauv(L, sizeof *set, 0);
         memset(set, 0, sizeof *set);
         luaL_setmetatable(L, GUARD_MT);
         set->loop = loop;
         set->co = L;
-        for (int i = 0; i < GUARD_MAX_DEPTH; i++) {
+        set->task = t;
+        for (int i = 0; i < GUARD_MAX_DEPTH; i++)
             set->g[i].set = set;
-            ev_init(&set->g[i].timer, timer_cb);
-        }
         lua_pushthread(L);
-        lua_pushvalue(L, -2);
-        lua_rawset(L, -4);
+        lua_insert(L, -2);
+        lua_rawset(L, -3);
+        lua_pop(L, 1);
+        *(ls_guardset **)lua_getextraspace(L) = set;
     }
-    lua_remove(L, -2); /* the registry table; the set stays on the stack */
+    ls_task *t = set->task;
+    lua_pushlightuserdata(L, set); /* the set stays on the stack */
     if (set->depth == GUARD_MAX_DEPTH)
         return luaL_error(L, "luasmtp: guarded calls nested more than %d deep", GUARD_MAX_DEPTH);
     if (set->depth == 0) {
@@ -250,9 +234,14 @@ static int l_guarded(lua_State *L)
     g->task = t;
     g->expired = 0;
     g->deadline = ev_time() + (timeout > 0 ? timeout : 0);
-    ev_timer_set(&g->timer, timeout > 0 ? timeout : 0., 0.);
-    ev_timer_start(ls_evloop(loop), &g->timer);
-    ls_live[LS_COUNT_WATCHERS]++;
+    /* every wait of the call ends by the deadline at the latest */
+    int capped;
+    double cap;
+    ls_task_cap(t, 1, g->deadline, &capped, &cap);
+    if (capped && cap < g->deadline)
+        ls_task_cap(t, 1, cap, NULL, NULL);
+    g->prev_capped = capped;
+    g->prev_cap = cap;
     lua_sethook(L, guard_hook, LUA_MASKCOUNT, timeout > 0 ? GUARD_CHECK_COUNT : 1);
 
     /* stack: timeout fn args... set -> timeout set msgh fn args... */
@@ -280,7 +269,9 @@ static int l_interrupt_guarded(lua_State *L)
     for (int i = 0; i < set->depth; i++)
         set->g[i].expired = 1;
     lua_sethook(co, guard_hook, LUA_MASKCOUNT, 1);
-    ls_wake(set->loop, set->g[set->depth - 1].task, LS_WAKE_TIMEOUT);
+    ls_task *t = set->g[set->depth - 1].task;
+    ls_task_cap(t, 1, 0., NULL, NULL); /* any further wait ends at once */
+    ls_wake(set->loop, t, LS_WAKE_TIMEOUT);
     lua_pushboolean(L, 1);
     return 1;
 }
@@ -295,8 +286,6 @@ int ls_open_guard(lua_State *L)
     lua_setfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
 
     luaL_newmetatable(L, GUARD_MT);
-    lua_pushcfunction(L, l_guardset_gc);
-    lua_setfield(L, -2, "__gc");
     lua_pop(L, 1);
 
     lua_pushcfunction(L, l_guarded);

@@ -123,6 +123,11 @@ end
 function M.run(chains, phase, session, ...)
   local list = chains[phase]
   if not list then return nil end
+  return M.run_list(list, phase, session, ...)
+end
+
+--- run_list(list, phase, session, ...): run(), given the phase's chain.
+function M.run_list(list, phase, session, ...)
   local opened = session.opened
   for i = 1, #list do
     local entry = list[i]

@@ -276,11 +276,12 @@ local function finish_message(s, sink, info)
       r = s:phase("deliver", msg) or r
     end
   end
-  local size = msg:size()
+  if s:logs("info") then
+    s:log("info", "message size=%d rcpt=%d %s", msg:size(), #env.rcpt,
+      (r == nil or r.code < 400) and "accepted" or ("refused " .. r.code))
+  end
   s.incoming = nil
   msg:discard()
-  s:log("info", "message size=%d rcpt=%d %s", size, #env.rcpt,
-    (r == nil or r.code < 400) and "accepted" or ("refused " .. r.code))
   if s.config.lmtp then
     -- one reply per accepted recipient
     for _, rcpt in ipairs(env.rcpt) do

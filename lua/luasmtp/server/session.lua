@@ -82,7 +82,15 @@ end
 --- session:phase(name, ...) -> nil | reply: run the plugin chain of a
 -- phase (nil: the default reply applies).
 function Session:phase(name, ...)
-  return chain.run(self.chains, name, self, ...)
+  local list = self.chains[name]
+  if not list then return nil end -- no plugin in this phase: nothing to call
+  return chain.run_list(list, name, self, ...)
+end
+
+--- session:logs(level) -> whether a line of this level would be logged
+-- (to skip computing what only the log line needs).
+function Session:logs(level)
+  return self.server.logger ~= nil and LOG_LEVELS[level] >= self.server.log_level
 end
 
 --- session:answer(r, code, enhanced, text) -> accepted, disconnect
