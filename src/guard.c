@@ -77,16 +77,6 @@ static ls_guardset *set_of(lua_State *L, int idx)
     return set;
 }
 
-/* The running thread's guard set, from the thread's extra space (no
- * lookup). A new thread starts with a copy of the main thread's extra
- * space, hence the owner check; the main thread's set lives as long as
- * the state, so the copied pointer is never stale. */
-static ls_guardset *set_here(lua_State *L)
-{
-    ls_guardset *set = *(ls_guardset **)lua_getextraspace(L);
-    return set && set->co == L ? set : NULL;
-}
-
 static int any_expired(ls_guardset *set)
 {
     double now = ev_time();
@@ -103,7 +93,7 @@ static int any_expired(ls_guardset *set)
 static void guard_hook(lua_State *L, lua_Debug *ar)
 {
     (void)ar;
-    ls_guardset *set = set_here(L);
+    ls_guardset *set = set_of(L, 0);
     if (set == NULL || set->depth == 0)
         return;
     if (!any_expired(set)) {
@@ -199,14 +189,17 @@ static int l_guarded(lua_State *L)
     double timeout = luaL_checknumber(L, 1);
     luaL_checktype(L, 2, LUA_TFUNCTION);
     int nargs = lua_gettop(L) - 2;
-    ls_guardset *set = set_here(L);
+    /* upvalue 1: the table thread -> guard set (weak keys) */
+    lua_pushthread(L);
+    lua_rawget(L, lua_upvalueindex(1));
+    ls_guardset *set = lua_touserdata(L, -1);
+    lua_pop(L, 1);
     if (set == NULL) {
-        /* first guarded call of this thread: its set, anchored in the
-         * registry by the thread (weakly) and found through the extra
-         * space from now on */
+        /* first guarded call of this thread: its set, anchored by the
+         * thread (weakly) */
         ls_loop *loop = ls_getloop(L);
         ls_task *t = ls_current(L, loop);
-        lua_getfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
+        lua_pushvalue(L, lua_upvalueindex(1));
         set = lua_newuserdatauv(L, sizeof *set, 0);
         memset(set, 0, sizeof *set);
         luaL_setmetatable(L, GUARD_MT);
@@ -219,7 +212,6 @@ static int l_guarded(lua_State *L)
         lua_insert(L, -2);
         lua_rawset(L, -3);
         lua_pop(L, 1);
-        *(ls_guardset **)lua_getextraspace(L) = set;
     }
     ls_task *t = set->task;
     lua_pushlightuserdata(L, set); /* the set stays on the stack */
@@ -288,7 +280,8 @@ int ls_open_guard(lua_State *L)
     luaL_newmetatable(L, GUARD_MT);
     lua_pop(L, 1);
 
-    lua_pushcfunction(L, l_guarded);
+    lua_getfield(L, LUA_REGISTRYINDEX, GUARD_SETS);
+    lua_pushcclosure(L, l_guarded, 1);
     lua_setfield(L, -2, "guarded");
     lua_pushcfunction(L, l_interrupt_guarded);
     lua_setfield(L, -2, "interrupt_guarded");
