@@ -394,6 +394,9 @@ handlers.DATA = function(s, cmd)
         -- refused: the rest is read to its end and dropped, then answered
         into = trash_sink()
         opts.step, opts.eoh = 0, false
+      elseif st.off and not s.chains.body then
+        -- the headers ran and nothing wants the body pieces: one call
+        opts.step, opts.eoh = 0, false
       end
     end
     if into ~= sink then into:close() end
@@ -459,7 +462,8 @@ handlers.BDAT = function(s, cmd)
     local left, trash = size, nil
     ok = true
     while left > 0 do
-      local n = math.min(left, STEP)
+      -- once the headers ran, without body plugins the rest goes at once
+      local n = (st.off and not s.chains.body) and left or math.min(left, STEP)
       local into = st.r and trash or b.sink
       local sok, serr = s.sock:receivechunk(into, n, timeout)
       left = left - n
