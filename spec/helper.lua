@@ -286,6 +286,9 @@ H.peers = {
                            packages = "python3-aiosmtpd" },
   ["python3 https server"] = { needs = "python3", packages = "python3",
     command = H.python3 .. " -c 'import http.server, ssl, gzip, email, json'" },
+  -- the SPF reference the differential test compares with (spec/pyspf_check.py)
+  pyspf = { needs = "python3", command = H.python3 .. " -c 'import spf, dns.resolver'",
+            packages = "python3-spf python3-dnspython" },
   openssl = { command = "openssl version", packages = "openssl" },
   doveadm = { command = "doveadm pw -s SHA512-CRYPT -p x", expect = "{SHA512-CRYPT}$6$",
               packages = "dovecot-core" },
