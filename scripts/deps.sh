@@ -16,9 +16,9 @@ set -eu
 # dependency table says the same; `make test-fresh` proves the list.
 
 # build: compiler, headers, the libraries of the C core (libcurl for the
-# HTTP client, zlib for gzip)
+# HTTP client, zlib for gzip, libpsl and the list it reads for DMARC)
 BUILD="gcc libc6-dev make pkg-config lua5.4 liblua5.4-dev libssl-dev libcrypt-dev
-libev-dev libc-ares-dev libcurl4-openssl-dev zlib1g-dev"
+libev-dev libc-ares-dev libcurl4-openssl-dev zlib1g-dev libpsl-dev publicsuffix"
 # suite: busted, luacheck, JSON for the test servers' logs, luarocks for
 # the install test, openssl for the test PKI, the system trust store,
 # mount for the full-disk test's tmpfs, kill/ps
