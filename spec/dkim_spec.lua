@@ -325,6 +325,31 @@ describe("dkim", function()
     end)
   end)
 
+  describe("key lookups through luasmtp.dns", function()
+    it("finds the key with the default query (spec/fake_dns.py), once per verifier", function()
+      local dns = require "luasmtp.dns"
+      local ed = key("ed25519")
+      local pid, port, log = H.fake_dns("127.0.0.1", { "txt:e._domainkey.example.org=" .. record(ed) }, "dkim", 60)
+      local ok, err = pcall(function()
+        assert(dns.configure { servers = { "127.0.0.1:" .. port }, timeout = 2, tries = 2 })
+        local msg = "From: a@example.org\r\nSubject: s\r\n\r\nbody\r\n"
+        local opts = { domain = "example.org", selector = "e", key = ed.pem }
+        local signed = dkim.sign_message(msg, { opts, opts })
+        local results
+        H.run(function() results = dkim.verify_message(signed) end, 20)
+        assert.same({ "pass", "pass" }, { results[1].result, results[2].result })
+        local _, queries = H.readfile(log):gsub("query e._domainkey.example.org TXT", "")
+        assert.equal(1, queries)
+        -- an unknown selector: no record, permerror
+        H.run(function() results = dkim.verify_message((signed:gsub("s=e;", "s=x;"))) end, 20)
+        assert.equal("permerror", results[1].result)
+      end)
+      H.kill(pid)
+      assert(dns.configure {})
+      assert(ok, err)
+    end)
+  end)
+
   describe("dkimpy as a peer", function()
     local tool = H.root .. "/spec/dkimpy_tool.py"
     local BASE = "From: Joe <joe@example.org>\r\nTo: x@example.net\r\nSubject: hi   there\r\n"
