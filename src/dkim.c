@@ -259,9 +259,58 @@ static int end_of_line(dkim_body *b)
     return emit_crlf(b);
 }
 
+/* A run of n content bytes inside a line, with nothing held back. */
+static int emit_run(dkim_body *b, const unsigned char *p, size_t n)
+{
+    b->total += n;
+    if (b->limit >= 0) {
+        uint64_t room = b->hashed >= (uint64_t)b->limit ? 0 : (uint64_t)b->limit - b->hashed;
+        if (n > room)
+            n = (size_t)room;
+    }
+    b->hashed += n;
+    while (n > 0) {
+        size_t k = sizeof b->buf - b->nbuf;
+        if (k > n)
+            k = n;
+        memcpy(b->buf + b->nbuf, p, k);
+        b->nbuf += k;
+        p += k;
+        n -= k;
+        if (b->nbuf == sizeof b->buf && flush(b) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+/* Length of the run at p[0, n) that needs no per-byte care: no CR, and
+ * for relaxed no SP or HTAB. */
+static size_t plain_run(const dkim_body *b, const unsigned char *p, size_t n)
+{
+    size_t i = 0;
+    if (b->relaxed) {
+        while (i < n && p[i] != '\r' && p[i] != ' ' && p[i] != '\t')
+            i++;
+    } else {
+        const unsigned char *cr = memchr(p, '\r', n);
+        i = cr ? (size_t)(cr - p) : n;
+    }
+    return i;
+}
+
 int dkim_body_update(dkim_body *b, const char *p, size_t n)
 {
     for (size_t i = 0; i < n; i++) {
+        if (b->in_line && !b->wsp && !b->cr) {
+            size_t run = plain_run(b, (const unsigned char *)p + i, n - i);
+            if (run > 0) {
+                if (emit_run(b, (const unsigned char *)p + i, run) != 0)
+                    return -1;
+                i += run;
+                if (i == n)
+                    break;
+            }
+        }
         unsigned char c = (unsigned char)p[i];
         if (b->cr) {
             b->cr = 0;
