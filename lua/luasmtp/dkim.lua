@@ -207,8 +207,9 @@ function Verifier:headers(fields)
   end
 end
 
---- v:body(chunk): the next body bytes.
+--- v:body(chunk): the next body bytes (after v:headers).
 function Verifier:body(chunk)
+  assert(self.fields, "headers first")
   for _, h in ipairs(self.hashers) do h.hasher:update(chunk) end
 end
 
@@ -371,6 +372,7 @@ function Signer:headers(fields)
 end
 
 function Signer:body(chunk)
+  assert(self.fields, "headers first")
   self.hasher:update(chunk)
 end
 
