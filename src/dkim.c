@@ -420,26 +420,36 @@ static int sha256(const unsigned char *data, size_t n, unsigned char *out)
     return EVP_Digest(data, n, out, &len, EVP_sha256(), NULL) == 1 ? 0 : -1;
 }
 
+/* What is signed and with which digest: RSA signs data with the hash;
+ * Ed25519 signs the SHA-256 of data with no digest of its own. */
+static int prepare(EVP_PKEY *key, enum dkim_hash h, const unsigned char **data, size_t *n,
+                   unsigned char digest[32], const EVP_MD **md)
+{
+    if (dkim_key_kind(key) == 1) {
+        if (h != DKIM_SHA256 || sha256(*data, *n, digest) != 0)
+            return -1;
+        *data = digest;
+        *n = 32;
+        *md = NULL;
+    } else {
+        *md = h == DKIM_SHA1 ? EVP_sha1() : EVP_sha256();
+    }
+    return 0;
+}
+
 int dkim_verify(EVP_PKEY *key, enum dkim_hash h, const unsigned char *data, size_t n,
                 const unsigned char *sig, size_t siglen)
 {
-    int ed = dkim_key_kind(key) == 1;
     unsigned char digest[32];
-    if (ed) {
-        if (h != DKIM_SHA256 || sha256(data, n, digest) != 0)
-            return -1;
-        data = digest;
-        n = sizeof digest;
-    }
+    const EVP_MD *md;
+    if (prepare(key, h, &data, &n, digest, &md) != 0)
+        return -1;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     if (ctx == NULL)
         return -1;
     int r = -1;
-    const EVP_MD *md = ed ? NULL : h == DKIM_SHA1 ? EVP_sha1() : EVP_sha256();
-    if (EVP_DigestVerifyInit(ctx, NULL, md, NULL, key) == 1) {
-        r = EVP_DigestVerify(ctx, sig, siglen, data, n);
-        r = r == 1 ? 1 : 0;
-    }
+    if (EVP_DigestVerifyInit(ctx, NULL, md, NULL, key) == 1)
+        r = EVP_DigestVerify(ctx, sig, siglen, data, n) == 1 ? 1 : 0;
     EVP_MD_CTX_free(ctx);
     return r;
 }
@@ -447,19 +457,14 @@ int dkim_verify(EVP_PKEY *key, enum dkim_hash h, const unsigned char *data, size
 int dkim_sign(EVP_PKEY *key, enum dkim_hash h, const unsigned char *data, size_t n,
               unsigned char *sig, size_t *siglen)
 {
-    int ed = dkim_key_kind(key) == 1;
     unsigned char digest[32];
-    if (ed) {
-        if (h != DKIM_SHA256 || sha256(data, n, digest) != 0)
-            return -1;
-        data = digest;
-        n = sizeof digest;
-    }
+    const EVP_MD *md;
+    if (prepare(key, h, &data, &n, digest, &md) != 0)
+        return -1;
     EVP_MD_CTX *ctx = EVP_MD_CTX_new();
     if (ctx == NULL)
         return -1;
     int r = -1;
-    const EVP_MD *md = ed ? NULL : h == DKIM_SHA1 ? EVP_sha1() : EVP_sha256();
     if (EVP_DigestSignInit(ctx, NULL, md, NULL, key) == 1 &&
         EVP_DigestSign(ctx, sig, siglen, data, n) == 1)
         r = 0;
