@@ -293,6 +293,24 @@ describe("dkim", function()
       assert.same({ "fail", "signature expired (x=)" }, res({ [name] = record(ed) }, 2000))
     end)
 
+    it("key record restrictions: h=, s=, t=s, t=y", function()
+      local ed = key("ed25519")
+      local name = "e._domainkey.example.org"
+      local p = record(ed):match("p=(.*)$")
+      local function res(txt, identity)
+        local signed = dkim.sign_message(BASE, { domain = "example.org", selector = "e", key = ed.pem,
+          identity = identity })
+        local r = dkim.verify_message(signed, { query = zone { [name] = txt } })[1]
+        return { r.result, r.reason, r.testing, r.result == "pass" and r.identity or nil }
+      end
+      assert.same({ "permerror", "key does not allow sha256" }, res("k=ed25519; h=sha1; p=" .. p))
+      assert.same({ "pass", nil, nil, "@example.org" }, res("k=ed25519; h=sha1:sha256; p=" .. p))
+      assert.same({ "permerror", "key service type other" }, res("k=ed25519; s=other; p=" .. p))
+      assert.same({ "permerror", "key t=s demands i= in d= exactly" },
+        res("k=ed25519; t=s; p=" .. p, "joe@mail.example.org"))
+      assert.same({ "pass", nil, true, "joe@mail.example.org" }, res("k=ed25519; t=y; p=" .. p, "joe@mail.example.org"))
+    end)
+
     it("refuses SHA-1 and RSA keys under 1024 bits (RFC 8301)", function()
       local small = key("rsa", 512)
       assert.has_error(function()
