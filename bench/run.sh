@@ -88,3 +88,11 @@ if command -v smtp-source >/dev/null 2>&1 && command -v smtp-sink >/dev/null 2>&
 else
   echo "smtp-source/smtp-sink not installed (Debian package postfix): SMTP benchmark skipped"
 fi
+
+# DKIM sign and verify against libopendkim and dkimpy (bench/dkim.sh).
+if [ -f /usr/include/opendkim/dkim.h ] && /usr/bin/python3 -c 'import dkim' 2>/dev/null; then
+  echo
+  sh bench/dkim.sh
+else
+  echo "libopendkim-dev or python3-dkim not installed: DKIM benchmark skipped"
+fi

@@ -30,11 +30,14 @@ SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount pr
 # doveadm pw and a private LMTP server (dovecot-core, dovecot-lmtpd);
 # `ip` for the network-namespace tests (iproute2); the DNSSEC test rig
 # (spec/dnssec_rig.lua): zone signing and ldns-dane (ldnsutils), the
-# authoritative server (nsd), the validating resolver (unbound); pyspf
-# for the SPF differential test (python3-spf, python3-dnspython). The
-# tests check these abilities (H.peers in spec/helper.lua).
+# authoritative server (nsd), the validating resolver (unbound); dkimpy
+# for DKIM, with PyNaCl for its Ed25519 (python3-dkim only suggests
+# it), and libopendkim (the tests build a small driver against it);
+# pyspf for the SPF differential test (python3-spf, python3-dnspython).
+# The tests check these abilities (H.peers in spec/helper.lua).
 PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
-postfix dovecot-core dovecot-lmtpd iproute2 ldnsutils nsd unbound python3-spf python3-dnspython"
+postfix dovecot-core dovecot-lmtpd iproute2 ldnsutils nsd unbound python3-dkim python3-nacl
+libopendkim-dev python3-spf python3-dnspython"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
 EXTRA="netcat-openbsd bc"
 

@@ -297,6 +297,11 @@ H.peers = {
   luarocks = { command = "luarocks --version", packages = "luarocks" },
   mount = { command = "command -v mount && command -v umount || echo mount: not found", expect = "umount",
             packages = "mount" },
+  -- DKIM peers (spec/dkim_spec.lua)
+  ["python3 dkim"] = { needs = "python3", command = H.python3 .. " -c 'import dkim, nacl.signing'",
+                       packages = "python3-dkim python3-nacl" },
+  libopendkim = { command = "test -f /usr/include/opendkim/dkim.h || echo opendkim/dkim.h: not found; "
+                    .. "test -f /usr/include/opendkim/dkim.h", packages = "libopendkim-dev" },
   -- the DNSSEC rig (spec/dnssec_rig.lua) and the DANE verifier
   nsd = { command = "nsd -v", expect = "NSD version", packages = "nsd" },
   unbound = { command = "unbound -V", expect = "Version", packages = "unbound" },

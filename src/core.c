@@ -50,6 +50,7 @@ int luaopen_luasmtp_core(lua_State *L)
     ls_open_psl(L);
     ls_open_crypto(L);
     ls_open_proto(L);
+    ls_open_dkim(L);
     ls_open_fs(L);
     lua_pushliteral(L, LS_VERSION);
     lua_setfield(L, -2, "version");

@@ -215,6 +215,9 @@ struct smtp_data_decoder;
 /* The decoder inside a core.data_decoder() userdata (raises if not one). */
 struct smtp_data_decoder *ls_data_decoder_check(lua_State *L, int idx);
 
+/* dkim.c + dkim_lua.c: DKIM canonicalisation, body hash, keys */
+int ls_open_dkim(lua_State *L); /* adds dkim functions to the table on top */
+
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);
 
