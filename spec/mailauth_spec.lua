@@ -1,7 +1,7 @@
---- The mailauth plugin's phases on a message dkimpy signed, with SPF,
--- DKIM keys and DMARC records served by spec/fake_dns.py. The session
--- and the header view are small stand-ins with the server's interface
--- (session fields, header:fields/get/get_all/remove/prepend).
+--- The mailauth plugin on a message dkimpy signed, with SPF, DKIM keys
+-- and DMARC records served by spec/fake_dns.py: its phases driven one
+-- by one (a session and header view standing in for the server's), and
+-- in a real server that smtplib sends the message to, into a Maildir.
 local luasmtp = require "luasmtp"
 local dns = require "luasmtp.dns"
 local mailauth = require "luasmtp.mailauth.plugin"
@@ -73,7 +73,7 @@ local function run_message(plugin, session, from, raw)
 end
 
 describe("mailauth plugin", function()
-  local pid, port, signed
+  local pid, port, signed, key_record
 
   lazy_setup(function()
     H.need("python3 dkim", "openssl")
@@ -94,6 +94,7 @@ describe("mailauth plugin", function()
     sign:close()
     assert(field:match("^DKIM%-Signature:"), field)
     signed = field:gsub("\r?\n", "\r\n"):gsub("\r\n$", "") .. "\r\n" .. message
+    key_record = "v=DKIM1; k=ed25519; p=" .. public
     pid, port = H.fake_dns("127.0.0.1", {
       "txt:example.test=v=spf1 ip4:127.0.0.1 -all",
       "txt:_dmarc.example.test=v=DMARC1; p=reject; rua=mailto:dmarc@example.test",
@@ -171,5 +172,52 @@ describe("mailauth plugin", function()
     assert.equal(1, #got)
     assert.same({ "127.0.0.1", "example.test", "pass", "pass" }, { got[1].source_ip, got[1].header_from,
       got[1].dkim, got[1].spf })
+  end)
+
+  it("adds Authentication-Results in a real server for a dkimpy-signed message sent by smtplib", function()
+    H.need("python3 smtplib TLS")
+    local server = require "luasmtp.server"
+    local dir = H.tmp .. "/mailauth-maildir"
+    os.execute("rm -rf " .. H.shquote(dir))
+    local eml = H.tmp .. "/mailauth-signed.eml"
+    local forged = "Authentication-Results: mx.local.test; dmarc=pass header.from=example.test\r\n"
+    H.writefile(eml, forged .. signed)
+    H.run(function()
+      local srv, srv_port = H.smtp_server {
+        hostname = "mx.local.test",
+        plugins = { mailauth {}, server.plugins.received(), server.plugins.maildir(dir) },
+      }
+      local script = H.tmp .. "/mailauth_send.py"
+      H.writefile(script, ([[
+import smtplib
+with smtplib.SMTP("127.0.0.1", %d, local_hostname="mail.example.test", timeout=10) as s:
+    s.sendmail("alice@example.test", ["bob@mx.local.test"], open(%q, "rb").read())
+print("sent")
+]]):format(srv_port, eml))
+      local log = H.tmp .. "/mailauth_send.log"
+      local spid = H.start(("exec timeout 20 %s %s"):format(H.python3, H.shquote(script)), log)
+      assert.is_true(H.wait_pid(spid, 20))
+      srv:close()
+      assert.matches("sent", H.readfile(log))
+    end, 40)
+    local p = assert(io.popen("cat " .. H.shquote(dir) .. "/new/*"))
+    local stored = p:read("a")
+    p:close()
+    local field = stored:match("Authentication%-Results: (mx%.local%.test;.-)\r\n[^ \t]")
+    assert(field, stored)
+    assert.matches("spf=pass smtp.mailfrom=alice@example.test", field, 1, true)
+    assert.matches("dkim=pass header.d=example.test", field, 1, true)
+    assert.matches("dmarc=pass (P=REJECT DIS=NONE) header.from=example.test", field, 1, true)
+    local _, ours = stored:gsub("Authentication%-Results: mx%.local%.test", "")
+    assert.equal(1, ours) -- the forged one is gone
+    assert.matches("^Authentication%-Results: mx%.local%.test;.-\r\nReceived: from mail%.example%.test", stored)
+    -- what we stored still verifies at dkimpy
+    local keys, copy = H.tmp .. "/mailauth-keys", H.tmp .. "/mailauth-stored.eml"
+    H.writefile(keys, "e._domainkey.example.test " .. key_record .. "\n")
+    H.writefile(copy, stored)
+    local v = io.popen(("%s %s verify %s %s"):format(H.python3, H.shquote(H.root .. "/spec/dkimpy_tool.py"),
+      H.shquote(keys), H.shquote(copy)))
+    assert.equal("pass\n", v:read("a"))
+    v:close()
   end)
 end)
