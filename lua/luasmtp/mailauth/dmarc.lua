@@ -221,12 +221,13 @@ end
 local Recorder = {}
 Recorder.__index = Recorder
 
---- new{ dir = [, sync = true] } -> recorder: lines go to dir/<UTC day>.dmarc.
+--- new{ dir = } -> recorder: lines go to dir/<UTC day>.dmarc, each
+-- fsynced before record() returns.
 function M.new(opts)
   assert(type(opts) == "table" and type(opts.dir) == "string" and opts.dir ~= "",
     "dmarc.new: dir (a string) is required")
   assert(core.mkdir(opts.dir))
-  return setmetatable({ dir = opts.dir, sync = opts.sync ~= false }, Recorder)
+  return setmetatable({ dir = opts.dir }, Recorder)
 end
 
 local FIELDS = { "time", "source_ip", "header_from", "policy_domain", "p", "sp", "pct", "disposition",
@@ -275,18 +276,7 @@ function Recorder:record(verdict, info)
   for _, f in ipairs(FIELDS) do
     cols[#cols + 1] = f == "dkim_results" and table.concat(dkim, ",") or escape(entry[f])
   end
-  local line = table.concat(cols, "\t") .. "\n"
-  local path = self:day_path(entry.time)
-  if self.sync then
-    return core.append_file_sync(path, line)
-  end
-  local f, err = io.open(path, "ab")
-  if not f then
-    return nil, "io", err
-  end
-  f:write(line)
-  f:close()
-  return true
+  return core.append_file_sync(self:day_path(entry.time), table.concat(cols, "\t") .. "\n")
 end
 
 --- rec:records(start, stop [, policy_domain]) -> { entry, ... }: the

@@ -360,6 +360,17 @@ local function cidr(text, max, term)
   return n
 end
 
+-- [":" domain-spec] of a, mx and ptr: the tokens, or nil when absent.
+local function optional_domain(spec, term)
+  if spec == "" then
+    return nil
+  end
+  if spec:sub(1, 1) ~= ":" then
+    stop("permerror", "invalid term " .. term)
+  end
+  return parse_domain_spec(spec:sub(2), term)
+end
+
 -- parse(record) -> { directives = {...}, redirect =, exp = }
 local function parse(record)
   local parsed = { directives = {} }
@@ -409,19 +420,9 @@ local function parse(record)
         end
         spec = spec or rest
         d.cidr4, d.cidr6 = cidr(c4, 32, term), cidr(c6, 128, term)
-        if spec ~= "" then
-          if spec:sub(1, 1) ~= ":" then
-            stop("permerror", "invalid term " .. term)
-          end
-          d.domain = parse_domain_spec(spec:sub(2), term)
-        end
+        d.domain = optional_domain(spec, term)
       elseif mech == "ptr" then
-        if rest ~= "" then
-          if rest:sub(1, 1) ~= ":" then
-            stop("permerror", "invalid term " .. term)
-          end
-          d.domain = parse_domain_spec(rest:sub(2), term)
-        end
+        d.domain = optional_domain(rest, term)
       elseif mech == "ip4" or mech == "ip6" then
         local addr, bits = rest:match("^:([^/]+)/(%d+)$")
         addr = addr or rest:match("^:([^/]+)$")
