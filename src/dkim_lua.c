@@ -1,5 +1,5 @@
 /*
- * dkim_lua.c - Lua bindings of the DKIM building blocks in dkim.c.
+ * dkim_lua.c - Lua bindings of the DKIM building blocks in src/lib/dkim.c.
  *
  * Functions on the core table:
  *   dkim_tags(s) -> { name = value, ... } | nil, "syntax"|"duplicate"|"too many"

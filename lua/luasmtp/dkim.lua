@@ -10,7 +10,7 @@
 --   s:headers(fields); s:body(chunk) ...; local field = s:finish()
 --
 -- Canonicalisation, the body hash (computed on the fly), tag lists and
--- the signature operations are C without Lua (src/dkim.c); this module
+-- the signature operations are C without Lua (src/lib/dkim.c); this module
 -- is the policy: which fields are signed, which results mean what.
 local core = require "luasmtp.core"
 
