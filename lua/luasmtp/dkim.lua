@@ -329,6 +329,23 @@ local function read_file(path)
   return s
 end
 
+-- Parsed private keys by PEM text: a signer is made per message, and
+-- parsing (and OpenSSL's first use of a key) costs more than signing.
+local key_cache, key_cache_size = {}, 0
+local KEY_CACHE_MAX = 64
+
+local function private_key(pem)
+  local key = key_cache[pem]
+  if not key then
+    key = core.dkim_privkey(pem)
+    assert(key, "key is not an RSA or Ed25519 private key in PEM")
+    if key_cache_size >= KEY_CACHE_MAX then key_cache, key_cache_size = {}, 0 end
+    key_cache[pem] = key
+    key_cache_size = key_cache_size + 1
+  end
+  return key
+end
+
 --- signer{ domain, selector, key = PEM | key_file =, algorithm =,
 --   canonicalization = "relaxed/relaxed", headers =, oversign = {"from"},
 --   identity =, expire = seconds, body_length = false, now = } -> s
@@ -338,8 +355,7 @@ function M.signer(opts)
   assert(type(opts.selector) == "string" and opts.selector:match("^[%w%.%-_]+$"), "selector must be a name")
   local pem = opts.key or (opts.key_file and read_file(opts.key_file))
   assert(type(pem) == "string", "key (PEM) or key_file required")
-  local key = core.dkim_privkey(pem)
-  assert(key, "key is not an RSA or Ed25519 private key in PEM")
+  local key = private_key(pem)
   local algorithm = opts.algorithm or (key:kind() == "ed25519" and "ed25519-sha256" or "rsa-sha256")
   local alg = ALGORITHMS[algorithm]
   assert(alg and algorithm ~= "rsa-sha1", "algorithm must be rsa-sha256 or ed25519-sha256")
