@@ -18,6 +18,7 @@ local M = {}
 
 M.MAX_SIGNATURES = 10   -- signatures checked per message; the rest are "neutral"
 M.MIN_RSA_BITS = 1024   -- RFC 8301 3.2: smaller RSA keys never pass
+M.MAX_SIGNED_FIELDS = 256 -- h= names beyond this make the signature a permerror
 
 M.DEFAULT_HEADERS = {
   "from", "reply-to", "subject", "date", "to", "cc", "message-id",
@@ -138,6 +139,7 @@ local function parse_signature(field, now)
     if name == "" then return sig, "h= has an empty field name" end
     if name == "from" then from = true end
     sig.names[#sig.names + 1] = name
+    if #sig.names > M.MAX_SIGNED_FIELDS then return sig, "h= names too many fields" end
   end
   if not from then return sig, "h= does not include From" end
   if tags.i then
