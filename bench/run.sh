@@ -96,6 +96,11 @@ else
   echo "smtp-source/smtp-sink not installed (Debian package postfix): SMTP benchmark skipped"
 fi
 
+# Memory: peak RSS growth of a Maildir server with 100 MB bodies by DATA
+# and BDAT, and five unfinished 20 MB BDAT bodies (bench/memory.py).
+echo
+python3 bench/memory.py
+
 # DKIM sign and verify against libopendkim and dkimpy (bench/dkim.sh).
 if [ -f /usr/include/opendkim/dkim.h ] && /usr/bin/python3 -c 'import dkim' 2>/dev/null; then
   echo
@@ -103,8 +108,3 @@ if [ -f /usr/include/opendkim/dkim.h ] && /usr/bin/python3 -c 'import dkim' 2>/d
 else
   echo "libopendkim-dev or python3-dkim not installed: DKIM benchmark skipped"
 fi
-
-# Memory: peak RSS growth of a Maildir server with 100 MB bodies by DATA
-# and BDAT, and five unfinished 20 MB BDAT bodies (bench/memory.py).
-echo
-python3 bench/memory.py

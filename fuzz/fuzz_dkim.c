@@ -1,5 +1,5 @@
 /*
- * fuzz_dkim.c - the DKIM building blocks of src/dkim.c on hostile bytes.
+ * fuzz_dkim.c - the DKIM building blocks of src/lib/dkim.c on hostile bytes.
  *
  * The input is used whole as a tag list, a header field and a body:
  * - tags point inside the input, names are never empty, values have no

@@ -340,6 +340,8 @@ describe("dkim", function()
       assert.same({ "permerror", "i= is not within d=" }, res("DKIM-Signature: v=1; a=rsa-sha256;"
         .. " d=example.org; i=@example.net; s=s; h=from; bh=AAAA; b=AAAA\r\n"))
       assert.same({ "permerror", "signature tag list: duplicate" }, res("DKIM-Signature: v=1; v=1\r\n"))
+      assert.same({ "permerror", "h= names too many fields" }, res("DKIM-Signature: v=1; a=rsa-sha256;"
+        .. " d=example.org; s=s; h=from" .. (":to"):rep(300) .. "; bh=AAAA; b=AAAA\r\n"))
     end)
   end)
 

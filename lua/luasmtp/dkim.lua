@@ -10,7 +10,7 @@
 --   s:headers(fields); s:body(chunk) ...; local field = s:finish()
 --
 -- Canonicalisation, the body hash (computed on the fly), tag lists and
--- the signature operations are C without Lua (src/dkim.c); this module
+-- the signature operations are C without Lua (src/lib/dkim.c); this module
 -- is the policy: which fields are signed, which results mean what.
 local core = require "luasmtp.core"
 
@@ -18,6 +18,7 @@ local M = {}
 
 M.MAX_SIGNATURES = 10   -- signatures checked per message; the rest are "neutral"
 M.MIN_RSA_BITS = 1024   -- RFC 8301 3.2: smaller RSA keys never pass
+M.MAX_SIGNED_FIELDS = 256 -- h= names beyond this make the signature a permerror
 
 M.DEFAULT_HEADERS = {
   "from", "reply-to", "subject", "date", "to", "cc", "message-id",
@@ -138,6 +139,7 @@ local function parse_signature(field, now)
     if name == "" then return sig, "h= has an empty field name" end
     if name == "from" then from = true end
     sig.names[#sig.names + 1] = name
+    if #sig.names > M.MAX_SIGNED_FIELDS then return sig, "h= names too many fields" end
   end
   if not from then return sig, "h= does not include From" end
   if tags.i then
@@ -329,6 +331,23 @@ local function read_file(path)
   return s
 end
 
+-- Parsed private keys by PEM text: a signer is made per message, and
+-- parsing (and OpenSSL's first use of a key) costs more than signing.
+local key_cache, key_cache_size = {}, 0
+local KEY_CACHE_MAX = 64
+
+local function private_key(pem)
+  local key = key_cache[pem]
+  if not key then
+    key = core.dkim_privkey(pem)
+    assert(key, "key is not an RSA or Ed25519 private key in PEM")
+    if key_cache_size >= KEY_CACHE_MAX then key_cache, key_cache_size = {}, 0 end
+    key_cache[pem] = key
+    key_cache_size = key_cache_size + 1
+  end
+  return key
+end
+
 --- signer{ domain, selector, key = PEM | key_file =, algorithm =,
 --   canonicalization = "relaxed/relaxed", headers =, oversign = {"from"},
 --   identity =, expire = seconds, body_length = false, now = } -> s
@@ -338,8 +357,7 @@ function M.signer(opts)
   assert(type(opts.selector) == "string" and opts.selector:match("^[%w%.%-_]+$"), "selector must be a name")
   local pem = opts.key or (opts.key_file and read_file(opts.key_file))
   assert(type(pem) == "string", "key (PEM) or key_file required")
-  local key = core.dkim_privkey(pem)
-  assert(key, "key is not an RSA or Ed25519 private key in PEM")
+  local key = private_key(pem)
   local algorithm = opts.algorithm or (key:kind() == "ed25519" and "ed25519-sha256" or "rsa-sha256")
   local alg = ALGORITHMS[algorithm]
   assert(alg and algorithm ~= "rsa-sha1", "algorithm must be rsa-sha256 or ed25519-sha256")
