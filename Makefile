@@ -76,13 +76,22 @@ ZLIB_CFLAGS = $(shell $(PKG_CONFIG) --cflags zlib 2>/dev/null)
 ZLIB_LIBS = $(shell $(PKG_CONFIG) --libs zlib 2>/dev/null || echo -lz)
 endif
 
+# libpsl (the Public Suffix List, src/psl.c)
+ifdef PSL_INCDIR
+PSL_CFLAGS = $(call incdir,$(PSL_INCDIR))
+PSL_LIBS = $(call libdir,$(PSL_LIBDIR)) -lpsl
+else
+PSL_CFLAGS = $(shell $(PKG_CONFIG) --cflags libpsl 2>/dev/null)
+PSL_LIBS = $(shell $(PKG_CONFIG) --libs libpsl 2>/dev/null || echo -lpsl)
+endif
+
 # libev ships no pkg-config file
 LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
 LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 
 ALL_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
-	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS)
-LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) -lcrypt
+	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS) $(PSL_CFLAGS)
+LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(PSL_LIBS) -lcrypt
 
 # Install locations (LuaRocks passes its own LIBDIR, LUADIR and BINDIR).
 # An empty INST_BINDIR skips bin/luasmtp: LuaRocks installs it itself.

@@ -32,6 +32,7 @@ external_dependencies = {
   -- where LuaRocks does not look: find the library instead.
   CURL = { library = "curl" },
   ZLIB = { header = "zlib.h" },
+  PSL = { header = "libpsl.h" },
 }
 
 build = {
@@ -50,6 +51,8 @@ build = {
     CURL_LIBDIR = "$(CURL_LIBDIR)",
     ZLIB_INCDIR = "$(ZLIB_INCDIR)",
     ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
+    PSL_INCDIR = "$(PSL_INCDIR)",
+    PSL_LIBDIR = "$(PSL_LIBDIR)",
   },
   install_variables = {
     INST_LIBDIR = "$(LIBDIR)",

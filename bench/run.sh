@@ -100,3 +100,11 @@ fi
 # and BDAT, and five unfinished 20 MB BDAT bodies (bench/memory.py).
 echo
 python3 bench/memory.py
+
+# DKIM sign and verify against libopendkim and dkimpy (bench/dkim.sh).
+if [ -f /usr/include/opendkim/dkim.h ] && /usr/bin/python3 -c 'import dkim' 2>/dev/null; then
+  echo
+  sh bench/dkim.sh
+else
+  echo "libopendkim-dev or python3-dkim not installed: DKIM benchmark skipped"
+fi

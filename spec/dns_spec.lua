@@ -23,6 +23,7 @@ local RECORDS = {
   "txt:t.test=v=spf1 -all",
   "txt:t.test=part1|part2|part3",
   "txt:long.test=" .. string.rep("x", 300),
+  "ptr:4.2.0.192.in-addr.arpa=v4.test,alias.v4.test",
   "delay:late.test=0.2", "late.test=192.0.2.30",
   "delay:lagged.test=0.1", "lagged.test=192.0.2.31",
 }
@@ -383,6 +384,19 @@ describe("dns", function()
       assert.same({ "part1part2part3", "v=spf1 -all" }, txt)
       assert.same({ string.rep("x", 300) }, luasmtp.resolve_txt("long.test")) -- 255 + 45 bytes
       assert.same({}, luasmtp.resolve_txt("a.test"))
+    end, 5)
+  end)
+
+  it("query asks for PTR records and returns their target names", function()
+    H.run(function()
+      local dns = require "luasmtp.dns"
+      local r = assert(dns.query("4.2.0.192.in-addr.arpa", "PTR"))
+      table.sort(r.answers)
+      assert.same({ "alias.v4.test", "v4.test" }, r.answers)
+      assert.equal("PTR", r.qtype)
+      local none = assert(dns.query("5.2.0.192.in-addr.arpa", "PTR"))
+      assert.equal("NXDOMAIN", none.rcode)
+      assert.same({}, none.answers)
     end, 5)
   end)
 

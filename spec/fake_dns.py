@@ -12,6 +12,7 @@ RECORD is one of:
   txt:NAME=TEXT                       one TXT record; "|" splits it into several
                                       character-strings, text longer than 255 bytes
                                       is split too; repeat the option for more records
+  ptr:NAME=HOST[,HOST...]             PTR records ("ptr:1.2.0.192.in-addr.arpa=a.test")
   delay:NAME=SECONDS                  answer queries for NAME only after SECONDS
 
 Special names: "slow.test" is never answered (timeouts), "servfail.test"
@@ -34,12 +35,12 @@ import struct
 import sys
 import time
 
-T_A, T_MX, T_TXT, T_AAAA, T_ANY = 1, 15, 16, 28, 255
+T_A, T_PTR, T_MX, T_TXT, T_AAAA, T_ANY = 1, 12, 15, 16, 28, 255
 C_IN = 1
 TTL = 60
 MAX_UDP = 512
 
-TYPE_NAMES = {T_A: "A", T_MX: "MX", T_TXT: "TXT", T_AAAA: "AAAA", T_ANY: "ANY"}
+TYPE_NAMES = {T_A: "A", T_PTR: "PTR", T_MX: "MX", T_TXT: "TXT", T_AAAA: "AAAA", T_ANY: "ANY"}
 
 
 def norm(name):
@@ -86,6 +87,9 @@ class Zone:
                 chunks = [raw[i:i + 255] for i in range(0, len(raw), 255)] or [b""]
                 strings.extend(chunks)
             self.add(key[4:], T_TXT, b"".join(bytes([len(c)]) + c for c in strings))
+        elif key.startswith("ptr:"):
+            for host in filter(None, value.split(",")):
+                self.add(key[4:], T_PTR, encode_name(host))
         elif key.startswith("delay:"):
             self.delays[norm(key[6:])] = float(value)
         else:

@@ -374,6 +374,9 @@ H.peers = {
                            packages = "python3-aiosmtpd" },
   ["python3 https server"] = { needs = "python3", packages = "python3",
     command = H.python3 .. " -c 'import http.server, ssl, gzip, email, json'" },
+  -- the SPF reference the differential test compares with (spec/pyspf_check.py)
+  pyspf = { needs = "python3", command = H.python3 .. " -c 'import spf, dns.resolver'",
+            packages = "python3-spf python3-dnspython" },
   openssl = { command = "openssl version", packages = "openssl" },
   doveadm = { command = "doveadm pw -s SHA512-CRYPT -p x", expect = "{SHA512-CRYPT}$6$",
               packages = "dovecot-core" },
@@ -382,6 +385,11 @@ H.peers = {
   luarocks = { command = "luarocks --version", packages = "luarocks" },
   mount = { command = "command -v mount && command -v umount || echo mount: not found", expect = "umount",
             packages = "mount" },
+  -- DKIM peers (spec/dkim_spec.lua)
+  ["python3 dkim"] = { needs = "python3", command = H.python3 .. " -c 'import dkim, nacl.signing'",
+                       packages = "python3-dkim python3-nacl" },
+  libopendkim = { command = "test -f /usr/include/opendkim/dkim.h || echo opendkim/dkim.h: not found; "
+                    .. "test -f /usr/include/opendkim/dkim.h", packages = "libopendkim-dev" },
   -- the DNSSEC rig (spec/dnssec_rig.lua) and the DANE verifier
   nsd = { command = "nsd -v", expect = "NSD version", packages = "nsd" },
   unbound = { command = "unbound -V", expect = "Version", packages = "unbound" },

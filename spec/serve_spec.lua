@@ -39,6 +39,48 @@ describe("luasmtp serve", function()
     end, 40)
   end)
 
+  it("runs the MX example with --dmarc-reject: refuses p=reject failures, tags the rest, passes the rest", function()
+    H.run(function()
+      local dir = H.tmp .. "/serve-mx-dmarc"
+      os.execute("rm -rf '" .. dir .. "' && mkdir -p '" .. dir .. "'")
+      local dns_pid, dns_port = H.fake_dns("127.0.0.1", {
+        "txt:reject.test=v=spf1 -all", "txt:_dmarc.reject.test=v=DMARC1; p=reject",
+        "txt:quar.test=v=spf1 -all", "txt:_dmarc.quar.test=v=DMARC1; p=quarantine",
+        "txt:ok.test=v=spf1 ip4:127.0.0.1 -all", "txt:_dmarc.ok.test=v=DMARC1; p=reject",
+      }, "serve-mx-dmarc", 60)
+      local port = H.free_port()
+      local pid = serve(H.root .. "/examples/mx.lua",
+        ("--listen 127.0.0.1:%d --domains a.example --maildir %s/md --hostname mx.a.example --dmarc-reject "
+          .. "--dmarc-reports %s/dmarc --dns 127.0.0.1:%d"):format(port, dir, dir, dns_port), dir .. "/serve.log")
+      H.wait_port(port)
+      local function send(from, tag)
+        return swaks(("--server 127.0.0.1 --port %d --from %s --to user@a.example --helo client.test "
+          .. "--body body-%s"):format(port, from, tag), dir .. "/swaks-" .. tag .. ".log")
+      end
+      local out = send("x@reject.test", "reject")
+      assert.matches("550 5%.7%.1 rejected by the DMARC policy of reject%.test", out)
+      assert.matches("exit=0", send("x@quar.test", "quar"))
+      assert.matches("exit=0", send("x@ok.test", "ok"))
+      os.execute("kill -TERM " .. pid)
+      assert.is_true(H.wait_pid(pid, 10), "serve did not stop on SIGTERM")
+      H.kill(dns_pid)
+      local p = assert(io.popen("cat '" .. dir .. "'/md/new/*"))
+      local stored = p:read("a")
+      p:close()
+      assert.not_matches("body%-reject", stored)
+      local quar = stored:match("X%-DMARC: [^\r]*\r\n.-body%-quar")
+      assert.matches("^X%-DMARC: fail policy=quarantine disposition=quarantine", quar)
+      assert.matches("dmarc=fail %(P=QUARANTINE DIS=QUARANTINE%) header.from=quar.test", quar)
+      local ok = stored:match("Authentication%-Results: mx%.a%.example;[^\n]*\n\tspf=pass[^\n]*\n[^\n]*\n"
+        .. "\tdmarc=pass %(P=REJECT DIS=NONE%) header%.from=ok%.test")
+      assert(ok, stored)
+      local days = assert(io.popen("cat '" .. dir .. "'/dmarc/*.dmarc"))
+      local _, lines = days:read("a"):gsub("\n", "")
+      days:close()
+      assert.equal(3, lines) -- every message with a DMARC record, refused ones too
+    end, 60)
+  end)
+
   it("runs the make-run demo: swaks submits with STARTTLS and AUTH PLAIN into the Maildir", function()
     H.need("swaks TLS", "swaks AUTH", "openssl")
     H.run(function()

@@ -12,8 +12,10 @@ int luaopen_luasmtp_core(lua_State *L)
     ls_open_dns(L);
     ls_open_http(L);
     ls_open_gzip(L);
+    ls_open_psl(L);
     ls_open_crypto(L);
     ls_open_proto(L);
+    ls_open_dkim(L);
     ls_open_fs(L);
     ls_open_guard(L);
     ls_open_sink(L);

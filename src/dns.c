@@ -569,6 +569,7 @@ static const struct {
 } qtypes[] = {
     {"A", DNS_T_A},       {"AAAA", DNS_T_AAAA}, {"MX", DNS_T_MX},
     {"CNAME", DNS_T_CNAME}, {"TXT", DNS_T_TXT}, {"TLSA", DNS_T_TLSA},
+    {"PTR", DNS_T_PTR},
 };
 
 static const char *qtype_name(int type)
@@ -622,6 +623,7 @@ static int push_answer(lua_State *L, const dnsmsg *m, const dnsmsg_rr *rr)
         return 1;
     }
     case DNS_T_CNAME:
+    case DNS_T_PTR:
         if (dnsmsg_rd_name(m, rr, name) != 0)
             return 0;
         lua_pushstring(L, name);
@@ -1097,7 +1099,7 @@ static int l_resolve_txt(lua_State *L)
  * bit), a random id; it goes to the channel with ARES_FLAG_NOCHECKRESP,
  * so a SERVFAIL is an answer (nil, "dns", "... SERVFAIL ...").
  *   name   the name as is (no search list), at most 253 bytes
- *   qtype  "A", "AAAA", "MX", "CNAME", "TXT" or "TLSA"
+ *   qtype  "A", "AAAA", "MX", "CNAME", "TXT", "TLSA" or "PTR"
  *   opts   timeout = seconds (10)
  * result = { name, qtype, rcode = "NOERROR" | "NXDOMAIN", ad = bool,
  *   loopback = bool (every server is on loopback), ttl = seconds
@@ -1106,7 +1108,7 @@ static int l_resolve_txt(lua_State *L)
  *   answers = { ... } }: the records of that type at the (canonical)
  *   name: MX {preference, exchange ("" for a null MX)}, A/AAAA address
  *   strings, TXT strings (the character-strings of one record joined),
- *   CNAME targets, TLSA {usage, selector, mtype, data (binary)}.
+ *   CNAME and PTR targets, TLSA {usage, selector, mtype, data (binary)}.
  * luasmtp.dns (lua/luasmtp/dns.lua) turns ad into authentic and caches.
  *   local r = assert(core.dns_query("example.org", "MX")) */
 static int l_dns_query(lua_State *L)
@@ -1121,7 +1123,7 @@ static int l_dns_query(lua_State *L)
             qtype = qtypes[i].type;
     if (qtype < 0)
         return luaL_argerror(L, 2, "qtype must be \"A\", \"AAAA\", \"MX\", \"CNAME\", "
-                                   "\"TXT\" or \"TLSA\"");
+                                   "\"TXT\", \"TLSA\" or \"PTR\"");
     unsigned char q[DNSMSG_QUERY_MAX];
     uint16_t id;
     if (getrandom(&id, sizeof id, 0) != (ssize_t)sizeof id)

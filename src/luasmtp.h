@@ -11,6 +11,7 @@
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   gzip.c             gzip compression over zlib
+ *   psl.c              the Public Suffix List over libpsl (DMARC)
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
@@ -188,6 +189,9 @@ int ls_open_http(lua_State *L);
 /* gzip.c: gzip/gunzip over zlib */
 int ls_open_gzip(lua_State *L);
 
+/* psl.c: organizational domains from the Public Suffix List (libpsl) */
+int ls_open_psl(lua_State *L);
+
 /* crypto.c: hashes, HMAC, PBKDF2, random, base64, crypt(3) */
 int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top */
 
@@ -206,6 +210,9 @@ static inline ls_sink *ls_checksink(lua_State *L, int idx)
     return k;
 }
 int ls_open_sink(lua_State *L);
+
+/* dkim.c + dkim_lua.c: DKIM canonicalisation, body hash, keys */
+int ls_open_dkim(lua_State *L); /* adds dkim functions to the table on top */
 
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);

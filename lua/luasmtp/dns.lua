@@ -26,7 +26,7 @@ local DEFAULTS = {
   max_entries = 10000,     -- the cache is emptied when it grows past this
 }
 
-local QTYPES = { A = true, AAAA = true, MX = true, CNAME = true, TXT = true, TLSA = true }
+local QTYPES = { A = true, AAAA = true, MX = true, CNAME = true, TXT = true, TLSA = true, PTR = true }
 
 local state = {
   trust_ad = false,
@@ -128,21 +128,21 @@ local function store(key, result, now)
 end
 
 --- query(name, qtype [, opts]) -> result | nil, "dns", detail
--- qtype: "MX", "A", "AAAA", "CNAME", "TXT" or "TLSA"; opts: timeout
+-- qtype: "MX", "A", "AAAA", "CNAME", "TXT", "TLSA" or "PTR"; opts: timeout
 -- (seconds, default 10). The name is used as is (no search list).
 -- result = { name, qtype, rcode = "NOERROR" | "NXDOMAIN",
 --   authentic = bool, ttl = seconds left, cname = canonical name or nil,
 --   answers = { ... } }
 -- answers: MX { preference, exchange } (exchange "" is a null MX,
 -- RFC 7505), A / AAAA address strings, TXT strings (the
--- character-strings of one record joined), CNAME target names, TLSA
+-- character-strings of one record joined), CNAME and PTR target names, TLSA
 -- { usage, selector, mtype, data = binary }. NXDOMAIN and NODATA are
 -- results with no answers. SERVFAIL (a bogus signature behind a
 -- validating resolver), REFUSED and timeouts are nil, "dns", detail:
 -- temporary failures.
 function M.query(name, qtype, opts)
   assert(type(name) == "string", "name must be a string")
-  assert(QTYPES[qtype], "qtype must be one of A, AAAA, MX, CNAME, TXT, TLSA")
+  assert(QTYPES[qtype], "qtype must be one of A, AAAA, MX, CNAME, TXT, TLSA, PTR")
   local key = qtype .. " " .. name:lower():gsub("%.$", "")
   local now = core.update_now()
   local hit = cache[key]

@@ -21,6 +21,7 @@ enum {
     DNS_T_NS = 2,
     DNS_T_CNAME = 5,
     DNS_T_SOA = 6,
+    DNS_T_PTR = 12,
     DNS_T_MX = 15,
     DNS_T_TXT = 16,
     DNS_T_AAAA = 28,
