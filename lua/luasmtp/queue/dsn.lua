@@ -125,7 +125,9 @@ end
 function M.orcpt(value)
   if value == nil then return nil end
   if type(value) == "table" then
-    return value.type or "rfc822", assert(value.addr or value.address, "orcpt table needs addr")
+    local addr = value.addr or value.address
+    assert(type(addr) == "string", "orcpt table needs addr")
+    return value.type or "rfc822", addr
   end
   local addr_type, x = tostring(value):match("^([%w%-]+);(.*)$")
   if not addr_type then return nil, "invalid orcpt" end
@@ -270,6 +272,7 @@ local function original_source(original)
   local src = {}
   function src.chunks() return original:chunks(65536) end
   function src.size()
+    if type(original.size) == "number" then return original.size end
     if original.size then return original:size() end
     local n = 0
     for piece in original:chunks(65536) do n = n + #piece end
@@ -563,8 +566,7 @@ function M.success_notices(opts)
         original = message,
         envelope = { from = env.from, envid = params.envid, ret = "hdrs", smtputf8 = params.smtputf8 },
         recipients = list,
-        reporting_mta = opts.reporting_mta or (session.server and session.server.config
-          and session.server.config.hostname) or "localhost",
+        reporting_mta = opts.reporting_mta or (session.config and session.config.hostname) or "localhost",
         arrival_date = session.arrival or os.time(),
       }
       if notice then
