@@ -1,7 +1,6 @@
 -- luasmtp.queue.dsn: every notice is parsed by Python's email package
 -- (spec/dsn_check.py), sent through the client into aiosmtpd, and the
 -- success notices are driven by a real SMTP session (smtplib).
-local luasmtp = require "luasmtp"
 local json = require "dkjson"
 local H = require "spec.helper"
 local fake = require "spec.fake_smtp"
@@ -306,7 +305,9 @@ end)
 describe("dsn.too_many_hops", function()
   local function with_received(n, body)
     local lines = {}
-    for i = 1, n do lines[i] = ("Received: from h%d.test by h%d.test; Tue, 1 Dec 2026 10:00:00 +0000"):format(i, i + 1) end
+    for i = 1, n do
+      lines[i] = ("Received: from h%d.test by h%d.test; Tue, 1 Dec 2026 10:00:00 +0000"):format(i, i + 1)
+    end
     lines[#lines + 1] = "Subject: loop"
     lines[#lines + 1] = ""
     lines[#lines + 1] = body or "Received: in the body does not count"
@@ -419,7 +420,8 @@ print("DONE")
 
   it("sends nothing for a message from the null sender or without NOTIFY=SUCCESS", function()
     local sent = {}
-    local plugin = dsn.success_notices { reporting_mta = "mx.test", send = function(n) sent[#sent + 1] = n return true end }
+    local plugin = dsn.success_notices { reporting_mta = "mx.test",
+      send = function(n) sent[#sent + 1] = n return true end }
     local message = { read = function() return "Subject: x\r\n\r\nbody\r\n" end }
     function message.chunks()
       local done = false
