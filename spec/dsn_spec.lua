@@ -377,7 +377,8 @@ describe("dsn.success_notices", function()
       })
       local sport = srv:addresses()[1].port
       local script = TMP .. "/smtplib_dsn.py"
-      H.writefile(script, ([[
+      local sf = assert(io.open(script, "wb"))
+      sf:write(([[
 import smtplib, sys
 msg = b"From: alice@example.org\r\nTo: bob@example.net\r\nSubject: report\r\n\r\nbody\r\n"
 with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=10) as s:
@@ -390,6 +391,7 @@ with smtplib.SMTP("127.0.0.1", %d, local_hostname="client.test", timeout=10) as 
     print(s.data(msg))
 print("DONE")
 ]]):format(sport))
+      sf:close()
       local out = TMP .. "/smtplib_dsn.out"
       os.remove(out)
       local pid = fake.external(("exec timeout 20 %s %s"):format(H.python3, shquote(script)), out)
