@@ -302,6 +302,34 @@ describe("dsn.orcpt", function()
   end)
 end)
 
+describe("dsn.recipient", function()
+  it("turns a reply or a client error into a recipient entry", function()
+    local r = dsn.recipient("bob@example.net", { code = 550, enhanced = "5.1.1", text = "No such user" },
+      { remote_mta = "mx.example.net" })
+    assert.same({ address = "bob@example.net", action = "failed", status = "5.1.1",
+                  diagnostic = "smtp; 550 5.1.1 No such user", remote_mta = "mx.example.net" }, r)
+    r = dsn.recipient("bob@example.net", { code = 451, text = "Try later" })
+    assert.equal("delayed", r.action)
+    assert.equal("4.0.0", r.status)
+    assert.equal("smtp; 451 Try later", r.diagnostic)
+    -- an enhanced code of the wrong class is not used
+    r = dsn.recipient("bob@example.net", { code = 554, enhanced = "2.0.0", text = "odd" })
+    assert.equal("5.0.0", r.status)
+    -- no reply at all: by the client's token
+    r = dsn.recipient("bob@example.net", { token = "refused", message = "connect to 192.0.2.1: refused" })
+    assert.same({ "delayed", "4.4.1", "X-luasmtp; connect to 192.0.2.1: refused" },
+      { r.action, r.status, r.diagnostic })
+    r = dsn.recipient("bob@example.net", { token = "dns", message = "SERVFAIL" }, { action = "failed" })
+    assert.same({ "failed", "5.4.3" }, { r.action, r.status })
+    -- and build takes it
+    local o = failure()
+    o.recipients = { r }
+    local m = parse(assert(dsn.build(o)).message)
+    assert.equal("5.4.3", m.recipients[1].Status)
+    assert.equal("X-luasmtp; SERVFAIL", m.recipients[1]["Diagnostic-Code"])
+  end)
+end)
+
 describe("dsn.too_many_hops", function()
   local function with_received(n, body)
     local lines = {}

@@ -200,6 +200,47 @@ function M.too_many_hops(header_block, max)
   return count > max, count
 end
 
+-- Status for an attempt that got no SMTP reply, by the client's token.
+local NO_REPLY_STATUS = {
+  refused = "4.4.1", timeout = "4.4.1", closed = "4.4.1", reset = "4.4.1", -- no answer from host
+  dns = "4.4.3", -- directory server failure
+  tls = "4.7.5", -- cryptographic failure (RFC 7672)
+}
+
+--- recipient(address, reply [, opts]) -> a recipient entry for build
+-- reply: an SMTP reply or the client's error ({code, enhanced, text} or
+-- {token, message} when there was no reply). The action follows the
+-- reply's class (5xx failed, 4xx delayed, 2xx relayed) unless
+-- opts.action says otherwise; the status is the reply's enhanced code
+-- when it fits that class, else the class with .0.0 (for an attempt
+-- without a reply, by the token: 4.4.1 no answer, 4.4.3 DNS, 4.7.5 TLS).
+-- opts: action, remote_mta, orcpt, last_attempt, will_retry_until.
+function M.recipient(address, reply, opts)
+  opts = opts or {}
+  assert(type(reply) == "table", "reply must be a table")
+  local entry = { address = address, orcpt = opts.orcpt, remote_mta = opts.remote_mta,
+                  last_attempt = opts.last_attempt, will_retry_until = opts.will_retry_until }
+  local code = math.tointeger(reply.code)
+  if code and code >= 200 and code <= 599 then
+    local class = tostring(code // 100)
+    entry.action = opts.action or ({ ["5"] = "failed", ["4"] = "delayed", ["2"] = "relayed" })[class]
+    assert(entry.action, "reply code " .. code .. " is no final or temporary reply")
+    class = ACTIONS[entry.action]
+    local enh = reply.enhanced
+    entry.status = (type(enh) == "string" and enh:sub(1, 1) == class and enh:match("^%d%.%d+%.%d+$"))
+      and enh or (class .. ".0.0")
+    local text = reply.text or (reply.lines and table.concat(reply.lines, " ")) or ""
+    entry.diagnostic = ("smtp; %d %s%s"):format(code, reply.enhanced and (reply.enhanced .. " ") or "", text)
+  else
+    entry.action = opts.action or "delayed"
+    local class = assert(ACTIONS[entry.action], "unknown action")
+    local status = NO_REPLY_STATUS[reply.token] or "4.0.0"
+    entry.status = class .. status:sub(2)
+    entry.diagnostic = "X-luasmtp; " .. tostring(reply.message or reply.token or "delivery failed")
+  end
+  return entry
+end
+
 ---------------------------------------------------------------------------
 -- The original message
 
