@@ -351,6 +351,18 @@ describe("dsn.too_many_hops", function()
   end)
 end)
 
+-- The one message aiosmtpd took: from the null sender to `sender`, a
+-- notice Python parses without defects.
+local function arrived_notice(log, sender)
+  local got = fake.messages(log)
+  assert.equal(1, #got)
+  assert.equal("<>", got[1].from) -- aiosmtpd's name for the null sender
+  assert.same({ sender }, got[1].to)
+  local m = parse(got[1].data)
+  assert.same({}, m.defects)
+  return m
+end
+
 describe("notices sent through the client", function()
   after_each(fake.cleanup)
 
@@ -361,12 +373,7 @@ describe("notices sent through the client", function()
       local res = assert(client.send { host = "127.0.0.1", port = port, tls = "none",
         from = notice.from, to = notice.to, body = notice.message })
       assert.is_true(res.ok)
-      local got = fake.messages(log)
-      assert.equal(1, #got)
-      assert.equal("<>", got[1].from) -- aiosmtpd's name for the null sender
-      assert.same({ "alice@example.org" }, got[1].to)
-      local m = parse(got[1].data)
-      assert.same({}, m.defects)
+      local m = arrived_notice(log, "alice@example.org")
       assert.equal("delivery-status", m.report_type)
       assert.equal("failed", m.recipients[1].Action)
       assert.equal("5.1.1", m.recipients[1].Status)
@@ -427,12 +434,7 @@ print("DONE")
       assert.matches("DONE", H.readfile(out))
       -- the notice went out from the session's task, before the 250
       assert.equal(1, #sent)
-      local got = fake.messages(log)
-      assert.equal(1, #got)
-      assert.equal("<>", got[1].from) -- aiosmtpd's name for the null sender
-      assert.same({ "alice@example.org" }, got[1].to)
-      local m = parse(got[1].data)
-      assert.same({}, m.defects)
+      local m = arrived_notice(log, "alice@example.org")
       assert.equal("Successful Mail Delivery Report", m.headers.Subject)
       assert.equal("ENV+1", m.per_message["Original-Envelope-Id"])
       assert.equal("dns; mx.test", m.per_message["Reporting-MTA"])
