@@ -608,7 +608,7 @@ function M.success_notices(opts)
         envelope = { from = env.from, envid = params.envid, ret = "hdrs", smtputf8 = params.smtputf8 },
         recipients = list,
         reporting_mta = opts.reporting_mta or (session.config and session.config.hostname) or "localhost",
-        arrival_date = session.arrival or os.time(),
+        arrival_date = os.time(), -- stored as it arrived
       }
       if notice then
         local ok, err = send(session, notice)
