@@ -114,7 +114,10 @@ local function address_field(addr, global, addr_type)
   if global then
     return clean(addr_type, false) .. "; " .. clean(addr, true)
   end
-  return clean(addr_type, false) .. "; " .. clean(utf8_xtext(addr), false)
+  if addr_type ~= "utf-8" then
+    return clean(addr_type, false) .. "; " .. clean(addr, false)
+  end
+  return "utf-8; " .. clean(utf8_xtext(addr), false)
 end
 
 --- orcpt(value) -> addr_type, address | nil, "invalid orcpt"
