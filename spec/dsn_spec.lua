@@ -10,8 +10,10 @@ local server = require "luasmtp.server"
 local store = require "luasmtp.store"
 
 local shquote = H.shquote
-local TMP = H.tmp .. "/dsn"
+local TMP = ("%s/dsn-%d"):format(H.tmp, math.random(1, 1e9)) -- one run's own files
 local runs = 0
+
+teardown(function() os.execute("rm -rf " .. shquote(TMP)) end)
 
 -- Parse a notice (a string or a chunk function) with Python's email
 -- package; returns what spec/dsn_check.py printed.
@@ -378,6 +380,30 @@ describe("notices sent through the client", function()
       assert.equal("failed", m.recipients[1].Action)
       assert.equal("5.1.1", m.recipients[1].Status)
       assert.equal("quarterly figures", m.attached.headers.Subject)
+      H.kill(pid)
+    end, 40)
+  end)
+  it("stream a large original through the client", function()
+    H.run(function()
+      local port, log, pid = fake.aiosmtpd("")
+      os.execute("mkdir -p " .. shquote(TMP))
+      local path = TMP .. "/stream.eml"
+      local f = assert(io.open(path, "wb"))
+      f:write("From: alice@example.org\r\nSubject: streamed\r\n\r\n")
+      for i = 1, 30000 do f:write(("line %05d of the original\r\n"):format(i)) end
+      f:close()
+      f = assert(io.open(path, "rb"))
+      local notice = assert(dsn.build(failure { original = f }))
+      assert.equal("function", type(notice.message))
+      local res = assert(client.send { host = "127.0.0.1", port = port, tls = "none", from = notice.from,
+        to = notice.to, body = notice.message, size = notice.size, body_type = notice.body_type })
+      f:close()
+      assert.is_true(res.ok)
+      local m = arrived_notice(log, "alice@example.org")
+      assert.equal("message/rfc822", m.attached.content_type)
+      assert.equal("streamed", m.attached.headers.Subject)
+      assert.matches("^line 00001 of the original\r\n", m.attached.body)
+      assert.matches("line 30000 of the original\r\n$", m.attached.body)
       H.kill(pid)
     end, 40)
   end)
