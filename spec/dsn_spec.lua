@@ -244,6 +244,12 @@ describe("dsn.build", function()
     o = failure()
     o.recipients[1].status = "2.0.0" -- does not fit "failed"
     assert.has_error(function() dsn.build(o) end)
+    o.recipients[1].status = "4.4.7" -- failed after the last temporary error: kept
+    assert.equal("4.4.7", parse(assert(dsn.build(o)).message).recipients[1].Status)
+    o.recipients[1].action = "delayed"
+    o.recipients[1].status = "5.1.1" -- does not fit "delayed"
+    assert.has_error(function() dsn.build(o) end)
+    o.recipients[1].action = "failed"
     o.recipients[1].status, o.recipients[1].action = "5.1.1", "bounced"
     assert.has_error(function() dsn.build(o) end)
     o.recipients[1].action, o.recipients[1].status = "failed", "550"

@@ -393,7 +393,8 @@ local function status_fields(o, recipients, global)
   local env = o.envelope
   local out = { field("Reporting-MTA", "dns; " .. clean(o.reporting_mta, global)) }
   if env.envid then out[#out + 1] = field("Original-Envelope-Id", clean(env.envid, global)) end
-  if o.arrival_date then out[#out + 1] = field("Arrival-Date", M.date(o.arrival_date)) end
+  local arrival = o.arrival_date or env.received_at
+  if arrival then out[#out + 1] = field("Arrival-Date", M.date(arrival)) end
   out[#out + 1] = ""
   for _, r in ipairs(recipients) do
     if r.orcpt then
@@ -424,7 +425,10 @@ local function check_recipient(r, i)
   local status = r.status or (class .. ".0.0")
   assert(type(status) == "string" and status:match("^[245]%.%d%d?%d?%.%d%d?%d?$"),
     "recipients[" .. i .. "].status must be an enhanced status code")
-  assert(status:sub(1, 1) == class, "recipients[" .. i .. "]: status " .. status .. " does not fit " .. r.action)
+  -- a recipient that failed after its last temporary error (the queue's
+  -- lifetime ran out) keeps that 4.x.x status, as Postfix does
+  local fits = status:sub(1, 1) == class or (r.action == "failed" and status:sub(1, 1) == "4")
+  assert(fits, "recipients[" .. i .. "]: status " .. status .. " does not fit " .. r.action)
   local copy = {}
   for k, v in pairs(r) do copy[k] = v end
   copy.status = status
@@ -434,7 +438,8 @@ end
 --- build(opts) -> notice | nil, "null sender"
 -- opts: original (the message: a string, or the header block alone; an
 -- open file; or the server's message object), envelope = {from, envid,
--- ret = "full"|"hdrs", smtputf8}, recipients = {{address, orcpt,
+-- ret = "full"|"hdrs", smtputf8, received_at (when arrival_date is not
+-- given)}, recipients = {{address, orcpt,
 -- action, status, remote_mta, diagnostic, last_attempt,
 -- will_retry_until}} (times in seconds since the epoch), reporting_mta
 -- (our host name), arrival_date, now (default os.time()),
@@ -590,7 +595,7 @@ function M.success_notices(opts)
   assert(action == "delivered" or action == "relayed" or action == "expanded", "action must be a success action")
   local function send(session, notice)
     if opts.queue then
-      return opts.queue:enqueue { from = "", rcpt = { { address = notice.to[1], notify = { never = true } } },
+      return opts.queue:enqueue { from = "", rcpt = { { address = notice.to[1], notify = "NEVER" } },
                                   body = notice.message }
     end
     return opts.send(notice, session)
