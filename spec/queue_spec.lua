@@ -551,3 +551,51 @@ describe("luasmtp queue", function()
     end, 60)
   end)
 end)
+
+describe("queue interop", function()
+  local postfix = require "spec.postfix"
+  local dovecot = require "spec.dovecot"
+  after_each(function()
+    postfix.cleanup()
+    dovecot.cleanup()
+  end)
+
+  it("relays through the queue into Postfix's smtpd", function()
+    H.run(function()
+      local pf = postfix.start {}
+      local dir = fresh_dir("postfix")
+      local q = open(dir, { route = smarthost(pf.port) })
+      local a = assert(q:enqueue { from = "a@client.test", rcpt = { "b@dest.test", "c@dest.test" }, body = msg(1) })
+      assert(q:enqueue { from = "", rcpt = { "d@dest.test" }, body = msg(2) })
+      assert(drain(q, 30), "not delivered: " .. pf:logtext())
+      local queued = {}
+      for _, m in ipairs(pf:queue("hold")) do queued[m.sender .. ">" .. table.concat(m.recipients, ",")] = m end
+      assert.is_table(queued["a@client.test>b@dest.test,c@dest.test"], pf:logtext())
+      assert.is_table(queued[">d@dest.test"], pf:logtext())
+      assert.is_nil(q.entries[a])
+      pf:stop()
+    end, 90)
+  end)
+
+  it("delivers through the queue into Dovecot's LMTP on a UNIX socket; an unknown user fails", function()
+    H.run(function()
+      local dc = dovecot.start { users = { "bob@example.test" } }
+      local dir = fresh_dir("dovecot")
+      local notices = {}
+      local q = open(dir, { route = function() return { kind = "lmtp", path = dc.lmtp } end,
+        on_notice = function(_, list) for _, n in ipairs(list) do notices[#notices + 1] = n end end })
+      assert(q:enqueue { from = "a@client.test", body = msg(1),
+        rcpt = { { address = "bob@example.test", notify = "SUCCESS,FAILURE" }, "nobody@example.test" } })
+      assert(drain(q, 30), "not delivered: " .. dc:logtext())
+      local msgs = dc:maildir("bob@example.test")
+      assert.equal(1, #msgs, dc:logtext())
+      assert.matches("Message%-ID: <m1@test>", msgs[1].data)
+      table.sort(notices, function(x, y) return x.address < y.address end)
+      assert.equal(2, #notices)
+      assert.equal("delivered", notices[1].action) -- LMTP is final delivery: NOTIFY=SUCCESS is ours
+      assert.equal("failed", notices[2].action)
+      assert.equal("5.1.1", notices[2].status)
+      dc:stop()
+    end, 90)
+  end)
+end)
