@@ -471,3 +471,131 @@ describe("queue routes", function()
     end, 30)
   end)
 end)
+
+describe("luasmtp queue", function()
+  local dkjson = require "dkjson"
+  local function tool(dir, args)
+    local p = assert(io.popen("lua5.4 " .. H.shquote(H.root .. "/bin/luasmtp") .. " queue --dir "
+      .. H.shquote(dir) .. " " .. args .. " 2>&1"))
+    local text = p:read("a")
+    local ok = p:close()
+    return text, ok
+  end
+
+  local function until_true(fn)
+    local deadline = luasmtp.update_now() + 10
+    while not fn() and luasmtp.update_now() < deadline do luasmtp.sleep(0.05) end
+    return fn()
+  end
+
+  it("lists, shows, holds, releases, flushes, bounces and deletes while the scheduler runs", function()
+    H.run(function()
+      local dir = fresh_dir("tool")
+      local _, port = receiver { data = function() return server.reply(451, "4.3.0", "later") end }
+      local notices = {}
+      local q = open(dir, { route = smarthost(port), retry = { 3600 },
+        on_notice = function(e, list) notices[#notices + 1] = { id = e.id, list = list } end })
+      local a = assert(q:enqueue { from = "a@test", rcpt = { "b@one.test" }, body = msg(1) })
+      local b = assert(q:enqueue { from = "a@test", rcpt = { "c@two.test", "d@two.test" }, body = msg(2) })
+      q:start()
+      assert(until_true(function()
+        return q.entries[a].rcpt[1].attempts == 1 and q.entries[b].rcpt[2].attempts == 1
+      end))
+
+      local text, ok = tool(dir, "--json list")
+      assert(ok, text)
+      local list = assert(dkjson.decode(text))
+      assert.equal(2, #list)
+      local byid = {}
+      for _, e in ipairs(list) do byid[e.id] = e end
+      assert.equal("451 4.3.0 later", byid[a].recipients[1].last_reply)
+      assert.equal(1, byid[a].recipients[1].attempts)
+      assert.equal(2, #byid[b].recipients)
+
+      text = assert(tool(dir, "--json stats"))
+      local st = assert(dkjson.decode(text))
+      assert.equal(2, st.messages)
+      assert.equal(3, st.recipients)
+      assert.equal(2, st.destinations["two.test"])
+
+      text = tool(dir, "show " .. a)
+      assert.matches("from: <a@test>", text)
+      assert.matches("Message%-ID: <m1@test>", text)
+      assert.matches("rcpt: <b@one%.test> pending attempts 1", text)
+
+      assert(tool(dir, "hold " .. a))
+      assert(until_true(function() return q.entries[a].held end))
+      assert(tool(dir, "flush"))
+      assert(until_true(function() return q.entries[b].rcpt[1].attempts == 2 end))
+      assert.equal(1, q.entries[a].rcpt[1].attempts) -- held: not flushed
+      text = tool(dir, "list")
+      assert.matches(a .. " !", text, 1, true)
+
+      assert(tool(dir, "release " .. a))
+      assert(until_true(function() return not q.entries[a].held and q.entries[a].rcpt[1].attempts == 2 end))
+
+      assert(tool(dir, "bounce " .. b))
+      assert(until_true(function() return q.entries[b] == nil end))
+      assert.equal(1, #notices)
+      assert.equal(b, notices[1].id)
+      assert.equal(2, #notices[1].list)
+      assert.equal("failed", notices[1].list[1].action)
+
+      assert(tool(dir, "delete " .. a))
+      assert(until_true(function() return q.entries[a] == nil end))
+      assert.equal(1, #notices)
+      q:stop()
+      assert.matches("queue is empty", (tool(dir, "list")))
+      local _, found = tool(dir, "show " .. a)
+      assert.is_falsy(found)
+    end, 60)
+  end)
+end)
+
+describe("queue interop", function()
+  local postfix = require "spec.postfix"
+  local dovecot = require "spec.dovecot"
+  after_each(function()
+    postfix.cleanup()
+    dovecot.cleanup()
+  end)
+
+  it("relays through the queue into Postfix's smtpd", function()
+    H.run(function()
+      local pf = postfix.start {}
+      local dir = fresh_dir("postfix")
+      local q = open(dir, { route = smarthost(pf.port) })
+      local a = assert(q:enqueue { from = "a@client.test", rcpt = { "b@dest.test", "c@dest.test" }, body = msg(1) })
+      assert(q:enqueue { from = "", rcpt = { "d@dest.test" }, body = msg(2) })
+      assert(drain(q, 30), "not delivered: " .. pf:logtext())
+      local queued = {}
+      for _, m in ipairs(pf:queue("hold")) do queued[m.sender .. ">" .. table.concat(m.recipients, ",")] = m end
+      assert.is_table(queued["a@client.test>b@dest.test,c@dest.test"], pf:logtext())
+      assert.is_table(queued[">d@dest.test"], pf:logtext())
+      assert.is_nil(q.entries[a])
+      pf:stop()
+    end, 90)
+  end)
+
+  it("delivers through the queue into Dovecot's LMTP on a UNIX socket; an unknown user fails", function()
+    H.run(function()
+      local dc = dovecot.start { users = { "bob@example.test" } }
+      local dir = fresh_dir("dovecot")
+      local notices = {}
+      local q = open(dir, { route = function() return { kind = "lmtp", path = dc.lmtp } end,
+        on_notice = function(_, list) for _, n in ipairs(list) do notices[#notices + 1] = n end end })
+      assert(q:enqueue { from = "a@client.test", body = msg(1),
+        rcpt = { { address = "bob@example.test", notify = "SUCCESS,FAILURE" }, "nobody@example.test" } })
+      assert(drain(q, 30), "not delivered: " .. dc:logtext())
+      local msgs = dc:maildir("bob@example.test")
+      assert.equal(1, #msgs, dc:logtext())
+      assert.matches("Message%-ID: <m1@test>", msgs[1].data)
+      table.sort(notices, function(x, y) return x.address < y.address end)
+      assert.equal(2, #notices)
+      assert.equal("delivered", notices[1].action) -- LMTP is final delivery: NOTIFY=SUCCESS is ours
+      assert.equal("failed", notices[2].action)
+      assert.equal("5.1.1", notices[2].status)
+      dc:stop()
+    end, 90)
+  end)
+end)

@@ -62,7 +62,7 @@ local function collect(q, now)
             r.next_attempt = d.backoff_until
           else
             if not groups[key] then
-              groups[key] = { entry = e, idxs = {}, route = route }
+              groups[key] = { entry = e, idxs = {}, route = route, forced = e.flush }
               order[#order + 1] = key
             end
             table.insert(groups[key].idxs, i)
@@ -95,7 +95,7 @@ local function worker(q, d)
     local job = table.remove(d.ready, 1)
     if not job then break end
     local now = core.time()
-    if d.backoff_until > now then
+    if d.backoff_until > now and not job.forced then
       requeue(job, d.backoff_until)
     else
       if d.rate and d.next_start > now then
@@ -113,8 +113,12 @@ end
 local function dispatch(q)
   local now = core.time()
   for _, d in pairs(q.dests) do
-    while #d.ready > 0 and d.backoff_until > now do
-      requeue(table.remove(d.ready, 1), d.backoff_until)
+    if d.backoff_until > now then
+      local keep = {}
+      for _, job in ipairs(d.ready) do
+        if job.forced then keep[#keep + 1] = job else requeue(job, d.backoff_until) end
+      end
+      d.ready = keep
     end
     while #d.ready > 0 and d.active < d.limit and q.active < q.opts.max_connections do
       d.active = d.active + 1
