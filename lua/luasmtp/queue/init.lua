@@ -163,7 +163,7 @@ function Queue:notice(e, list)
   if #send == 0 then return true end
   local n = dsn.build { original = read_original(e), envelope = e, recipients = send,
     reporting_mta = self.hostname, ret = e.ret, envid = e.envid, smtputf8 = e.smtputf8 }
-  return self:enqueue { from = n.from or "", rcpt = { { address = n.to, notify = "NEVER" } }, body = n.message }
+  return self:enqueue { from = n.from or "", rcpt = { { address = n.to[1], notify = "NEVER" } }, body = n.message }
 end
 
 local function final(q, e, i, r, action, reply, remote, now)
