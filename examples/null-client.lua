@@ -7,19 +7,20 @@
 -- MAILTO and the aliases of local accounts at full addresses.
 --
 --   luasmtp serve examples/null-client.lua --queue var/queue \
---       [--listen 127.0.0.1:25] [--smarthost HOST[:PORT]] [--hostname NAME]
+--       [--listen 127.0.0.1:25] [--smarthost HOST[:PORT] [--smarthost-tls starttls|none]]
+--       [--hostname NAME]
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local getopt = require "luasmtp.getopt"
 local queue = require "luasmtp.queue"
 
 local usage = [=[
-usage: null-client.lua --queue DIR [--listen 127.0.0.1:PORT] [--smarthost HOST[:PORT]]
-                       [--hostname NAME]
+usage: null-client.lua --queue DIR [--listen 127.0.0.1:PORT]
+                       [--smarthost HOST[:PORT] [--smarthost-tls starttls|none]] [--hostname NAME]
 ]=]
 local opts = getopt.run(function(argv)
   local o = getopt.parse(argv, { queue = "string", listen = "string", smarthost = "string",
-    hostname = "string" })
+    ["smarthost-tls"] = "string", hostname = "string" })
   if not o.queue then error({ usage = true, message = "--queue is required" }, 0) end
   local host = require("luasmtp.net").parse_address(o.listen or "127.0.0.1:25", 25)
   if not host or not (host:match("^127%.") or host == "::1") then
@@ -34,24 +35,23 @@ local route
 if opts.smarthost then
   local host, port = require("luasmtp.net").parse_address(opts.smarthost, 25)
   assert(host, "bad --smarthost: " .. opts.smarthost)
-  route = { smarthost = { host = host, port = port, tls = "starttls" } }
+  route = { kind = "smarthost", host = host, port = port, tls = opts["smarthost-tls"] or "starttls" }
 else
-  route = { mx = { tls_policy = "dane" } }
+  route = { kind = "mx", tls_policy = "dane" }
 end
 
-local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = route })
+local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = function() return route end })
+q:start()
 
 local srv = assert(server.new {
   listen = opts.listen or "127.0.0.1:25",
   hostname = hostname,
   dsn = true,
-  plugins = {
-    server.plugins.limits(),
-    server.plugins.received(),
-    queue.plugin(q),
-  },
+  hooks = queue.plugin(q),
 })
 for _, a in ipairs(srv:addresses()) do
   io.stderr:write(("null client listening on %s, relaying %s\n"):format(luasmtp.format_address(a.address, a.port),
     opts.smarthost and ("through " .. opts.smarthost) or "to MX hosts"))
 end
+
+return { stop = function() q:stop() end }

@@ -8,7 +8,7 @@
 --
 --   luasmtp serve examples/relay.lua --listen 127.0.0.1:5870 --listen-tls 127.0.0.1:4650 \
 --       --tls-cert cert.pem --tls-key key.pem --users users.passwd --queue var/queue \
---       [--smarthost HOST[:PORT] [--smarthost-tls starttls|implicit|none]
+--       [--smarthost HOST[:PORT] [--smarthost-tls starttls|implicit|none] [--smarthost-cafile FILE]
 --        [--smarthost-user USER --smarthost-password-file FILE]]
 --       [--tls-policy dane] [--mta-sts-cache DIR] [--dns-server ADDR[:PORT]] [--hostname NAME]
 local luasmtp = require "luasmtp"
@@ -21,13 +21,14 @@ local usage = [=[
 usage: relay.lua --listen ADDR:PORT | --listen-tls ADDR:PORT  --tls-cert FILE --tls-key FILE
                  --users FILE --queue DIR [--hostname NAME]
                  [--smarthost HOST[:PORT] [--smarthost-tls starttls|implicit|none]
-                  [--smarthost-user USER --smarthost-password-file FILE]]
+                  [--smarthost-cafile FILE] [--smarthost-user USER --smarthost-password-file FILE]]
                  [--tls-policy LEVEL] [--mta-sts-cache DIR] [--dns-server ADDR[:PORT]]
 ]=]
 local opts = getopt.run(function(argv)
   local o = getopt.parse(argv, { listen = "string", ["listen-tls"] = "string", ["tls-cert"] = "string",
     ["tls-key"] = "string", users = "string", queue = "string", hostname = "string",
-    smarthost = "string", ["smarthost-tls"] = "string", ["smarthost-user"] = "string",
+    smarthost = "string", ["smarthost-tls"] = "string", ["smarthost-cafile"] = "string",
+    ["smarthost-user"] = "string",
     ["smarthost-password-file"] = "string", ["tls-policy"] = "string", ["mta-sts-cache"] = "string",
     ["dns-server"] = "string" })
   for _, k in ipairs { "tls-cert", "tls-key", "users", "queue" } do
@@ -61,7 +62,8 @@ if opts.smarthost then
     assert(password and password ~= "", "the smarthost password file is empty")
     auth = { user = opts["smarthost-user"], password = password }
   end
-  route = { smarthost = { host = host, port = port, tls = opts["smarthost-tls"] or "starttls", auth = auth } }
+  route = { kind = "smarthost", host = host, port = port, tls = opts["smarthost-tls"] or "starttls",
+            cafile = opts["smarthost-cafile"], auth = auth }
 else
   local dns = require "luasmtp.dns"
   if opts["dns-server"] then
@@ -74,10 +76,11 @@ else
   if opts["mta-sts-cache"] then
     mtasts = require("luasmtp.delivery.mtasts").new { cache_dir = opts["mta-sts-cache"], dns_query = dns.query }
   end
-  route = { mx = { tls_policy = opts["tls-policy"] or "dane", dns = dns, mtasts = mtasts } }
+  route = { kind = "mx", tls_policy = opts["tls-policy"] or "dane", dns = dns, mtasts = mtasts }
 end
 
-local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = route })
+local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = function() return route end })
+q:start()
 
 local listen = {}
 if opts.listen then listen[#listen + 1] = opts.listen end
@@ -88,15 +91,14 @@ local srv = assert(server.new {
   hostname = hostname,
   tls = tls,
   auth = { verifier = users },
-  dsn = true, -- the queue honours NOTIFY, RET, ENVID and ORCPT
-  plugins = {
-    server.plugins.submission(), -- MAIL needs AUTH
-    server.plugins.limits(),
-    server.plugins.received(),
-    queue.plugin(q), -- deliver phase: the 250 once the message is in the queue
-  },
+  submission = true, -- MAIL needs AUTH
+  dsn = true,        -- the queue honours NOTIFY, RET, ENVID and ORCPT
+  hooks = queue.plugin(q), -- the 250 once the message is in the queue
 })
 for _, a in ipairs(srv:addresses()) do
   io.stderr:write(("relay listening on %s, relaying %s\n"):format(luasmtp.format_address(a.address, a.port),
     opts.smarthost and ("through " .. opts.smarthost) or "to MX hosts"))
 end
+
+-- SIGTERM: deliveries in flight finish, the rest stays queued
+return { stop = function() q:stop() end }
