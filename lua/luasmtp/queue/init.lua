@@ -91,7 +91,14 @@ function Queue:enqueue(m)
     if type(r) == "string" then r = { address = r } end
     assert(type(r.address) == "string", "enqueue: a recipient needs an address")
     local notify = r.notify
-    if type(notify) == "table" then notify = table.concat(notify, ",") end
+    if type(notify) == "table" then -- a list {"SUCCESS", ...} or the server's set {success = true}
+      local list = {}
+      for k, v in pairs(notify) do
+        if type(k) == "number" then list[#list + 1] = tostring(v) elseif v then list[#list + 1] = k end
+      end
+      table.sort(list)
+      notify = #list > 0 and table.concat(list, ",") or nil
+    end
     rcpt[i] = { address = r.address, notify = notify and notify:upper(), orcpt = r.orcpt }
   end
   local e = { id = store.new_id(), from = m.from, rcpt = rcpt, ret = m.ret, envid = m.envid,
