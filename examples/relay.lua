@@ -10,7 +10,8 @@
 --       --tls-cert cert.pem --tls-key key.pem --users users.passwd --queue var/queue \
 --       [--smarthost HOST[:PORT] [--smarthost-tls starttls|implicit|none] [--smarthost-cafile FILE]
 --        [--smarthost-user USER --smarthost-password-file FILE]]
---       [--tls-policy dane] [--mta-sts-cache DIR] [--dns-server ADDR[:PORT]] [--hostname NAME]
+--       [--tls-policy dane] [--mta-sts-cache DIR] [--dns-server ADDR[:PORT]] [--port PORT]
+--       [--hostname NAME]
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local credentials = require "luasmtp.credentials"
@@ -23,6 +24,7 @@ usage: relay.lua --listen ADDR:PORT | --listen-tls ADDR:PORT  --tls-cert FILE --
                  [--smarthost HOST[:PORT] [--smarthost-tls starttls|implicit|none]
                   [--smarthost-cafile FILE] [--smarthost-user USER --smarthost-password-file FILE]]
                  [--tls-policy LEVEL] [--mta-sts-cache DIR] [--dns-server ADDR[:PORT]]
+                 [--port PORT (of the MX hosts, 25)]
 ]=]
 local opts = getopt.run(function(argv)
   local o = getopt.parse(argv, { listen = "string", ["listen-tls"] = "string", ["tls-cert"] = "string",
@@ -30,7 +32,7 @@ local opts = getopt.run(function(argv)
     smarthost = "string", ["smarthost-tls"] = "string", ["smarthost-cafile"] = "string",
     ["smarthost-user"] = "string",
     ["smarthost-password-file"] = "string", ["tls-policy"] = "string", ["mta-sts-cache"] = "string",
-    ["dns-server"] = "string" })
+    ["dns-server"] = "string", port = "number" })
   for _, k in ipairs { "tls-cert", "tls-key", "users", "queue" } do
     if not o[k] then error({ usage = true, message = "--" .. k .. " is required" }, 0) end
   end
@@ -76,7 +78,8 @@ else
   if opts["mta-sts-cache"] then
     mtasts = require("luasmtp.delivery.mtasts").new { cache_dir = opts["mta-sts-cache"], dns_query = dns.query }
   end
-  route = { kind = "mx", tls_policy = opts["tls-policy"] or "dane", dns = dns, mtasts = mtasts }
+  route = { kind = "mx", tls_policy = opts["tls-policy"] or "dane", dns = dns, mtasts = mtasts,
+            port = opts.port and math.tointeger(opts.port) }
 end
 
 local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = function() return route end })

@@ -126,6 +126,70 @@ print("DONE")
   end)
 end)
 
+describe("examples/relay.lua to the MX", function()
+  after_each(fake.cleanup)
+
+  it("delivers through the queue to the signed test zone's MX with DANE and bounces a refused recipient", function()
+    H.need("python3 aiosmtpd", "python3 smtplib TLS", "nsd", "unbound", "ldnsutils")
+    local rig_mod = require "spec.dnssec_rig"
+    local certs = H.certs()
+    local mx_port = H.free_port()
+    local rig = rig_mod.start {
+      records = {
+        "dane IN MX 10 mx-dane",
+        "mx-dane IN A 127.0.0.31",
+        rig_mod.tlsa_record("_" .. mx_port .. "._tcp.mx-dane", 3, 1, 1, certs .. "/server.pem"),
+      },
+    }
+    local ok, err = pcall(H.run, function()
+      os.execute("mkdir -p " .. shquote(TMP))
+      -- the MX: aiosmtpd with STARTTLS and the certificate the TLSA record names
+      local mx_log = TMP .. "/mx.jsonl"
+      fake.external(("exec timeout 60 %s %s --host 127.0.0.31 --port %d --tls starttls --cert %s --key %s "
+        .. "--log %s --lifetime 50"):format(H.python3, shquote(H.root .. "/spec/aiosmtpd_server.py"), mx_port,
+        shquote(certs .. "/server.pem"), shquote(certs .. "/server.key"), shquote(mx_log)), TMP .. "/mx.out")
+      H.wait_port(mx_port, "127.0.0.31", 10)
+      H.writefile(TMP .. "/users.passwd", "alice:{PLAIN}s3cret\n")
+      local sub = H.free_port()
+      local pid = serve("relay.lua", ("--listen 127.0.0.1:%d --tls-cert %s --tls-key %s --users %s --queue %s "
+        .. "--hostname relay.test --dns-server %s --port %d --tls-policy dane-only"):format(sub,
+        shquote(certs .. "/server.pem"), shquote(certs .. "/server.key"), shquote(TMP .. "/users.passwd"),
+        shquote(TMP .. "/mxqueue"), rig.server, mx_port), TMP .. "/relay-mx.log")
+      H.wait_port(sub)
+      local out = python("submit_mx", ([[
+import smtplib, ssl
+ctx = ssl.create_default_context(cafile=%q)
+with smtplib.SMTP("localhost", %d, timeout=10) as s:
+    s.starttls(context=ctx)
+    s.login("alice", "s3cret")
+    print("sent", s.sendmail("alice@dane.example.test", ["bob@dane.example.test", "reject-x@dane.example.test"],
+          b"From: alice@dane.example.test\r\nSubject: via DANE\r\n\r\nhello\r\n"))
+]]):format(certs .. "/ca.pem", sub))
+      assert.matches("sent {}", out, 1, true)
+      local got = wait_messages(mx_log, 2)
+      local relayed, notice
+      for _, m in ipairs(got) do
+        if m.from == "<>" then notice = m else relayed = m end
+      end
+      assert.truthy(relayed, "the relayed message")
+      assert.same({ "bob@dane.example.test" }, relayed.to)
+      assert.is_true(relayed.tls, "delivered over TLS")
+      assert.matches("Subject: via DANE", relayed.data, 1, true)
+      assert.truthy(notice, "the bounce")
+      assert.same({ "alice@dane.example.test" }, notice.to)
+      local m = parse_dsn(notice.data)
+      assert.equal("rfc822; reject-x@dane.example.test", m.recipients[1]["Final-Recipient"])
+      assert.equal("failed", m.recipients[1].Action)
+      assert.equal("5.1.1", m.recipients[1].Status)
+      assert.equal("dns; mx-dane.example.test", m.recipients[1]["Remote-MTA"])
+      os.execute("kill -TERM " .. math.tointeger(pid))
+      assert.is_true(H.wait_pid(pid, 40), "relay did not stop on SIGTERM")
+    end, 90)
+    rig:stop()
+    if not ok then error(err, 0) end
+  end)
+end)
+
 describe("examples/null-client.lua", function()
   after_each(fake.cleanup)
 
