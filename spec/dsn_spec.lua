@@ -482,6 +482,37 @@ print("DONE")
     end, 60)
   end)
 
+  it("queues the notice from the null sender when given the queue", function()
+    local queue = require "luasmtp.queue"
+    os.execute("mkdir -p " .. shquote(TMP))
+    local q = assert(queue.open { dir = TMP .. "/queue", hostname = "mx.test", log = function() end })
+    local plugin = dsn.success_notices { queue = q }
+    local message = { size = 26 }
+    function message.chunks()
+      local done = false
+      return function() if not done then done = true return "Subject: stored\r\n\r\nbody\r\n" end end
+    end
+    local session = { config = { hostname = "mx.test" },
+                      envelope = { from = "alice@example.org", params = { envid = "E7" },
+                                   rcpt = { "bob@example.net", "carol@example.net" },
+                                   rcpt_params = { { notify = { success = true } }, {} } } }
+    assert.is_nil(plugin.deliver(session, message))
+    local entries = {}
+    for _, e in pairs(q.entries) do entries[#entries + 1] = e end
+    assert.equal(1, #entries)
+    assert.equal("", entries[1].from)
+    assert.equal(1, #entries[1].rcpt)
+    assert.equal("alice@example.org", entries[1].rcpt[1].address)
+    assert.equal("NEVER", entries[1].rcpt[1].notify)
+    local m = parse(H.readfile(entries[1].body_path))
+    assert.equal("dns; mx.test", m.per_message["Reporting-MTA"])
+    assert.equal("E7", m.per_message["Original-Envelope-Id"])
+    assert.equal(1, #m.recipients)
+    assert.equal("rfc822; bob@example.net", m.recipients[1]["Final-Recipient"])
+    assert.equal("delivered", m.recipients[1].Action)
+    assert.equal("stored", m.attached.headers.Subject)
+  end)
+
   it("sends nothing for a message from the null sender or without NOTIFY=SUCCESS", function()
     local sent = {}
     local plugin = dsn.success_notices { reporting_mta = "mx.test",
