@@ -91,11 +91,11 @@ function Queue:enqueue(m)
     if type(r) == "string" then r = { address = r } end
     assert(type(r.address) == "string", "enqueue: a recipient needs an address")
     local notify = r.notify
-    if type(notify) == "table" then -- a list {"SUCCESS", ...} or the server's set {success = true}
+    if type(notify) == "table" and #notify > 0 then -- a list {"SUCCESS", ...}
+      notify = table.concat(notify, ",")
+    elseif type(notify) == "table" then -- the server's set {success = true, ...}
       local list = {}
-      for k, v in pairs(notify) do
-        if type(k) == "number" then list[#list + 1] = tostring(v) elseif v then list[#list + 1] = k end
-      end
+      for k, v in pairs(notify) do if v then list[#list + 1] = k end end
       table.sort(list)
       notify = #list > 0 and table.concat(list, ",") or nil
     end
