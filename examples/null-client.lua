@@ -47,7 +47,11 @@ local srv = assert(server.new {
   listen = opts.listen or "127.0.0.1:25",
   hostname = hostname,
   dsn = true,
-  hooks = queue.plugin(q),
+  plugins = { -- no relay guard: only this machine can connect
+    server.plugins.limits(),
+    server.plugins.received(),
+    queue.plugin(q),
+  },
 })
 for _, a in ipairs(srv:addresses()) do
   io.stderr:write(("null client listening on %s, relaying %s\n"):format(luasmtp.format_address(a.address, a.port),

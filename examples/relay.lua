@@ -94,9 +94,13 @@ local srv = assert(server.new {
   hostname = hostname,
   tls = tls,
   auth = { verifier = users },
-  submission = true, -- MAIL needs AUTH
-  dsn = true,        -- the queue honours NOTIFY, RET, ENVID and ORCPT
-  hooks = queue.plugin(q), -- the 250 once the message is in the queue
+  dsn = true, -- the queue honours NOTIFY, RET, ENVID and ORCPT
+  plugins = {
+    server.plugins.submission(), -- MAIL needs AUTH
+    server.plugins.limits(),
+    server.plugins.received(),
+    queue.plugin(q), -- deliver phase: the 250 once the message is in the queue
+  },
 })
 for _, a in ipairs(srv:addresses()) do
   io.stderr:write(("relay listening on %s, relaying %s\n"):format(luasmtp.format_address(a.address, a.port),
