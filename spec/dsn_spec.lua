@@ -7,7 +7,6 @@ local fake = require "spec.fake_smtp"
 local dsn = require "luasmtp.queue.dsn"
 local client = require "luasmtp.client"
 local server = require "luasmtp.server"
-local store = require "luasmtp.store"
 
 local shquote = H.shquote
 local TMP = ("%s/dsn-%d"):format(H.tmp, math.random(1, 1e9)) -- one run's own files
@@ -422,7 +421,7 @@ describe("dsn.success_notices", function()
     H.need("python3 aiosmtpd")
     H.run(function()
       local port, log, aio_pid = fake.aiosmtpd("")
-      local maildir = store.maildir(TMP .. "/Maildir-" .. os.time() .. "-" .. math.random(1e6))
+      local maildir_dir = TMP .. "/Maildir"
       local sent = {}
       local plugin = dsn.success_notices {
         reporting_mta = "mx.test",
@@ -434,13 +433,8 @@ describe("dsn.success_notices", function()
       }
       local srv = assert(server.new {
         listen = "127.0.0.1:0", hostname = "mx.test", dsn = true, logger = function() end,
-        hooks = {
-          on_data = function(session, message)
-            local ok, reply = maildir:deliver(message)
-            if not ok then return reply end
-            plugin.deliver(session, message)
-          end,
-        },
+        -- the store first; the notice plugin runs only when it has stored the message
+        plugins = { server.plugins.received(), server.plugins.maildir(maildir_dir), plugin },
       })
       local sport = srv:addresses()[1].port
       local script = TMP .. "/smtplib_dsn.py"
@@ -477,6 +471,11 @@ print("DONE")
       assert.equal("2.0.0", m.recipients[1].Status)
       assert.equal("text/rfc822-headers", m.attached.content_type)
       assert.equal("report", m.attached.headers.Subject)
+      assert.matches("^Received: from client%.test", m.attached.headers.Received and
+        ("Received: " .. m.attached.headers.Received) or "")
+      local p = assert(io.popen("cat " .. shquote(maildir_dir) .. "/new/*"))
+      assert.matches("Subject: report", p:read("a"), 1, true)
+      p:close()
       srv:close()
       H.kill(aio_pid)
     end, 60)
