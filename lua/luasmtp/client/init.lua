@@ -40,6 +40,7 @@ local M = {
   Session = session.Session,
   connect = session.connect,
   connect_tls = session.connect_tls,
+  tls_context = session.tls_context,
 }
 
 --- send(opts) -> result | nil, token, err
