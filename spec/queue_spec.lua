@@ -323,6 +323,25 @@ describe("queue scheduler", function()
     end, 30)
   end)
 
+  it("sends one delay warning after delay_warning, then delivers", function()
+    H.run(function()
+      local dir = fresh_dir("delay")
+      local _, port, got = receiver { data = function(_, _, attempt)
+        if attempt <= 3 then return server.reply(451, "4.7.1", "greylisted") end
+      end }
+      local notices = {}
+      local q = open(dir, { route = smarthost(port), delay_warning = 0,
+        on_notice = function(_, list) for _, n in ipairs(list) do notices[#notices + 1] = n end end })
+      assert(q:enqueue { from = "a@test", rcpt = { { address = "b@test", notify = "DELAY,FAILURE" } }, body = msg(1) })
+      assert(drain(q))
+      assert.equal(1, #got.messages)
+      assert.equal(1, #notices)
+      assert.equal("delayed", notices[1].action)
+      assert.equal("4.7.1", notices[1].status)
+      assert.is_number(notices[1].will_retry_until)
+    end, 30)
+  end)
+
   it("backs a destination off after 421 and throttles it; flush lifts it", function()
     H.run(function()
       local dir = fresh_dir("backoff")
@@ -389,8 +408,10 @@ describe("queue scheduler", function()
       local q = open(dir, { route = smarthost(port) })
       q:shape("smtp:127.0.0.1:" .. port, { max_connections = 1, rate = 20 })
       for k = 1, 4 do assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg(k) }) end
+      local t0 = luasmtp.update_now()
       assert(drain(q))
       assert.equal(4, #got.messages)
+      assert.is_true(luasmtp.update_now() - t0 >= 3 / 20) -- at least the spacing of 4 messages at 20/s
       assert.equal(20, q.dests["smtp:127.0.0.1:" .. port].rate)
     end, 30)
   end)

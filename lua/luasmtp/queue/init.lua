@@ -103,7 +103,7 @@ function Queue:enqueue(m)
   end
   local e = { id = store.new_id(), from = m.from, rcpt = rcpt, ret = m.ret, envid = m.envid,
     smtputf8 = m.smtputf8, received_at = m.received_at or core.time() }
-  while core.listdir(self.paths.queue) and io.open(self.paths.queue .. "/" .. e.id .. ".env") do
+  while self.entries[e.id] or store.exists(self.paths, e.id) do
     e.id = store.new_id()
   end
   local ok, token, detail, kind = store.write_entry(self.paths, e, m.body)

@@ -69,11 +69,9 @@ function M.init(dir)
   return p
 end
 
-local counter = 0
 --- new_id() -> a queue ID: time in seconds (hex), then 64 random bits;
 -- unique across restarts and processes without shared state.
 function M.new_id()
-  counter = counter + 1
   local rnd = core.random(8)
   return ("%09X%s"):format(math.floor(core.time()), (rnd:gsub(".", function(c)
     return ("%02X"):format(c:byte())
@@ -161,6 +159,19 @@ local function readfile(path)
   return data
 end
 M.readfile = readfile
+
+--- exists(p, id) -> whether an entry (or its remains) has this ID
+function M.exists(p, id)
+  local q = p.queue .. "/" .. id
+  for _, path in ipairs { q .. ".env", q .. ".body", p.tmp .. "/" .. id .. ".env" } do
+    local f = io.open(path, "rb")
+    if f then
+      f:close()
+      return true
+    end
+  end
+  return false
+end
 
 --- append(p, id, text) -> true | nil, token, detail, kind: one durable
 -- append to ID.log (locked, fsynced; the tool and the scheduler share it).
