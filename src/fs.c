@@ -3,6 +3,7 @@
  * library lacks: durable writes (fsync of file and directory), exclusive
  * creation, and process facts for unique file names.
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -170,6 +171,49 @@ static int l_append_file_sync(lua_State *L)
     return 1;
 }
 
+/* fsync_path(path) -> true | nil, "io", detail, kind
+ * fsync a file written with Lua's io library (open it again, fsync,
+ * close): its data and size reach the disk. */
+static int l_fsync_path(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    int rc = fsync(fd);
+    int e = errno;
+    close(fd);
+    if (rc < 0)
+        return push_errno(L, path, e);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* listdir(path) -> { name, ... } | nil, "io", detail, kind
+ * The entries of a directory without "." and "..", in no order. */
+static int l_listdir(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    DIR *d = opendir(path);
+    if (d == NULL)
+        return push_errno(L, path, errno);
+    lua_newtable(L);
+    lua_Integer n = 0;
+    struct dirent *de;
+    errno = 0;
+    while ((de = readdir(d)) != NULL) {
+        if (strcmp(de->d_name, ".") == 0 || strcmp(de->d_name, "..") == 0)
+            continue;
+        lua_pushstring(L, de->d_name);
+        lua_rawseti(L, -2, ++n);
+    }
+    int e = errno;
+    closedir(d);
+    if (e != 0)
+        return push_errno(L, path, e);
+    return 1;
+}
+
 static int l_getpid(lua_State *L)
 {
     lua_pushinteger(L, (lua_Integer)getpid());
@@ -193,6 +237,8 @@ int ls_open_fs(lua_State *L)
         {"append_file_sync", l_append_file_sync},
         {"fsync_dir", l_fsync_dir},
         {"mkdir", l_mkdir},
+        {"fsync_path", l_fsync_path},
+        {"listdir", l_listdir},
         {"getpid", l_getpid},
         {"gethostname", l_gethostname},
         {NULL, NULL},
