@@ -50,6 +50,7 @@ int luaopen_luasmtp_core(lua_State *L)
     ls_open_crypto(L);
     ls_open_proto(L);
     ls_open_fs(L);
+    ls_open_sendbody(L);
     lua_pushliteral(L, LS_VERSION);
     lua_setfield(L, -2, "version");
     return 1;

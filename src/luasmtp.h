@@ -13,6 +13,8 @@
  *   gzip.c             gzip compression over zlib
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
+ *   bodyscan.c         client bodies: size, line-end growth, content class, no Lua
+ *   sendbody.c         Lua bindings of bodyscan.c
  *   core.c             luaopen_luasmtp_core: ties the pieces together
  */
 #ifndef LUASMTP_H
@@ -213,6 +215,9 @@ struct smtp_data_decoder *ls_data_decoder_check(lua_State *L, int idx);
 
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);
+
+/* sendbody.c: body_scan (bodyscan.c) */
+int ls_open_sendbody(lua_State *L);
 
 /* loop.c */
 int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */
