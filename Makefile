@@ -80,7 +80,7 @@ endif
 LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
 LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 
-ALL_CFLAGS = $(STD_CFLAGS) $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
+ALL_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
 	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS)
 LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) -lcrypt
 
@@ -93,6 +93,11 @@ INST_BINDIR ?= $(PREFIX)/bin
 
 # Build directory: build/ normally, build-asan/ for `make asan`.
 BUILD ?= build
+# src/lib: the Lua-free library (buffers, codecs, ...), also linked by
+# the fuzz harnesses; src: the Lua bindings on top of it.
+LIB_SRCS = $(wildcard src/lib/*.c)
+LIB_OBJS = $(patsubst src/lib/%.c,$(BUILD)/obj/lib/%.o,$(LIB_SRCS))
+LIB = $(BUILD)/libluasmtp.a
 SRCS = $(wildcard src/*.c)
 OBJS = $(patsubst src/%.c,$(BUILD)/obj/%.o,$(SRCS))
 MODULE = $(BUILD)/luasmtp/core.so
@@ -100,19 +105,27 @@ MODULE = $(BUILD)/luasmtp/core.so
 ASAN_FLAGS = -fsanitize=address,undefined -fno-omit-frame-pointer \
 	-fno-sanitize-recover=undefined
 
-.PHONY: fuzz all asan deps test test-asan test-fresh run bench install clean
+.PHONY: fuzz lib all asan deps test test-asan test-fresh run bench install clean
 
 all: $(MODULE)
 
-$(MODULE): $(OBJS)
+# The Lua-free library alone (the fuzz harnesses build it with their flags).
+lib: $(LIB)
+
+$(MODULE): $(OBJS) $(LIB)
 	@mkdir -p $(@D)
-	$(CC) $(LIBFLAG) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIBS)
+	$(CC) $(LIBFLAG) $(CFLAGS) $(LDFLAGS) -o $@ $(OBJS) $(LIB) $(LIBS)
+
+$(LIB): $(LIB_OBJS)
+	@mkdir -p $(@D)
+	rm -f $@
+	$(AR) rcs $@ $(LIB_OBJS)
 
 $(BUILD)/obj/%.o: src/%.c
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -MMD -MP -c -o $@ $<
 
--include $(OBJS:.o=.d)
+-include $(OBJS:.o=.d) $(LIB_OBJS:.o=.d)
 
 asan:
 	$(MAKE) BUILD=build-asan CFLAGS="-O1 -g $(ASAN_FLAGS)" all

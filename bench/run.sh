@@ -59,10 +59,13 @@ if command -v smtp-source >/dev/null 2>&1 && command -v smtp-sink >/dev/null 2>&
     timeout 120 smtp-source "$@" -s 20 -m 10000 -l 1024 "127.0.0.1:$port" || { echo "smtp-source failed" >&2; exit 1; }
     echo "$(date +%s.%N) - $t0" | bc
   }
+  # CPU time (user + system, seconds) a process has used so far, from
+  # /proc: far less noisy than wall time on a shared machine.
+  cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.4f", ($14 + $15) / hz }' "/proc/$1/stat"; }
   min() { if [ -z "$1" ] || [ "$(echo "$2 < $1" | bc)" -eq 1 ]; then echo "$2"; else echo "$1"; fi; }
   echo
   echo "SMTP sink, smtp-source -s 20 -m 10000 -l 1024 (messages/s, best of $RUNS alternating runs)."
-  printf '%-28s %14s %14s %8s\n' "workload" "luasmtp" "smtp-sink" "ratio"
+  printf '%-28s %14s %14s %8s %12s %12s\n' "workload" "luasmtp" "smtp-sink" "ratio" "cpu us/msg" "sink us/msg"
   for mode in "new connection per message:" "reused connections:-d"; do
     label=${mode%%:*}; flag=${mode#*:}
     lport=$(free_port)
@@ -74,17 +77,26 @@ if command -v smtp-source >/dev/null 2>&1 && command -v smtp-sink >/dev/null 2>&
     # Alternate the two servers so drifting load on a shared machine
     # hits both alike; keep the best run of each.
     lt=""; pt=""
+    lc0=$(cpu_of "$lpid"); pc0=$(cpu_of "$ppid")
     for _ in $(seq "$RUNS"); do
       # shellcheck disable=SC2086
       lt=$(min "$lt" "$(run_once "$lport" $flag)")
       # shellcheck disable=SC2086
       pt=$(min "$pt" "$(run_once "$pport" $flag)")
     done
+    # server CPU per message over all runs, in microseconds
+    lcpu=$(echo "($(cpu_of "$lpid") - $lc0) * 1000000 / ($RUNS * 10000)" | bc -l)
+    pcpu=$(echo "($(cpu_of "$ppid") - $pc0) * 1000000 / ($RUNS * 10000)" | bc -l)
     kill "$lpid" "$ppid" 2>/dev/null || true
     wait "$lpid" "$ppid" 2>/dev/null || true
-    printf '%-28s %14.0f %14.0f %8.2f\n' "$label" "$(echo "10000 / $lt" | bc -l)" \
-      "$(echo "10000 / $pt" | bc -l)" "$(echo "$pt / $lt" | bc -l)"
+    printf '%-28s %14.0f %14.0f %8.2f %12.1f %12.1f\n' "$label" "$(echo "10000 / $lt" | bc -l)" \
+      "$(echo "10000 / $pt" | bc -l)" "$(echo "$pt / $lt" | bc -l)" "$lcpu" "$pcpu"
   done
 else
   echo "smtp-source/smtp-sink not installed (Debian package postfix): SMTP benchmark skipped"
 fi
+
+# Memory: peak RSS growth of a Maildir server with 100 MB bodies by DATA
+# and BDAT, and five unfinished 20 MB BDAT bodies (bench/memory.py).
+echo
+python3 bench/memory.py

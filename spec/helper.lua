@@ -12,18 +12,39 @@ if H.root:sub(1, 1) ~= "/" then
 end
 H.tmp = H.root .. "/spec/tmp"
 
---- Run fn() as a task; fail if it raises, if any task raises, or if it
--- has not finished after `timeout` seconds (default 10).
-function H.run(fn, timeout)
+-- Start fn as a task with the task errors collected; returns the task,
+-- finish() (restores the error handler, re-raises the task's error or
+-- the first error of another task, else returns the task's results) and
+-- restore() (only restores the handler).
+local function start_test(fn)
   local errors = {}
   local prev = luasmtp.on_error(function(msg)
     errors[#errors + 1] = msg
   end)
   local task = luasmtp.spawn(fn)
+  local function restore() luasmtp.on_error(prev) end
+  local function finish()
+    restore()
+    local res = table.pack(task:join())
+    if not res[1] then
+      error(res[2], 0)
+    end
+    if #errors > 0 then
+      error(errors[1], 0)
+    end
+    return table.unpack(res, 2, res.n)
+  end
+  return task, finish, restore
+end
+
+--- Run fn() as a task; fail if it raises, if any task raises, or if it
+-- has not finished after `timeout` seconds (default 10).
+function H.run(fn, timeout)
+  local task, finish, restore = start_test(fn)
   local deadline = luasmtp.update_now() + (timeout or 10)
   while task:status() ~= "dead" do
     if luasmtp.update_now() > deadline then
-      luasmtp.on_error(prev)
+      restore()
       error("test did not finish within " .. (timeout or 10) .. " seconds", 2)
     end
     luasmtp.step(0.05)
@@ -33,15 +54,20 @@ function H.run(fn, timeout)
   while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
     luasmtp.step(0.02)
   end
-  luasmtp.on_error(prev)
-  local res = table.pack(task:join())
-  if not res[1] then
-    error(res[2], 0)
+  return finish()
+end
+
+--- Run fn() as a task under luasmtp.run(), which blocks in the poll the
+-- way a server's loop does (H.run polls in short steps, which would hide
+-- a wait whose timer was lost). fn must bound every wait it makes.
+function H.run_blocking(fn)
+  local _, finish, restore = start_test(fn)
+  local ok, err, n = luasmtp.run()
+  if not ok then
+    restore()
+    error(("luasmtp.run: %s (%s tasks left)"):format(tostring(err), tostring(n)), 2)
   end
-  if #errors > 0 then
-    error(errors[1], 0)
-  end
-  return table.unpack(res, 2, res.n)
+  return finish()
 end
 
 --- Assert that every live object is gone (after a full collection).

@@ -199,16 +199,16 @@ describe("SMTP server", function()
     end)
   end)
 
-  it("spools large messages to a temporary file and removes it afterwards", function()
+  it("spools large messages to a file in spool_dir that leaves no trace", function()
     H.run(function()
       local seen
-      local srv, port = start { spool_threshold = 1000, received_header = false, hooks = {
+      local spool = H.tmp .. "/spool"
+      os.execute("rm -rf '" .. spool .. "' && mkdir -p '" .. spool .. "'")
+      local srv, port = start { spool_threshold = 1000, spool_dir = spool, received_header = false, hooks = {
         on_data = function(_, msg)
-          local f = assert(io.open(msg.spool))
-          f:close()
           local pieces = {}
           for piece in msg:chunks(4096) do pieces[#pieces + 1] = piece end
-          seen = { spool = msg.spool, size = msg.size, data = table.concat(pieces), whole = msg:read() }
+          seen = { spooled = msg.sink:spooled(), size = msg.size, data = table.concat(pieces), whole = msg:read() }
         end,
       } }
       local c = raw(port)
@@ -222,7 +222,10 @@ describe("SMTP server", function()
       assert.equal(#body, seen.size)
       assert.equal(body, seen.data)
       assert.equal(body, seen.whole)
-      assert.is_nil(io.open(seen.spool)) -- removed after on_data
+      assert.is_true(seen.spooled)
+      local p = assert(io.popen("ls -A '" .. spool .. "'"))
+      assert.equal("", p:read("a")) -- nothing left behind, not even during the transfer
+      p:close()
       c.close()
       srv:close()
     end)
@@ -508,6 +511,44 @@ describe("SMTP server", function()
     end)
   end)
 
+  -- A burst: every connection is made while the loop is held, so the
+  -- server accepts them all in one go before any session task runs.
+  local function burst(port, n)
+    local result = H.tmp .. "/burst_" .. port
+    os.remove(result)
+    local p = assert(io.popen(("exec timeout 30 python3 '%s/spec/burst_client.py' %d %d '%s'")
+      :format(H.root, port, n, result)))
+    assert.equal("connected", p:read("l")) -- blocks the loop until all are made
+    local deadline = luasmtp.update_now() + 30
+    local f
+    repeat
+      luasmtp.sleep(0.05)
+      f = io.open(result)
+    until f or luasmtp.update_now() > deadline
+    p:close()
+    assert(f, "the burst client did not finish")
+    local greeted, refused, other = f:read("n", "n", "n")
+    f:close()
+    os.remove(result)
+    return greeted, refused, other
+  end
+
+  for _, case in ipairs {
+    { what = "max_connections", limits = { max_connections = 5 }, limit = 5 },
+    { what = "max_connections_per_ip from one address", limits = { max_connections_per_ip = 3 }, limit = 3 },
+  } do
+    it("never greets more than " .. case.what .. " in a burst", function()
+      H.run(function()
+        local srv, port = start { limits = case.limits }
+        local greeted, refused, other = burst(port, 40)
+        srv:close()
+        assert.equal(case.limit, greeted)
+        assert.equal(40 - case.limit, refused)
+        assert.equal(0, other)
+      end, 40)
+    end)
+  end
+
   describe("with STARTTLS", function()
     it("discards commands injected before the handshake and resets the session", function()
       H.run(function()
@@ -536,6 +577,33 @@ describe("SMTP server", function()
         srv:close()
         assert.equal(0, #messages)
       end)
+    end)
+
+    it("drops a client that never does the handshake within tls_handshake, also when idle", function()
+      local sctx = H.tls_contexts()
+      local t0 = luasmtp.update_now()
+      H.run_blocking(function()
+        local gone = luasmtp.cond()
+        local srv, port = start { tls = sctx, timeouts = { tls_handshake = 1 },
+          hooks = { on_disconnect = function() gone:signal() end } }
+        local c = raw(port)
+        -- luasmtp.run() only returns once the server and the client are
+        -- closed, also when an assertion fails
+        local ok, err = pcall(function()
+          -- The client reads nothing until the server has given up: no
+          -- event in this process can wake the loop in the meantime.
+          c.sock:send("EHLO client.test\r\nSTARTTLS\r\n")
+          assert.is_true(gone:wait(10), "the stalled handshake was not timed out")
+          assert.equal("220", (c.reply()))
+          assert.equal("250", (c.reply()))
+          assert.equal("220", (c.reply()))
+          assert.is_nil(c.reply())
+        end)
+        c.close()
+        srv:close()
+        assert(ok, err)
+      end)
+      assert.is_true(luasmtp.update_now() - t0 < 10)
     end)
   end)
 

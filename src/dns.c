@@ -74,6 +74,7 @@ enum req_kind { REQ_ADDR, REQ_MX, REQ_TXT, REQ_RAW };
 typedef struct dns_req {
     ls_loop *loop;
     ls_task *task;     /* the waiting task; NULL once abandoned */
+    ls_waitref wait;   /* its wait for the answer */
     dns_chan *chan;
     int kind;
     int family;        /* REQ_ADDR: AF_UNSPEC, AF_INET or AF_INET6 */
@@ -386,7 +387,7 @@ static void req_complete(dns_req *req, int status)
     req->status = status;
     req->done = 1;
     if (!req->issuing) /* a synchronous answer: the issuer sees done */
-        ls_wake(req->loop, req->task, LS_WAKE_READY);
+        ls_wake_ref(req->loop, &req->wait, LS_WAKE_READY);
 }
 
 static void addr_cb(void *arg, int status, int timeouts, struct ares_addrinfo *res)
@@ -836,7 +837,7 @@ static int main_wait(lua_State *L)
 {
     dns_req *req = lua_touserdata(L, 1);
     double deadline = lua_tonumber(L, 2);
-    ls_wait(L, req->loop, req->task, -1, 0, deadline, 0, NULL);
+    ls_wait(L, req->loop, req->task, -1, 0, deadline, &req->wait, 0, NULL);
     return 0;
 }
 
@@ -853,7 +854,7 @@ static int req_wait(lua_State *L, dns_req *req, double timeout)
      * yields and Lua calls req_k when it is resumed) or the main chunk's
      * pseudo-task (ls_wait runs the loop and returns). */
     if (lua_isyieldable(L)) {
-        ls_wait(L, req->loop, req->task, -1, 0, deadline, (lua_KContext)req, req_k);
+        ls_wait(L, req->loop, req->task, -1, 0, deadline, &req->wait, (lua_KContext)req, req_k);
         return req_k(L, LUA_OK, (lua_KContext)req); /* main chunk run in a coroutine */
     }
     /* The main chunk runs the loop right here. Should that raise, the

@@ -74,6 +74,7 @@ struct http_req {
     http_multi *m;
     ls_loop *loop;
     ls_task *task;
+    ls_waitref wait;    /* its wait for the transfer */
     CURL *easy;
     int added;          /* in the multi handle */
     int done;           /* the transfer ended: result is set */
@@ -119,7 +120,7 @@ static void collect_done(http_multi *m)
         req->added = 0;
         req->result = rc;
         req->done = 1;
-        ls_wake(req->loop, req->task, LS_WAKE_READY);
+        ls_wake_ref(req->loop, &req->wait, LS_WAKE_READY);
     }
 }
 
@@ -539,7 +540,8 @@ static void req_abandon(lua_KContext ctx) { req_free((http_req *)ctx); }
 static int req_wait(lua_State *L, http_req *req)
 {
     double deadline = ls_now(req->loop) + req->timeout + DEADLINE_SLACK;
-    return ls_wait_k(L, req->loop, req->task, deadline, (lua_KContext)req, req_k, req_abandon);
+    return ls_wait_k(L, req->loop, req->task, deadline, &req->wait, (lua_KContext)req, req_k,
+                     req_abandon);
 }
 
 /* ------------------------------------------------------------------ */

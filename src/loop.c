@@ -65,6 +65,11 @@ struct ls_loop {
     long next_id;
     int in_handler;
     ev_prepare prepare;
+    /* Active while a task is ready (or the main chunk was woken): it
+     * makes the next poll return at once, so no ready task waits while
+     * the loop blocks, whoever made it ready (an I/O callback, a timer,
+     * the flush before the poll, another task). */
+    ev_idle ready;
     ls_flushable flushq; /* list head */
     /* Signals: caught once a task has waited for them, counted while
      * nobody waits, delivered to waiters in wait_signal(). */
@@ -125,6 +130,31 @@ static void cond_unlink(ls_task *t)
     t->cond = NULL;
 }
 
+/* The loop must not block: something is ready to run. */
+static void ready_on(ls_loop *loop)
+{
+    if (!ev_is_active(&loop->ready))
+        ev_idle_start(loop->ev, &loop->ready);
+}
+
+/* Nothing is ready any more: the loop may block again. */
+static void ready_off(ls_loop *loop)
+{
+    if (ev_is_active(&loop->ready))
+        ev_idle_stop(loop->ev, &loop->ready);
+}
+
+static void ready_cb(struct ev_loop *ev, ev_idle *w, int revents)
+{
+    (void)ev;
+    (void)revents;
+    ls_loop *loop = (ls_loop *)((char *)w - offsetof(ls_loop, ready));
+    /* The poll that follows a wake of the main chunk returned at once;
+     * with no task queued, later polls may block again. */
+    if (loop->rq_len == 0)
+        ready_off(loop);
+}
+
 static void rq_push(ls_loop *loop, ls_task *t)
 {
     if (loop->rq_len == loop->rq_cap) {
@@ -145,6 +175,7 @@ static void rq_push(ls_loop *loop, ls_task *t)
     loop->rq[loop->rq_len].task = t;
     loop->rq[loop->rq_len].gen = t->gen;
     loop->rq_len++;
+    ready_on(loop);
 }
 
 void ls_wake(ls_loop *loop, ls_task *t, int result)
@@ -156,10 +187,18 @@ void ls_wake(ls_loop *loop, ls_task *t, int result)
     t->result = result;
     if (t == &loop->main_task) {
         t->state = T_RUNNING;
+        ready_on(loop); /* woken before the poll: run_until must see it */
         return;
     }
     t->state = T_READY;
     rq_push(loop, t);
+}
+
+void ls_wake_ref(ls_loop *loop, const ls_waitref *ref, int result)
+{
+    ls_task *t = ref->task;
+    if (t != NULL && t->state == T_WAITING && t->gen == ref->gen)
+        ls_wake(loop, t, result);
 }
 
 static void io_cb(struct ev_loop *ev, ev_io *w, int revents)
@@ -383,6 +422,8 @@ static void drain(lua_State *L, ls_loop *loop)
     if (loop->rq_len > n)
         memmove(loop->rq, loop->rq + n, (loop->rq_len - n) * sizeof *loop->rq);
     loop->rq_len -= n;
+    if (loop->rq_len == 0)
+        ready_off(loop);
 }
 
 /* Run the scheduler until *flag becomes false (flag != NULL) or until no
@@ -451,9 +492,13 @@ static void arm(ls_loop *loop, ls_task *t, int fd, int events, double deadline)
 }
 
 int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
-            double deadline, lua_KContext ctx, lua_KFunction k)
+            double deadline, ls_waitref *slot, lua_KContext ctx, lua_KFunction k)
 {
     arm(loop, t, fd, events, deadline);
+    if (slot) {
+        slot->task = t;
+        slot->gen = t->gen;
+    }
     if (t != &loop->main_task)
         return lua_yieldk(L, 0, ctx, k);
     /* The pseudo-task leaves T_WAITING when woken. */
@@ -468,27 +513,28 @@ int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
     return t->result;
 }
 
-/* Protected part of a main-chunk ls_wait_k: args loop, task, deadline. */
+/* Protected part of a main-chunk ls_wait_k: args loop, task, deadline, slot. */
 static int main_wait(lua_State *L)
 {
     ls_loop *loop = lua_touserdata(L, 1);
     ls_task *t = lua_touserdata(L, 2);
-    ls_wait(L, loop, t, -1, 0, lua_tonumber(L, 3), 0, NULL);
+    ls_wait(L, loop, t, -1, 0, lua_tonumber(L, 3), lua_touserdata(L, 4), 0, NULL);
     return 0;
 }
 
-int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, lua_KContext ctx,
-              lua_KFunction k, void (*abandon)(lua_KContext ctx))
+int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitref *slot,
+              lua_KContext ctx, lua_KFunction k, void (*abandon)(lua_KContext ctx))
 {
     if (t != &loop->main_task) {
-        ls_wait(L, loop, t, -1, 0, deadline, ctx, k); /* yields: k runs on resume */
+        ls_wait(L, loop, t, -1, 0, deadline, slot, ctx, k); /* yields: k runs on resume */
         return k(L, LUA_OK, ctx);
     }
     lua_pushcfunction(L, main_wait);
     lua_pushlightuserdata(L, loop);
     lua_pushlightuserdata(L, t);
     lua_pushnumber(L, deadline);
-    if (lua_pcall(L, 3, 0, 0) != LUA_OK) {
+    lua_pushlightuserdata(L, slot);
+    if (lua_pcall(L, 4, 0, 0) != LUA_OK) {
         abandon(ctx);
         return lua_error(L);
     }
@@ -600,7 +646,7 @@ static int l_sleep(lua_State *L)
     luaL_argcheck(L, s >= 0, 1, "negative duration");
     ls_loop *loop = ls_getloop(L);
     ls_task *t = ls_current(L, loop);
-    ls_wait(L, loop, t, -1, 0, ev_now(loop->ev) + s, 0, sleep_k);
+    ls_wait(L, loop, t, -1, 0, ev_now(loop->ev) + s, NULL, 0, sleep_k);
     return 0;
 }
 
@@ -699,7 +745,7 @@ static int l_task_join(lua_State *L)
     else
         t->joiners.head = me;
     t->joiners.tail = me;
-    ls_wait(L, loop, me, -1, 0, timeout >= 0 ? ev_now(loop->ev) + timeout : -1, 0, join_k);
+    ls_wait(L, loop, me, -1, 0, timeout >= 0 ? ev_now(loop->ev) + timeout : -1, NULL, 0, join_k);
     return join_k(L, LUA_OK, 0);
 }
 
@@ -770,7 +816,7 @@ static int l_cond_wait(lua_State *L)
     else
         c->head = me;
     c->tail = me;
-    ls_wait(L, loop, me, -1, 0, timeout >= 0 ? ev_now(loop->ev) + timeout : -1, 0, cond_wait_k);
+    ls_wait(L, loop, me, -1, 0, timeout >= 0 ? ev_now(loop->ev) + timeout : -1, NULL, 0, cond_wait_k);
     return cond_wait_k(L, LUA_OK, 0);
 }
 
@@ -895,7 +941,7 @@ static int wait_signal_loop(lua_State *L, ls_loop *loop, int n, double deadline)
             loop->sigwaiters.head = me;
         loop->sigwaiters.tail = me;
         set_sigref(loop, 1);
-        int r = ls_wait(L, loop, me, -1, 0, deadline, (lua_KContext)n, wait_signal_k);
+        int r = ls_wait(L, loop, me, -1, 0, deadline, NULL, (lua_KContext)n, wait_signal_k);
         if (loop->sigwaiters.head == NULL)
             set_sigref(loop, 0);
         if (r == LS_WAKE_TIMEOUT)
@@ -969,6 +1015,7 @@ static int l_loop_gc(lua_State *L)
             ev_ref(loop->ev);
             ev_prepare_stop(loop->ev, &loop->prepare);
         }
+        ready_off(loop);
         ev_loop_destroy(loop->ev);
         loop->ev = NULL;
     }
@@ -1014,6 +1061,7 @@ int ls_open_loop(lua_State *L)
         loop->main_task.state = T_RUNNING;
         loop->current = &loop->main_task;
         loop->flushq.next = loop->flushq.prev = &loop->flushq;
+        ev_idle_init(&loop->ready, ready_cb);
         ev_prepare_init(&loop->prepare, prepare_cb);
         ev_prepare_start(loop->ev, &loop->prepare);
         ev_unref(loop->ev); /* the prepare watcher alone keeps nothing alive */

@@ -13,9 +13,13 @@
  *   gzip.c             gzip compression over zlib
  *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
  *   proto_lua.c        Lua bindings of proto.c
- *   bodyscan.c         client bodies: size, line-end growth, content class, no Lua
- *   sendbody.c         Lua bindings of bodyscan.c
+ *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
+ *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
+ *   sendbody.c         Lua binding of the client body scanner (lib/bodyscan.c)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
+ *   lib/               the Lua-free library: buf, errors, proto (codecs), sink,
+ *                      transport (plain I/O and the transport interface), dnsmsg,
+ *                      bodyscan (client bodies: size, line-end growth, content class)
  */
 #ifndef LUASMTP_H
 #define LUASMTP_H
@@ -27,6 +31,11 @@
 #include <ev.h>
 #include <lua.h>
 #include <lauxlib.h>
+
+#include "buf.h"
+#include "errors.h"
+#include "sink.h"
+#include "transport.h"
 
 #define LS_VERSION "0.1.0"
 
@@ -46,45 +55,11 @@ enum ls_counter {
 extern long ls_live[LS_COUNT_MAX];
 
 /* ------------------------------------------------------------------ */
-/* Error tokens: the closed set returned as the second value of a
- * failed I/O call (`nil, token, detail`). */
-#define LS_ETIMEOUT "timeout"
-#define LS_ECLOSED "closed"
-#define LS_ERESET "reset"
-#define LS_ETLS "tls"
-#define LS_ELIMIT "limit"
-#define LS_EREFUSED "refused"
-#define LS_EDNS "dns"
-#define LS_EUNREACH "unreachable"
-#define LS_EIO "io"
-#define LS_EPROTOCOL "protocol" /* the peer broke the protocol (HTTP here) */
-
+/* error.c: I/O failures as `nil, token, detail`; the tokens and their
+ * registry are in lib/errors.h. */
 /* Push nil, token, detail (detail may be NULL: then nil, token). Returns 3. */
 int ls_pusherror(lua_State *L, const char *token, const char *detail);
-/* Map an errno value to one of the tokens above. */
-const char *ls_errno_token(int err);
-
-/* ------------------------------------------------------------------ */
-/* buf.c: a growable byte buffer with a hard cap. */
-typedef struct ls_buf {
-    char *data;
-    size_t off; /* first unread byte */
-    size_t len; /* bytes after off */
-    size_t cap; /* allocated size */
-} ls_buf;
-
-void ls_buf_init(ls_buf *b);
-void ls_buf_free(ls_buf *b);
-/* Make room for at least `need` more bytes after the data; returns a
- * pointer to the free space or NULL on allocation failure. */
-char *ls_buf_reserve(ls_buf *b, size_t need);
-void ls_buf_commit(ls_buf *b, size_t n); /* n bytes were written at reserve() */
-int ls_buf_append(ls_buf *b, const char *p, size_t n); /* 0 ok, -1 ENOMEM */
-void ls_buf_consume(ls_buf *b, size_t n);
-static inline const char *ls_buf_head(const ls_buf *b) { return b->data + b->off; }
-/* Search for a delimiter in the buffered data starting at `from`;
- * returns its offset from the head or (size_t)-1. */
-size_t ls_buf_find(const ls_buf *b, size_t from, const char *delim, size_t dlen);
+int ls_open_errors(lua_State *L); /* core.errors */
 
 /* ------------------------------------------------------------------ */
 /* loop.c: the event loop and the task scheduler.
@@ -113,22 +88,43 @@ double ls_now(ls_loop *loop);
  * not possible here (C-call boundary, foreign coroutine, error handler). */
 ls_task *ls_current(lua_State *L, ls_loop *loop);
 
+/* One wait of one task: an object that wakes waiters (a socket's reader
+ * and writer slots, a listener) keeps one per slot. A wake-up through it
+ * reaches that wait only: once the task has moved on to another wait
+ * (with its own deadline) the generation differs and the wake-up is
+ * refused. */
+typedef struct ls_waitref {
+    ls_task *task; /* NULL: no wait registered */
+    unsigned gen;
+} ls_waitref;
+
 /* Wait until fd (if >= 0) is ready for `events` (EV_READ/EV_WRITE), or
- * the task is woken by ls_wake(), or the deadline (absolute, ls_now()
- * time; < 0 for none) passes. `t` must be ls_current(L, loop). */
+ * the task is woken by ls_wake()/ls_wake_ref(), or the deadline
+ * (absolute, ls_now() time; < 0 for none) passes. `t` must be
+ * ls_current(L, loop). The wait owns its timer: only its own deadline,
+ * its own fd or a wake-up meant for it ends it. When slot is not NULL it
+ * is set to this wait before the task yields; the caller clears it with
+ * ls_waitref_clear() once the wait is over. */
 int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
-            double deadline, lua_KContext ctx, lua_KFunction k);
-/* Wait until the task is woken (by ls_wake from some library callback)
- * or the deadline passes, then return k(L, LUA_OK, ctx) -- in a task
- * (k runs when the task is resumed) and in the main chunk alike. Should
- * the main chunk's wait raise (a deadlock), abandon(ctx) is called before
- * the error goes on, so nothing keeps pointing at the main pseudo-task. */
-int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, lua_KContext ctx,
-              lua_KFunction k, void (*abandon)(lua_KContext ctx));
+            double deadline, ls_waitref *slot, lua_KContext ctx, lua_KFunction k);
+/* Wait until the task is woken (through slot, by ls_wake_ref from some
+ * library callback) or the deadline passes, then return k(L, LUA_OK,
+ * ctx) -- in a task (k runs when the task is resumed) and in the main
+ * chunk alike. Should the main chunk's wait raise (a deadlock),
+ * abandon(ctx) is called before the error goes on, so nothing keeps
+ * pointing at the main pseudo-task. */
+int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitref *slot,
+              lua_KContext ctx, lua_KFunction k, void (*abandon)(lua_KContext ctx));
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
-/* Wake a waiting task (stale or repeated wakes are ignored). */
+/* Wake a waiting task (stale or repeated wakes are ignored). For waits
+ * kept in a list that the wake-up unlinks (conditions, joiners, signal
+ * waiters), or the task's own watchers. */
 void ls_wake(ls_loop *loop, ls_task *t, int result);
+/* Wake the wait recorded in ref, if that task still waits in it. */
+void ls_wake_ref(ls_loop *loop, const ls_waitref *ref, int result);
+static inline int ls_waitref_busy(const ls_waitref *ref) { return ref->task != NULL; }
+static inline void ls_waitref_clear(ls_waitref *ref) { ref->task = NULL; }
 
 /* Weak watchers: those of a library (c-ares, libcurl) that must not keep
  * the loop alive by themselves (the deadline timer of the waiting task
@@ -157,19 +153,9 @@ void ls_flush_dequeue(ls_loop *loop, ls_flushable *f);
 typedef struct ssl_st SSL;
 typedef struct ls_tlsctx ls_tlsctx;
 
-/* Results of the TLS transport calls. */
-enum ls_io {
-    LS_IO_OK = 0,        /* > 0 bytes moved (count in *n) / handshake done */
-    LS_IO_EOF = -1,      /* orderly close by the peer */
-    LS_IO_WANTREAD = -2, /* wait for EV_READ, then call again */
-    LS_IO_WANTWRITE = -3,/* wait for EV_WRITE, then call again */
-    LS_IO_ERROR = -4,    /* failure: token and detail filled in */
-};
-
-typedef struct ls_ioerr {
-    const char *token;  /* one of the LS_E* tokens */
-    char detail[256];
-} ls_ioerr;
+/* The transport results (enum ls_io) and ls_ioerr are in lib/transport.h;
+ * ls_tls_ops is the TLS transport for it. */
+extern const ls_transport_ops ls_tls_ops;
 
 ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx);
 int ls_tlsctx_is_server(const ls_tlsctx *c);
@@ -209,9 +195,19 @@ int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top *
 
 /* proto.c + proto_lua.c: SMTP protocol codecs (no I/O) */
 int ls_open_proto(lua_State *L); /* adds protocol functions to the table on top */
-struct smtp_data_decoder;
-/* The decoder inside a core.data_decoder() userdata (raises if not one). */
-struct smtp_data_decoder *ls_data_decoder_check(lua_State *L, int idx);
+
+/* sink_lua.c: core.sink(), the body sink (src/lib/sink.c). The userdata
+ * is a bare ls_sink: the socket layer writes bodies into it through the
+ * library. */
+#define LS_SINK_MT "luasmtp.sink"
+static inline ls_sink *ls_checksink(lua_State *L, int idx)
+{
+    ls_sink *k = luaL_checkudata(L, idx, LS_SINK_MT);
+    if (k->closed)
+        luaL_argerror(L, idx, "sink is closed");
+    return k;
+}
+int ls_open_sink(lua_State *L);
 
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);

@@ -373,17 +373,6 @@ static int l_decoder_reset(lua_State *L)
     return 1;
 }
 
-/* For the socket layer (socket.c feeds its buffer straight in): the
- * decoder of a core.data_decoder() userdata at idx. Raises if the value
- * is not one, or is closed. */
-struct smtp_data_decoder *ls_data_decoder_check(lua_State *L, int idx)
-{
-    l_decoder *u = luaL_checkudata(L, idx, DECODER_MT);
-    if (u->closed)
-        luaL_argerror(L, idx, "data decoder is closed");
-    return &u->d;
-}
-
 static int l_decoder_close(lua_State *L)
 {
     check_decoder(L)->closed = 1;

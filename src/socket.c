@@ -12,7 +12,9 @@
  * send-buffer limit send() waits for the peer (backpressure).
  *
  * The transport is plain (recv/send) or TLS (tls.c): only fill() and
- * write_some() know the difference.
+ * write_some() know the difference. Message bodies go from the input
+ * buffer through the DATA decoder (lib/proto.c) into a body sink
+ * (lib/sink.c), both called as library code.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -49,7 +51,8 @@ typedef struct ls_socket {
     ls_loop *loop;
     ls_buf rbuf, wbuf;
     SSL *ssl;
-    ls_task *reader, *writer;   /* tasks waiting on this socket */
+    ls_waitref reader, writer;  /* the waits of the tasks using this socket */
+    int handshaking;            /* a starttls wait: no other reader or writer meanwhile */
     double t_connect, t_read, t_write;
     double rdeadline, wdeadline;
     size_t maxline, sndlimit;
@@ -57,6 +60,7 @@ typedef struct ls_socket {
     int skipline;               /* discard input up to the next CRLF */
     const char *rerr, *werr;    /* sticky error tokens */
     char rerr_detail[256], werr_detail[256];
+    struct smtp_data_decoder dec; /* receivebody: one at a time (the reader slot) */
     ev_io wio;                  /* background flush when no task writes */
     int wio_counted;
     ls_flushable fl;
@@ -67,7 +71,7 @@ typedef struct ls_socket {
 typedef struct ls_listener {
     int fd;
     ls_loop *loop;
-    ls_task *acceptor;
+    ls_waitref acceptor;
     /* UNIX-domain listener: the socket file it made, removed at close
      * when it is still that file (same device and inode) */
     int unix_path;
@@ -189,66 +193,26 @@ static double deadline_of(ls_loop *loop, double timeout)
 /* ------------------------------------------------------------------ */
 /* Transport: read into rbuf, write from wbuf. */
 
+/* The socket's transport right now: plain, or TLS once started. */
+static ls_transport transport_of(const ls_socket *s)
+{
+    ls_transport t = {s->ssl ? &ls_tls_ops : &ls_plain_ops, s->fd, s->ssl};
+    return t;
+}
+
 /* Read once. LS_IO_OK: got data; LS_IO_EOF; LS_IO_WANT*; LS_IO_ERROR. */
 static int fill(ls_socket *s, ls_ioerr *err)
 {
-    char *p = ls_buf_reserve(&s->rbuf, READ_CHUNK);
-    if (p == NULL) {
-        err->token = LS_ELIMIT;
-        snprintf(err->detail, sizeof err->detail, "out of memory");
-        return LS_IO_ERROR;
-    }
-    if (s->ssl) {
-        size_t n = 0;
-        int rc = ls_tls_read(s->ssl, p, READ_CHUNK, &n, err);
-        if (rc == LS_IO_OK)
-            ls_buf_commit(&s->rbuf, n);
-        return rc;
-    }
-    for (;;) {
-        ssize_t n = recv(s->fd, p, READ_CHUNK, 0);
-        if (n > 0) {
-            ls_buf_commit(&s->rbuf, (size_t)n);
-            return LS_IO_OK;
-        }
-        if (n == 0)
-            return LS_IO_EOF;
-        if (errno == EINTR)
-            continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            return LS_IO_WANTREAD;
-        err->token = ls_errno_token(errno);
-        snprintf(err->detail, sizeof err->detail, "%s", strerror(errno));
-        return LS_IO_ERROR;
-    }
+    ls_transport t = transport_of(s);
+    return ls_io_fill(&t, &s->rbuf, READ_CHUNK, err);
 }
 
 /* Write as much of wbuf as the transport takes. LS_IO_OK when wbuf is
  * empty, LS_IO_WANT* when data remains, LS_IO_ERROR. */
 static int write_some(ls_socket *s, ls_ioerr *err)
 {
-    while (s->wbuf.len > 0) {
-        size_t n = 0;
-        if (s->ssl) {
-            int rc = ls_tls_write(s->ssl, ls_buf_head(&s->wbuf), s->wbuf.len, &n, err);
-            if (rc != LS_IO_OK)
-                return rc == LS_IO_EOF ? (err->token = LS_ECLOSED, LS_IO_ERROR) : rc;
-        } else {
-            ssize_t w = send(s->fd, ls_buf_head(&s->wbuf), s->wbuf.len, MSG_NOSIGNAL);
-            if (w < 0) {
-                if (errno == EINTR)
-                    continue;
-                if (errno == EAGAIN || errno == EWOULDBLOCK)
-                    return LS_IO_WANTWRITE;
-                err->token = ls_errno_token(errno);
-                snprintf(err->detail, sizeof err->detail, "%s", strerror(errno));
-                return LS_IO_ERROR;
-            }
-            n = (size_t)w;
-        }
-        ls_buf_consume(&s->wbuf, n);
-    }
-    return LS_IO_OK;
+    ls_transport t = transport_of(s);
+    return ls_io_drain(&t, &s->wbuf, err);
 }
 
 static void set_werr(ls_socket *s, const ls_ioerr *err)
@@ -277,15 +241,13 @@ static void background_flush(ls_socket *s)
     int rc = write_some(s, &err);
     if (rc == LS_IO_OK) {
         wio_stop(s);
-        if (s->writer)
-            ls_wake(s->loop, s->writer, LS_WAKE_READY);
+        ls_wake_ref(s->loop, &s->writer, LS_WAKE_READY);
         return;
     }
     if (rc == LS_IO_ERROR) {
         set_werr(s, &err);
         wio_stop(s);
-        if (s->writer)
-            ls_wake(s->loop, s->writer, LS_WAKE_READY);
+        ls_wake_ref(s->loop, &s->writer, LS_WAKE_READY);
         return;
     }
     int ev = rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE;
@@ -361,10 +323,8 @@ static void socket_destroy(ls_socket *s)
     ls_buf_free(&s->rbuf);
     ls_buf_free(&s->wbuf);
     ls_live[LS_COUNT_SOCKETS]--;
-    if (s->reader)
-        ls_wake(s->loop, s->reader, LS_WAKE_CLOSED);
-    if (s->writer)
-        ls_wake(s->loop, s->writer, LS_WAKE_CLOSED);
+    ls_wake_ref(s->loop, &s->reader, LS_WAKE_CLOSED);
+    ls_wake_ref(s->loop, &s->writer, LS_WAKE_CLOSED);
 }
 
 static int l_sock_close(lua_State *L)
@@ -509,7 +469,7 @@ static int push_partial_error(lua_State *L, ls_socket *s, const char *token)
  * data as the third value). */
 static int after_read_wait(lua_State *L, ls_socket *s, int r, int with_partial)
 {
-    s->reader = NULL;
+    ls_waitref_clear(&s->reader);
     if (r == LS_WAKE_CLOSED || s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (r == LS_WAKE_TIMEOUT)
@@ -541,9 +501,8 @@ static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext 
         return ls_pusherror(L, s->rerr, s->rerr_detail);
     }
     ls_task *t = ls_current(L, s->loop);
-    s->reader = t;
     int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ, s->rdeadline,
-                    ctx, k);
+                    &s->reader, ctx, k);
     return after_read_wait(L, s, r, with_partial);
 }
 
@@ -566,13 +525,19 @@ static int recv_k(lua_State *L, int status, lua_KContext ctx)
     }
 }
 
+/* A read may start: no other task reads (or shakes hands) meanwhile. */
+static void check_reader_free(lua_State *L, ls_socket *s)
+{
+    if (ls_waitref_busy(&s->reader) || s->handshaking)
+        luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+}
+
 static int start_read(lua_State *L, int op, int timeout_idx)
 {
     ls_socket *s = check_socket(L, 1);
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (s->reader)
-        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
+    check_reader_free(L, s);
     s->rdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_read));
     lua_settop(L, timeout_idx);
     return recv_k(L, LUA_OK, op);
@@ -627,18 +592,57 @@ static int l_buffered(lua_State *L)
 
 
 /* ------------------------------------------------------------------ */
-/* DATA: feed the input buffer straight to an SMTP data decoder */
+/* Bodies into a sink (core.sink): DATA through the decoder, BDAT chunks
+ * as they are. The body goes from the input buffer to the sink (memory
+ * or spool file) without becoming Lua strings. A sink that refuses
+ * (too big, spool write failed) does not stop the reading: the body is
+ * consumed to its end so the session stays in step, and the result says
+ * what went wrong. */
 
-static int data_out(void *ctx, const char *p, size_t n)
+static int sink_out(void *ctx, const char *p, size_t n)
 {
-    return ls_buf_append(ctx, p, n);
+    ls_sink_write(ctx, p, n); /* a failure is sticky in the sink: reported at the end */
+    return 0;
 }
 
-static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
+static void set_field_bool(lua_State *L, const char *name, int v)
+{
+    lua_pushboolean(L, v);
+    lua_setfield(L, -2, name);
+}
+
+/* Push token, detail of the sink's failure and return 2, or return 0
+ * when it took everything. */
+static int push_sink_failure(lua_State *L, const ls_sink *k)
+{
+    if (k->too_big) {
+        lua_pushliteral(L, LS_ELIMIT);
+        lua_pushliteral(L, "message too big");
+        return 2;
+    }
+    if (k->err) {
+        lua_pushliteral(L, LS_EIO);
+        lua_pushfstring(L, "spool write: %s", strerror(k->err));
+        return 2;
+    }
+    return 0;
+}
+
+/* The sink's failure, if any, as error, detail fields of the table on top. */
+static void set_sink_error(lua_State *L, const ls_sink *k)
+{
+    if (push_sink_failure(L, k)) {
+        lua_setfield(L, -3, "detail");
+        lua_setfield(L, -2, "error");
+    }
+}
+
+/* stack: 1 sock, 2 sink, 3 idle timeout, 4 absolute total deadline */
+static int recvbody_k(lua_State *L, int status, lua_KContext ctx)
 {
     (void)ctx;
     ls_socket *s = lua_touserdata(L, 1);
-    struct smtp_data_decoder *dec = ls_data_decoder_check(L, 2);
+    ls_sink *k = ls_checksink(L, 2);
     if (status == LUA_YIELD) {
         int n = after_read_wait(L, s, ls_wait_result(L), 0);
         if (n)
@@ -646,69 +650,139 @@ static int recvdata_k(lua_State *L, int status, lua_KContext ctx)
     }
     for (;;) {
         if (s->rbuf.len > 0) {
-            ls_buf out;
-            ls_buf_init(&out);
             int done = 0;
-            size_t used = smtp_data_feed(dec, ls_buf_head(&s->rbuf), s->rbuf.len, data_out, &out, &done);
+            size_t used = smtp_data_feed(&s->dec, ls_buf_head(&s->rbuf), s->rbuf.len, sink_out, k,
+                                         &done);
             ls_buf_consume(&s->rbuf, used);
-            double held = lua_tonumber(L, 7) + (double)out.len;
-            if (out.len > 0) {
-                lua_pushlstring(L, ls_buf_head(&out), out.len);
-                lua_rawseti(L, 3, (lua_Integer)lua_rawlen(L, 3) + 1);
-                lua_pushnumber(L, held);
-                lua_replace(L, 7);
-            }
-            ls_buf_free(&out);
-            if (dec->failed)
-                return ls_pusherror(L, LS_ELIMIT, "out of memory");
             if (done) {
-                lua_pushboolean(L, 1);
-                return 1;
-            }
-            if (lua_tonumber(L, 6) > 0 && held >= lua_tonumber(L, 6)) {
-                lua_pushboolean(L, 0); /* not done: the caller spools parts */
+                const struct smtp_data_decoder *d = &s->dec;
+                lua_createtable(L, 0, 8);
+                lua_pushinteger(L, (lua_Integer)d->size);
+                lua_setfield(L, -2, "size");
+                set_field_bool(L, "too_big", d->too_big || k->too_big);
+                set_field_bool(L, "bare_lf", d->bare_lf);
+                set_field_bool(L, "bare_cr", d->bare_cr);
+                set_field_bool(L, "long_line", d->long_line);
+                set_field_bool(L, "rejected", smtp_data_rejected(d));
+                set_sink_error(L, k);
                 return 1;
             }
             /* One idle period per block of input. */
-            double idle = ls_now(s->loop) + lua_tonumber(L, 4);
-            double total = lua_tonumber(L, 5);
+            double idle = ls_now(s->loop) + lua_tonumber(L, 3);
+            double total = lua_tonumber(L, 4);
             s->rdeadline = idle < total ? idle : total;
         }
-        int n = read_more(L, s, 0, 0, recvdata_k);
+        int n = read_more(L, s, 0, 0, recvbody_k);
         if (n)
             return n;
     }
 }
 
-/* sock:receivedata(decoder, parts, idle_timeout, total_timeout [, flush_at])
- *   -> true | false | nil, err
- * Read an SMTP message body through `decoder` (core.data_decoder) until
- * its end (CRLF.CRLF), appending the decoded bytes to the array `parts`
- * (one string per block received). Input after the end stays buffered
- * for the next receiveline. idle_timeout bounds each wait for input,
- * total_timeout the whole message. With flush_at, the call returns false
- * (not done yet) once it has added flush_at bytes to parts, so the caller
- * can move them to a spool file and call again. */
-static int l_receivedata(lua_State *L)
+/* sock:receivebody(sink [, opts]) -> info | nil, err, detail
+ * Read an SMTP DATA body (up to CRLF.CRLF, dot-stuffing undone) into
+ * sink (core.sink). opts: max_size (bytes, 0 = none), max_line (998, 0 =
+ * no check), bare ("reject" | "normalise"), idle_timeout (each wait for
+ * input; default the read timeout), total_timeout (the whole body).
+ * info = { size =, too_big =, bare_lf =, bare_cr =, long_line =,
+ * rejected =, error =, detail = }: error ("limit" or "io") when the sink
+ * refused some of it; the body is read to its end all the same. Input
+ * after the end stays buffered for the next receiveline.
+ *   local info = sock:receivebody(sink, { max_size = 50e6, total_timeout = 600 }) */
+static int l_receivebody(lua_State *L)
 {
     ls_socket *s = check_socket(L, 1);
-    ls_data_decoder_check(L, 2);
-    luaL_checktype(L, 3, LUA_TTABLE);
-    double idle = opt_timeout(L, 4, s->t_read);
-    double total = opt_timeout(L, 5, idle);
+    ls_checksink(L, 2);
+    double idle = s->t_read, total = -1;
+    lua_Integer max_size = 0, max_line = SMTP_DEFAULT_MAX_LINE;
+    int bare = SMTP_BARE_REJECT;
+    if (!lua_isnoneornil(L, 3)) {
+        luaL_checktype(L, 3, LUA_TTABLE);
+        lua_getfield(L, 3, "max_size");
+        max_size = luaL_optinteger(L, -1, 0);
+        lua_getfield(L, 3, "max_line");
+        max_line = luaL_optinteger(L, -1, max_line);
+        lua_getfield(L, 3, "bare");
+        const char *m = luaL_optstring(L, -1, "reject");
+        if (strcmp(m, "normalise") == 0 || strcmp(m, "normalize") == 0)
+            bare = SMTP_BARE_NORMALISE;
+        else if (strcmp(m, "reject") != 0)
+            return luaL_argerror(L, 3, "bare must be \"reject\" or \"normalise\"");
+        lua_getfield(L, 3, "idle_timeout");
+        idle = opt_timeout(L, -1, idle);
+        lua_getfield(L, 3, "total_timeout");
+        total = opt_timeout(L, -1, -1);
+        lua_pop(L, 4);
+        luaL_argcheck(L, max_size >= 0 && max_line >= 0, 3, "negative limit");
+    }
+    if (total < 0)
+        total = idle;
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (s->reader)
-        return luaL_error(L, "luasmtp: socket busy: another task is reading from it");
-    lua_Number flush_at = luaL_optnumber(L, 6, 0);
+    check_reader_free(L, s);
+    smtp_data_decoder_init(&s->dec, (uint64_t)max_size, (size_t)max_line, bare);
+    lua_settop(L, 2);
+    double now = ls_now(s->loop);
+    lua_pushnumber(L, idle);        /* 3 */
+    lua_pushnumber(L, now + total); /* 4: absolute */
+    s->rdeadline = now + (idle < total ? idle : total);
+    return recvbody_k(L, LUA_OK, 0);
+}
+
+/* stack: 1 sock, 2 sink, 3 bytes left, 4 idle timeout */
+static int recvchunk_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)ctx;
+    ls_socket *s = lua_touserdata(L, 1);
+    ls_sink *k = ls_checksink(L, 2);
+    if (status == LUA_YIELD) {
+        int n = after_read_wait(L, s, ls_wait_result(L), 0);
+        if (n)
+            return n;
+    }
+    for (;;) {
+        lua_Integer left = lua_tointeger(L, 3);
+        if (s->rbuf.len > 0 && left > 0) {
+            size_t n = s->rbuf.len < (size_t)left ? s->rbuf.len : (size_t)left;
+            ls_sink_write(k, ls_buf_head(&s->rbuf), n); /* failure: sticky, see below */
+            ls_buf_consume(&s->rbuf, n);
+            left -= (lua_Integer)n;
+            lua_pushinteger(L, left);
+            lua_replace(L, 3);
+            s->rdeadline = ls_now(s->loop) + lua_tonumber(L, 4);
+        }
+        if (left == 0) {
+            lua_pushnil(L);
+            if (push_sink_failure(L, k))
+                return 3;
+            lua_pop(L, 1);
+            lua_pushboolean(L, 1);
+            return 1;
+        }
+        int n = read_more(L, s, 0, 0, recvchunk_k);
+        if (n)
+            return n;
+    }
+}
+
+/* sock:receivechunk(sink, n [, timeout]) -> true | nil, err, detail
+ * Move exactly n bytes of input (a BDAT chunk) into sink. timeout bounds
+ * each wait for input (default: the read timeout). When the sink refuses
+ * them ("limit": past its max_size; "io": the spool file failed) the n
+ * bytes are consumed all the same, so the next command is read in step. */
+static int l_receivechunk(lua_State *L)
+{
+    ls_socket *s = check_socket(L, 1);
+    ls_checksink(L, 2);
+    lua_Integer n = luaL_checkinteger(L, 3);
+    luaL_argcheck(L, n >= 0, 3, "negative size");
+    double idle = opt_timeout(L, 4, s->t_read);
+    if (s->fd < 0)
+        return ls_pusherror(L, LS_ECLOSED, NULL);
+    check_reader_free(L, s);
     lua_settop(L, 3);
-    lua_pushnumber(L, idle);                             /* 4 */
-    lua_pushnumber(L, ls_now(s->loop) + total);          /* 5: absolute */
-    lua_pushnumber(L, flush_at);                         /* 6 */
-    lua_pushnumber(L, 0);                                /* 7: bytes added */
-    double idle_deadline = ls_now(s->loop) + idle;
-    s->rdeadline = idle_deadline < ls_now(s->loop) + total ? idle_deadline : ls_now(s->loop) + total;
-    return recvdata_k(L, LUA_OK, 0);
+    lua_pushnumber(L, idle); /* 4 */
+    s->rdeadline = ls_now(s->loop) + idle;
+    return recvchunk_k(L, LUA_OK, 0);
 }
 
 /* ------------------------------------------------------------------ */
@@ -720,7 +794,7 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
     ls_socket *s = lua_touserdata(L, 1);
     size_t target = (size_t)ctx;
     if (status == LUA_YIELD) {
-        s->writer = NULL;
+        ls_waitref_clear(&s->writer);
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -749,10 +823,9 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
             return 1;
         }
         ls_task *t = ls_current(L, s->loop);
-        s->writer = t;
         int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE,
-                        s->wdeadline, ctx, drain_k);
-        s->writer = NULL;
+                        s->wdeadline, &s->writer, ctx, drain_k);
+        ls_waitref_clear(&s->writer);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
         if (r == LS_WAKE_TIMEOUT)
@@ -762,7 +835,7 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
 
 static int start_drain(lua_State *L, ls_socket *s, size_t target, int timeout_idx, lua_Integer ret)
 {
-    if (s->writer)
+    if (ls_waitref_busy(&s->writer) || s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: another task is writing to it");
     s->wdeadline = deadline_of(s->loop, opt_timeout(L, timeout_idx, s->t_write));
     lua_settop(L, 2); /* index 2: data to queue once drained, or nil */
@@ -786,6 +859,8 @@ static int l_send(lua_State *L)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->werr)
         return ls_pusherror(L, s->werr, s->werr_detail);
+    if (s->handshaking)
+        return luaL_error(L, "luasmtp: socket busy: the TLS handshake is in progress");
     if (s->wbuf.len + len <= s->sndlimit || s->wbuf.len == 0) {
         if (ls_buf_append(&s->wbuf, data, len) < 0)
             return ls_pusherror(L, LS_ELIMIT, "out of memory");
@@ -976,7 +1051,8 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
     ls_socket *s = lua_touserdata(L, 1);
     int stage = (int)ctx;
     if (status == LUA_YIELD) {
-        s->reader = s->writer = NULL;
+        ls_waitref_clear(&s->reader);
+        s->handshaking = 0;
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -1022,11 +1098,16 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
             if (rc == LS_IO_ERROR)
                 return tls_fail(L, s, err.token, err.detail);
         }
+        /* The handshake's wait is the reader slot; the writer slot stays
+         * empty (s->handshaking keeps other readers and writers out
+         * meanwhile), so the flush of the plaintext queued before it
+         * cannot end this wait. */
         ls_task *t = ls_current(L, s->loop);
-        s->reader = s->writer = t;
+        s->handshaking = 1;
         int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTREAD ? EV_READ : EV_WRITE,
-                        s->rdeadline, ctx, starttls_k);
-        s->reader = s->writer = NULL;
+                        s->rdeadline, &s->reader, ctx, starttls_k);
+        ls_waitref_clear(&s->reader);
+        s->handshaking = 0;
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
         if (r == LS_WAKE_TIMEOUT)
@@ -1081,7 +1162,7 @@ static int l_starttls(lua_State *L)
     if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && !dane && verify_host && sni == NULL)
         return luaL_error(L, "luasmtp: starttls needs opts.servername to verify the server "
                              "(or verify_host = false)");
-    if (s->reader || s->writer)
+    if (ls_waitref_busy(&s->reader) || ls_waitref_busy(&s->writer) || s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: cannot start TLS while another task uses it");
     s->rdeadline = deadline_of(s->loop, timeout);
     /* Stack for starttls_k: sock, ctx, sni, verify_host, dane table. */
@@ -1140,7 +1221,7 @@ static int connect_k(lua_State *L, int status, lua_KContext ctx)
     (void)ctx;
     ls_socket *s = lua_touserdata(L, 4);
     if (status == LUA_YIELD) {
-        s->writer = NULL;
+        ls_waitref_clear(&s->writer);
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -1232,8 +1313,7 @@ static int start_connect(lua_State *L, ls_loop *loop, ls_socket *s, const struct
     }
     lua_settop(L, 4);
     ls_task *t = ls_current(L, loop);
-    s->writer = t;
-    int r = ls_wait(L, loop, t, s->fd, EV_WRITE, deadline_of(loop, timeout), 0, connect_k);
+    int r = ls_wait(L, loop, t, s->fd, EV_WRITE, deadline_of(loop, timeout), &s->writer, 0, connect_k);
     (void)r;
     return connect_k(L, LUA_YIELD, 0);
 }
@@ -1300,8 +1380,7 @@ static void listener_destroy(ls_listener *l)
             unlink(l->path);
         l->unix_path = 0;
     }
-    if (l->acceptor)
-        ls_wake(l->loop, l->acceptor, LS_WAKE_CLOSED);
+    ls_wake_ref(l->loop, &l->acceptor, LS_WAKE_CLOSED);
 }
 
 static ls_listener *new_listener(lua_State *L)
@@ -1498,7 +1577,7 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx)
     (void)ctx;
     ls_listener *l = lua_touserdata(L, 1);
     if (status == LUA_YIELD) {
-        l->acceptor = NULL;
+        ls_waitref_clear(&l->acceptor);
         int r = ls_wait_result(L);
         if (r == LS_WAKE_CLOSED || l->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
@@ -1522,10 +1601,9 @@ static int accept_k(lua_State *L, int status, lua_KContext ctx)
         if (e != EAGAIN && e != EWOULDBLOCK)
             return ls_pusherror(L, ls_errno_token(e), strerror(e));
         ls_task *t = ls_current(L, l->loop);
-        l->acceptor = t;
         double deadline = lua_isnil(L, 2) ? -1 : deadline_of(l->loop, lua_tonumber(L, 2));
-        int r = ls_wait(L, l->loop, t, l->fd, EV_READ, deadline, 0, accept_k);
-        l->acceptor = NULL;
+        int r = ls_wait(L, l->loop, t, l->fd, EV_READ, deadline, &l->acceptor, 0, accept_k);
+        ls_waitref_clear(&l->acceptor);
         if (r == LS_WAKE_CLOSED || l->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);
         if (r == LS_WAKE_TIMEOUT)
@@ -1545,7 +1623,7 @@ static int l_accept(lua_State *L)
     lua_settop(L, 2);
     if (l->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
-    if (l->acceptor)
+    if (ls_waitref_busy(&l->acceptor))
         return luaL_error(L, "luasmtp: listener busy: another task is accepting");
     return accept_k(L, LUA_OK, 0);
 }
@@ -1588,7 +1666,8 @@ int ls_open_socket(lua_State *L)
         {"receiveuntil", l_receiveuntil},
         {"receiveany", l_receiveany},
         {"buffered", l_buffered},
-        {"receivedata", l_receivedata},
+        {"receivebody", l_receivebody},
+        {"receivechunk", l_receivechunk},
         {"send", l_send},
         {"flush", l_flush},
         {"shutdown", l_shutdown},

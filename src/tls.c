@@ -1204,6 +1204,20 @@ void ls_tls_shutdown(SSL *ssl)
     ERR_clear_error();
 }
 
+/* The TLS transport (lib/transport.h): t->impl is the SSL. */
+static int tls_read_op(const ls_transport *t, char *buf, size_t len, size_t *n, ls_ioerr *err)
+{
+    return ls_tls_read(t->impl, buf, len, n, err);
+}
+
+static int tls_write_op(const ls_transport *t, const char *buf, size_t len, size_t *n,
+                        ls_ioerr *err)
+{
+    return ls_tls_write(t->impl, buf, len, n, err);
+}
+
+const ls_transport_ops ls_tls_ops = {tls_read_op, tls_write_op};
+
 /* ------------------------------------------------------------------ */
 /* DANE (RFC 6698, RFC 7671, RFC 7672) through OpenSSL's DANE API */
 

@@ -227,7 +227,7 @@ end
 
 --- server:connections() -> number of connections being handled.
 function Server:connections()
-  return self.active
+  return self.slots.active
 end
 
 --- serve(opts) -> server | nil, err, detail
@@ -243,7 +243,10 @@ end
 --   tls              server TLS context: implicit TLS before the handler
 --   tls_timeout      seconds for that handshake (10)
 --   max_connections  connections handled at once; more are closed at
---                    once (default 1000)
+--                    once (default 1000). A connection counts from the
+--                    moment it is accepted.
+--   slots            table { active = 0 } to share the count (and so
+--                    max_connections) between several servers
 --   on_refused       function(conn, reason, sock) called for refused connections
 --                    (sock, when given, is closed right after; send() on it
 --                    queues a last reply)
@@ -259,7 +262,7 @@ function M.serve(opts)
   local server = setmetatable({
     listeners = listeners,
     addresses = {},
-    active = 0,
+    slots = opts.slots or { active = 0 },
     accepted = 0,
     max_connections = opts.max_connections or 1000,
   }, Server)
@@ -281,10 +284,10 @@ function M.serve(opts)
     opts.handler(sock, conn)
   end
 
+  local slots = server.slots
   local function handle(sock, conn)
-    server.active = server.active + 1
     local ok, failure = xpcall(serve_one, debug.traceback, sock, conn)
-    server.active = server.active - 1
+    slots.active = slots.active - 1
     sock:close()
     if not ok then
       error(failure, 0) -- reported by the task error handler, traceback included
@@ -308,13 +311,16 @@ function M.serve(opts)
         if not lport then -- a UNIX-domain socket: who connected
           conn.peer_credentials = sock:peercred()
         end
-        if server.active >= server.max_connections then
+        -- Count at accept time: a burst is accepted in one go, before
+        -- any of its tasks has run.
+        if slots.active >= server.max_connections then
           if opts.on_refused then
             -- the callback may queue a last word; it must not wait
             opts.on_refused(conn, "too many connections", sock)
           end
           sock:close()
         else
+          slots.active = slots.active + 1
           core.spawn(handle, sock, conn)
         end
       elseif aerr == "closed" then

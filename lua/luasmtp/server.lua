@@ -66,7 +66,8 @@ local DEFAULTS = {
   enhanced_status_codes = true,
   requiretls = true,
   received_header = true,
-  spool_threshold = 1024 * 1024, -- bodies larger than this go to a temporary file
+  spool_threshold = 1024 * 1024, -- bodies larger than this go to a spool file in spool_dir
+  -- spool_dir: where (default $TMPDIR or /tmp); best the store's own directory
   bare_newlines = "reject", -- or "normalise"
   log_level = "info", -- least important level passed to the logger
   strict_helo = false, -- true: EHLO/HELO must name a valid domain or address literal
@@ -420,51 +421,30 @@ Message.__index = Message
 
 --- message:read() -> the whole message as a string (Received header first).
 function Message:read()
-  if not self.spool then
-    return self.header .. self.body
-  end
-  local f = assert(io.open(self.spool, "rb"))
-  local body = f:read("a")
-  f:close()
-  return self.header .. body
+  local parts = { self.header }
+  for piece in self.sink:chunks() do parts[#parts + 1] = piece end
+  return table.concat(parts)
 end
 
---- message:chunks([size]) -> iterator over the message in pieces; a
--- spooled message is read from its file piece by piece.
+--- message:chunks([size]) -> iterator over the message in pieces: the
+-- header first, then the body from wherever the sink holds it.
 function Message:chunks(size)
-  size = size or 65536
-  local header_done = false
-  if not self.spool then
-    local data, pos = self.header .. self.body, 1
-    return function()
-      if pos > #data then return nil end
-      local piece = data:sub(pos, pos + size - 1)
-      pos = pos + size
-      return piece
-    end
-  end
-  local f = assert(io.open(self.spool, "rb"))
+  local header_done = #self.header == 0
+  local body = self.sink:chunks(size)
   return function()
     if not header_done then
       header_done = true
-      if #self.header > 0 then return self.header end
+      return self.header
     end
-    local piece = f and f:read(size)
-    if not piece then
-      if f then f:close() f = nil end
-      return nil
-    end
-    return piece
+    return body()
   end
 end
 
---- message.spool: path of the temporary file holding a large body (nil
--- when the body is in memory). It is removed after on_data returns.
+--- message.sink: the body (core.sink: in memory, or in a spool file in
+-- spool_dir past spool_threshold). A spooled body is discarded after
+-- on_data returns; one in memory stays readable like a string would.
 function Message:discard()
-  if self.spool then
-    os.remove(self.spool)
-    self.spool = nil
-  end
+  if self.sink:spooled() then self.sink:close() end
 end
 
 local function received_header(s)
@@ -482,12 +462,12 @@ local function received_header(s)
 end
 
 -- Deliver the collected message to on_data; reply per LMTP or SMTP.
--- body: {data = string} or {spool = path, size = n}.
-local function finish_message(s, body, info)
+-- sink: the body (core.sink).
+local function finish_message(s, sink, info)
   local env = s.envelope
   s.envelope = nil
   local function drop()
-    if body.spool then os.remove(body.spool) end
+    sink:close()
   end
   if info.too_big then
     drop()
@@ -508,9 +488,8 @@ local function finish_message(s, body, info)
   s.envelope = nil
   local msg = setmetatable({
     header = header,
-    body = body.data,
-    spool = body.spool,
-    size = #header + (body.size or #body.data),
+    sink = sink,
+    size = #header + sink:size(),
     envelope = env,
     from = env.from,
     rcpt = env.rcpt,
@@ -554,46 +533,31 @@ handlers.DATA = function(s, cmd)
     return s:send_reply(503, "5.5.1", "DATA after BDAT")
   end
   s:send_reply(354, nil, "End data with <CR><LF>.<CR><LF>")
-  local dec = core.data_decoder {
+  local sink = s.server:new_sink()
+  -- The body goes from the socket buffer into the sink (memory, then a
+  -- spool file); what follows the end of data (a pipelined command)
+  -- stays buffered.
+  local info, err = s.sock:receivebody(sink, {
     max_size = s.config.limits.max_message_size,
     bare = s.config.bare_newlines,
     max_line = math.max(s.config.limits.text_line_length - 2, 0),
-  }
-  local parts = {}
-  local spool, spool_path, spooled = nil, nil, 0
-  local deadline = core.update_now() + s.config.timeouts.data_total
-  -- The decoder reads straight from the socket buffer; what follows the
-  -- end of data (a pipelined command) stays buffered. Past
-  -- spool_threshold bytes the body moves to a temporary file.
-  while true do
-    local left = math.max(deadline - core.update_now(), 0.001)
-    local done, err = s.sock:receivedata(dec, parts, s.config.timeouts.data_block, left,
-      s.config.spool_threshold)
-    if done == nil then
-      if spool then spool:close() os.remove(spool_path) end
-      if err == "timeout" then
-        s:send_reply(421, "4.4.2", "Timeout during DATA")
-      end
-      return "close" -- timeout, closed or reset mid-message
+    idle_timeout = s.config.timeouts.data_block,
+    total_timeout = s.config.timeouts.data_total,
+  })
+  if not info then
+    sink:close()
+    if err == "timeout" then
+      s:send_reply(421, "4.4.2", "Timeout during DATA")
     end
-    if spool or not done then
-      if not spool then
-        spool_path = os.tmpname()
-        spool = assert(io.open(spool_path, "wb"))
-      end
-      for i = 1, #parts do
-        spool:write(parts[i])
-        spooled = spooled + #parts[i]
-        parts[i] = nil
-      end
-    end
-    if done then break end
+    return "close" -- timeout, closed or reset mid-message
   end
-  if spool then
-    spool:close()
-    return finish_message(s, { spool = spool_path, size = spooled }, dec:result())
+  if info.error == "io" then
+    sink:close()
+    s.envelope = nil
+    s:log("error", "spool: %s", tostring(info.detail))
+    return s:send_reply(451, "4.3.0", "Local error in processing")
   end
-  return finish_message(s, { data = table.concat(parts) }, dec:result())
+  return finish_message(s, sink, info)
 end
 
 handlers.BDAT = function(s, cmd)
@@ -604,13 +568,9 @@ handlers.BDAT = function(s, cmd)
   end
   -- A rejected BDAT still consumes its chunk.
   local function discard(code, enh, text)
-    local remaining = size
-    while remaining > 0 do
-      local n = math.min(remaining, 65536)
-      local data = s.sock:receive(n, s.config.timeouts.data_block)
-      if not data then return "close" end
-      remaining = remaining - n
-    end
+    local trash <close> = core.sink { max_size = 0, threshold = 0 }
+    local ok, err = s.sock:receivechunk(trash, size, s.config.timeouts.data_block)
+    if not ok and err ~= "limit" then return "close" end
     s:send_reply(code, enh, text)
   end
   local env = s.envelope
@@ -623,30 +583,31 @@ handlers.BDAT = function(s, cmd)
   if #env.rcpt == 0 then
     return discard(554, "5.5.1", "No valid recipients")
   end
-  s.bdat = s.bdat or { parts = {}, size = 0, too_big = false }
-  local b = s.bdat
-  if b.size + size > s.config.limits.max_message_size then
-    b.too_big = true
+  if not s.bdat then
+    s.bdat = { sink = s.server:new_sink(s.config.limits.max_message_size), size = 0 }
   end
-  local remaining = size
-  while remaining > 0 do
-    local n = math.min(remaining, 65536)
-    local data = s.sock:receive(n, s.config.timeouts.data_block)
-    if not data then return "close" end
-    if not b.too_big then b.parts[#b.parts + 1] = data end
-    remaining = remaining - n
+  local b = s.bdat
+  local ok, err = s.sock:receivechunk(b.sink, size, s.config.timeouts.data_block)
+  if not ok and err ~= "limit" and err ~= "io" then
+    b.sink:close()
+    s.bdat = nil
+    return "close"
   end
   b.size = b.size + size
-  if not last then
-    if b.too_big then
-      s.bdat = nil
-      s.envelope = nil
-      return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
+  if err == "io" or (err == "limit" and not last) then
+    b.sink:close()
+    s.bdat = nil
+    s.envelope = nil
+    if err == "io" then
+      return s:send_reply(451, "4.3.0", "Local error in processing")
     end
+    return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
+  end
+  if not last then
     return s:send_reply(250, "2.0.0", ("%d octets received"):format(size))
   end
   s.bdat = nil
-  return finish_message(s, { data = table.concat(b.parts) }, { too_big = b.too_big })
+  return finish_message(s, b.sink, { too_big = err == "limit" })
 end
 
 ---------------------------------------------------------------------------
@@ -900,6 +861,11 @@ function Server:rate_ok(ip)
   return true
 end
 
+--- server:new_sink([max_size]) -> a body sink in spool_dir.
+function Server:new_sink(max_size)
+  return core.sink { dir = self.spool_dir, threshold = self.config.spool_threshold, max_size = max_size }
+end
+
 --- server:close(): stop accepting; sessions in progress go on.
 function Server:close()
   for _, srv in ipairs(self.listeners) do
@@ -927,7 +893,8 @@ end
 function M.new(opts)
   assert(type(opts) == "table", "server options table expected")
   local config = merge(DEFAULTS, opts)
-  local self = setmetatable({ config = config, listeners = {}, active = 0, per_ip = {} }, Server)
+  local self = setmetatable({ config = config, listeners = {}, active = 0, per_ip = {},
+    slots = { active = 0 } }, Server)
   if config.auth then
     local ok, sasl = pcall(require, "luasmtp.sasl")
     assert(ok, "AUTH needs luasmtp.sasl: " .. tostring(sasl))
@@ -937,6 +904,8 @@ function M.new(opts)
     io.stderr:write(level, ": ", msg, "\n")
   end
   self.log_level = assert(LOG_LEVELS[config.log_level], "log_level must be debug, info, warning or error")
+  self.spool_dir = config.spool_dir or os.getenv("TMPDIR") or "/tmp"
+  core.sink_cleanup(self.spool_dir) -- what a crashed process left there
   if config.proxy then
     local relay = require "luasmtp.relay"
     local nets = {}
@@ -964,6 +933,7 @@ function M.new(opts)
       tls = implicit and config.tls or nil,
       tls_timeout = config.timeouts.tls_handshake,
       max_connections = config.limits.max_connections,
+      slots = self.slots, -- one limit for all the listeners
       handler = function(sock, conn)
         self.active = self.active + 1
         local s = new_session(self, sock, conn)

@@ -8,7 +8,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "luasmtp.h"
+#include "buf.h"
 
 void ls_buf_init(ls_buf *b) { memset(b, 0, sizeof *b); }
 

@@ -1,6 +1,6 @@
 /*
  * bodyscan.c - size, line-end growth and content class of a message
- * body (see bodyscan.h). No Lua; bound in sendbody.c.
+ * body (see bodyscan.h). No Lua; bound in src/sendbody.c.
  */
 #include "bodyscan.h"
 
