@@ -1,7 +1,6 @@
 -- The client's body paths: the C body scanner (size, bare CR/LF growth,
 -- content class) and large file bodies over DATA, BDAT and TLS, with
 -- dots and line ends at the 64 KiB block edges.
-local luasmtp = require "luasmtp"
 local core = require "luasmtp.core"
 local client = require "luasmtp.client"
 local H = require "spec.helper"
