@@ -676,6 +676,8 @@ end
 -- Greeting, EHLO, STARTTLS, AUTH.
 function Session:open()
   local cfg = self.config
+  -- a client reads the reply to what it has just queued: no read first
+  self.sock:setoption("waitreply", true)
   local greeting, t, e = self:read_reply(self.timeouts.greeting, "the greeting", "greeting")
   if not greeting then return nil, t, e end
   self.greeting = greeting
