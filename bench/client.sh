@@ -5,7 +5,8 @@
 #      (luasmtp.client) vs smtp-source -d -s 20
 #   2. one BIG_MB MB message from a file: bench/client_file.lua
 #      (client.send with a file body) vs smtp-source -m 1 -l SIZE
-#   3. luasmtp send -t with the same message on standard input
+#   3. luasmtp send -t with the same message on standard input, from the
+#      file and through a pipe (cat: its CPU time is counted too)
 # Wall time, CPU time (user + system) and peak RSS of the client process
 # (GNU time, which takes them from wait4's rusage).
 #
@@ -111,3 +112,6 @@ measure_stdin() { # like measure, the big message on standard input
 l=$(measure_stdin lua5.4 bin/luasmtp send -t -i --tls none --server "127.0.0.1:$port")
 set -- $l; lw=$1; lc=$2; lm=$3
 printf '%-34s %9s %9s %9s %6.0f MB/s\n' "luasmtp send -t, $BIG_MB MB on stdin" "$lw" "$lc" "$lm" "$(echo "$mbytes / $lw" | bc -l)"
+l=$(measure sh -c "cat '$big' | lua5.4 bin/luasmtp send -t -i --tls none --server 127.0.0.1:$port")
+set -- $l; lw=$1; lc=$2; lm=$3
+printf '%-34s %9s %9s %9s %6.0f MB/s\n' "  the same through a pipe" "$lw" "$lc" "$lm" "$(echo "$mbytes / $lw" | bc -l)"

@@ -100,3 +100,8 @@ fi
 # and BDAT, and five unfinished 20 MB BDAT bodies (bench/memory.py).
 echo
 python3 bench/memory.py
+
+# The client (luasmtp.client, luasmtp send) into smtp-sink, against
+# smtp-source (bench/client.sh).
+echo
+sh bench/client.sh

@@ -187,7 +187,7 @@ describe("luasmtp send", function()
   end)
 
   -- A message of several input blocks (64 KiB) and more than the pipe
-  -- buffer (1 MiB): lines starting with dots at the block edges, bare LF
+  -- buffer (256 KiB): lines starting with dots at the block edges, bare LF
   -- line ends, and a To: line in the body that -t must not read.
   local function long_message()
     local head = "From: Alice <alice@client.test>\nTo: bob@dest.test\nBcc: hidden@dest.test\nSubject: long\n\n"

@@ -114,7 +114,7 @@ local MAX_HEADER = 1024 * 1024
 -- A pipe is read up to this much before the message is sent: a message
 -- that ends within it is sent as a string (its size and content class
 -- known exactly), a longer one is streamed.
-local PIPE_BUFFER = 1024 * 1024
+local PIPE_BUFFER = 256 * 1024
 
 -- Read the header section (up to and without the first empty line) from
 -- input, line by line. -> header, the empty line (or ""), ended (the
