@@ -157,7 +157,8 @@ function M.crlf_normaliser()
       pending_cr = true
       chunk = chunk:sub(1, -2)
     end
-    if not chunk:find("[\r\n]") then
+    local _, growth = core.body_scan(chunk)
+    if growth == 0 then -- no bare CR or LF (the C scan): as it is
       return chunk
     end
     chunk = chunk:gsub("\r\n", "\n"):gsub("\r", "\n"):gsub("\n", "\r\n")
