@@ -1018,8 +1018,10 @@ function Session:send_data_body(read, t)
       if not ok then return nil, tk, e end
     end
   end
-  self:trace("C", ("<message body: %d octets>"):format(size))
-  self:trace("C", ".")
+  if self.transcript then
+    self:trace("C", ("<message body: %d octets>"):format(size))
+    self:trace("C", ".")
+  end
   return self:write(enc:finish(), t.data_block, "DATA", "body")
 end
 

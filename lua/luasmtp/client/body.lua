@@ -85,7 +85,7 @@ function Source:reader(record)
     local data = self.data
     return function()
       if pos > #data then return nil end
-      local piece = data:sub(pos, pos + CHUNK - 1)
+      local piece = (pos == 1 and #data <= CHUNK) and data or data:sub(pos, pos + CHUNK - 1)
       pos = pos + #piece
       return piece
     end
