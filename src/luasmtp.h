@@ -211,6 +211,10 @@ int ls_open_sink(lua_State *L);
 
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);
+int ls_open_guard(lua_State *L);
+/* loop.c, for guard.c: every wait of task t ends by cap (ev_now clock)
+ * at the latest while capped; the previous setting goes to prev_*. */
+void ls_task_cap(ls_task *t, int capped, double cap, int *prev_capped, double *prev_cap);
 
 /* sendbody.c: body_scan (bodyscan.c) */
 int ls_open_sendbody(lua_State *L);
