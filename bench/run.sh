@@ -108,3 +108,8 @@ if [ -f /usr/include/opendkim/dkim.h ] && /usr/bin/python3 -c 'import dkim' 2>/d
 else
   echo "libopendkim-dev or python3-dkim not installed: DKIM benchmark skipped"
 fi
+
+# The client (luasmtp.client, luasmtp send) into smtp-sink, against
+# smtp-source (bench/client.sh).
+echo
+sh bench/client.sh

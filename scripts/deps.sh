@@ -38,8 +38,9 @@ SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount pr
 PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
 postfix dovecot-core dovecot-lmtpd iproute2 ldnsutils nsd unbound python3-dkim python3-nacl
 libopendkim-dev python3-spf python3-dnspython"
-# examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh)
-EXTRA="netcat-openbsd bc"
+# examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh),
+# GNU time (bench/client.sh)
+EXTRA="netcat-openbsd bc time"
 
 PACKAGES="$BUILD $SUITE $PEERS $EXTRA"
 [ $# -gt 0 ] && PACKAGES="$*"

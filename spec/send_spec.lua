@@ -14,8 +14,9 @@ local runs = 0
 
 --- Run `luasmtp send ARGS` (inside a task) with input on stdin and env
 -- (a table; LUASMTP_PASSWORD is unset unless given); wrap: a command
--- prefix (nsenter ...). -> status, stdout, stderr
-local function send(args, input, env, wrap)
+-- prefix (nsenter ...); piped: the input comes through a pipe (not
+-- seekable) instead of from the file. -> status, stdout, stderr
+local function send(args, input, env, wrap, piped)
   os.execute("mkdir -p " .. shquote(fake.TMP))
   runs = runs + 1
   local base = ("%s/send-%d-%d"):format(fake.TMP, math.floor(luasmtp.time()), runs)
@@ -24,8 +25,9 @@ local function send(args, input, env, wrap)
   f:close()
   local vars = { "env -u LUASMTP_PASSWORD" }
   for k, v in pairs(env or {}) do vars[#vars + 1] = k .. "=" .. shquote(v) end
-  local cmd = ("%s %s timeout 20 lua5.4 %s send %s < %s > %s 2> %s; echo $? > %s"):format(
-    wrap or "", table.concat(vars, " "), shquote(H.root .. "/bin/luasmtp"), args, shquote(base .. ".in"),
+  local cmd = ("%s%s %s timeout 20 lua5.4 %s send %s %s > %s 2> %s; echo $? > %s"):format(
+    piped and ("cat " .. shquote(base .. ".in") .. " | ") or "", wrap or "", table.concat(vars, " "),
+    shquote(H.root .. "/bin/luasmtp"), args, piped and "" or ("< " .. shquote(base .. ".in")),
     shquote(base .. ".out"), shquote(base .. ".err"), shquote(base .. ".status"))
   fake.external("sh -c " .. shquote(cmd))
   -- the status file appears when the command is done (polling it is
@@ -178,9 +180,85 @@ describe("luasmtp send", function()
       local status = send(("--server 127.0.0.1:%d --tls none a@dest.test"):format(port),
         "Subject: dot\n\nbefore\n.\nafter\n")
       assert.equal(0, status)
-      assert.equal("Subject: dot\r\n\r\nbefore\r\n", log.messages[1].body)
+      assert.matches("^Subject: dot\r\nDate: [^\r]+\r\nMessage%-ID: <[^>]+>\r\n\r\nbefore\r\n$",
+        log.messages[1].body)
       srv:close()
     end, 20)
+  end)
+
+  -- A message of several input blocks (64 KiB) and more than the pipe
+  -- buffer (256 KiB): lines starting with dots at the block edges, bare LF
+  -- line ends, and a To: line in the body that -t must not read.
+  local function long_message()
+    local head = "From: Alice <alice@client.test>\nTo: bob@dest.test\nBcc: hidden@dest.test\nSubject: long\n\n"
+    local parts, size = { "To: not-a-header@dest.test\n" }, 0
+    local line = ("x"):rep(70) .. "\n"
+    while size < 3 * 1024 * 1024 do
+      parts[#parts + 1] = line
+      size = size + #line
+    end
+    local body = table.concat(parts)
+    -- a line starting with "." and one with ".." right at block edges
+    local function put(at, s) body = body:sub(1, at - 1) .. s .. body:sub(at + #s) end
+    for _, edge in ipairs { 65536, 2 * 65536 + 1, 17 * 65536 } do
+      put(edge - 1, "\n.") -- a line starting at the last (first) octet of a block
+    end
+    put(5 * 65536 - 1, "\n..z") -- ".." split over the edge
+    return head, body
+  end
+
+  local function expected_wire(s)
+    return (s:gsub("\n", "\r\n"))
+  end
+
+  for _, piped in ipairs { false, true } do
+    it(("streams a long message from a %s with -t, reading only the header block"):format(
+      piped and "pipe" or "file"), function()
+      H.run(function()
+        local srv, port, log = fake.start {}
+        local head, body = long_message()
+        local status, _, err = send(("--server 127.0.0.1:%d --tls none -t"):format(port), head .. body, nil, nil,
+          piped)
+        assert.equal(0, status, err)
+        local msg = log.messages[1]
+        assert.same({ "bob@dest.test", "hidden@dest.test" }, msg.rcpts)
+        local got_head, got_body = msg.body:match("^(.-\r\n\r\n)(.*)$")
+        assert.matches("^From: Alice <alice@client.test>\r\nTo: bob@dest.test\r\nSubject: long\r\n"
+          .. "Date: [^\r]+\r\nMessage%-ID: <[^>]+>\r\n\r\n$", got_head)
+        assert.is_true(expected_wire(body) == got_body, "the body differs")
+        local declared = math.tointeger(tonumber(msg.mail:match("SIZE=(%d+)")))
+        if piped then
+          assert.is_nil(declared) -- a long pipe: the size is not known
+        else
+          assert.is_true(declared >= #msg.body, msg.mail .. " " .. #msg.body)
+        end
+        srv:close()
+      end, 30)
+    end)
+  end
+
+  it("ends a piped message at a lone dot split over a block edge, without -i", function()
+    H.run(function()
+      local srv, port, log = fake.start {}
+      local head = "Subject: edge\n\n"
+      -- the dot as the last octet of the first block, and as the one before
+      for _, case in ipairs { { ".\n", 65534 }, { ".\r\n", 65534 }, { ".\r\n", 65533 }, { ".\n", 65533 } } do
+        local dot, n = case[1], case[2]
+        local body = ("a"):rep(n) .. "\n" .. dot .. "after\n"
+        local status, _, err = send(("--server 127.0.0.1:%d --tls none r@dest.test"):format(port), head .. body, nil,
+          nil, true)
+        assert.equal(0, status, err)
+        local got = log.messages[#log.messages].body
+        assert.equal("Subject: edge\r\n", got:sub(1, 15))
+        assert.equal(("a"):rep(n) .. "\r\n", got:match("\r\n\r\n(.*)$"), n .. " " .. dot:gsub("\r", "CR"))
+      end
+      -- with -i the dot line is content (and goes stuffed, arrives as ".")
+      local body = ("a"):rep(65533) .. "\n.\nafter\n"
+      assert.equal(0, (send(("--server 127.0.0.1:%d --tls none -i r@dest.test"):format(port), head .. body, nil, nil,
+        true)))
+      assert.matches(("a"):rep(65533) .. "\r\n%.\r\nafter\r\n$", log.messages[#log.messages].body)
+      srv:close()
+    end, 30)
   end)
 
   it("exits 75 on network and TLS failures, 69 without STARTTLS, 76 on protocol errors", function()
@@ -252,7 +330,8 @@ describe("luasmtp send", function()
         assert.equal(1, #msgs, user .. ": " .. dc:logtext())
         assert.matches("^Return%-Path: <>\r?\n", msgs[1].data)
         assert.matches("Received: from localhost", msgs[1].data, 1, true) -- our LHLO name
-        assert.matches("Subject: over a UNIX socket\r?\n\r?\nhello dovecot", msgs[1].data)
+        assert.matches("Subject: over a UNIX socket\r?\nDate: [^\r\n]+\r?\nMessage%-ID: <[^>]+>\r?\n\r?\nhello dovecot",
+          msgs[1].data)
       end
       -- unix:/path says the same; a missing socket is a temporary failure
       status = send(("--lmtp --server unix:%s bob@example.test"):format(H.shquote(dc.lmtp)), "Subject: 2\n\nx\n")

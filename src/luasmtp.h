@@ -16,9 +16,11 @@
  *   proto_lua.c        Lua bindings of proto.c
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
  *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
+ *   sendbody.c         Lua binding of the client body scanner (lib/bodyscan.c)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
  *   lib/               the Lua-free library: buf, errors, proto (codecs), sink,
- *                      transport (plain I/O and the transport interface), dnsmsg
+ *                      transport (plain I/O and the transport interface), dnsmsg,
+ *                      bodyscan (client bodies: size, line-end growth, content class)
  */
 #ifndef LUASMTP_H
 #define LUASMTP_H
@@ -220,6 +222,9 @@ int ls_open_guard(lua_State *L);
 /* loop.c, for guard.c: every wait of task t ends by cap (ev_now clock)
  * at the latest while capped; the previous setting goes to prev_*. */
 void ls_task_cap(ls_task *t, int capped, double cap, int *prev_capped, double *prev_cap);
+
+/* sendbody.c: body_scan (bodyscan.c) */
+int ls_open_sendbody(lua_State *L);
 
 /* loop.c */
 int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */

@@ -58,6 +58,7 @@ typedef struct ls_socket {
     size_t maxline, sndlimit;
     int eof;                    /* the peer closed its side */
     int skipline;               /* discard input up to the next CRLF */
+    int waitreply;              /* option: a read after queued output waits first */
     const char *rerr, *werr;    /* sticky error tokens */
     char rerr_detail[256], werr_detail[256];
     struct smtp_data_decoder dec; /* receivebody: one at a time (the reader slot) */
@@ -489,7 +490,10 @@ static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext 
     if (s->eof)
         return with_partial ? push_partial_error(L, s, LS_ECLOSED) : ls_pusherror(L, LS_ECLOSED, NULL);
     ls_ioerr err = {0};
-    int rc = fill(s, &err);
+    /* "waitreply": with output queued and not yet sent (plaintext), what
+     * is read next is the answer to it, which cannot have come yet: wait
+     * for it rather than try a read that would only fail. */
+    int rc = s->waitreply && s->fl.queued && s->ssl == NULL ? LS_IO_WANTREAD : fill(s, &err);
     if (rc == LS_IO_OK)
         return 0;
     if (rc == LS_IO_EOF) {
@@ -982,10 +986,12 @@ static int l_gettimeouts(lua_State *L)
 
 /* sock:setoption(name, value) -> true | nil, err
  * "maxline" (bytes), "sendbuffer" (bytes pending before send waits),
- * "nodelay", "keepalive" (booleans). */
+ * "nodelay", "keepalive", "waitreply" (booleans; waitreply: a read
+ * right after output that is queued and not yet sent waits for the peer
+ * instead of trying first, for request/reply peers such as a client). */
 static int l_setoption(lua_State *L)
 {
-    static const char *const names[] = {"maxline", "sendbuffer", "nodelay", "keepalive", NULL};
+    static const char *const names[] = {"maxline", "sendbuffer", "nodelay", "keepalive", "waitreply", NULL};
     ls_socket *s = check_socket(L, 1);
     int opt = luaL_checkoption(L, 2, NULL, names);
     if (opt <= 1) {
@@ -995,6 +1001,8 @@ static int l_setoption(lua_State *L)
             s->maxline = (size_t)v;
         else
             s->sndlimit = (size_t)v;
+    } else if (opt == 4) {
+        s->waitreply = lua_toboolean(L, 3);
     } else {
         if (s->fd < 0)
             return ls_pusherror(L, LS_ECLOSED, NULL);

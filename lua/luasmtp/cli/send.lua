@@ -14,6 +14,7 @@ local getopt = require "luasmtp.getopt"
 local client = require "luasmtp.client"
 local net = require "luasmtp.net"
 local send_mx = require "luasmtp.cli.send_mx"
+local core = require "luasmtp.core"
 
 local M = {}
 
@@ -107,20 +108,86 @@ end
 ---------------------------------------------------------------------------
 -- Messages
 
--- The header section (up to the first empty line) and the rest.
-local function split_header(msg)
-  local pos = 1
-  while pos <= #msg do
-    local eol = msg:find("\n", pos, true)
-    local line_end = eol or #msg
-    local line = msg:sub(pos, line_end):gsub("\r?\n$", "")
-    if line == "" then
-      return msg:sub(1, pos - 1), msg:sub(pos)
+-- Standard input is read in blocks of this size; the header section is
+-- held in memory up to MAX_HEADER octets (what follows is body).
+local BLOCK = 64 * 1024
+local MAX_HEADER = 1024 * 1024
+-- A pipe is read up to this much before the message is sent: a message
+-- that ends within it is sent as a string (its size and content class
+-- known exactly), a longer one is streamed.
+local PIPE_BUFFER = 256 * 1024
+
+-- Read the header section (up to and without the first empty line) from
+-- input, line by line. -> header, the empty line (or ""), ended (the
+-- input ended at a line holding a single "." without -i)
+local function read_header(input, dot_ends)
+  local lines, size = {}, 0
+  while size < MAX_HEADER do
+    local line = input:read("L")
+    if not line then break end
+    if dot_ends and (line == "." or line:match("^%.\r?\n$")) then
+      return table.concat(lines), "", true
     end
-    if not eol then break end
-    pos = eol + 1
+    if line:match("^\r?\n$") then
+      return table.concat(lines), line, false
+    end
+    lines[#lines + 1] = line
+    size = size + #line
   end
-  return msg, ""
+  return table.concat(lines), "", false
+end
+
+-- reader() -> the rest of input in blocks, cut before a line holding a
+-- single "." when dot_ends (sendmail without -i). bol: the input starts
+-- at the beginning of a line.
+local function body_reader(input, dot_ends, bol)
+  local carry, done = "", false
+  return function()
+    while not done do
+      local block = input:read(BLOCK)
+      if not block then
+        done = true
+        local rest = carry
+        carry = ""
+        if dot_ends and rest == "." then rest = "" end
+        return rest ~= "" and rest or nil
+      end
+      local data = carry .. block
+      carry = ""
+      if not dot_ends then return data end
+      local at_start = bol and (data:match("^%.\r?\n") or (#data == 1 and data == "."))
+      if at_start then
+        done = true
+        return nil
+      end
+      -- a "\n." is rare: look at each one
+      local from = 1
+      while true do
+        local p = data:find("\n.", from, true)
+        if not p then break end
+        if data:match("^\n%.\r?\n", p) then
+          done = true
+          return data:sub(1, p)
+        end
+        from = p + 1
+      end
+      -- a last line that may yet become "." or ".\r\n" waits for more
+      local n = #data
+      local hold = 0
+      if data:sub(-1) == "." and (n == 1 and bol or data:sub(-2, -2) == "\n") then
+        hold = 1
+      elseif data:sub(-2) == ".\r" and (n == 2 and bol or data:sub(-3, -3) == "\n") then
+        hold = 2
+      end
+      if hold > 0 then
+        carry = data:sub(-hold)
+        data = data:sub(1, -hold - 1)
+      end
+      bol = hold > 0 or data:sub(-1) == "\n"
+      if data ~= "" then return data end
+    end
+    return nil
+  end
 end
 
 -- Header fields as { name =, text = (the raw lines), value = unfolded }.
@@ -212,27 +279,39 @@ end
 
 M.address_list = address_list
 
--- Without -i, a line holding a single "." ends the input (sendmail).
-local function cut_at_dot(msg)
-  if msg:match("^%.\r?\n") or msg == "." then
-    return ""
-  end
-  local pos = msg:find("\n%.\r?\n") or msg:find("\n%.$")
-  if pos then
-    return msg:sub(1, pos)
-  end
-  return msg
-end
-
-local function default_sender()
-  local user = os.getenv("USER") or os.getenv("LOGNAME") or "root"
+local function hostname()
   local host
   local f = io.open("/proc/sys/kernel/hostname", "r")
   if f then
     host = f:read("l")
     f:close()
   end
-  return user .. "@" .. ((host and host ~= "") and host or "localhost")
+  return (host and host:match("^[%w%.%-]+$")) and host or "localhost"
+end
+
+local function default_sender()
+  local user = os.getenv("USER") or os.getenv("LOGNAME") or "root"
+  return user .. "@" .. hostname()
+end
+
+-- The Date and Message-ID fields sendmail adds when they are missing.
+local function added_fields(fields, eol)
+  local have = {}
+  for _, f in ipairs(fields) do
+    if not f.name then
+      return "" -- not a header section: leave it as it is
+    end
+    have[f.name] = true
+  end
+  local out = {}
+  if not have.date then
+    out[#out + 1] = "Date: " .. os.date("!%a, %d %b %Y %H:%M:%S +0000") .. eol
+  end
+  if not have["message-id"] then
+    local id = core.random(12):gsub(".", function(c) return ("%02x"):format(c:byte()) end)
+    out[#out + 1] = ("Message-ID: <%s.%d@%s>%s"):format(id, os.time(), hostname(), eol)
+  end
+  return table.concat(out)
 end
 
 ---------------------------------------------------------------------------
@@ -326,11 +405,13 @@ local function run(args)
     usage_error("no recipients (give them as arguments or use -t)")
   end
 
-  local msg = io.stdin:read("a") or ""
-  if not opts.i then msg = cut_at_dot(msg) end
+  -- The header section is read line by line; the body streams from
+  -- standard input (nothing holds the whole message).
+  local input = io.stdin
+  local dot_ends = not opts.i
+  local header, blank, ended = read_header(input, dot_ends)
   local rcpts = {}
   for _, r in ipairs(opts.rcpts) do rcpts[#rcpts + 1] = r end
-  local header, rest = split_header(msg)
   local fields = header_fields(header)
   if opts.t then
     local kept = {}
@@ -340,7 +421,7 @@ local function run(args)
       end
       if f.name ~= "bcc" then kept[#kept + 1] = f.text end
     end
-    msg = table.concat(kept) .. rest
+    header = table.concat(kept)
     if #rcpts == 0 then
       report("no recipients in the To:, Cc: or Bcc: headers")
       return EX_DATAERR
@@ -364,9 +445,71 @@ local function run(args)
     end
     from = from or default_sender()
   end
-  if msg == "" then
+  local read = ended and function() return nil end
+    or body_reader(input, dot_ends, blank ~= "" or header == "" or header:sub(-1) == "\n")
+  local body_start = input:seek("cur")
+  local first = read()
+  if header == "" and blank == "" and not first then
     report("empty message")
     return EX_DATAERR
+  end
+  local eol = (header:match("\r\n$") or blank == "\r\n") and "\r\n" or "\n"
+  if header ~= "" and header:sub(-1) ~= "\n" then header = header .. eol end
+  local head = header .. added_fields(fields, eol) .. blank
+  -- The body: the head, then the rest of the input. A short message
+  -- (within PIPE_BUFFER) becomes one string, so its size and content
+  -- class are known exactly; a seekable input is scanned for them (and
+  -- read again from there); a long pipe streams, its content class taken
+  -- from the first PIPE_BUFFER octets and its size not declared.
+  local pieces, buffered = { head, first }, #head + (first and #first or 0)
+  local msg, size, body_type
+  local start = input:seek("cur")
+  if start and body_start and first and not ended then
+    -- seekable: a C scan of the body for its size and content class,
+    -- then the rest of it in blocks
+    input:seek("set", body_start)
+    local n, growth, eol_end, kind = core.body_scan(input)
+    input:seek("set", start)
+    if n then
+      local whole = table.concat(pieces)
+      local hn, hgrowth, heol, hkind = core.body_scan(head)
+      if n == 0 then eol_end = heol end
+      size = hn + hgrowth + n + growth + (eol_end and 0 or 2)
+      body_type = (kind == "binarymime" or hkind == "binarymime") and "binarymime"
+        or (kind == "8bitmime" or hkind == "8bitmime") and "8bitmime" or "7bit"
+      local sent_head = false
+      msg = function()
+        if not sent_head then
+          sent_head = true
+          return whole
+        end
+        return read()
+      end
+    end
+  end
+  if not msg then
+    while first and buffered < PIPE_BUFFER do
+      first = read()
+      if first then
+        pieces[#pieces + 1] = first
+        buffered = buffered + #first
+      end
+    end
+    msg = table.concat(pieces)
+    if first then
+      -- longer than PIPE_BUFFER: stream the rest
+      local _, _, _, kind = core.body_scan(msg)
+      body_type = kind
+      local buffered_msg = msg
+      msg = function()
+        if buffered_msg then
+          local out = buffered_msg
+          buffered_msg = nil
+          return out
+        end
+        return read()
+      end
+    end
   end
 
   local timeouts
@@ -387,6 +530,12 @@ local function run(args)
   end
 
   if opts.mx then
+    if type(msg) == "function" then
+      -- delivery to several domains reads the body more than once
+      local all = {}
+      for piece in msg do all[#all + 1] = piece end
+      msg = table.concat(all)
+    end
     return send_mx.deliver(opts, { from = from, to = rcpts, body = msg, dsn = dsn, helo = opts.helo,
       timeouts = timeouts, transcript = transcript })
   end
@@ -405,6 +554,8 @@ local function run(args)
     from = from,
     to = rcpts,
     body = msg,
+    size = size,
+    body_type = body_type,
     dsn = dsn,
   }
   if res then

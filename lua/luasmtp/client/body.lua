@@ -16,38 +16,14 @@ local M = {}
 
 local CHUNK = 64 * 1024
 
--- What a piece of body needs: "binarymime" for NUL bytes, "8bitmime"
--- for octets above 127, else "7bit".
-local function classify(s, current)
-  if current == "binarymime" then
-    return current
-  end
-  if s:find("%z") then
-    return "binarymime"
-  end
-  if current ~= "8bitmime" and s:find("[\128-\255]") then
-    return "8bitmime"
-  end
-  return current
-end
-
--- Octets that CRLF normalisation adds to a piece: one per bare LF or
--- bare CR (a CRLF split between two pieces counts twice: SIZE is an
--- estimate, RFC 1870).
-local function line_end_growth(s)
-  local crlf = select(2, s:gsub("\r\n", ""))
-  local lf = select(2, s:gsub("\n", "")) - crlf
-  local cr = select(2, s:gsub("\r", "")) - crlf
-  return lf + cr
-end
-
 -- The size on the wire (before dot-stuffing, which RFC 1870 leaves out)
--- of a text body of raw octets whose last octet is last.
-local function text_size(raw, growth, last)
-  if raw == 0 then
-    return 0
+-- of a body scanned by core.body_scan: a text body grows by its bare CRs
+-- and LFs and by a final CRLF when it lacks one.
+local function wire_size(size, growth, eol, kind)
+  if kind == "binarymime" or size == 0 then
+    return size
   end
-  return raw + growth + ((last == "\n" or last == "\r") and 0 or 2)
+  return size + growth + (eol and 0 or 2)
 end
 
 local Source = {}
@@ -64,8 +40,8 @@ function M.source(body, opts)
   local t = type(body)
   if t == "string" then
     src.kind, src.data = "string", body
-    src.body_type = classify(body, "7bit")
-    src.size = src.body_type == "binarymime" and #body or text_size(#body, line_end_growth(body), body:sub(-1))
+    local size, growth, eol, kind = core.body_scan(body)
+    src.body_type, src.size = kind, wire_size(size, growth, eol, kind)
   elseif t == "function" then
     src.kind, src.fn, src.size = "function", body, opts.size
     src.body_type = opts.body_type or "7bit"
@@ -73,21 +49,14 @@ function M.source(body, opts)
     src.kind, src.file = "file", body
     local start = body:seek("cur")
     if start then
-      -- A seekable file: scan it once for its size and what it needs,
-      -- then come back to where it was.
+      -- A seekable file: scan it once (in C) for its size and what it
+      -- needs, then come back to where it was.
       src.start = start
-      local size, growth, last, kind = 0, 0, "", "7bit"
-      while true do
-        local piece = body:read(CHUNK)
-        if not piece then break end
-        size = size + #piece
-        growth = growth + line_end_growth(piece)
-        last = piece:sub(-1)
-        kind = classify(piece, kind)
-      end
+      local size, growth, eol, kind = core.body_scan(body)
       body:seek("set", start)
-      src.body_type = kind
-      src.size = kind == "binarymime" and size or text_size(size, growth, last)
+      if size then -- else the read error comes again when it is sent
+        src.body_type, src.size = kind, wire_size(size, growth, eol, kind)
+      end
     else
       src.size = opts.size
     end
@@ -116,7 +85,7 @@ function Source:reader(record)
     local data = self.data
     return function()
       if pos > #data then return nil end
-      local piece = data:sub(pos, pos + CHUNK - 1)
+      local piece = (pos == 1 and #data <= CHUNK) and data or data:sub(pos, pos + CHUNK - 1)
       pos = pos + #piece
       return piece
     end
@@ -188,7 +157,8 @@ function M.crlf_normaliser()
       pending_cr = true
       chunk = chunk:sub(1, -2)
     end
-    if not chunk:find("[\r\n]") then
+    local _, growth = core.body_scan(chunk)
+    if growth == 0 then -- no bare CR or LF (the C scan): as it is
       return chunk
     end
     chunk = chunk:gsub("\r\n", "\n"):gsub("\r", "\n"):gsub("\n", "\r\n")

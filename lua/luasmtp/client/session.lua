@@ -365,6 +365,8 @@ end
 -- Greeting, EHLO, STARTTLS, AUTH.
 function Session:open()
   local cfg = self.config
+  -- a client reads the reply to what it has just queued: no read first
+  self.sock:setoption("waitreply", true)
   local greeting, t, e = self:read_reply(self.timeouts.greeting, "the greeting", "greeting")
   if not greeting then return nil, t, e end
   self.greeting = greeting
@@ -705,8 +707,10 @@ function Session:send_data_body(read, t)
       if not ok then return nil, tk, e end
     end
   end
-  self:trace("C", ("<message body: %d octets>"):format(size))
-  self:trace("C", ".")
+  if self.transcript then
+    self:trace("C", ("<message body: %d octets>"):format(size))
+    self:trace("C", ".")
+  end
   return self:write(enc:finish(), t.data_block, "DATA", "body")
 end
 
