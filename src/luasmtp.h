@@ -33,6 +33,7 @@
 #include "buf.h"
 #include "errors.h"
 #include "sink.h"
+#include "tls_transport.h"
 #include "transport.h"
 
 #define LS_VERSION "0.1.0"
@@ -147,28 +148,17 @@ void ls_flush_queue(ls_loop *loop, ls_flushable *f);
 void ls_flush_dequeue(ls_loop *loop, ls_flushable *f);
 
 /* ------------------------------------------------------------------ */
-/* tls.c: OpenSSL. The socket layer sees only these calls. */
-typedef struct ssl_st SSL;
-typedef struct ls_tlsctx ls_tlsctx;
-
-/* The transport results (enum ls_io) and ls_ioerr are in lib/transport.h;
- * ls_tls_ops is the TLS transport for it. */
-extern const ls_transport_ops ls_tls_ops;
-
-ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx);
-int ls_tlsctx_is_server(const ls_tlsctx *c);
-/* Create an SSL for fd; servername (client: SNI and host check, may be NULL). */
-SSL *ls_tls_new(ls_tlsctx *c, int fd, const char *servername, int verify_host,
-                ls_ioerr *err);
-void ls_tls_free(SSL *ssl);
-int ls_tls_handshake(SSL *ssl, ls_ioerr *err);
-int ls_tls_read(SSL *ssl, char *buf, size_t len, size_t *n, ls_ioerr *err);
-int ls_tls_write(SSL *ssl, const char *buf, size_t len, size_t *n, ls_ioerr *err);
-/* One non-blocking attempt at close_notify. */
-void ls_tls_shutdown(SSL *ssl);
-/* DANE: check opts.dane (raises on bad arguments), then apply it to a
- * new client session before its handshake (LS_IO_OK or LS_IO_ERROR). */
-void ls_tls_dane_check(lua_State *L, int idx, ls_tlsctx *c);
+/* tls.c: OpenSSL contexts as Lua values; the sessions made from them
+ * (ls_tls_new, handshake, read, write, shutdown) are in
+ * lib/tls_transport.h. */
+/* The SSL_CTX of the tls_context at idx; raises unless it is an open
+ * one. The context value keeps it: use it while that value is held
+ * (a session made from it holds its own references).       [-0, +0, v] */
+SSL_CTX *ls_tls_ctx_from_lua(lua_State *L, int idx);
+/* DANE: check opts.dane at idx for the context at ctx_idx (raises on
+ * bad arguments), then apply it to a new client session before its
+ * handshake (LS_IO_OK or LS_IO_ERROR). */
+void ls_tls_dane_check(lua_State *L, int idx, int ctx_idx);
 int ls_tls_dane_apply(lua_State *L, int idx, SSL *ssl, ls_ioerr *err);
 /* Push a table describing the session (version, cipher, peer cert...). */
 int ls_tls_pushinfo(lua_State *L, SSL *ssl);
