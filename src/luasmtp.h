@@ -184,17 +184,11 @@ int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top *
 /* proto.c + proto_lua.c: SMTP protocol codecs (no I/O) */
 int ls_open_proto(lua_State *L); /* adds protocol functions to the table on top */
 
-/* sink_lua.c: core.sink(), the body sink (src/lib/sink.c). The userdata
- * is a bare ls_sink: the socket layer writes bodies into it through the
- * library. */
-#define LS_SINK_MT "luasmtp.sink"
-static inline ls_sink *ls_checksink(lua_State *L, int idx)
-{
-    ls_sink *k = luaL_checkudata(L, idx, LS_SINK_MT);
-    if (k->closed)
-        luaL_argerror(L, idx, "sink is closed");
-    return k;
-}
+/* sink_lua.c: core.sink(), the body sink (src/lib/sink.c). The socket
+ * layer writes bodies into the ls_sink of a sink value through the
+ * library; it gets it here, never from the userdata itself. Raises
+ * unless idx is an open sink.                               [-0, +0, v] */
+ls_sink *ls_checksink(lua_State *L, int idx);
 int ls_open_sink(lua_State *L);
 
 /* fs.c: durable file writes for mail storage */
