@@ -2,22 +2,30 @@
  * luasmtp.h - shared declarations of the C core.
  *
  * Layers (see README "Architecture"):
- *   buf.c              byte buffer with a hard cap, no Lua
+ *   lib/               the Lua-free library (no Lua header, no lua_ call; the
+ *                      Makefile compiles it without the Lua include path):
+ *                      buf, errors, proto (codecs), sink, transport (plain I/O
+ *                      and the transport interface), tls_transport (TLS
+ *                      sessions over OpenSSL), dnsmsg
  *   loop.c             libev loop and coroutine task scheduler
  *   socket.c           TCP sockets and listeners as Lua userdata
- *   tls.c              OpenSSL contexts and the TLS transport
+ *   tls.c              OpenSSL contexts as Lua userdata, session info
  *   dns.c              c-ares resolver on the libev loop
  *   http.c             libcurl multi interface on the libev loop (HTTP client)
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   gzip.c             gzip compression over zlib
- *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
- *   proto_lua.c        Lua bindings of proto.c
+ *   proto_lua.c        Lua bindings of lib/proto.c
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
  *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
- *   lib/               the Lua-free library: buf, errors, proto (codecs), sink,
- *                      transport (plain I/O and the transport interface), dnsmsg
+ *
+ * Rule: each binding owns its userdata (metatable name and struct are
+ * private to its .c file). Another binding that takes such a value
+ * asks the owner through a C function declared here (ls_tls_ctx_from_lua,
+ * ls_checksink), which checks it and returns the library object inside
+ * (SSL_CTX, ls_sink); it then works through src/lib. spec/layout_spec.lua
+ * checks both rules.
  */
 #ifndef LUASMTP_H
 #define LUASMTP_H

@@ -1,15 +1,17 @@
 /*
- * tls.c - OpenSSL contexts and the TLS transport.
+ * tls.c - OpenSSL contexts as Lua values.
  *
  * Lua sees one constructor, core.tls_context(params), and the context
- * methods. The socket layer sees the ls_tls_* calls of luasmtp.h: it
- * owns the fd and the event loop, this file owns everything OpenSSL.
+ * methods. Other bindings get a context's SSL_CTX from
+ * ls_tls_ctx_from_lua (luasmtp.h), never from the userdata; sessions on
+ * it are made and driven by the Lua-free TLS transport
+ * (lib/tls_transport.c). This file also backs sock:tlsinfo(),
+ * sock:channel_binding() and the opts.dane table of sock:starttls.
  *
  * Conventions:
  *  - The OpenSSL error queue is cleared before each call sequence and
- *    drained into one readable message after a failure.
- *  - WANT_READ / WANT_WRITE are reported as the direction OpenSSL asks
- *    for, whatever the caller was doing (a read may need to write).
+ *    drained into one readable message after a failure
+ *    (ls_tls_drain_errors).
  *  - Bad context parameters are programming errors and raise; I/O
  *    failures are values (LS_IO_ERROR with a token and a detail).
  *
@@ -18,24 +20,18 @@
  *    holds its own (SSL_new up-refs), so closing or collecting the Lua
  *    object while sessions live is safe.
  *  - Extra SNI certificates live in an sni_set that is reference
- *    counted: one reference from the userdata and one from each session
- *    made by ls_tls_new (dropped by ls_tls_free). The servername callback
- *    of the main SSL_CTX points at it, and only our sessions can run that
- *    callback, so the set outlives every use. (An SSL_CTX ex_data free
- *    callback would do the same but registers a function pointer in
- *    OpenSSL's process-wide table that dangles once core.so is unloaded
- *    while OpenSSL stays loaded; this design needs no global state.)
- *  - Each session has a small ls_session struct (the transport BIO's data
- *    and the SSL's app data), owned by ls_tls_new / ls_tls_free.
- *
- * Transport: a minimal socket BIO that uses recv() and
- * send(MSG_NOSIGNAL), so writing to a connection the peer has reset
- * gives EPIPE, never SIGPIPE, without touching process signal state.
+ *    counted (its ls_tls_hold, the SSL_CTX's app data): one reference
+ *    from the userdata and one from each session made by ls_tls_new
+ *    (dropped by ls_tls_free). The servername callback of the main
+ *    SSL_CTX points at it, and only our sessions can run that callback,
+ *    so the set outlives every use. (An SSL_CTX ex_data free callback
+ *    would do the same but registers a function pointer in OpenSSL's
+ *    process-wide table that dangles once core.so is unloaded while
+ *    OpenSSL stays loaded; this design needs no global state.)
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
