@@ -61,6 +61,7 @@ typedef struct ls_socket {
     const char *rerr, *werr;    /* sticky error tokens */
     char rerr_detail[256], werr_detail[256];
     struct smtp_data_decoder dec; /* receivebody: one at a time (the reader slot) */
+    double body_deadline;       /* receivebody: the whole body's, kept across steps */
     ev_io wio;                  /* background flush when no task writes */
     int wio_counted;
     ls_flushable fl;
@@ -637,7 +638,17 @@ static void set_sink_error(lua_State *L, const ls_sink *k)
     }
 }
 
-/* stack: 1 sock, 2 sink, 3 idle timeout, 4 absolute total deadline */
+/* A step of receivebody ends: "more", bytes added, header block ended. */
+static int push_step(lua_State *L, const ls_sink *k)
+{
+    lua_pushliteral(L, "more");
+    lua_pushinteger(L, (lua_Integer)(ls_sink_size(k) - (uint64_t)lua_tointeger(L, 6)));
+    lua_pushboolean(L, k->hstate < 0);
+    return 3;
+}
+
+/* stack: 1 sock, 2 sink, 3 idle timeout, 4 step (0: none), 5 eoh (return
+ * when the header block ends in this call), 6 sink size at the call */
 static int recvbody_k(lua_State *L, int status, lua_KContext ctx)
 {
     (void)ctx;
@@ -648,6 +659,9 @@ static int recvbody_k(lua_State *L, int status, lua_KContext ctx)
         if (n)
             return n;
     }
+    uint64_t step = (uint64_t)lua_tointeger(L, 4);
+    uint64_t start = (uint64_t)lua_tointeger(L, 6);
+    int eoh = lua_toboolean(L, 5);
     for (;;) {
         if (s->rbuf.len > 0) {
             int done = 0;
@@ -656,9 +670,11 @@ static int recvbody_k(lua_State *L, int status, lua_KContext ctx)
             ls_buf_consume(&s->rbuf, used);
             if (done) {
                 const struct smtp_data_decoder *d = &s->dec;
-                lua_createtable(L, 0, 8);
+                lua_createtable(L, 0, 9);
                 lua_pushinteger(L, (lua_Integer)d->size);
                 lua_setfield(L, -2, "size");
+                lua_pushinteger(L, (lua_Integer)(ls_sink_size(k) - start));
+                lua_setfield(L, -2, "added");
                 set_field_bool(L, "too_big", d->too_big || k->too_big);
                 set_field_bool(L, "bare_lf", d->bare_lf);
                 set_field_bool(L, "bare_cr", d->bare_cr);
@@ -667,10 +683,11 @@ static int recvbody_k(lua_State *L, int status, lua_KContext ctx)
                 set_sink_error(L, k);
                 return 1;
             }
+            if ((step && ls_sink_size(k) - start >= step) || (eoh && k->hstate < 0))
+                return push_step(L, k);
             /* One idle period per block of input. */
             double idle = ls_now(s->loop) + lua_tonumber(L, 3);
-            double total = lua_tonumber(L, 4);
-            s->rdeadline = idle < total ? idle : total;
+            s->rdeadline = idle < s->body_deadline ? idle : s->body_deadline;
         }
         int n = read_more(L, s, 0, 0, recvbody_k);
         if (n)
@@ -684,17 +701,24 @@ static int recvbody_k(lua_State *L, int status, lua_KContext ctx)
  * no check), bare ("reject" | "normalise"), idle_timeout (each wait for
  * input; default the read timeout), total_timeout (the whole body).
  * info = { size =, too_big =, bare_lf =, bare_cr =, long_line =,
- * rejected =, error =, detail = }: error ("limit" or "io") when the sink
- * refused some of it; the body is read to its end all the same. Input
- * after the end stays buffered for the next receiveline.
+ * rejected =, added =, error =, detail = }: error ("limit" or "io") when
+ * the sink refused some of it; the body is read to its end all the same.
+ * Input after the end stays buffered for the next receiveline.
+ * Streaming: with step = n the call returns "more", added, eoh once it
+ * added at least n bytes to the sink (added: the bytes of this call; eoh:
+ * the sink's header block has ended), and with eoh = true also when the
+ * header block ends in this call. The next call with resume = true goes
+ * on where it stopped (decoder state and total deadline are the
+ * socket's; the other limits are the first call's) and may name another
+ * sink (to discard the rest).
  *   local info = sock:receivebody(sink, { max_size = 50e6, total_timeout = 600 }) */
 static int l_receivebody(lua_State *L)
 {
     ls_socket *s = check_socket(L, 1);
-    ls_checksink(L, 2);
+    ls_sink *k = ls_checksink(L, 2);
     double idle = s->t_read, total = -1;
-    lua_Integer max_size = 0, max_line = SMTP_DEFAULT_MAX_LINE;
-    int bare = SMTP_BARE_REJECT;
+    lua_Integer max_size = 0, max_line = SMTP_DEFAULT_MAX_LINE, step = 0;
+    int bare = SMTP_BARE_REJECT, eoh = 0, resume = 0;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
         lua_getfield(L, 3, "max_size");
@@ -711,20 +735,31 @@ static int l_receivebody(lua_State *L)
         idle = opt_timeout(L, -1, idle);
         lua_getfield(L, 3, "total_timeout");
         total = opt_timeout(L, -1, -1);
-        lua_pop(L, 4);
-        luaL_argcheck(L, max_size >= 0 && max_line >= 0, 3, "negative limit");
+        lua_getfield(L, 3, "step");
+        step = luaL_optinteger(L, -1, 0);
+        lua_getfield(L, 3, "eoh");
+        eoh = lua_toboolean(L, -1);
+        lua_getfield(L, 3, "resume");
+        resume = lua_toboolean(L, -1);
+        lua_pop(L, 7);
+        luaL_argcheck(L, max_size >= 0 && max_line >= 0 && step >= 0, 3, "negative limit");
     }
     if (total < 0)
         total = idle;
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     check_reader_free(L, s);
-    smtp_data_decoder_init(&s->dec, (uint64_t)max_size, (size_t)max_line, bare);
-    lua_settop(L, 2);
     double now = ls_now(s->loop);
-    lua_pushnumber(L, idle);        /* 3 */
-    lua_pushnumber(L, now + total); /* 4: absolute */
-    s->rdeadline = now + (idle < total ? idle : total);
+    if (!resume) {
+        smtp_data_decoder_init(&s->dec, (uint64_t)max_size, (size_t)max_line, bare);
+        s->body_deadline = now + total;
+    }
+    lua_settop(L, 2);
+    lua_pushnumber(L, idle);                               /* 3 */
+    lua_pushinteger(L, step);                              /* 4 */
+    lua_pushboolean(L, eoh && k->hstate >= 0);             /* 5: not ended yet */
+    lua_pushinteger(L, (lua_Integer)ls_sink_size(k));      /* 6 */
+    s->rdeadline = now + idle < s->body_deadline ? now + idle : s->body_deadline;
     return recvbody_k(L, LUA_OK, 0);
 }
 

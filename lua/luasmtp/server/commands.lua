@@ -238,10 +238,57 @@ local function data_phase(s)
   return nil
 end
 
+-- Streaming: when the chain has plugins for the headers or body phase,
+-- they run while the data arrives (milter order): headers once the header
+-- block has ended, body for each STEP bytes of new content as the socket
+-- adds them to the sink. Without such plugins the body is read in one C
+-- call. st = { msg, sink, off = where the next body piece starts (nil
+-- until headers ran), r = the reply that refused the message }.
+local STEP = 65536
+M.STEP = STEP
+
+local function stream_new(s, sink)
+  if not (s.chains.headers or s.chains.body) then return nil end
+  return { msg = message.from_sink(s.envelope, sink), sink = sink }
+end
+
+-- New content is in the sink (eoh: the header block has ended, or the
+-- data has): run what can run. Returns the refusing reply, if any.
+local function stream_feed(s, st, eoh)
+  if st.r then return st.r end
+  local msg = st.msg
+  if not st.off then
+    if not eoh then return nil end
+    st.r = s:phase("headers", msg)
+    st.off = msg.body_offset
+    if st.r then return st.r end
+  end
+  if s.chains.body then
+    for piece in st.sink:chunks(STEP, st.off) do
+      st.off = st.off + #piece
+      st.r = s:phase("body", msg, piece)
+      if st.r then return st.r end
+    end
+  end
+  return nil
+end
+
+-- Has the sink's header block ended (or overflowed)?
+local function header_ended(sink)
+  local block, off = sink:header()
+  return block == nil or off ~= nil
+end
+
+-- A sink that keeps nothing: where the rest of a refused body goes.
+local function trash_sink()
+  return core.sink { max_size = 0, threshold = 0 }
+end
+
 -- The data ended: the header view, the remaining phases and the reply
--- (per recipient for LMTP). The body phase gets the body in the pieces
--- the sink holds it in, from memory or the spool file.
-local function finish_message(s, sink, info)
+-- (per recipient for LMTP). st: the streaming state (nil: none of the
+-- headers and body plugins exist); its reply, if a plugin refused the
+-- message while it arrived, is the answer.
+local function finish_message(s, sink, info, st)
   local env = s.envelope
   s.envelope = nil
   s.bdat = nil
@@ -249,27 +296,22 @@ local function finish_message(s, sink, info)
     sink:close()
     return s:send_reply(code, enh, text)
   end
-  if info.too_big then
+  local r = st and st.r
+  if not r and info.too_big then
     return refuse(552, "5.3.4", "Message size exceeds fixed limit")
   end
-  if info.rejected then
+  if not r and info.rejected then
     s:log("info", "message refused: bare CR or LF")
     return refuse(554, "5.6.11", "Bare CR or LF in message data")
   end
-  if info.long_line then
+  if not r and info.long_line then
     s:log("info", "message refused: line longer than %d", s.config.limits.text_line_length)
     return refuse(554, "5.6.0", "Message line too long")
   end
-  local msg = message.from_sink(env, sink)
+  local msg = st and st.msg or message.from_sink(env, sink)
   s.incoming = msg
   s.messages = s.messages + 1
-  local r = s:phase("headers", msg)
-  if not r and s.chains.body then
-    for piece in msg:body_chunks() do
-      r = s:phase("body", msg, piece)
-      if r then break end
-    end
-  end
+  if st and not r then r = stream_feed(s, st, true) end
   if not r then
     r = s:phase("message", msg)
     if not r or r.code < 400 then
@@ -326,13 +368,36 @@ handlers.DATA = function(s, cmd)
   -- The body goes from the socket buffer into the sink (memory, then a
   -- spool file) in C, decoded on the way; what follows the end of data
   -- (a pipelined command) stays buffered.
-  local info, err = s.sock:receivebody(sink, {
+  local opts = {
     max_size = c.limits.max_message_size,
     bare = c.bare_newlines,
     max_line = math.max(c.limits.text_line_length - 2, 0),
     idle_timeout = c.timeouts.data_block,
     total_timeout = c.timeouts.data_total,
-  })
+  }
+  local st = stream_new(s, sink)
+  local info, err
+  if not st then
+    info, err = s.sock:receivebody(sink, opts)
+  else
+    opts.step, opts.eoh = STEP, true
+    local into = sink
+    while true do
+      local res, detail, eoh = s.sock:receivebody(into, opts)
+      if res ~= "more" then
+        info, err = res, detail
+        break
+      end
+      opts.resume = true
+      opts.eoh = not eoh
+      if into == sink and stream_feed(s, st, eoh) then
+        -- refused: the rest is read to its end and dropped, then answered
+        into = trash_sink()
+        opts.step, opts.eoh = 0, false
+      end
+    end
+    if into ~= sink then into:close() end
+  end
   if not info then
     sink:close()
     s:reset_envelope()
@@ -341,13 +406,13 @@ handlers.DATA = function(s, cmd)
     end
     return "close" -- timeout, closed or reset mid-message
   end
-  if info.error == "io" then
+  if info.error == "io" and not (st and st.r) then
     sink:close()
     s.envelope = nil
     s:log("error", "spool: %s", tostring(info.detail))
     return s:send_reply(451, "4.3.0", "Local error in processing")
   end
-  return finish_message(s, sink, info)
+  return finish_message(s, sink, info, st)
 end
 
 handlers.BDAT = function(s, cmd)
@@ -381,10 +446,34 @@ handlers.BDAT = function(s, cmd)
       if discard() == "close" or disc then return "close" end
       return
     end
-    s.bdat = { sink = s.server:new_sink(s.config.limits.max_message_size), size = 0 }
+    local sink = s.server:new_sink(s.config.limits.max_message_size)
+    s.bdat = { sink = sink, size = 0, stream = stream_new(s, sink) }
   end
   local b = s.bdat
-  local ok, err = s.sock:receivechunk(b.sink, size, timeout)
+  local st = b.stream
+  local ok, err
+  if not st then
+    ok, err = s.sock:receivechunk(b.sink, size, timeout)
+  else
+    -- the chunk in steps, each one's bytes to the body phase as they arrive
+    local left, trash = size, nil
+    ok = true
+    while left > 0 do
+      local n = math.min(left, STEP)
+      local into = st.r and trash or b.sink
+      local sok, serr = s.sock:receivechunk(into, n, timeout)
+      left = left - n
+      if not sok and serr ~= "limit" and serr ~= "io" then
+        ok, err = nil, serr
+        break
+      end
+      if into == b.sink then
+        if not sok and ok then ok, err = nil, serr end
+        if ok and stream_feed(s, st, st.off or header_ended(b.sink)) then trash = trash_sink() end
+      end
+    end
+    if trash then trash:close() end
+  end
   if not ok and err ~= "limit" and err ~= "io" then
     s:reset_envelope()
     return "close"
@@ -397,10 +486,17 @@ handlers.BDAT = function(s, cmd)
     end
     return s:send_reply(552, "5.3.4", "Message size exceeds fixed limit")
   end
+  if st and st.r and not last then
+    -- refused while it arrived: the transaction ends with this chunk
+    s:reset_envelope()
+    local _, disc = s:answer(st.r)
+    if disc then return "close" end
+    return
+  end
   if not last then
     return s:send_reply(250, "2.0.0", ("%d octets received"):format(size))
   end
-  return finish_message(s, b.sink, { too_big = err == "limit" })
+  return finish_message(s, b.sink, { too_big = err == "limit" }, st)
 end
 
 return M
