@@ -89,6 +89,9 @@ endif
 LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
 LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 
+# src/lib is compiled without the Lua include path: a Lua header there
+# fails the build.
+LIB_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(OPENSSL_CFLAGS)
 ALL_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
 	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS) $(PSL_CFLAGS)
 LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(PSL_LIBS) -lcrypt
@@ -129,6 +132,10 @@ $(LIB): $(LIB_OBJS)
 	@mkdir -p $(@D)
 	rm -f $@
 	$(AR) rcs $@ $(LIB_OBJS)
+
+$(BUILD)/obj/lib/%.o: src/lib/%.c
+	@mkdir -p $(@D)
+	$(CC) $(LIB_CFLAGS) -MMD -MP -c -o $@ $<
 
 $(BUILD)/obj/%.o: src/%.c
 	@mkdir -p $(@D)

@@ -1049,6 +1049,7 @@ static int l_stats(lua_State *L)
     };
     lua_createtable(L, 0, LS_COUNT_MAX + 1);
     long total = 0;
+    ls_live[LS_COUNT_TLS_SESSIONS] = ls_tls_live_sessions; /* lib/tls_transport.c */
     for (int i = 0; i < LS_COUNT_MAX; i++) {
         lua_pushinteger(L, ls_live[i]);
         lua_setfield(L, -2, names[i]);

@@ -2,25 +2,34 @@
  * luasmtp.h - shared declarations of the C core.
  *
  * Layers (see README "Architecture"):
- *   buf.c              byte buffer with a hard cap, no Lua
+ *   lib/               the Lua-free library (no Lua header, no lua_ call; the
+ *                      Makefile compiles it without the Lua include path):
+ *                      buf, errors, proto (codecs), sink, transport (plain I/O
+ *                      and the transport interface), tls_transport (TLS
+ *                      sessions over OpenSSL), dnsmsg, dkim (canonicalisation,
+ *                      body hash, signatures), bodyscan (client bodies)
  *   loop.c             libev loop and coroutine task scheduler
  *   socket.c           TCP sockets and listeners as Lua userdata
- *   tls.c              OpenSSL contexts and the TLS transport
+ *   tls.c              OpenSSL contexts as Lua userdata, session info
  *   dns.c              c-ares resolver on the libev loop
  *   http.c             libcurl multi interface on the libev loop (HTTP client)
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   gzip.c             gzip compression over zlib
  *   psl.c              the Public Suffix List over libpsl (DMARC)
- *   proto.c            SMTP codecs (commands, replies, DATA), no Lua
- *   proto_lua.c        Lua bindings of proto.c
+ *   dkim_lua.c         Lua bindings of lib/dkim.c
+ *   proto_lua.c        Lua bindings of lib/proto.c
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
  *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
  *   sendbody.c         Lua binding of the client body scanner (lib/bodyscan.c)
  *   core.c             luaopen_luasmtp_core: ties the pieces together
- *   lib/               the Lua-free library: buf, errors, proto (codecs), sink,
- *                      transport (plain I/O and the transport interface), dnsmsg,
- *                      bodyscan (client bodies: size, line-end growth, content class)
+ *
+ * Rule: each binding owns its userdata (metatable name and struct are
+ * private to its .c file). Another binding that takes such a value
+ * asks the owner through a C function declared here (ls_tls_ctx_from_lua,
+ * ls_checksink), which checks it and returns the library object inside
+ * (SSL_CTX, ls_sink); it then works through src/lib. spec/layout_spec.lua
+ * checks both rules.
  */
 #ifndef LUASMTP_H
 #define LUASMTP_H
@@ -36,6 +45,7 @@
 #include "buf.h"
 #include "errors.h"
 #include "sink.h"
+#include "tls_transport.h"
 #include "transport.h"
 
 #define LS_VERSION "0.1.0"
@@ -150,28 +160,17 @@ void ls_flush_queue(ls_loop *loop, ls_flushable *f);
 void ls_flush_dequeue(ls_loop *loop, ls_flushable *f);
 
 /* ------------------------------------------------------------------ */
-/* tls.c: OpenSSL. The socket layer sees only these calls. */
-typedef struct ssl_st SSL;
-typedef struct ls_tlsctx ls_tlsctx;
-
-/* The transport results (enum ls_io) and ls_ioerr are in lib/transport.h;
- * ls_tls_ops is the TLS transport for it. */
-extern const ls_transport_ops ls_tls_ops;
-
-ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx);
-int ls_tlsctx_is_server(const ls_tlsctx *c);
-/* Create an SSL for fd; servername (client: SNI and host check, may be NULL). */
-SSL *ls_tls_new(ls_tlsctx *c, int fd, const char *servername, int verify_host,
-                ls_ioerr *err);
-void ls_tls_free(SSL *ssl);
-int ls_tls_handshake(SSL *ssl, ls_ioerr *err);
-int ls_tls_read(SSL *ssl, char *buf, size_t len, size_t *n, ls_ioerr *err);
-int ls_tls_write(SSL *ssl, const char *buf, size_t len, size_t *n, ls_ioerr *err);
-/* One non-blocking attempt at close_notify. */
-void ls_tls_shutdown(SSL *ssl);
-/* DANE: check opts.dane (raises on bad arguments), then apply it to a
- * new client session before its handshake (LS_IO_OK or LS_IO_ERROR). */
-void ls_tls_dane_check(lua_State *L, int idx, ls_tlsctx *c);
+/* tls.c: OpenSSL contexts as Lua values; the sessions made from them
+ * (ls_tls_new, handshake, read, write, shutdown) are in
+ * lib/tls_transport.h. */
+/* The SSL_CTX of the tls_context at idx; raises unless it is an open
+ * one. The context value keeps it: use it while that value is held
+ * (a session made from it holds its own references).       [-0, +0, v] */
+SSL_CTX *ls_tls_ctx_from_lua(lua_State *L, int idx);
+/* DANE: check opts.dane at idx for the context at ctx_idx (raises on
+ * bad arguments), then apply it to a new client session before its
+ * handshake (LS_IO_OK or LS_IO_ERROR). */
+void ls_tls_dane_check(lua_State *L, int idx, int ctx_idx);
 int ls_tls_dane_apply(lua_State *L, int idx, SSL *ssl, ls_ioerr *err);
 /* Push a table describing the session (version, cipher, peer cert...). */
 int ls_tls_pushinfo(lua_State *L, SSL *ssl);
@@ -200,17 +199,11 @@ int ls_open_crypto(lua_State *L); /* adds crypto functions to the table on top *
 /* proto.c + proto_lua.c: SMTP protocol codecs (no I/O) */
 int ls_open_proto(lua_State *L); /* adds protocol functions to the table on top */
 
-/* sink_lua.c: core.sink(), the body sink (src/lib/sink.c). The userdata
- * is a bare ls_sink: the socket layer writes bodies into it through the
- * library. */
-#define LS_SINK_MT "luasmtp.sink"
-static inline ls_sink *ls_checksink(lua_State *L, int idx)
-{
-    ls_sink *k = luaL_checkudata(L, idx, LS_SINK_MT);
-    if (k->closed)
-        luaL_argerror(L, idx, "sink is closed");
-    return k;
-}
+/* sink_lua.c: core.sink(), the body sink (src/lib/sink.c). The socket
+ * layer writes bodies into the ls_sink of a sink value through the
+ * library; it gets it here, never from the userdata itself. Raises
+ * unless idx is an open sink.                               [-0, +0, v] */
+ls_sink *ls_checksink(lua_State *L, int idx);
 int ls_open_sink(lua_State *L);
 
 /* dkim.c + dkim_lua.c: DKIM canonicalisation, body hash, keys */

@@ -11,6 +11,7 @@
 
 #include "luasmtp.h"
 
+#define SINK_MT "luasmtp.sink"
 #define DEFAULT_THRESHOLD (1024 * 1024)
 #define DEFAULT_HEADER_MAX (64 * 1024)
 #define DEFAULT_CHUNK 65536
@@ -61,11 +62,19 @@ static int l_sink(lua_State *L)
     ls_sink *k = lua_newuserdatauv(L, sizeof *k, 0);
     memset(k, 0, sizeof *k);
     k->closed = 1; /* until init succeeded: __gc has nothing to free */
-    luaL_setmetatable(L, LS_SINK_MT);
+    luaL_setmetatable(L, SINK_MT);
     if (ls_sink_init(k, dir, (size_t)threshold, (uint64_t)max_size, (size_t)header_max) < 0)
         return luaL_error(L, "luasmtp: out of memory");
     k->use_tmpfile = tmpfile;
     return 1;
+}
+
+ls_sink *ls_checksink(lua_State *L, int idx)
+{
+    ls_sink *k = luaL_checkudata(L, idx, SINK_MT);
+    if (k->closed)
+        luaL_argerror(L, idx, "sink is closed");
+    return k;
 }
 
 static ls_sink *check_sink(lua_State *L) { return ls_checksink(L, 1); }
@@ -216,14 +225,14 @@ static int l_discard(lua_State *L)
 /* sink:close(), __close, __gc: release memory and spool file. */
 static int l_close(lua_State *L)
 {
-    ls_sink *k = luaL_checkudata(L, 1, LS_SINK_MT);
+    ls_sink *k = luaL_checkudata(L, 1, SINK_MT);
     ls_sink_free(k);
     return 0;
 }
 
 static int l_tostring(lua_State *L)
 {
-    ls_sink *k = luaL_checkudata(L, 1, LS_SINK_MT);
+    ls_sink *k = luaL_checkudata(L, 1, SINK_MT);
     if (k->closed)
         lua_pushliteral(L, "luasmtp.sink (closed)");
     else
@@ -256,7 +265,7 @@ int ls_open_sink(lua_State *L)
         {"commit", l_commit},   {"discard", l_discard}, {"close", l_close},
         {NULL, NULL},
     };
-    if (luaL_newmetatable(L, LS_SINK_MT)) {
+    if (luaL_newmetatable(L, SINK_MT)) {
         luaL_newlib(L, methods);
         lua_setfield(L, -2, "__index");
         lua_pushcfunction(L, l_close);

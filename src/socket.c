@@ -1112,8 +1112,8 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
             if (rc == LS_IO_ERROR)
                 return tls_fail(L, s, err.token, err.detail);
             if (rc == LS_IO_OK) {
-                ls_tlsctx *c = ls_tlsctx_check(L, 2);
-                if (!ls_tlsctx_is_server(c) && s->rbuf.len > 0)
+                SSL_CTX *c = ls_tls_ctx_from_lua(L, 2);
+                if (!ls_tls_ctx_is_server(c) && s->rbuf.len > 0)
                     return tls_fail(L, s, LS_ETLS,
                                     "data received before the TLS handshake (injection attempt)");
                 /* Server: whatever the client sent before the
@@ -1171,7 +1171,7 @@ static int starttls_k(lua_State *L, int status, lua_KContext ctx)
 static int l_starttls(lua_State *L)
 {
     ls_socket *s = check_socket(L, 1);
-    ls_tlsctx_check(L, 2);
+    ls_tls_ctx_from_lua(L, 2);
     const char *sni = NULL;
     int verify_host = 1;
     double timeout = s->t_read;
@@ -1187,7 +1187,7 @@ static int l_starttls(lua_State *L)
         timeout = opt_timeout(L, -1, timeout);
         lua_pop(L, 3);
         if (lua_getfield(L, 3, "dane") != LUA_TNIL) {
-            ls_tls_dane_check(L, -1, ls_tlsctx_check(L, 2));
+            ls_tls_dane_check(L, -1, 2);
             dane = lua_gettop(L); /* kept below for starttls_k */
             /* The names come from opts.dane; SNI is the base domain. */
             verify_host = 0;
@@ -1202,7 +1202,7 @@ static int l_starttls(lua_State *L)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->ssl)
         return luaL_error(L, "luasmtp: TLS is already active on this socket");
-    if (!ls_tlsctx_is_server(ls_tlsctx_check(L, 2)) && !dane && verify_host && sni == NULL)
+    if (!ls_tls_ctx_is_server(ls_tls_ctx_from_lua(L, 2)) && !dane && verify_host && sni == NULL)
         return luaL_error(L, "luasmtp: starttls needs opts.servername to verify the server "
                              "(or verify_host = false)");
     if (ls_waitref_busy(&s->reader) || ls_waitref_busy(&s->writer) || s->handshaking)

@@ -1,15 +1,17 @@
 /*
- * tls.c - OpenSSL contexts and the TLS transport.
+ * tls.c - OpenSSL contexts as Lua values.
  *
  * Lua sees one constructor, core.tls_context(params), and the context
- * methods. The socket layer sees the ls_tls_* calls of luasmtp.h: it
- * owns the fd and the event loop, this file owns everything OpenSSL.
+ * methods. Other bindings get a context's SSL_CTX from
+ * ls_tls_ctx_from_lua (luasmtp.h), never from the userdata; sessions on
+ * it are made and driven by the Lua-free TLS transport
+ * (lib/tls_transport.c). This file also backs sock:tlsinfo(),
+ * sock:channel_binding() and the opts.dane table of sock:starttls.
  *
  * Conventions:
  *  - The OpenSSL error queue is cleared before each call sequence and
- *    drained into one readable message after a failure.
- *  - WANT_READ / WANT_WRITE are reported as the direction OpenSSL asks
- *    for, whatever the caller was doing (a read may need to write).
+ *    drained into one readable message after a failure
+ *    (ls_tls_drain_errors).
  *  - Bad context parameters are programming errors and raise; I/O
  *    failures are values (LS_IO_ERROR with a token and a detail).
  *
@@ -18,24 +20,18 @@
  *    holds its own (SSL_new up-refs), so closing or collecting the Lua
  *    object while sessions live is safe.
  *  - Extra SNI certificates live in an sni_set that is reference
- *    counted: one reference from the userdata and one from each session
- *    made by ls_tls_new (dropped by ls_tls_free). The servername callback
- *    of the main SSL_CTX points at it, and only our sessions can run that
- *    callback, so the set outlives every use. (An SSL_CTX ex_data free
- *    callback would do the same but registers a function pointer in
- *    OpenSSL's process-wide table that dangles once core.so is unloaded
- *    while OpenSSL stays loaded; this design needs no global state.)
- *  - Each session has a small ls_session struct (the transport BIO's data
- *    and the SSL's app data), owned by ls_tls_new / ls_tls_free.
- *
- * Transport: a minimal socket BIO that uses recv() and
- * send(MSG_NOSIGNAL), so writing to a connection the peer has reset
- * gives EPIPE, never SIGPIPE, without touching process signal state.
+ *    counted (its ls_tls_hold, the SSL_CTX's app data): one reference
+ *    from the userdata and one from each session made by ls_tls_new
+ *    (dropped by ls_tls_free). The servername callback of the main
+ *    SSL_CTX points at it, and only our sessions can run that callback,
+ *    so the set outlives every use. (An SSL_CTX ex_data free callback
+ *    would do the same but registers a function pointer in OpenSSL's
+ *    process-wide table that dangles once core.so is unloaded while
+ *    OpenSSL stays loaded; this design needs no global state.)
  */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <limits.h>
-#include <pthread.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -52,6 +48,7 @@
 #include <openssl/x509v3.h>
 
 #include "luasmtp.h"
+#include "tls_transport.h"
 
 #define TLSCTX_MT "luasmtp.tls_context"
 #define ERRPREFIX "luasmtp: tls_context: "
@@ -70,108 +67,19 @@ typedef struct sni_cert {
 } sni_cert;
 
 typedef struct sni_set {
-    long refs;      /* the context userdata + each live session */
+    ls_tls_hold hold; /* first: the context userdata + each live session */
     size_t n;       /* entries filled in */
     sni_cert *certs;
 } sni_set;
 
-struct ls_tlsctx {
+typedef struct ls_tlsctx {
     SSL_CTX *ctx;   /* NULL once destroyed */
     sni_set *sni;   /* extra server certificates, or NULL */
     int server;
     int dane;       /* client: SSL_CTX_dane_enable done */
-};
+} ls_tlsctx;
 
-/* Per-session state: the BIO's data and the SSL's app data. */
-typedef struct ls_session {
-    int fd;
-    int eof;        /* recv() returned 0 */
-    int sys_errno;  /* errno of the last failed recv()/send() */
-    int failed;     /* a fatal error happened: no close_notify */
-    int first_verify_error; /* verify = "optional": the first failure */
-    sni_set *sni;   /* reference held by this session, or NULL */
-    int dane;       /* DANE enabled for this session */
-    int dane_usable; /* TLSA records OpenSSL accepted */
-} ls_session;
 
-enum tls_op { OP_HANDSHAKE, OP_READ, OP_WRITE };
-
-/* ------------------------------------------------------------------ */
-/* Messages */
-
-typedef struct msgbuf {
-    char *p;
-    size_t size, len;
-} msgbuf;
-
-static void mb_init(msgbuf *m, char *p, size_t size)
-{
-    m->p = p;
-    m->size = size;
-    m->len = 0;
-    if (size > 0)
-        p[0] = '\0';
-}
-
-__attribute__((format(printf, 2, 3)))
-static void mb_add(msgbuf *m, const char *fmt, ...)
-{
-    if (m->len + 1 >= m->size)
-        return;
-    va_list ap;
-    va_start(ap, fmt);
-    int n = vsnprintf(m->p + m->len, m->size - m->len, fmt, ap);
-    va_end(ap);
-    if (n < 0)
-        return;
-    m->len += (size_t)n;
-    if (m->len >= m->size)
-        m->len = m->size - 1; /* truncated */
-}
-
-/* Drain the whole OpenSSL error queue into m as "reason (data); ...",
- * skipping repeats. Returns the number of errors seen. */
-static int drain_errors(msgbuf *m)
-{
-    const char *data, *prev_reason = NULL, *prev_data = NULL;
-    int flags, count = 0, shown = 0;
-    unsigned long e;
-    while ((e = ERR_get_error_all(NULL, NULL, NULL, &data, &flags)) != 0) {
-        count++;
-        const char *reason = ERR_SYSTEM_ERROR(e) ? strerror((int)ERR_GET_REASON(e))
-                                                 : ERR_reason_error_string(e);
-        if (!(flags & ERR_TXT_STRING) || data == NULL || *data == '\0')
-            data = NULL;
-        if (reason && prev_reason && strcmp(reason, prev_reason) == 0
-            && (data == NULL || (prev_data && strcmp(data, prev_data) == 0)))
-            continue;
-        /* "system lib" follows the real system error: no news. */
-        if (reason && shown > 0 && data == NULL && strcmp(reason, "system lib") == 0)
-            continue;
-        mb_add(m, "%s", shown++ ? "; " : "");
-        if (reason)
-            mb_add(m, "%s", reason);
-        else
-            mb_add(m, "error:%08lX", e);
-        if (data)
-            mb_add(m, " (%s)", data);
-        prev_reason = reason;
-        prev_data = data;
-    }
-    return count;
-}
-
-static int set_err(ls_ioerr *err, const char *token, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-static int set_err(ls_ioerr *err, const char *token, const char *fmt, ...)
-{
-    err->token = token;
-    va_list ap;
-    va_start(ap, fmt);
-    vsnprintf(err->detail, sizeof err->detail, fmt, ap);
-    va_end(ap);
-    return LS_IO_ERROR;
-}
 
 /* Raise "luasmtp: tls_context: <message>". Everything acquired so far
  * must already be owned by the context userdata. */
@@ -194,135 +102,27 @@ _Noreturn static void ctx_fail(lua_State *L, const char *fmt, ...)
 _Noreturn static void ctx_fail(lua_State *L, const char *fmt, ...)
 {
     char buf[1024];
-    msgbuf m;
-    mb_init(&m, buf, sizeof buf);
+    ls_msgbuf m;
+    ls_mb_init(&m, buf, sizeof buf);
     va_list ap;
     va_start(ap, fmt);
     int n = vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
     m.len = n < 0 ? 0 : ((size_t)n >= sizeof buf ? sizeof buf - 1 : (size_t)n);
     char errs[768];
-    msgbuf e;
-    mb_init(&e, errs, sizeof errs);
-    if (drain_errors(&e) > 0)
-        mb_add(&m, ": %s", errs);
+    ls_msgbuf e;
+    ls_mb_init(&e, errs, sizeof errs);
+    if (ls_tls_drain_errors(&e) > 0)
+        ls_mb_add(&m, ": %s", errs);
     ctx_raise(L, "%s", buf);
-}
-
-/* ------------------------------------------------------------------ */
-/* Transport BIO: recv() / send(MSG_NOSIGNAL) on a non-blocking fd. */
-
-static BIO_METHOD *bio_method;
-static pthread_once_t bio_once = PTHREAD_ONCE_INIT;
-
-static int sbio_write(BIO *b, const char *in, int len)
-{
-    ls_session *s = BIO_get_data(b);
-    BIO_clear_retry_flags(b);
-    if (s == NULL || len <= 0)
-        return 0;
-    for (;;) {
-        ssize_t n = send(s->fd, in, (size_t)len, MSG_NOSIGNAL);
-        if (n >= 0)
-            return (int)n;
-        if (errno == EINTR)
-            continue;
-        s->sys_errno = errno;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            BIO_set_retry_write(b);
-        return -1;
-    }
-}
-
-static int sbio_read(BIO *b, char *out, int len)
-{
-    ls_session *s = BIO_get_data(b);
-    BIO_clear_retry_flags(b);
-    if (s == NULL || len <= 0)
-        return 0;
-    for (;;) {
-        ssize_t n = recv(s->fd, out, (size_t)len, 0);
-        if (n > 0)
-            return (int)n;
-        if (n == 0) {
-            s->eof = 1; /* seen by BIO_eof(): OpenSSL's "unexpected EOF" */
-            return 0;
-        }
-        if (errno == EINTR)
-            continue;
-        s->sys_errno = errno;
-        if (errno == EAGAIN || errno == EWOULDBLOCK)
-            BIO_set_retry_read(b);
-        return -1;
-    }
-}
-
-static int sbio_puts(BIO *b, const char *str)
-{
-    return sbio_write(b, str, (int)strlen(str));
-}
-
-static long sbio_ctrl(BIO *b, int cmd, long num, void *ptr)
-{
-    (void)num;
-    ls_session *s = BIO_get_data(b);
-    switch (cmd) {
-    case BIO_C_GET_FD:
-        if (s == NULL)
-            return -1;
-        if (ptr)
-            *(int *)ptr = s->fd;
-        return s->fd;
-    case BIO_CTRL_EOF:
-        return s != NULL && s->eof;
-    case BIO_CTRL_GET_CLOSE:
-        return BIO_NOCLOSE; /* the socket layer owns the fd */
-    case BIO_CTRL_SET_CLOSE:
-    case BIO_CTRL_FLUSH:
-    case BIO_CTRL_DUP:
-        return 1;
-    default:
-        return 0;
-    }
-}
-
-static void bio_init_once(void)
-{
-    int type = BIO_get_new_index();
-    if (type == -1)
-        return;
-    BIO_METHOD *m = BIO_meth_new(type | BIO_TYPE_SOURCE_SINK | BIO_TYPE_DESCRIPTOR,
-                                 "luasmtp socket");
-    if (m == NULL)
-        return;
-    if (!BIO_meth_set_write(m, sbio_write) || !BIO_meth_set_read(m, sbio_read)
-        || !BIO_meth_set_puts(m, sbio_puts) || !BIO_meth_set_ctrl(m, sbio_ctrl)) {
-        BIO_meth_free(m);
-        return;
-    }
-    bio_method = m; /* process lifetime */
-}
-
-static BIO *session_bio(ls_session *s)
-{
-    pthread_once(&bio_once, bio_init_once);
-    if (bio_method == NULL)
-        return NULL;
-    BIO *b = BIO_new(bio_method);
-    if (b == NULL)
-        return NULL;
-    BIO_set_data(b, s);
-    BIO_set_init(b, 1);
-    return b;
 }
 
 /* ------------------------------------------------------------------ */
 /* SNI certificate sets */
 
-static void sni_unref(sni_set *set)
+static void sni_free(ls_tls_hold *hold)
 {
-    if (set == NULL || --set->refs > 0)
-        return;
+    sni_set *set = (sni_set *)hold;
     for (size_t i = 0; i < set->n; i++) {
         SSL_CTX_free(set->certs[i].ctx);
         for (size_t j = 0; j < set->certs[i].nhosts; j++)
@@ -425,23 +225,6 @@ static int no_passphrase(char *buf, int size, int rwflag, void *u)
     return -1;
 }
 
-/* "optional" client certificates: ask, record the verification result
- * (tlsinfo().verified / verify_error), never fail the handshake. Going
- * on after an error would leave the last error as the result ("unable to
- * verify the first certificate"); keep the first, the real reason. */
-static int verify_accept_all(int preverify_ok, X509_STORE_CTX *x)
-{
-    if (!preverify_ok) {
-        SSL *ssl = X509_STORE_CTX_get_ex_data(x, SSL_get_ex_data_X509_STORE_CTX_idx());
-        ls_session *s = ssl ? SSL_get_app_data(ssl) : NULL;
-        if (s) {
-            if (s->first_verify_error == X509_V_OK)
-                s->first_verify_error = X509_STORE_CTX_get_error(x);
-            X509_STORE_CTX_set_error(x, s->first_verify_error);
-        }
-    }
-    return 1;
-}
 
 /* [-0, +1, e] Push field `name` of the table at idx; it must be nil or a
  * string. Returns the string (valid while it stays on the stack); its
@@ -573,7 +356,7 @@ static void configure_common(lua_State *L, SSL_CTX *ctx, const tls_params *p)
                                           : SSL_VERIFY_PEER, NULL);
         break;
     case VERIFY_OPTIONAL:
-        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, verify_accept_all);
+        SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER, ls_tls_verify_accept_all);
         break;
     default:
         SSL_CTX_set_verify(ctx, SSL_VERIFY_NONE, NULL);
@@ -782,7 +565,8 @@ static void load_sni(lua_State *L, ls_tlsctx *c, const tls_params *p)
     c->sni = calloc(1, sizeof *c->sni);
     if (c->sni == NULL)
         ctx_raise(L, "out of memory");
-    c->sni->refs = 1;
+    c->sni->hold.refs = 1;
+    c->sni->hold.free = sni_free;
     c->sni->certs = calloc(n, sizeof *c->sni->certs);
     if (c->sni->certs == NULL)
         ctx_raise(L, "out of memory");
@@ -818,6 +602,7 @@ static void load_sni(lua_State *L, ls_tlsctx *c, const tls_params *p)
     lua_pop(L, 1);
     SSL_CTX_set_tlsext_servername_callback(c->ctx, servername_cb);
     SSL_CTX_set_tlsext_servername_arg(c->ctx, c->sni);
+    SSL_CTX_set_app_data(c->ctx, &c->sni->hold); /* sessions hold the set */
 }
 
 /* The one destroy: close, __close and __gc. Idempotent, never calls Lua.
@@ -828,7 +613,7 @@ static void tlsctx_destroy(ls_tlsctx *c)
         return;
     SSL_CTX_free(c->ctx);
     c->ctx = NULL;
-    sni_unref(c->sni);
+    ls_tls_hold_unref(c->sni ? &c->sni->hold : NULL);
     c->sni = NULL;
     ls_live[LS_COUNT_TLS_CONTEXTS]--;
 }
@@ -895,7 +680,7 @@ static int l_tls_context(lua_State *L)
     return 1;
 }
 
-ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx)
+static ls_tlsctx *check_ctx(lua_State *L, int idx)
 {
     ls_tlsctx *c = luaL_checkudata(L, idx, TLSCTX_MT);
     if (c->ctx == NULL)
@@ -903,16 +688,16 @@ ls_tlsctx *ls_tlsctx_check(lua_State *L, int idx)
     return c;
 }
 
-int ls_tlsctx_is_server(const ls_tlsctx *c)
+SSL_CTX *ls_tls_ctx_from_lua(lua_State *L, int idx)
 {
-    return c->server;
+    return check_ctx(L, idx)->ctx;
 }
 
 /* ctx:mode() -> "client" | "server"                          [-0, +1, -]
  * Example: if ctx:mode() == "server" then ... end */
 static int l_ctx_mode(lua_State *L)
 {
-    ls_tlsctx *c = ls_tlsctx_check(L, 1);
+    ls_tlsctx *c = check_ctx(L, 1);
     lua_pushstring(L, c->server ? "server" : "client");
     return 1;
 }
@@ -937,318 +722,6 @@ static int l_ctx_tostring(lua_State *L)
     return 1;
 }
 
-/* ------------------------------------------------------------------ */
-/* Sessions */
-
-static int is_ip_literal(const char *s)
-{
-    unsigned char addr[sizeof(struct in6_addr)];
-    return inet_pton(AF_INET, s, addr) == 1 || inet_pton(AF_INET6, s, addr) == 1;
-}
-
-SSL *ls_tls_new(ls_tlsctx *c, int fd, const char *servername, int verify_host, ls_ioerr *err)
-{
-    char name[256];
-    msgbuf m;
-    SSL *ssl = NULL;
-
-    ERR_clear_error();
-    ls_session *s = calloc(1, sizeof *s);
-    if (s == NULL) {
-        set_err(err, LS_ETLS, "out of memory");
-        return NULL;
-    }
-    s->fd = fd;
-    if (c == NULL || c->ctx == NULL) {
-        set_err(err, LS_ETLS, "TLS context is closed");
-        goto fail_nossl;
-    }
-    if ((ssl = SSL_new(c->ctx)) == NULL)
-        goto fail;
-    BIO *bio = session_bio(s);
-    if (bio == NULL)
-        goto fail;
-    SSL_set_bio(ssl, bio, bio); /* ssl owns the one reference */
-    SSL_set_app_data(ssl, s);
-
-    if (c->server) {
-        SSL_set_accept_state(ssl);
-    } else {
-        SSL_set_connect_state(ssl);
-        if (servername && *servername) {
-            /* A trailing dot (absolute DNS name) is not part of SNI. */
-            size_t len = strlen(servername);
-            if (servername[len - 1] == '.')
-                len--;
-            if (len == 0 || len >= sizeof name) {
-                set_err(err, LS_ETLS, "invalid server name");
-                goto fail_set;
-            }
-            memcpy(name, servername, len);
-            name[len] = '\0';
-            int ip = is_ip_literal(name);
-            if (!ip && !SSL_set_tlsext_host_name(ssl, name))
-                goto fail;
-            /* Also when verify is off: then only tlsinfo().verified
-             * depends on it. */
-            if (verify_host) {
-                if (ip) {
-                    if (!X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(ssl), name))
-                        goto fail;
-                } else {
-                    SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
-                    if (!SSL_set1_host(ssl, name))
-                        goto fail;
-                }
-            }
-        }
-    }
-    if (c->sni) {
-        s->sni = c->sni;
-        c->sni->refs++;
-    }
-    ls_live[LS_COUNT_TLS_SESSIONS]++;
-    return ssl;
-
-fail:
-    err->token = LS_ETLS;
-    mb_init(&m, err->detail, sizeof err->detail);
-    mb_add(&m, "cannot set up the TLS session");
-    if (ERR_peek_error() != 0) {
-        mb_add(&m, ": ");
-        drain_errors(&m);
-    }
-fail_set:
-    ERR_clear_error();
-    SSL_free(ssl); /* frees the BIO, not s */
-fail_nossl:
-    free(s);
-    return NULL;
-}
-
-void ls_tls_free(SSL *ssl)
-{
-    if (ssl == NULL)
-        return;
-    ls_session *s = SSL_get_app_data(ssl);
-    SSL_free(ssl);
-    ERR_clear_error();
-    if (s) {
-        sni_unref(s->sni);
-        free(s);
-    }
-    ls_live[LS_COUNT_TLS_SESSIONS]--;
-}
-
-/* Why the certificate check failed, or 0 when it did not. */
-static int verify_failure(SSL *ssl, ls_ioerr *err)
-{
-    long vr = SSL_get_verify_result(ssl);
-    unsigned long e = ERR_peek_error();
-    if (vr == X509_V_OK || ERR_GET_LIB(e) != ERR_LIB_SSL
-        || ERR_GET_REASON(e) != SSL_R_CERTIFICATE_VERIFY_FAILED)
-        return 0;
-    msgbuf m;
-    err->token = LS_ETLS;
-    mb_init(&m, err->detail, sizeof err->detail);
-    X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
-    ls_session *s = SSL_get_app_data(ssl);
-    if (s != NULL && s->dane) {
-        /* The first reference name is the TLSA base domain. */
-        const char *base = X509_VERIFY_PARAM_get0_host(param, 0);
-        if (vr == X509_V_ERR_DANE_NO_MATCH)
-            mb_add(&m, "DANE: no TLSA record of %s matches the certificate chain "
-                   "(%d usable record%s)", base ? base : "?", s->dane_usable,
-                   s->dane_usable == 1 ? "" : "s");
-        else if (vr == X509_V_ERR_HOSTNAME_MISMATCH)
-            mb_add(&m, "DANE: the certificate matches a DANE-TA record but names "
-                   "neither %s nor another allowed name (RFC 7672 3.2.3)", base ? base : "?");
-        else
-            mb_add(&m, "DANE: certificate verify failed: %s",
-                   X509_verify_cert_error_string(vr));
-        return 1;
-    }
-    mb_add(&m, "certificate verify failed: %s", X509_verify_cert_error_string(vr));
-    if (vr == X509_V_ERR_HOSTNAME_MISMATCH) {
-        const char *host = X509_VERIFY_PARAM_get0_host(param, 0);
-        if (host)
-            mb_add(&m, " (expected %s)", host);
-    } else if (vr == X509_V_ERR_IP_ADDRESS_MISMATCH) {
-        char *ip = X509_VERIFY_PARAM_get1_ip_asc(param);
-        if (ip)
-            mb_add(&m, " (expected %s)", ip);
-        OPENSSL_free(ip);
-    }
-    return 1;
-}
-
-/* Map the result `ret` of an SSL call to LS_IO_*. */
-static int io_result(SSL *ssl, int ret, enum tls_op op, ls_ioerr *err)
-{
-    ls_session *s = SSL_get_app_data(ssl);
-    int e = SSL_get_error(ssl, ret);
-    switch (e) {
-    case SSL_ERROR_WANT_READ:
-        return LS_IO_WANTREAD;
-    case SSL_ERROR_WANT_WRITE:
-        return LS_IO_WANTWRITE;
-    case SSL_ERROR_ZERO_RETURN: /* close_notify */
-        ERR_clear_error();
-        if (op == OP_HANDSHAKE)
-            return set_err(err, LS_ETLS, "connection closed during handshake");
-        return LS_IO_EOF;
-    case SSL_ERROR_SYSCALL:
-        if (ERR_peek_error() != 0)
-            break; /* errors queued: report them like SSL_ERROR_SSL */
-        if (s)
-            s->failed = 1;
-        if (s && s->sys_errno != 0)
-            return set_err(err, ls_errno_token(s->sys_errno), "%s%s",
-                           op == OP_HANDSHAKE ? "TLS handshake: " : "",
-                           strerror(s->sys_errno));
-        /* No errno: EOF without close_notify (the pre-3.0 report). */
-        if (op == OP_HANDSHAKE)
-            return set_err(err, LS_ETLS, "connection closed during handshake");
-        return LS_IO_EOF;
-    case SSL_ERROR_SSL:
-        break;
-    default:
-        ERR_clear_error();
-        if (s)
-            s->failed = 1;
-        return set_err(err, LS_ETLS, "unexpected SSL_get_error() result %d", e);
-    }
-
-    /* SSL_ERROR_SSL (or SYSCALL with queued errors): fatal. */
-    if (s)
-        s->failed = 1;
-    unsigned long first = ERR_peek_error();
-    if (ERR_GET_LIB(first) == ERR_LIB_SSL
-        && ERR_GET_REASON(first) == SSL_R_UNEXPECTED_EOF_WHILE_READING) {
-        ERR_clear_error();
-        if (op == OP_HANDSHAKE)
-            return set_err(err, LS_ETLS, "connection closed during handshake");
-        /* EOF without close_notify. SMTP frames its own data (replies,
-         * the final "." of DATA), so truncation is detected by the
-         * protocol: report an ordinary EOF, as most MTAs expect. */
-        return LS_IO_EOF;
-    }
-    if (op == OP_HANDSHAKE && verify_failure(ssl, err)) {
-        ERR_clear_error();
-        return LS_IO_ERROR;
-    }
-    if (first == 0 && s && s->sys_errno != 0)
-        return set_err(err, ls_errno_token(s->sys_errno), "%s", strerror(s->sys_errno));
-    err->token = LS_ETLS;
-    msgbuf m;
-    mb_init(&m, err->detail, sizeof err->detail);
-    if (drain_errors(&m) == 0)
-        mb_add(&m, "TLS error");
-    return LS_IO_ERROR;
-}
-
-static void io_begin(SSL *ssl)
-{
-    ERR_clear_error();
-    ls_session *s = SSL_get_app_data(ssl);
-    if (s)
-        s->sys_errno = 0;
-}
-
-int ls_tls_handshake(SSL *ssl, ls_ioerr *err)
-{
-    io_begin(ssl);
-    int ret = SSL_do_handshake(ssl);
-    if (ret == 1)
-        return LS_IO_OK;
-    return io_result(ssl, ret, OP_HANDSHAKE, err);
-}
-
-int ls_tls_read(SSL *ssl, char *buf, size_t len, size_t *n, ls_ioerr *err)
-{
-    *n = 0;
-    if (len == 0)
-        return LS_IO_OK;
-    io_begin(ssl);
-    int ret = SSL_read_ex(ssl, buf, len, n);
-    if (ret == 1)
-        return LS_IO_OK;
-    *n = 0;
-    return io_result(ssl, ret, OP_READ, err);
-}
-
-int ls_tls_write(SSL *ssl, const char *buf, size_t len, size_t *n, ls_ioerr *err)
-{
-    *n = 0;
-    if (len == 0)
-        return LS_IO_OK;
-    io_begin(ssl);
-    int ret = SSL_write_ex(ssl, buf, len, n);
-    if (ret == 1)
-        return LS_IO_OK;
-    *n = 0;
-    return io_result(ssl, ret, OP_WRITE, err);
-}
-
-void ls_tls_shutdown(SSL *ssl)
-{
-    if (ssl == NULL)
-        return;
-    ls_session *s = SSL_get_app_data(ssl);
-    ERR_clear_error();
-    /* Not after a fatal error (OpenSSL forbids it), not mid-handshake,
-     * and only once. */
-    if ((s == NULL || !s->failed) && SSL_is_init_finished(ssl)
-        && !(SSL_get_shutdown(ssl) & SSL_SENT_SHUTDOWN))
-        (void)SSL_shutdown(ssl);
-    ERR_clear_error();
-}
-
-/* The TLS transport (lib/transport.h): t->impl is the SSL. */
-static int tls_read_op(const ls_transport *t, char *buf, size_t len, size_t *n, ls_ioerr *err)
-{
-    return ls_tls_read(t->impl, buf, len, n, err);
-}
-
-static int tls_write_op(const ls_transport *t, const char *buf, size_t len, size_t *n,
-                        ls_ioerr *err)
-{
-    return ls_tls_write(t->impl, buf, len, n, err);
-}
-
-const ls_transport_ops ls_tls_ops = {tls_read_op, tls_write_op};
-
-/* ------------------------------------------------------------------ */
-/* DANE (RFC 6698, RFC 7671, RFC 7672) through OpenSSL's DANE API */
-
-/* DANE-TA(2) and DANE-EE(3) only: RFC 7672 3.1.3 makes PKIX-TA(0) and
- * PKIX-EE(1) unusable for SMTP. Selectors 0 and 1, matching types 0, 1
- * and 2 with the digest length they imply; full data must parse. */
-static int tlsa_usable(lua_Integer usage, lua_Integer selector, lua_Integer mtype,
-                       const unsigned char *data, size_t dlen)
-{
-    if ((usage != 2 && usage != 3) || (selector != 0 && selector != 1) || dlen == 0)
-        return 0;
-    if (mtype == 1)
-        return dlen == 32;
-    if (mtype == 2)
-        return dlen == 64;
-    if (mtype != 0 || dlen > LONG_MAX)
-        return 0;
-    const unsigned char *p = data;
-    int ok;
-    if (selector == 0) {
-        X509 *x = d2i_X509(NULL, &p, (long)dlen);
-        ok = x != NULL && p == data + dlen;
-        X509_free(x);
-    } else {
-        EVP_PKEY *k = d2i_PUBKEY(NULL, &p, (long)dlen);
-        ok = k != NULL && p == data + dlen;
-        EVP_PKEY_free(k);
-    }
-    ERR_clear_error();
-    return ok;
-}
 
 /* [-0, +0, -] Read record i of the array at idx without raising:
  * 1 with the fields filled in, 0 when the entry is not a well-formed
@@ -1294,8 +767,9 @@ static const char *raw_string(lua_State *L, int idx, const char *key)
  *     names = { "example.org", ... } (more names a DANE-TA certificate may carry) }
  * Bad arguments raise: they are programming errors.        [-0, +0, v]
  */
-void ls_tls_dane_check(lua_State *L, int idx, ls_tlsctx *c)
+void ls_tls_dane_check(lua_State *L, int idx, int ctx_idx)
 {
+    const ls_tlsctx *c = check_ctx(L, ctx_idx);
     idx = lua_absindex(L, idx);
     if (!lua_istable(L, idx))
         luaL_error(L, "luasmtp: opts.dane must be a table");
@@ -1339,40 +813,28 @@ void ls_tls_dane_check(lua_State *L, int idx, ls_tlsctx *c)
  * LS_IO_ERROR with err filled in (no usable record among them). */
 int ls_tls_dane_apply(lua_State *L, int idx, SSL *ssl, ls_ioerr *err)
 {
-    ls_session *s = SSL_get_app_data(ssl);
     idx = lua_absindex(L, idx);
-    ERR_clear_error();
     const char *base = raw_string(L, idx, "base_domain");
-    if (base == NULL || SSL_dane_enable(ssl, base) <= 0) {
-        msgbuf m;
-        err->token = LS_ETLS;
-        mb_init(&m, err->detail, sizeof err->detail);
-        mb_add(&m, "DANE: cannot enable DANE for %s: ", base ? base : "(no base domain)");
-        drain_errors(&m);
+    if (ls_tls_dane_enable(ssl, base, err) != LS_IO_OK)
         return LS_IO_ERROR;
-    }
-    s->dane = 1;
-    /* RFC 7672 3.2.3: names a DANE-TA certificate may carry; a wildcard
-     * only as a whole first label. */
-    SSL_set_hostflags(ssl, X509_CHECK_FLAG_NO_PARTIAL_WILDCARDS);
     lua_pushliteral(L, "names");
     if (lua_rawget(L, idx) == LUA_TTABLE) {
         lua_Integer k = (lua_Integer)lua_rawlen(L, -1);
         for (lua_Integer i = 1; i <= k; i++) {
-            if (lua_rawgeti(L, -1, i) == LUA_TSTRING && !SSL_add1_host(ssl, lua_tostring(L, -1))) {
+            if (lua_rawgeti(L, -1, i) == LUA_TSTRING
+                && !ls_tls_dane_add_name(ssl, lua_tostring(L, -1))) {
                 lua_pop(L, 2);
-                return set_err(err, LS_ETLS, "DANE: cannot add the reference name %d", (int)i);
+                err->token = LS_ETLS;
+                snprintf(err->detail, sizeof err->detail,
+                         "DANE: cannot add the reference name %d", (int)i);
+                return LS_IO_ERROR;
             }
             lua_pop(L, 1);
         }
     }
     lua_pop(L, 1);
-    /* Verification must decide the handshake whatever the context's
-     * verify setting: DANE replaces PKIX here, it is not optional. */
-    SSL_set_verify(ssl, SSL_VERIFY_PEER, NULL);
     lua_pushliteral(L, "tlsa");
     lua_Integer n = 0;
-    int usable = 0;
     if (lua_rawget(L, idx) == LUA_TTABLE) {
         int list = lua_gettop(L);
         n = (lua_Integer)lua_rawlen(L, list);
@@ -1381,21 +843,20 @@ int ls_tls_dane_apply(lua_State *L, int idx, SSL *ssl, ls_ioerr *err)
             const unsigned char *data;
             size_t dlen;
             lua_rawgeti(L, list, i); /* keeps data alive below */
-            if (tlsa_fields(L, list, i, f, &data, &dlen)
-                && tlsa_usable(f[0], f[1], f[2], data, dlen)
-                && SSL_dane_tlsa_add(ssl, (uint8_t)f[0], (uint8_t)f[1], (uint8_t)f[2], data,
-                                     dlen) > 0)
-                usable++;
-            ERR_clear_error();
+            if (tlsa_fields(L, list, i, f, &data, &dlen))
+                ls_tls_dane_add_tlsa(ssl, (long)f[0], (long)f[1], (long)f[2], data, dlen);
             lua_pop(L, 1);
         }
     }
     lua_pop(L, 1);
-    s->dane_usable = usable;
-    if (usable == 0)
-        return set_err(err, LS_ETLS, "DANE: none of the %d TLSA record%s of %s is usable "
-                       "(RFC 7672: usages 2 and 3, selectors 0 and 1, matching types 0-2)",
-                       (int)n, n == 1 ? "" : "s", base);
+    if (ls_tls_dane_records(ssl) <= 0) {
+        err->token = LS_ETLS;
+        snprintf(err->detail, sizeof err->detail,
+                 "DANE: none of the %d TLSA record%s of %s is usable "
+                 "(RFC 7672: usages 2 and 3, selectors 0 and 1, matching types 0-2)",
+                 (int)n, n == 1 ? "" : "s", base);
+        return LS_IO_ERROR;
+    }
     return LS_IO_OK;
 }
 
@@ -1413,7 +874,7 @@ static int l_dane_usable(lua_State *L)
         const unsigned char *data;
         size_t dlen;
         lua_rawgeti(L, 1, i);
-        if (tlsa_fields(L, 1, i, f, &data, &dlen) && tlsa_usable(f[0], f[1], f[2], data, dlen))
+        if (tlsa_fields(L, 1, i, f, &data, &dlen) && ls_tls_tlsa_usable(f[0], f[1], f[2], data, dlen))
             usable++;
         lua_pop(L, 1);
     }
@@ -1426,11 +887,11 @@ static int l_dane_usable(lua_State *L)
  * usable, peername } when DANE authenticated the peer. */
 static void push_dane(lua_State *L, int t, SSL *ssl)
 {
-    ls_session *s = SSL_get_app_data(ssl);
+    int usable = ls_tls_dane_records(ssl);
     uint8_t usage, selector, mtype;
     const unsigned char *data;
     size_t dlen;
-    if (s == NULL || !s->dane || !SSL_is_init_finished(ssl)
+    if (usable < 0 || !SSL_is_init_finished(ssl)
         || SSL_get_verify_result(ssl) != X509_V_OK)
         return;
     int depth = SSL_get0_dane_tlsa(ssl, &usage, &selector, &mtype, &data, &dlen);
@@ -1447,7 +908,7 @@ static void push_dane(lua_State *L, int t, SSL *ssl)
     lua_setfield(L, -2, "matched");
     lua_pushinteger(L, depth);
     lua_setfield(L, -2, "depth");
-    lua_pushinteger(L, s->dane_usable);
+    lua_pushinteger(L, usable);
     lua_setfield(L, -2, "usable");
     const char *peername = SSL_get0_peername(ssl);
     if (peername) {
@@ -1688,10 +1149,10 @@ int ls_tls_pushbinding(lua_State *L, SSL *ssl, const char *type)
         if (SSL_export_keying_material(ssl, out, sizeof out, EXPORTER_LABEL,
                                        sizeof EXPORTER_LABEL - 1, NULL, 0, 0) != 1) {
             char buf[200];
-            msgbuf m;
-            mb_init(&m, buf, sizeof buf);
-            mb_add(&m, "tls-exporter failed: ");
-            drain_errors(&m);
+            ls_msgbuf m;
+            ls_mb_init(&m, buf, sizeof buf);
+            ls_mb_add(&m, "tls-exporter failed: ");
+            ls_tls_drain_errors(&m);
             return ls_pusherror(L, LS_ETLS, buf);
         }
         lua_pushlstring(L, (const char *)out, sizeof out);
