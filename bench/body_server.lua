@@ -23,7 +23,7 @@ local srv = assert(server.new {
     on_data = function(_, msg)
       local n = 0
       for piece in msg:chunks() do n = n + #piece end
-      if n ~= msg.size then return "451 4.3.0 size mismatch" end
+      if n ~= msg:size() then return "451 4.3.0 size mismatch" end
     end,
   },
 })

@@ -24,7 +24,7 @@ local srv = assert(server.new {
     on_rcpt = function() counts.rcpt = counts.rcpt + 1 end,
     on_data = function(_, msg)
       counts.messages = counts.messages + 1
-      counts.bytes = counts.bytes + msg.size
+      counts.bytes = counts.bytes + msg:size()
     end,
   },
 })

@@ -9,7 +9,6 @@
 --       --maildir var/submission [--implicit-tls]
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
-local store = require "luasmtp.store"
 local credentials = require "luasmtp.credentials"
 local getopt = require "luasmtp.getopt"
 
@@ -28,19 +27,17 @@ end, { ... }, usage)
 
 local tls = luasmtp.tls.context { mode = "server", certificate = opts["tls-cert"], key = opts["tls-key"] }
 local users = assert(credentials.passwd_file(opts.users))
-local maildir = store.maildir(opts.maildir)
 
 local srv = assert(server.new {
   listen = { { address = opts.listen, tls = opts["implicit-tls"] and "implicit" or nil } },
   hostname = opts.hostname or "submission.localhost",
   tls = tls,
-  submission = true,
   auth = { verifier = users },
-  hooks = {
-    on_data = function(_, msg)
-      local ok, reply = maildir:deliver(msg)
-      if not ok then return reply end
-    end,
+  plugins = {
+    server.plugins.submission(), -- MAIL needs AUTH
+    server.plugins.limits(),
+    server.plugins.received(),
+    server.plugins.maildir(opts.maildir),
   },
 })
 for _, a in ipairs(srv:addresses()) do

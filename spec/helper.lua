@@ -2,6 +2,7 @@
 -- time, re-raises the failing task's traceback, and checks that no
 -- socket, watcher or task outlives the test.
 local luasmtp = require "luasmtp"
+local smtp_server = require "luasmtp.server"
 
 local H = {}
 
@@ -11,6 +12,15 @@ if H.root:sub(1, 1) ~= "/" then
   H.root = H.root == "." and pwd or pwd .. "/" .. H.root:gsub("^%./", "")
 end
 H.tmp = H.root .. "/spec/tmp"
+
+local tmp_seq = 0
+--- tmpdir(name) -> a new empty directory under spec/tmp for this test.
+function H.tmpdir(name)
+  tmp_seq = tmp_seq + 1
+  local dir = ("%s/%s-%d-%d"):format(H.tmp, name, math.floor(luasmtp.time() * 1000) % 100000000, tmp_seq)
+  assert(os.execute("rm -rf '" .. dir .. "' && mkdir -p '" .. dir .. "'"))
+  return dir
+end
 
 -- Start fn as a task with the task errors collected; returns the task,
 -- finish() (restores the error handler, re-raises the task's error or
@@ -222,6 +232,58 @@ function H.wait_port(port, host, timeout)
     luasmtp.sleep(0.05)
   end
   error("port " .. port .. " did not open")
+end
+
+local started_servers = {}
+
+--- smtp_server(opts) -> server, port: an SMTP server (luasmtp.server) on
+-- 127.0.0.1:0, quiet, hostname mx.test unless opts say otherwise;
+-- H.close_servers() stops every one started so far.
+function H.smtp_server(opts)
+  opts = opts or {}
+  opts.listen = opts.listen or "127.0.0.1:0"
+  opts.hostname = opts.hostname or "mx.test"
+  opts.logger = opts.logger or function() end
+  local srv = assert(smtp_server.new(opts))
+  started_servers[#started_servers + 1] = srv
+  return srv, srv:addresses()[1].port
+end
+
+--- close_servers(): close the servers of smtp_server() and let their
+-- sessions wind down (for after_each: a failed test leaves none behind).
+function H.close_servers()
+  for _, srv in ipairs(started_servers) do srv:close() end
+  started_servers = {}
+  local settle = luasmtp.update_now() + 3
+  while luasmtp.stats().tasks > 0 and luasmtp.update_now() < settle do
+    luasmtp.step(0.02)
+  end
+end
+
+--- smtp(port [, timeout]) -> a raw SMTP client for server tests:
+-- c.reply() -> code, all lines joined by "\n"; c.cmd(line) sends a
+-- line and reads the reply; c.sock; c.close(). port: a TCP port on
+-- 127.0.0.1, or the path of a UNIX socket.
+function H.smtp(port, timeout)
+  local c = assert(type(port) == "string" and luasmtp.connect_unix(port, { timeout = 5 })
+    or luasmtp.connect("127.0.0.1", port, { timeout = 5 }))
+  c:settimeout(timeout or 5)
+  local client = { sock = c }
+  function client.reply()
+    local lines = {}
+    repeat
+      local line, err = c:receiveline(2000)
+      if not line then return nil, err end
+      lines[#lines + 1] = line
+    until line:sub(4, 4) ~= "-"
+    return lines[#lines]:sub(1, 3), table.concat(lines, "\n")
+  end
+  function client.cmd(line)
+    c:send(line .. "\r\n")
+    return client.reply()
+  end
+  function client.close() c:close() end
+  return client
 end
 
 --- Start a test server that prints its port as the first line of its

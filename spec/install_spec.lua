@@ -9,7 +9,9 @@ describe("luarocks make", function()
     assert.is_true(os.execute(cmd), "luarocks make failed, see spec/tmp/luarocks.log")
     local check = ("cd /tmp && env -u LUA_PATH_5_4 -u LUA_CPATH_5_4 "
       .. "LUA_PATH='%s/share/lua/5.4/?.lua;%s/share/lua/5.4/?/init.lua;;' LUA_CPATH='%s/lib/lua/5.4/?.so;;' "
-      .. "lua5.4 -e 'print(require(\"luasmtp\").version)' && '%s/bin/luasmtp' --version"):format(tree, tree, tree, tree)
+      .. "lua5.4 -e 'for _, m in ipairs { \"luasmtp.server\", \"luasmtp.client\", \"luasmtp.credentials\", "
+      .. "\"luasmtp.sasl\" } do require(m) end print(require(\"luasmtp\").version)' "
+      .. "&& '%s/bin/luasmtp' --version"):format(tree, tree, tree, tree)
     local p = assert(io.popen("(" .. check .. ") 2>&1"))
     local out = p:read("a")
     p:close()

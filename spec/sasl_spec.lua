@@ -182,7 +182,8 @@ describe("SASL", function()
         local res = sasl.server_exchange(io, mech, nil,
           { verifier = verifier, tls = true, nonce = snonce, failure_delay = 0 })
         assert.same({ "334 ", "334 " .. b64(sfirst), "334 " .. b64(sfinal) }, io.sent)
-        assert.same({ ok = true, user = "user", mechanism = mech }, res)
+        assert.same({ ok = true, user = "user", mechanism = mech, code = 235, enhanced = "2.7.0",
+          text = "Authentication successful" }, res)
       end)
     end
 
@@ -229,7 +230,8 @@ describe("SASL", function()
         local users = { tim = { password = "tanstaaftanstaaf" }, Kurt = { password = "xipj3plmq" } }
         local res = sasl.server_exchange(script_io {}, "PLAIN", b64("\0tim\0tanstaaftanstaaf"),
           policy { verifier = table_verifier(users) })
-        assert.same({ ok = true, user = "tim", mechanism = "PLAIN" }, res)
+        assert.same({ ok = true, user = "tim", mechanism = "PLAIN", code = 235, enhanced = "2.7.0",
+          text = "Authentication successful" }, res)
         -- Kurt may not act as Ursel with this verifier
         res = sasl.server_exchange(script_io {}, "PLAIN", b64("Ursel\0Kurt\0xipj3plmq"),
           policy { verifier = table_verifier(users) })

@@ -69,6 +69,72 @@ describe("luasmtp serve", function()
     end, 40)
   end)
 
+  it("on SIGTERM answers idle sessions 421 4.3.2 at once and busy ones at the drain deadline", function()
+    H.run(function()
+      local script = H.tmp .. "/drain_script.lua"
+      local f = assert(io.open(script, "w"))
+      f:write([[
+local luasmtp = require "luasmtp"
+local server = require "luasmtp.server"
+local srv = assert(server.new {
+  listen = "127.0.0.1:" .. arg[1], hostname = "drain.test", log_level = "error",
+  timeouts = { plugin = 120 },
+  hooks = { on_mail = function(_, from)
+    if from:match("^busy") then luasmtp.sleep(100) end
+    if from:match("^spin") then while true do end end
+  end },
+})
+local _ = srv
+]])
+      f:close()
+      local log = H.tmp .. "/drain.log"
+      local port = H.free_port()
+      local pid = serve("--drain 3 " .. script, port, log)
+      H.wait_port(port)
+      local idle = H.smtp(port, 20)
+      assert.equal("220", (idle.reply()))
+      assert.equal("250", (idle.cmd("EHLO idle.test")))
+      local busy = H.smtp(port, 20)
+      busy.reply()
+      busy.cmd("EHLO busy.test")
+      busy.sock:send("MAIL FROM:<busy@x.test>\r\n")
+      luasmtp.sleep(0.3)
+      os.execute("kill -TERM " .. pid)
+      local code, text = idle.reply()
+      assert.equal("421", code)
+      assert.matches("4.3.2", text, 1, true)
+      assert.is_nil(idle.reply()) -- and closed
+      idle.close()
+      assert.same({ nil, "timeout" }, { busy.sock:receiveany(100, 0.05) }) -- still busy
+      code, text = busy.reply()
+      assert.equal("421", code)
+      assert.matches("4.3.2", text, 1, true)
+      busy.close()
+      assert.is_true(H.wait_pid(pid, 15), "serve did not stop after the drain")
+    end, 40)
+  end)
+
+  it("stops on SIGTERM while a hook spins in a busy loop", function()
+    H.run(function()
+      local log = H.tmp .. "/spin.log"
+      local port = H.free_port()
+      local pid = serve("--drain 2 " .. H.tmp .. "/drain_script.lua", port, log)
+      H.wait_port(port)
+      local c = H.smtp(port, 20)
+      c.reply()
+      c.cmd("EHLO spin.test")
+      c.sock:send("MAIL FROM:<spin@x.test>\r\n")
+      luasmtp.sleep(0.3) -- the hook is spinning now (its deadline is 120 s): the
+      -- process still takes the signal, the session gets its 421 at the drain deadline
+      os.execute("kill -TERM " .. pid)
+      local code, text = c.reply()
+      assert.equal("421", code)
+      assert.matches("4.3.2", text, 1, true)
+      c.close()
+      assert.is_true(H.wait_pid(pid, 15), "serve did not stop")
+    end, 40)
+  end)
+
   it("passes arguments to the script and calls its reload() on SIGHUP", function()
     H.run(function()
       local script = H.tmp .. "/reload_script.lua"

@@ -36,6 +36,34 @@ describe("mail storage", function()
     assert.matches("\nFrom MAILER%-DAEMON ", data)
   end)
 
+  it("streams a message object: quoting and line endings hold across chunk boundaries", function()
+    local text = "Subject: a\r\n\r\nFrom here\r\n>From there\r\nlast line without end"
+    -- a message-like object whose chunks cut lines (and CRLFs) anywhere
+    local function message_of(n)
+      return { from = "s@x.test", chunks = function()
+        local pos = 1
+        return function()
+          if pos > #text then return nil end
+          local piece = text:sub(pos, pos + n - 1)
+          pos = pos + n
+          return piece
+        end
+      end }
+    end
+    local whole = store.mbox(base .. "/whole")
+    assert(whole:deliver(text, "s@x.test"))
+    local expected = H.readfile(base .. "/whole"):gsub("^From [^\n]*\n", "")
+    assert.matches("\n>From here\n>>From there\nlast line without end\n\n$", expected)
+    for _, n in ipairs { 1, 2, 3, 5, 11, 4096 } do
+      local path = ("%s/mbox-%d"):format(base, n)
+      assert(store.mbox(path):deliver(message_of(n)))
+      assert.equal(expected, (H.readfile(path):gsub("^From [^\n]*\n", "")), "chunks of " .. n)
+      local md = store.maildir(("%s/md-%d"):format(base, n))
+      local file = assert(md:deliver(message_of(n)))
+      assert.equal(text, H.readfile(file))
+    end
+  end)
+
   it("answers 452 on a full disk and leaves nothing half-written", function()
     local dir = base .. "/full"
     local undo, why = H.mount_tmpfs(dir, "16k") -- a tiny file system to fill up

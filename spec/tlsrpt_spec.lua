@@ -197,7 +197,7 @@ describe("tlsrpt", function()
 
     local function submit_to_aiosmtpd(from, to, message)
       local res, _, err = client.send { host = "127.0.0.1", port = smtp_port, tls = "none", helo = "mail.sender.test",
-        from = from, to = { to }, body = message, timeout = 10 }
+        from = from, to = { to }, body = message, timeouts = { connect = 10, command = 10, data_end = 10 } }
       if not res then return nil, tostring(err) end
       return true
     end

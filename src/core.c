@@ -15,6 +15,7 @@ int luaopen_luasmtp_core(lua_State *L)
     ls_open_crypto(L);
     ls_open_proto(L);
     ls_open_fs(L);
+    ls_open_guard(L);
     ls_open_sink(L);
     ls_open_errors(L);
     lua_pushliteral(L, LS_VERSION);

@@ -24,40 +24,86 @@ static int push_errno(lua_State *L, const char *what, int err)
     return 4;
 }
 
-/* write_file_sync(path, data [, mode]) -> true | nil, "io", detail, kind
- * Create path (it must not exist), write data, fsync and close. On any
- * failure the file is removed, so nothing half-written stays behind.
- * kind is "full" (ENOSPC, EDQUOT), "denied" or "other". */
-static int l_write_file_sync(lua_State *L)
+/* Write all of data[0..len) to fd; 0 or an errno value. */
+static int write_all(int fd, const char *data, size_t len)
 {
-    const char *path = luaL_checkstring(L, 1);
-    size_t len;
-    const char *data = luaL_checklstring(L, 2, &len);
-    int mode = (int)luaL_optinteger(L, 3, 0600);
-    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
-    if (fd < 0)
-        return push_errno(L, path, errno);
     size_t off = 0;
     while (off < len) {
         ssize_t n = write(fd, data + off, len - off);
         if (n < 0) {
             if (errno == EINTR)
                 continue;
-            int e = errno;
-            close(fd);
-            unlink(path);
-            return push_errno(L, path, e);
+            return errno;
         }
         off += (size_t)n;
     }
-    if (fsync(fd) < 0) {
-        int e = errno;
+    return 0;
+}
+
+/* Write the data argument at idx to fd: a string, or a function called
+ * until it returns nil, each call giving the next string (it must not
+ * wait). Returns 0, an errno value, or -1 when the function raised (its
+ * error is then on the stack). */
+static int write_source(lua_State *L, int idx, int fd)
+{
+    size_t len;
+    if (lua_type(L, idx) == LUA_TSTRING) {
+        const char *data = lua_tolstring(L, idx, &len);
+        return write_all(fd, data, len);
+    }
+    for (;;) {
+        lua_pushvalue(L, idx);
+        if (lua_pcall(L, 0, 1, 0) != LUA_OK)
+            return -1;
+        if (lua_isnil(L, -1)) {
+            lua_pop(L, 1);
+            return 0;
+        }
+        if (lua_type(L, -1) != LUA_TSTRING) {
+            lua_pushliteral(L, "data function must return strings or nil");
+            return -1;
+        }
+        const char *data = lua_tolstring(L, -1, &len);
+        int e = write_all(fd, data, len);
+        lua_pop(L, 1);
+        if (e != 0)
+            return e;
+    }
+}
+
+static void check_source(lua_State *L, int idx)
+{
+    int t = lua_type(L, idx);
+    luaL_argexpected(L, t == LUA_TSTRING || t == LUA_TFUNCTION, idx, "string or function");
+}
+
+/* write_file_sync(path, data [, mode]) -> true | nil, "io", detail, kind
+ * Create path (it must not exist), write data, fsync and close. data is
+ * a string or a function returning the next piece (nil at the end), so a
+ * large message is written without being one string. On any failure the
+ * file is removed, so nothing half-written stays behind (an error raised
+ * by the data function is raised again after that). kind is "full"
+ * (ENOSPC, EDQUOT), "denied" or "other". */
+static int l_write_file_sync(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    check_source(L, 2);
+    int mode = (int)luaL_optinteger(L, 3, 0600);
+    int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, mode);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    int e = write_source(L, 2, fd);
+    if (e == 0 && fsync(fd) < 0)
+        e = errno;
+    if (e != 0) {
         close(fd);
         unlink(path);
+        if (e < 0)
+            return lua_error(L);
         return push_errno(L, path, e);
     }
     if (close(fd) < 0) {
-        int e = errno;
+        e = errno;
         unlink(path);
         return push_errno(L, path, e);
     }
@@ -94,12 +140,12 @@ static int l_mkdir(lua_State *L)
 
 /* append_file_sync(path, data) -> true | nil, "io", detail, kind
  * Append under an exclusive lock (mbox), fsync; on failure the file is
- * truncated back to its old size. */
+ * truncated back to its old size. data: a string or a function, as for
+ * write_file_sync. */
 static int l_append_file_sync(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
-    size_t len;
-    const char *data = luaL_checklstring(L, 2, &len);
+    check_source(L, 2);
     int fd = open(path, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
     if (fd < 0)
         return push_errno(L, path, errno);
@@ -110,24 +156,15 @@ static int l_append_file_sync(lua_State *L)
         return push_errno(L, path, e);
     }
     off_t start = lseek(fd, 0, SEEK_END);
-    size_t off = 0;
-    int e = 0;
-    while (off < len) {
-        ssize_t n = write(fd, data + off, len - off);
-        if (n < 0) {
-            if (errno == EINTR)
-                continue;
-            e = errno;
-            break;
-        }
-        off += (size_t)n;
-    }
+    int e = write_source(L, 2, fd);
     if (e == 0 && fsync(fd) < 0)
         e = errno;
     if (e != 0 && start >= 0 && ftruncate(fd, start) < 0) {
         /* nothing more can be done; the error below reports the cause */
     }
     close(fd);
+    if (e < 0)
+        return lua_error(L);
     if (e != 0)
         return push_errno(L, path, e);
     lua_pushboolean(L, 1);

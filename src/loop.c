@@ -48,6 +48,8 @@ struct ls_task {
     ls_cond *cond;   /* condition waited on, if any */
     ls_task *cnext, *cprev;
     ls_cond joiners; /* tasks waiting in join() */
+    double cap;      /* latest end of any wait (ev_now clock), when capped */
+    int capped;      /* a guarded call runs: cap applies (guard.c) */
 };
 
 typedef struct rq_entry {
@@ -226,6 +228,18 @@ static void task_init(ls_task *t, ls_loop *loop)
     t->joiners.loop = loop;
     ev_init(&t->io, io_cb);
     ev_init(&t->timer, timer_cb);
+}
+
+/* Wait caps (guard.c): every wait of the task ends by `cap` at the
+ * latest; capped = 0 lifts it. Returns the previous cap in *prev. */
+void ls_task_cap(ls_task *t, int capped, double cap, int *prev_capped, double *prev_cap)
+{
+    if (prev_capped)
+        *prev_capped = t->capped;
+    if (prev_cap)
+        *prev_cap = t->cap;
+    t->capped = capped;
+    t->cap = cap;
 }
 
 /* ------------------------------------------------------------------ */
@@ -475,6 +489,9 @@ ls_task *ls_current(lua_State *L, ls_loop *loop)
 
 static void arm(ls_loop *loop, ls_task *t, int fd, int events, double deadline)
 {
+    /* A task running a guarded call waits no longer than its budget. */
+    if (t->capped && (deadline < 0 || t->cap < deadline))
+        deadline = t->cap;
     t->gen++;
     t->result = LS_WAKE_NONE;
     t->state = T_WAITING;

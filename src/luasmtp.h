@@ -209,6 +209,10 @@ int ls_open_sink(lua_State *L);
 
 /* fs.c: durable file writes for mail storage */
 int ls_open_fs(lua_State *L);
+int ls_open_guard(lua_State *L);
+/* loop.c, for guard.c: every wait of task t ends by cap (ev_now clock)
+ * at the latest while capped; the previous setting goes to prev_*. */
+void ls_task_cap(ls_task *t, int capped, double cap, int *prev_capped, double *prev_cap);
 
 /* loop.c */
 int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */

@@ -6,10 +6,24 @@
 -- deadline for the whole connect, and an accept loop that runs one task
 -- per connection.
 local core = require "luasmtp.core"
+local options = require "luasmtp.options"
 
 local M = {}
 
 local DEFAULT_CONNECT_TIMEOUT = 30
+
+-- Sockets opened by a task, for a server session whose plugin calls
+-- must not leave sockets behind: task -> list that connect() appends to.
+local trackers = setmetatable({}, { __mode = "k" })
+
+--- track(list) -> previous list: sockets that connect() opens in the
+-- current task are appended to list (nil: stop tracking).
+function M.track(list)
+  local task = core.current() or trackers -- the main chunk has no task
+  local previous = trackers[task]
+  trackers[task] = list
+  return previous
+end
 
 --- Split "host:port", "[v6]:port" or "host" into host, port.
 -- Returns nil, "invalid", detail for malformed input.
@@ -73,6 +87,8 @@ end
 -- With opts.tls, the TLS handshake right after connect, within the
 -- connect deadline. -> sock | nil, err, detail
 local function implicit_tls(sock, opts, servername, deadline)
+  local tracked = trackers[core.current() or trackers]
+  if tracked then tracked[#tracked + 1] = sock end
   if opts.tls then
     local ok, terr, tdetail = sock:starttls(opts.tls, {
       servername = servername,
@@ -252,10 +268,23 @@ end
 --                    queues a last reply)
 -- server.addresses lists {address, port} of each listener (for a UNIX
 -- socket: "unix:PATH" and no port).
+M.serve_schema = options.schema("serve", {
+  { "listen", "string|table", "127.0.0.1:0", "spec or list of specs (see listen)" },
+  { "handler", "function", nil, "`function(sock, conn)`, in a new task per connection" },
+  { "tls", "userdata", nil, "server TLS context: implicit TLS before the handler" },
+  { "tls_timeout", "number", 10, "seconds for that handshake" },
+  { "max_connections", "integer", 1000,
+    "connections handled at once, counted from the moment each is accepted; more are closed at once" },
+  { "slots", "table", nil, "`{ active = 0 }` shared by several servers that share one `max_connections`" },
+  { "on_refused", "function", nil, "`function(conn, reason, sock)` for refused connections" },
+  { "backlog", "integer", nil, "listen(2) backlog" },
+})
+
 function M.serve(opts)
   assert(type(opts) == "table", "serve needs an options table")
+  opts = M.serve_schema:apply(opts, 2)
   assert(type(opts.handler) == "function", "serve needs a handler function")
-  local listeners, err, detail = M.listen(opts.listen or "127.0.0.1:0", { backlog = opts.backlog })
+  local listeners, err, detail = M.listen(opts.listen, { backlog = opts.backlog })
   if not listeners then
     return nil, err, detail
   end
@@ -264,7 +293,7 @@ function M.serve(opts)
     addresses = {},
     slots = opts.slots or { active = 0 },
     accepted = 0,
-    max_connections = opts.max_connections or 1000,
+    max_connections = opts.max_connections,
   }, Server)
   for i, l in ipairs(listeners) do
     local addr, port = l:getsockname()
@@ -273,7 +302,7 @@ function M.serve(opts)
 
   local function serve_one(sock, conn)
     if opts.tls then
-      local ok, terr, tdetail = sock:starttls(opts.tls, { timeout = opts.tls_timeout or 10 })
+      local ok, terr, tdetail = sock:starttls(opts.tls, { timeout = opts.tls_timeout })
       if not ok then
         if opts.on_refused then
           opts.on_refused(conn, terr .. ": " .. tostring(tdetail))

@@ -4,6 +4,8 @@
 -- A recipient is accepted when its domain is one of ours, or when the
 -- client may relay: it is in a trusted network, or it has authenticated.
 -- Everything else gets 554 5.7.1.
+local reply = require "luasmtp.reply"
+
 local M = {}
 
 --- Parse an IPv4 or IPv6 address into a 4- or 16-byte string, or nil.
@@ -93,7 +95,6 @@ end
 -- networks: CIDR strings of clients that may relay.
 -- authenticated: authenticated clients may relay (default true).
 function M.checker(opts)
-  local server = require "luasmtp.server"
   local domains, suffixes, nets = {}, {}, {}
   for _, d in ipairs(opts.domains or {}) do
     d = d:lower()
@@ -125,7 +126,7 @@ function M.checker(opts)
     for _, match in ipairs(nets) do
       if match(client) then return nil end
     end
-    return server.reply(554, "5.7.1", "Relay access denied")
+    return reply.new(554, "5.7.1", "Relay access denied")
   end
 end
 

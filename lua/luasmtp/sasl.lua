@@ -25,6 +25,7 @@ local cram_md5 = require "luasmtp.sasl.cram_md5"
 local oauth = require "luasmtp.sasl.oauth"
 local external = require "luasmtp.sasl.external"
 local saslprep = require "luasmtp.sasl.saslprep"
+local reply_value = require "luasmtp.reply"
 
 local b64encode, b64decode = core.b64encode, core.b64decode
 
@@ -168,10 +169,11 @@ function M.server_mechanisms(policy)
   return out
 end
 
+-- Results are reply values (luasmtp.reply) with an ok field.
 local function reply(code, enhanced, text, extra)
-  local r = { ok = false, code = code, enhanced = enhanced, text = text }
-  for k, val in pairs(extra or {}) do r[k] = val end
-  return r
+  extra = extra or {}
+  extra.ok = false
+  return reply_value.new(code, enhanced, text, extra)
 end
 
 local function failure(policy, class, reason, mechanism)
@@ -201,8 +203,9 @@ end
 -- Runs one AUTH exchange: sends the 334 challenges, reads the client's
 -- messages, and returns what to answer (the caller sends the final
 -- reply):
---   { ok = true, user =, authzid =, mechanism =, channel_binding = }
+--   { ok = true, code = 235, user =, authzid =, mechanism =, channel_binding = }
 --   { ok = false, code =, enhanced =, text =, reason =, mechanism = }
+-- (both are reply values, luasmtp.reply)
 -- or nil, err, detail when the connection fails. initial_response is the
 -- argument of the AUTH command (nil when there is none, "=" for empty).
 function M.server_exchange(io, mech_name, initial_response, policy)
@@ -275,8 +278,8 @@ function M.server_exchange(io, mech_name, initial_response, policy)
           return failure(policy, "credentials", "authorization denied", name)
         end
       end
-      return { ok = true, user = user, authzid = authzid, mechanism = name,
-               channel_binding = c and c.channel_binding or nil }
+      return reply_value.new(235, "2.7.0", "Authentication successful", { ok = true, user = user,
+        authzid = authzid, mechanism = name, channel_binding = c and c.channel_binding or nil })
     elseif kind == "failure" then
       return failure(policy, a, b, name)
     end
@@ -448,7 +451,7 @@ end
 -- gave_up: this side gave up with "*" (client_error says why)
 local function outcome(r, mech, client_error, gave_up)
   local ok = r.code == 235 and client_error == nil and mech:complete()
-  local res = { ok = ok, code = r.code, enhanced = r.enhanced, text = r.text }
+  local res = reply_value.new(r.code, r.enhanced, r.text, { ok = ok })
   if not ok then
     res.cancelled = gave_up
     res.client_error = client_error or mech.error

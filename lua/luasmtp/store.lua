@@ -5,21 +5,27 @@
 -- its 250 reply survives a crash. On failure nothing half-written is
 -- left and a reply is returned for the client: 452 4.3.1 when the disk
 -- or quota is full, 451 4.3.0 otherwise.
+--
+-- A message is a string or a server message (luasmtp.server.message):
+-- the latter is streamed from its header view and body store, never
+-- made into one string.
 local core = require "luasmtp.core"
+local reply = require "luasmtp.reply"
 
 local M = {}
 
 local function failure_reply(kind, detail)
-  local server = require "luasmtp.server"
   if kind == "full" then
-    return server.reply(452, "4.3.1", "Insufficient system storage")
+    return reply.new(452, "4.3.1", "Insufficient system storage")
   end
-  return server.reply(451, "4.3.0", "Local error in processing"), detail
+  return reply.new(451, "4.3.0", "Local error in processing"), detail
 end
 
-local function data_of(message)
+-- The data argument for core.write_file_sync: the string, or the
+-- message's chunk iterator.
+local function source_of(message)
   if type(message) == "string" then return message end
-  return message:read()
+  return message:chunks(65536)
 end
 
 local seq = 0
@@ -44,7 +50,13 @@ function Maildir:deliver(message)
   local name = ("%d.M%dP%dQ%d.%s"):format(math.floor(t), math.floor((t % 1) * 1e6), core.getpid(), seq, hostname)
   local tmp = self.dir .. "/tmp/" .. name
   local final = self.dir .. "/new/" .. name
-  local ok, _, detail, kind = core.write_file_sync(tmp, data_of(message))
+  -- A message as it arrived whose spool file is on this file system
+  -- becomes the mail file itself: fsync, link into new/, fsync new/.
+  if type(message) == "table" and message.sink and message:unedited() and message:spooled() then
+    if message.sink:commit(final) then return final end
+    os.remove(final) -- another file system (or a failure): write a copy instead
+  end
+  local ok, _, detail, kind = core.write_file_sync(tmp, source_of(message))
   if not ok then
     return nil, failure_reply(kind, detail)
   end
@@ -93,16 +105,61 @@ function M.mbox(path)
   return setmetatable({ path = path }, Mbox)
 end
 
+-- mboxrd, piece by piece: CRLF becomes LF and lines starting with
+-- ">*From " get one more ">". A line may span pieces: only complete
+-- lines are converted, the rest waits for the next piece.
+local function mboxrd(next_piece, from_line)
+  local state = "from" -- from, body, done
+  local carry = ""
+  local last = "\n"
+  local function convert(lines)
+    lines = ("\n" .. lines):gsub("\r\n", "\n"):gsub("\n(>*From )", "\n>%1"):sub(2)
+    if lines ~= "" then last = lines:sub(-1) end
+    return lines
+  end
+  return function()
+    if state == "from" then
+      state = "body"
+      return from_line
+    end
+    while state == "body" do
+      local piece = next_piece()
+      if not piece then
+        state = "done"
+        local tail = carry ~= "" and convert(carry) or ""
+        carry = ""
+        -- the entry ends with its own newline and a blank line
+        return tail .. (((tail ~= "" and tail:sub(-1) or last) == "\n") and "\n" or "\n\n")
+      end
+      local data = carry .. piece
+      local cut = data:match(".*()\n")
+      if cut then
+        carry = data:sub(cut + 1)
+        return convert(data:sub(1, cut))
+      end
+      carry = data
+    end
+    return nil
+  end
+end
+
 --- store:deliver(message [, from]) -> true | nil, reply, detail
 function Mbox:deliver(message, from)
-  local data = data_of(message):gsub("\r\n", "\n")
-  -- mboxrd: quote From_ lines (and already quoted ones) with one more '>'
-  data = ("\n" .. data):gsub("\n(>*From )", "\n>%1"):sub(2)
-  if data:sub(-1) ~= "\n" then data = data .. "\n" end
   local sender = from or (type(message) == "table" and message.from) or "MAILER-DAEMON"
   if sender == "" then sender = "MAILER-DAEMON" end
-  local entry = ("From %s %s\n%s\n"):format(sender, os.date("!%a %b %e %H:%M:%S %Y"), data)
-  local ok, _, detail, kind = core.append_file_sync(self.path, entry)
+  local from_line = ("From %s %s\n"):format(sender, os.date("!%a %b %e %H:%M:%S %Y"))
+  local pieces
+  if type(message) == "string" then
+    local done = false
+    pieces = function()
+      if done then return nil end
+      done = true
+      return message
+    end
+  else
+    pieces = message:chunks(65536)
+  end
+  local ok, _, detail, kind = core.append_file_sync(self.path, mboxrd(pieces, from_line))
   if not ok then
     return nil, failure_reply(kind, detail)
   end

@@ -12,6 +12,7 @@
 -- recipient is reported on standard error with the server's reply.
 local getopt = require "luasmtp.getopt"
 local client = require "luasmtp.client"
+local net = require "luasmtp.net"
 local send_mx = require "luasmtp.cli.send_mx"
 
 local M = {}
@@ -304,7 +305,7 @@ local function run(args)
     if tls == "auto" then usage_error("--tls auto needs HOST[:PORT], not a socket path") end
     tls = opts.tls or "none"
   else
-    host, port = require("luasmtp.net").parse_address(server, 25)
+    host, port = net.parse_address(server, 25)
     if not host then usage_error("bad --server: " .. server) end
     if not server:find(":%d+$") then port = nil end
     if not port and tls ~= "auto" then

@@ -4,8 +4,10 @@
 -- `arg` (arg[0] is the script) and as `...`. It may return a table with
 -- `reload()` (called on SIGHUP) and `stop()` (called on SIGTERM/SIGINT
 -- before the servers stop accepting).
--- SIGTERM/SIGINT: every server stops accepting, sessions in progress get
--- up to --drain seconds (default 30) to finish, then the process exits.
+-- SIGTERM/SIGINT: every server stops accepting; sessions waiting for a
+-- command get 421 4.3.2 and close at once, busy ones finish their
+-- command, or get the 421 after --drain seconds (default 30); then the
+-- process exits.
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 
@@ -68,8 +70,8 @@ function M.main(args)
       else
         io.stderr:write("luasmtp serve: SIG", sig, ": stopping\n")
         if control.stop then pcall(control.stop) end
-        server.stop_all()
-        local deadline = luasmtp.update_now() + drain
+        server.shutdown_all(drain)
+        local deadline = luasmtp.update_now() + drain + 3
         while server.sessions() > 0 and luasmtp.update_now() < deadline do
           luasmtp.sleep(0.05)
         end
