@@ -57,7 +57,10 @@ describe("C layout", function()
     end
     assert.is_true(#uses > 0)
     for _, use in ipairs(uses) do
-      assert.equal(owner[use[2]], use[1], use[1] .. " reads " .. use[2])
+      -- Lua's own file handles (io library) belong to no binding here
+      if use[2] ~= "LUA_FILEHANDLE" then
+        assert.equal(owner[use[2]], use[1], use[1] .. " reads " .. use[2])
+      end
     end
   end)
 end)

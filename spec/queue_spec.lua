@@ -493,6 +493,34 @@ describe("queue routes", function()
   end)
 end)
 
+describe("queue plugin", function()
+  it("queues in the deliver phase of the plugin chain, with the DSN parameters, and relays", function()
+    H.run(function()
+      local client = require "luasmtp.client"
+      local dir = fresh_dir("deliver")
+      local _, port, got = receiver()
+      local q = open(dir, { route = smarthost(port), retry = { 3600 } })
+      local front = assert(server.new { listen = { "127.0.0.1:0" }, hostname = "front.test", log_level = "error",
+        dsn = true, plugins = { server.plugins.received(), queue.plugin(q) } })
+      started[#started + 1] = front
+      local res = assert(client.send { server = "127.0.0.1:" .. front:addresses()[1].port, tls = "none",
+        from = "a@test", to = { { address = "b@test", notify = { "success", "failure" }, orcpt = "rfc822;b@test" } },
+        dsn = { ret = "hdrs", envid = "ENV1" }, body = msg(1) })
+      local id = client.format_reply(res.reply):match("queued as (%x+)")
+      assert.is_string(id)
+      local e = q.entries[id]
+      assert.equal("hdrs", e.ret)
+      assert.equal("ENV1", e.envid)
+      assert.equal("SUCCESS,FAILURE", e.rcpt[1].notify)
+      assert.equal("rfc822;b@test", e.rcpt[1].orcpt)
+      assert.matches("^Received: from ", H.readfile(e.body_path))
+      assert(drain(q))
+      assert.equal(1, #got.messages)
+      assert.matches("Message%-ID: <m1@test>", got.messages[1].data)
+    end, 30)
+  end)
+end)
+
 describe("luasmtp queue", function()
   local dkjson = require "dkjson"
   local function tool(dir, args)

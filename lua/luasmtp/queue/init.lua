@@ -90,18 +90,19 @@ function Queue:enqueue(m)
   for i, r in ipairs(m.rcpt) do
     if type(r) == "string" then r = { address = r } end
     assert(type(r.address) == "string", "enqueue: a recipient needs an address")
-    local notify = r.notify
-    if type(notify) == "table" and #notify > 0 then -- a list {"SUCCESS", ...}
-      notify = table.concat(notify, ",")
-    elseif type(notify) == "table" then -- the server's set {success = true, ...}
+    local notify, orcpt = r.notify, r.orcpt
+    if type(notify) == "table" and #notify == 0 then -- the server's set { success = true, ... }
       local list = {}
-      for k, v in pairs(notify) do if v then list[#list + 1] = k end end
-      table.sort(list)
-      notify = #list > 0 and table.concat(list, ",") or nil
+      for _, k in ipairs { "never", "success", "failure", "delay" } do
+        if notify[k] then list[#list + 1] = k end
+      end
+      notify = list
     end
-    rcpt[i] = { address = r.address, notify = notify and notify:upper(), orcpt = r.orcpt }
+    if type(notify) == "table" then notify = table.concat(notify, ",") end
+    if type(orcpt) == "table" then orcpt = (orcpt.type or "rfc822") .. ";" .. (orcpt.addr or "") end
+    rcpt[i] = { address = r.address, notify = notify and notify:upper(), orcpt = orcpt }
   end
-  local e = { id = store.new_id(), from = m.from, rcpt = rcpt, ret = m.ret, envid = m.envid,
+  local e = { id = store.new_id(), from = m.from, rcpt = rcpt, ret = m.ret and m.ret:lower(), envid = m.envid,
     smtputf8 = m.smtputf8, received_at = m.received_at or core.time() }
   while self.entries[e.id] or store.exists(self.paths, e.id) do
     e.id = store.new_id()
@@ -361,7 +362,8 @@ function Queue:pending()
   return n
 end
 
---- queue.plugin(q) -> a plugin for the server's deliver phase: the
+--- queue.plugin(q) -> a plugin for the server's deliver phase (its
+-- `deliver`; `on_data` is the same function, for the hooks): the
 -- message is queued (durably) before the 250; a full disk answers
 -- 452 4.3.1, any other failure 451 4.3.0.
 function M.plugin(q)
@@ -382,7 +384,8 @@ function M.plugin(q)
     end
     return server.reply(250, "2.0.0", "Ok: queued as " .. id)
   end
-  return { name = "queue", deliver = deliver, on_data = deliver }
+  -- large bodies are spooled in the queue's tmp/: one file system with the queue
+  return { name = "queue", deliver = deliver, on_data = deliver, spool_dir = q.paths.tmp }
 end
 
 return M

@@ -127,7 +127,8 @@ end
 
 --- A state log line. kind: "attempt" (idx, outcome "ok" | "temp" |
 -- "perm", next_attempt, reply, remote_mta, action), "final" (idx, action,
--- status, reply, remote_mta: the recipient is done), or an operation of
+-- status, reply, remote_mta: the recipient is done), "warned" (idx: its
+-- delay warning was queued), or an operation of
 -- the tool: "hold", "release", "bounce", "delete", "flush".
 function M.log_line(kind, t, ...)
   local f = { kind, string.format("%.3f", t) }
@@ -302,6 +303,7 @@ function M.load(p, id)
     elseif ev.kind == "final" and r then
       r.state, r.action, r.status = "done", ev[2], ev[3]
       r.last_reply, r.remote_mta = ev[4], ev[5] ~= "" and ev[5] or nil
+    elseif ev.kind == "warned" and r then r.warned = true
     elseif ev.kind == "hold" then e.held = true
     elseif ev.kind == "release" then e.held = false; e.flush = true
     elseif ev.kind == "delete" then e.deleted = true
