@@ -111,11 +111,11 @@ static int l_write_file_sync(lua_State *L)
     return 1;
 }
 
-/* fsync_dir(path) -> true | nil, "io", detail: make a rename durable. */
-static int l_fsync_dir(lua_State *L)
+/* Open path with flags, fsync and close it: true | nil, "io", detail. */
+static int fsync_opened(lua_State *L, int flags)
 {
     const char *path = luaL_checkstring(L, 1);
-    int fd = open(path, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    int fd = open(path, flags | O_CLOEXEC);
     if (fd < 0)
         return push_errno(L, path, errno);
     int rc = fsync(fd);
@@ -125,6 +125,12 @@ static int l_fsync_dir(lua_State *L)
         return push_errno(L, path, e);
     lua_pushboolean(L, 1);
     return 1;
+}
+
+/* fsync_dir(path) -> true | nil, "io", detail: make a rename durable. */
+static int l_fsync_dir(lua_State *L)
+{
+    return fsync_opened(L, O_RDONLY | O_DIRECTORY);
 }
 
 /* mkdir(path [, mode]) -> true | nil, "io", detail (an existing directory is fine). */
@@ -176,17 +182,7 @@ static int l_append_file_sync(lua_State *L)
  * close): its data and size reach the disk. */
 static int l_fsync_path(lua_State *L)
 {
-    const char *path = luaL_checkstring(L, 1);
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0)
-        return push_errno(L, path, errno);
-    int rc = fsync(fd);
-    int e = errno;
-    close(fd);
-    if (rc < 0)
-        return push_errno(L, path, e);
-    lua_pushboolean(L, 1);
-    return 1;
+    return fsync_opened(L, O_RDONLY);
 }
 
 /* listdir(path) -> { name, ... } | nil, "io", detail, kind
