@@ -1045,7 +1045,7 @@ static int l_stats(lua_State *L)
 {
     static const char *const names[LS_COUNT_MAX] = {
         "tasks", "sockets", "listeners", "tls_contexts", "tls_sessions", "watchers", "dns_queries",
-        "http_requests",
+        "http_requests", "redis_requests",
     };
     lua_createtable(L, 0, LS_COUNT_MAX + 1);
     long total = 0;

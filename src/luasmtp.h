@@ -13,6 +13,7 @@
  *   tls.c              OpenSSL contexts as Lua userdata, session info
  *   dns.c              c-ares resolver on the libev loop
  *   http.c             libcurl multi interface on the libev loop (HTTP client)
+ *   redis.c            hiredis's async API on the libev loop (Redis client)
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   gzip.c             gzip compression over zlib
@@ -61,6 +62,7 @@ enum ls_counter {
     LS_COUNT_WATCHERS,
     LS_COUNT_DNS_QUERIES,
     LS_COUNT_HTTP_REQUESTS,
+    LS_COUNT_REDIS_REQUESTS,
     LS_COUNT_MAX
 };
 extern long ls_live[LS_COUNT_MAX];
@@ -186,6 +188,9 @@ int ls_open_dns(lua_State *L); /* adds dns functions to the table on top */
 
 /* http.c: libcurl's multi interface: http_request{...} */
 int ls_open_http(lua_State *L);
+
+/* redis.c: hiredis's async API: redis_connect{...} */
+int ls_open_redis(lua_State *L);
 
 /* gzip.c: gzip/gunzip over zlib */
 int ls_open_gzip(lua_State *L);
