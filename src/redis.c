@@ -50,6 +50,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <math.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -768,10 +769,25 @@ static int l_command(lua_State *L)
     size_t total = 0;
     for (int i = 2; i <= argc + 1; i++) {
         int t = lua_type(L, i);
-        if (t != LUA_TSTRING && t != LUA_TNUMBER)
+        if (t == LUA_TNUMBER) {
+            /* Numbers as Redis reads them: integral floats as integers
+             * (INCRBY refuses "1.0"), others with every digit. */
+            lua_Number n = lua_tonumber(L, i);
+            if (lua_isinteger(L, i))
+                lua_pushfstring(L, "%I", (LUAI_UACINT)lua_tointeger(L, i));
+            else if (n >= -9.0e15 && n <= 9.0e15 && n == floor(n))
+                lua_pushfstring(L, "%I", (LUAI_UACINT)(lua_Integer)n);
+            else {
+                char num[64];
+                snprintf(num, sizeof num, "%.17g", (double)n);
+                lua_pushstring(L, num);
+            }
+            lua_replace(L, i);
+        } else if (t != LUA_TSTRING) {
             luaL_argerror(L, i, "string or number expected");
+        }
         size_t len;
-        lua_tolstring(L, i, &len); /* numbers become strings in place */
+        lua_tolstring(L, i, &len);
         total += len;
     }
     size_t nlen;

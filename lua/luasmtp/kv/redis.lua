@@ -1,0 +1,253 @@
+--- The luasmtp.kv interface over Redis: slots, rates and values shared
+-- by every node that uses the same Redis (nodes behind a load balancer).
+--
+--   local kv = require "luasmtp.kv"
+--   local store = kv.redis{ host = "10.0.0.5", port = 6379, password = "...",
+--                           prefix = "luasmtp:", on_error = "open", timeout = 0.5 }
+--
+-- Every operation is one atomic step in Redis (a script or a single
+-- command), timed by Redis's own clock (TIME inside the scripts), so the
+-- nodes' clocks do not need to agree:
+--   acquire/release  a sorted set per key: one member per lease (this
+--                    node's id and a counter), scored with its expiry.
+--                    The script drops expired members, counts and adds
+--                    in one step. The node refreshes its leases every
+--                    lease_ttl/3; a lease of a node that died (or lost
+--                    Redis) expires lease_ttl seconds after its last
+--                    refresh and its slot is free again.
+--   hit              a sliding window in two halves (as kv.memory): a
+--                    hash of per-half counters, checked and counted in
+--                    one script.
+--   incr             SET NX PX (the ttl starts with the key) and INCRBY
+--                    in one script.
+--   get/set/delete   GET, SET (PX for a ttl), DEL.
+-- Keys: prefix .. "s:" .. key (slots), "r:" (rates), "v:" (values).
+-- Failures (Redis down, timeout) are nil, err; on_error tells policies
+-- what to do then. Values come back as strings (a number set is read as
+-- its decimal string).
+local core = require "luasmtp.core"
+local redis = require "luasmtp.redis"
+
+local M = {}
+
+local store = {}
+store.__index = store
+
+local ACQUIRE = [[
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now + ttl, ARGV[2])
+if redis.call('PTTL', KEYS[1]) < ttl then redis.call('PEXPIRE', KEYS[1], ttl) end
+return 1
+]]
+
+-- KEYS: the keys of the leases, ARGV[1]: ttl, ARGV[i + 1]: lease of KEYS[i].
+-- A lease that has expired meanwhile is not brought back (ZADD XX).
+local REFRESH = [[
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local ttl = tonumber(ARGV[1])
+local n = 0
+for i, key in ipairs(KEYS) do
+  local score = redis.call('ZSCORE', key, ARGV[i + 1])
+  if score and tonumber(score) > now then
+    redis.call('ZADD', key, 'XX', now + ttl, ARGV[i + 1])
+    if redis.call('PTTL', key) < ttl then redis.call('PEXPIRE', key, ttl) end
+    n = n + 1
+  end
+end
+return n
+]]
+
+local HIT = [[
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local half = tonumber(ARGV[2]) / 2
+local slot = math.floor(now / half)
+local cur_f, prev_f = string.format('%d', slot), string.format('%d', slot - 1)
+local cur = tonumber(redis.call('HGET', KEYS[1], cur_f)) or 0
+local prev = tonumber(redis.call('HGET', KEYS[1], prev_f)) or 0
+local weight = 1 - (now / half - slot)
+if cur + prev * weight >= tonumber(ARGV[1]) then return 0 end
+redis.call('HINCRBY', KEYS[1], cur_f, 1)
+if cur == 0 then
+  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
+    if f ~= cur_f and f ~= prev_f then redis.call('HDEL', KEYS[1], f) end
+  end
+end
+redis.call('PEXPIRE', KEYS[1], math.ceil(half * 2000) + 1000)
+return 1
+]]
+
+local INCR = [[
+if ARGV[2] ~= '' then redis.call('SET', KEYS[1], 0, 'NX', 'PX', ARGV[2]) end
+local by = tonumber(ARGV[1])
+if by == math.floor(by) then return redis.call('INCRBY', KEYS[1], ARGV[1]) end
+return redis.call('INCRBYFLOAT', KEYS[1], ARGV[1])
+]]
+
+local function hex(s)
+  return (s:gsub(".", function(c) return ("%02x"):format(c:byte()) end))
+end
+
+local function script(text)
+  return { text = text, sha = hex(core.digest("sha1", text)) }
+end
+
+local SCRIPTS = {
+  acquire = script(ACQUIRE), refresh = script(REFRESH), hit = script(HIT), incr = script(INCR),
+}
+
+local function ms(seconds)
+  return math.max(1, math.ceil(seconds * 1000))
+end
+
+-- Run a script by its digest; load it with EVAL when this Redis has not
+-- seen it yet (after a restart, or on a new server).
+local function eval(self, s, keys, ...)
+  local r = self.client
+  local v, err, detail = r:command("EVALSHA", s.sha, #keys, table.unpack(keys), ...)
+  if v == nil and type(err) == "string" and err:find("^NOSCRIPT") then
+    v, err, detail = r:command("EVAL", s.text, #keys, table.unpack(keys), ...)
+  end
+  return v, err, detail
+end
+
+local function failed(err, detail)
+  return nil, detail and (err .. ": " .. detail) or err or "redis: failed"
+end
+
+function store:get(key)
+  local v, err, detail = self.client:command("GET", self.prefix .. "v:" .. key)
+  if v == nil and err then return failed(err, detail) end
+  return v
+end
+
+function store:set(key, value, ttl)
+  assert(type(value) == "string" or type(value) == "number", "kv: value must be a string or a number")
+  local v, err, detail
+  if ttl then
+    v, err, detail = self.client:command("SET", self.prefix .. "v:" .. key, value, "PX", ms(ttl))
+  else
+    v, err, detail = self.client:command("SET", self.prefix .. "v:" .. key, value)
+  end
+  if v == nil then return failed(err, detail) end
+  return true
+end
+
+function store:delete(key)
+  local v, err, detail = self.client:command("DEL", self.prefix .. "v:" .. key)
+  if v == nil then return failed(err, detail) end
+  return true
+end
+
+function store:incr(key, by, ttl)
+  by = by or 1
+  local v, err, detail = eval(self, SCRIPTS.incr, { self.prefix .. "v:" .. key }, by, ttl and ms(ttl) or "")
+  if v == nil then return failed(err, detail) end
+  return tonumber(v)
+end
+
+function store:hit(key, limit, window)
+  local v, err, detail = eval(self, SCRIPTS.hit, { self.prefix .. "r:" .. key }, limit, window)
+  if v == nil then return failed(err, detail) end
+  return v == 1
+end
+
+-- Leases held by this node: refreshed by one task while there are any.
+local function refresher(self)
+  while self.nleases > 0 do
+    self.wake:wait(self.lease_ttl / 3)
+    if self.nleases == 0 then break end
+    local keys, members = {}, {}
+    for lease, key in pairs(self.leases) do
+      keys[#keys + 1] = key
+      members[#members + 1] = lease
+    end
+    -- a bounded number of keys per script call
+    for first = 1, #keys, 200 do
+      local last = math.min(first + 199, #keys)
+      local ok, err, detail = eval(self, SCRIPTS.refresh, table.move(keys, first, last, 1, {}),
+        ms(self.lease_ttl), table.unpack(members, first, last))
+      if ok == nil and self.log then self.log("warning", "kv.redis: refreshing leases: %s", tostring(detail or err)) end
+    end
+  end
+  self.refreshing = false
+end
+
+function store:acquire(key, limit)
+  self.seq = self.seq + 1
+  local lease = self.node .. ":" .. self.seq
+  local rkey = self.prefix .. "s:" .. key
+  local v, err, detail = eval(self, SCRIPTS.acquire, { rkey }, limit, lease, ms(self.lease_ttl))
+  if v == nil then return failed(err, detail) end
+  if v ~= 1 then return false end
+  self.leases[lease] = rkey
+  self.nleases = self.nleases + 1
+  if not self.refreshing then
+    self.refreshing = true
+    core.spawn(refresher, self)
+  end
+  return lease
+end
+
+function store:release(key, lease)
+  local rkey = self.leases[lease]
+  if rkey then
+    self.leases[lease] = nil
+    self.nleases = self.nleases - 1
+    if self.nleases == 0 then self.wake:signal() end
+  end
+  local v, err, detail = self.client:command("ZREM", rkey or (self.prefix .. "s:" .. key), lease)
+  if v == nil then return failed(err, detail) end
+  return true
+end
+
+--- Close the connection; the leases still held expire in Redis.
+function store:close()
+  self.leases, self.nleases = {}, 0
+  self.wake:signal()
+  self.client:close()
+end
+
+--- kv.redis{ host =, port =, path =, username =, password =, db =, timeout =,
+--            prefix = "luasmtp:", on_error = "open", lease_ttl = 30, log = fn }
+-- or kv.redis{ client = <luasmtp.redis client>, ... } -> store | nil, err
+-- The connection options are those of luasmtp.redis.connect; timeout
+-- (default 1 s) bounds every operation.
+function M.new(opts)
+  opts = opts or {}
+  local on_error = opts.on_error or "open"
+  assert(on_error == "open" or on_error == "closed", "kv.redis: on_error must be \"open\" or \"closed\"")
+  local lease_ttl = opts.lease_ttl or 30
+  assert(type(lease_ttl) == "number" and lease_ttl >= 0.3, "kv.redis: lease_ttl must be seconds >= 0.3")
+  local client = opts.client
+  if not client then
+    local copts = {}
+    for _, k in ipairs { "host", "port", "path", "username", "password", "db", "timeout", "connect_timeout",
+                         "backoff_min", "backoff_max", "max_reply", "max_pending", "tls" } do
+      copts[k] = opts[k]
+    end
+    local err, detail
+    client, err, detail = redis.connect(copts)
+    if not client then return failed(err, detail) end
+  end
+  return setmetatable({
+    client = client,
+    prefix = opts.prefix or "luasmtp:",
+    on_error = on_error,
+    lease_ttl = lease_ttl,
+    log = opts.log,
+    node = hex(core.random(8)),
+    seq = 0,
+    leases = {}, nleases = 0,
+    wake = core.cond(),
+    refreshing = false,
+    kind = "redis",
+  }, store)
+end
+
+return M
