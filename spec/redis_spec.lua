@@ -417,8 +417,10 @@ describe("kv.redis", function()
       assert.truthy(b:acquire("ip", 2))
       assert.is_false(a:acquire("ip", 2))
       assert.is_false(b:acquire("ip", 2))
+      for i = 1, 5 do assert.truthy(a:acquire("other" .. i, 1)) end -- several keys per refresh
       luasmtp.sleep(1.5) -- more than two lease lifetimes: refreshed meanwhile
       assert.is_false(b:acquire("ip", 2))
+      for i = 1, 5 do assert.is_false(b:acquire("other" .. i, 1)) end
       a:close() -- node a dies without releasing
       local deadline = luasmtp.update_now() + 5
       local lease

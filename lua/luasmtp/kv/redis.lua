@@ -109,9 +109,12 @@ end
 -- seen it yet (after a restart, or on a new server).
 local function eval(self, s, keys, ...)
   local r = self.client
-  local v, err, detail = r:command("EVALSHA", s.sha, #keys, table.unpack(keys), ...)
+  local args = table.move(keys, 1, #keys, 4, { "EVALSHA", s.sha, #keys })
+  table.move({ ... }, 1, select("#", ...), #args + 1, args)
+  local v, err, detail = r:command(table.unpack(args))
   if v == nil and type(err) == "string" and err:find("^NOSCRIPT") then
-    v, err, detail = r:command("EVAL", s.text, #keys, table.unpack(keys), ...)
+    args[1], args[2] = "EVAL", s.text
+    v, err, detail = r:command(table.unpack(args))
   end
   return v, err, detail
 end
