@@ -15,9 +15,9 @@
 --                    lease_ttl/3; a lease of a node that died (or lost
 --                    Redis) expires lease_ttl seconds after its last
 --                    refresh and its slot is free again.
---   hit              a sliding window in two halves (as kv.memory): a
---                    hash of per-half counters, checked and counted in
---                    one script.
+--   hit              an exact sliding window: a sorted set of the events
+--                    in the window (at most limit per key), trimmed,
+--                    checked and counted in one script.
 --   incr             SET NX PX (the ttl starts with the key) and INCRBY
 --                    in one script.
 --   get/set/delete   GET, SET (PX for a ttl), DEL.
@@ -62,23 +62,17 @@ end
 return n
 ]]
 
+-- An exact sliding log: one member per counted event, scored with its
+-- time (microseconds); the script drops what left the window, counts
+-- and adds in one step. At most `limit` members per key.
 local HIT = [[
 local t = redis.call('TIME')
-local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
-local half = tonumber(ARGV[2]) / 2
-local slot = math.floor(now / half)
-local cur_f, prev_f = string.format('%d', slot), string.format('%d', slot - 1)
-local cur = tonumber(redis.call('HGET', KEYS[1], cur_f)) or 0
-local prev = tonumber(redis.call('HGET', KEYS[1], prev_f)) or 0
-local weight = 1 - (now / half - slot)
-if cur + prev * weight >= tonumber(ARGV[1]) then return 0 end
-redis.call('HINCRBY', KEYS[1], cur_f, 1)
-if cur == 0 then
-  for _, f in ipairs(redis.call('HKEYS', KEYS[1])) do
-    if f ~= cur_f and f ~= prev_f then redis.call('HDEL', KEYS[1], f) end
-  end
-end
-redis.call('PEXPIRE', KEYS[1], math.ceil(half * 2000) + 1000)
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local window = math.ceil(tonumber(ARGV[2]) * 1000000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now - window)
+if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
+redis.call('ZADD', KEYS[1], now, ARGV[3])
+redis.call('PEXPIRE', KEYS[1], math.ceil(window / 1000) + 1000)
 return 1
 ]]
 
@@ -155,7 +149,9 @@ function store:incr(key, by, ttl)
 end
 
 function store:hit(key, limit, window)
-  local v, err, detail = eval(self, SCRIPTS.hit, { self.prefix .. "r:" .. key }, limit, window)
+  self.seq = self.seq + 1
+  local v, err, detail = eval(self, SCRIPTS.hit, { self.prefix .. "r:" .. key }, limit, window,
+    self.node .. ":" .. self.seq)
   if v == nil then return failed(err, detail) end
   return v == 1
 end
