@@ -201,6 +201,38 @@ describe("luasmtp.redis", function()
     H.assert_no_leaks()
   end)
 
+  it("gives up connecting after connect_timeout", function()
+    H.need("python3")
+    H.run(function()
+      -- a listener whose accept queue is full: connecting hangs
+      local dir = H.tmpdir("backlog")
+      H.writefile(dir .. "/full.py", [[
+import socket, sys, time
+l = socket.socket(); l.bind(("127.0.0.1", 0)); l.listen(0)
+port = l.getsockname()[1]
+held = []
+for _ in range(4):
+    c = socket.socket(); c.setblocking(False)
+    try: c.connect(("127.0.0.1", port))
+    except BlockingIOError: pass
+    held.append(c)
+print(port, flush=True)
+time.sleep(30)
+]])
+      local pid, port = H.start_server(H.python3 .. " " .. H.shquote(dir .. "/full.py"), "redis_backlog")
+      local r = redis.connect { host = "127.0.0.1", port = port, timeout = 20, connect_timeout = 0.3,
+                                backoff_min = 5 }
+      local v, err, detail = r:command("PING") -- waits for the connection, which never comes
+      assert.is_nil(v)
+      assert.equal("timeout", err)
+      assert.matches("connect timed out", detail, 1, true)
+      r:close()
+      H.kill(pid)
+      H.wait_pid(pid)
+    end, 30)
+    H.assert_no_leaks()
+  end)
+
   it("times out a command that Redis runs too long, then reconnects", function()
     H.run(function()
       local rs = start_redis()
