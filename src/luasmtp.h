@@ -14,6 +14,7 @@
  *   dns.c              c-ares resolver on the libev loop
  *   http.c             libcurl multi interface on the libev loop (HTTP client)
  *   redis.c            hiredis's async API on the libev loop (Redis client)
+ *   opts.c             fields of the options tables the bindings take
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   gzip.c             gzip compression over zlib
@@ -188,6 +189,15 @@ int ls_open_dns(lua_State *L); /* adds dns functions to the table on top */
 
 /* http.c: libcurl's multi interface: http_request{...} */
 int ls_open_http(lua_State *L);
+
+/* opts.c: fields of the options table at idx; each raises "who: name
+ * must be ..." on a bad value, and returns def (NULL) when absent. A
+ * string stays valid while the table holds it.              [-0, +0, v] */
+const char *ls_opt_string(lua_State *L, int idx, const char *who, const char *name, size_t max);
+double ls_opt_seconds(lua_State *L, int idx, const char *who, const char *name, double def,
+                      double max);
+lua_Integer ls_opt_integer(lua_State *L, int idx, const char *who, const char *name,
+                           lua_Integer def, lua_Integer min, lua_Integer max);
 
 /* redis.c: hiredis's async API: redis_connect{...} */
 int ls_open_redis(lua_State *L);

@@ -65,6 +65,7 @@
 #include "luasmtp.h"
 
 #define REDIS_MT "luasmtp.redis"
+#define WHO "redis.connect" /* in messages about options */
 
 #define DEFAULT_TIMEOUT 1.0
 #define MAX_TIMEOUT 3600.0
@@ -853,48 +854,8 @@ static int l_command(lua_State *L)
 /* ------------------------------------------------------------------ */
 /* Options */
 
-static const char *opt_string(lua_State *L, const char *name, size_t max)
-{
-    const char *s = NULL;
-    if (lua_getfield(L, 1, name) != LUA_TNIL) {
-        size_t len;
-        if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "redis.connect: %s must be a string", name);
-        s = lua_tolstring(L, -1, &len);
-        if (strlen(s) != len || len == 0 || len > max)
-            luaL_error(L, "redis.connect: %s must be a non-empty string of at most %d bytes "
-                          "without zero bytes", name, (int)max);
-    }
-    lua_pop(L, 1); /* stays alive: a field of opts */
-    return s;
-}
 
-static double opt_seconds(lua_State *L, const char *name, double def)
-{
-    double v = def;
-    if (lua_getfield(L, 1, name) != LUA_TNIL) {
-        int ok;
-        v = lua_tonumberx(L, -1, &ok);
-        if (!ok || !(v > 0) || v > MAX_TIMEOUT)
-            luaL_error(L, "redis.connect: %s must be seconds in (0, %d]", name, (int)MAX_TIMEOUT);
-    }
-    lua_pop(L, 1);
-    return v;
-}
 
-static lua_Integer opt_integer(lua_State *L, const char *name, lua_Integer def, lua_Integer min,
-                               lua_Integer max)
-{
-    lua_Integer v = def;
-    if (lua_getfield(L, 1, name) != LUA_TNIL) {
-        int ok;
-        v = lua_tointegerx(L, -1, &ok);
-        if (!ok || v < min || v > max)
-            luaL_error(L, "redis.connect: %s must be an integer in [%I, %I]", name, min, max);
-    }
-    lua_pop(L, 1);
-    return v;
-}
 
 static char *dup_secret(lua_State *L, const char *s)
 {
@@ -930,10 +891,10 @@ static int l_redis_connect(lua_State *L)
         luaL_error(L, "redis.connect: tls is not supported (hiredis 0.14 has no TLS): use a "
                       "UNIX socket or loopback, or a TLS tunnel");
     lua_pop(L, 1);
-    const char *host = opt_string(L, "host", MAX_HOST);
-    const char *path = opt_string(L, "path", MAX_PATH);
-    const char *username = opt_string(L, "username", MAX_SECRET);
-    const char *password = opt_string(L, "password", MAX_SECRET);
+    const char *host = ls_opt_string(L, 1, WHO, "host", MAX_HOST);
+    const char *path = ls_opt_string(L, 1, WHO, "path", MAX_PATH);
+    const char *username = ls_opt_string(L, 1, WHO, "username", MAX_SECRET);
+    const char *password = ls_opt_string(L, 1, WHO, "password", MAX_SECRET);
     if (username != NULL && password == NULL)
         luaL_error(L, "redis.connect: username needs a password");
     if (host != NULL && path != NULL)
@@ -943,19 +904,22 @@ static int l_redis_connect(lua_State *L)
         if (inet_pton(AF_INET, host, a) != 1 && inet_pton(AF_INET6, host, a) != 1)
             luaL_error(L, "redis.connect: host must be a numeric address here (%s)", host);
     }
-    lua_Integer port = opt_integer(L, "port", 6379, 1, 65535);
-    lua_Integer db = opt_integer(L, "db", 0, 0, 1 << 20);
-    double timeout = opt_seconds(L, "timeout", DEFAULT_TIMEOUT);
-    double connect_timeout = opt_seconds(L, "connect_timeout", timeout);
-    double backoff_min = opt_seconds(L, "backoff_min", DEFAULT_BACKOFF_MIN);
-    double backoff_max = opt_seconds(L, "backoff_max", DEFAULT_BACKOFF_MAX);
+    lua_Integer port = ls_opt_integer(L, 1, WHO, "port", 6379, 1, 65535);
+    lua_Integer db = ls_opt_integer(L, 1, WHO, "db", 0, 0, 1 << 20);
+#define SECONDS(name, def) ls_opt_seconds(L, 1, WHO, name, def, MAX_TIMEOUT)
+#define BYTES(name, def) ls_opt_integer(L, 1, WHO, name, def, 64, (lua_Integer)1 << 32)
+    double timeout = SECONDS("timeout", DEFAULT_TIMEOUT);
+    double connect_timeout = SECONDS("connect_timeout", timeout);
+    double backoff_min = SECONDS("backoff_min", DEFAULT_BACKOFF_MIN);
+    double backoff_max = SECONDS("backoff_max", DEFAULT_BACKOFF_MAX);
     if (backoff_max < backoff_min)
         backoff_max = backoff_min;
-    lua_Integer max_reply =
-        opt_integer(L, "max_reply", DEFAULT_MAX_REPLY, 64, (lua_Integer)1 << 32);
-    lua_Integer max_command =
-        opt_integer(L, "max_command", DEFAULT_MAX_COMMAND, 64, (lua_Integer)1 << 32);
-    lua_Integer max_pending = opt_integer(L, "max_pending", DEFAULT_MAX_PENDING, 1, 1 << 24);
+    lua_Integer max_reply = BYTES("max_reply", DEFAULT_MAX_REPLY);
+    lua_Integer max_command = BYTES("max_command", DEFAULT_MAX_COMMAND);
+    lua_Integer max_pending = ls_opt_integer(L, 1, WHO, "max_pending", DEFAULT_MAX_PENDING, 1,
+                                             1 << 24);
+#undef SECONDS
+#undef BYTES
 
     ls_loop *loop = ls_getloop(L);
     pthread_once(&fns_once, fns_init);
