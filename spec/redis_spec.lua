@@ -321,6 +321,32 @@ time.sleep(30)
     H.assert_no_leaks()
   end)
 
+  it("frees waiting commands and the connection when the Lua state closes", function()
+    -- a child process: a task waits on a server that never answers when
+    -- the state closes (under the sanitizer build this checks the frees)
+    local l, port = H.listen()
+    local script = H.tmpdir("redis_exit") .. "/exit.lua"
+    H.writefile(script, string.format([[
+package.path = %q
+package.cpath = %q
+local luasmtp = require "luasmtp"
+local redis = require "luasmtp.redis"
+local r = redis.connect { host = "127.0.0.1", port = %d, timeout = 30 }
+for _ = 1, 3 do luasmtp.spawn(function() r:command("GET", "x") print("resumed") end) end
+for _ = 1, 20 do luasmtp.step(0.01) end
+print("pending " .. luasmtp.stats().redis_requests)
+os.exit(0, true)
+]], package.path, package.cpath, port))
+    -- the kernel completes the child's connection; nobody accepts it
+    local p = assert(io.popen("timeout 10 lua5.4 " .. H.shquote(script) .. " 2>&1"))
+    local out = p:read("a")
+    local ok, how, code = p:close()
+    l:close()
+    assert.equal("pending 3\n", out)
+    assert.same({ true, "exit", 0 }, { ok, how, code })
+    H.assert_no_leaks()
+  end)
+
   it("fails at once while Redis is down, without waiting for a timeout", function()
     H.run(function()
       local path = H.sockpath("redis-never.sock")

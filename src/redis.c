@@ -639,6 +639,9 @@ static rd_client *check_client(lua_State *L, int idx)
  * closes) every request left is freed: no task will resume for it. */
 static void client_destroy(rd_client *cl, int gc)
 {
+    if (gc) /* wake nobody: the loop may be gone already */
+        for (rd_req *req = cl->reqs; req != NULL; req = req->next)
+            req->task = NULL;
     if (!cl->closed) {
         cl->closed = 1;
         ls_weak_timer_stop(cl->loop, &cl->retry_timer);
