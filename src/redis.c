@@ -381,7 +381,7 @@ static void drop(rd_client *cl, const char *token, const char *why)
     if (cl->ac == NULL)
         return;
     set_fail(cl, token, "%s", why);
-    redisAsyncFree(cl->ac); /* cleanup_cb clears cl->ac */
+    redisAsyncFree(cl->ac); /* hook_cleanup clears cl->ac */
 }
 
 /* ------------------------------------------------------------------ */
