@@ -100,7 +100,16 @@ local function ms(seconds)
 end
 
 -- Run a script by its digest; load it with EVAL when this Redis has not
--- seen it yet (after a restart, or on a new server).
+-- seen it yet (after a restart, or on a new server). eval1: one key.
+local function eval1(self, s, key, ...)
+  local r = self.client
+  local v, err, detail = r:command("EVALSHA", s.sha, 1, key, ...)
+  if v == nil and type(err) == "string" and err:find("^NOSCRIPT") then
+    v, err, detail = r:command("EVAL", s.text, 1, key, ...)
+  end
+  return v, err, detail
+end
+
 local function eval(self, s, keys, ...)
   local r = self.client
   local args = table.move(keys, 1, #keys, 4, { "EVALSHA", s.sha, #keys })
@@ -143,14 +152,14 @@ end
 
 function store:incr(key, by, ttl)
   by = by or 1
-  local v, err, detail = eval(self, SCRIPTS.incr, { self.prefix .. "v:" .. key }, by, ttl and ms(ttl) or "")
+  local v, err, detail = eval1(self, SCRIPTS.incr, self.prefix .. "v:" .. key, by, ttl and ms(ttl) or "")
   if v == nil then return failed(err, detail) end
   return tonumber(v)
 end
 
 function store:hit(key, limit, window)
   self.seq = self.seq + 1
-  local v, err, detail = eval(self, SCRIPTS.hit, { self.prefix .. "r:" .. key }, limit, window,
+  local v, err, detail = eval1(self, SCRIPTS.hit, self.prefix .. "r:" .. key, limit, window,
     self.node .. ":" .. self.seq)
   if v == nil then return failed(err, detail) end
   return v == 1
@@ -181,7 +190,7 @@ function store:acquire(key, limit)
   self.seq = self.seq + 1
   local lease = self.node .. ":" .. self.seq
   local rkey = self.prefix .. "s:" .. key
-  local v, err, detail = eval(self, SCRIPTS.acquire, { rkey }, limit, lease, ms(self.lease_ttl))
+  local v, err, detail = eval1(self, SCRIPTS.acquire, rkey, limit, lease, ms(self.lease_ttl))
   if v == nil then return failed(err, detail) end
   if v ~= 1 then return false end
   self.leases[lease] = rkey
