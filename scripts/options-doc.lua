@@ -11,6 +11,8 @@ local schemas = {
   tlsrpt = function() return require("luasmtp.delivery.tlsrpt").schema end,
   mailauth = function() return require("luasmtp.mailauth.plugin").schema end,
   dkim_sign = function() return require("luasmtp.mailauth.sign").schema end,
+  redis = function() return require("luasmtp.redis").schema end,
+  kv_redis = function() return require("luasmtp.kv.redis").schema end,
 }
 
 local M = {}

@@ -137,7 +137,8 @@ end
 --- kv.redis{ host =, port =, prefix = "luasmtp:", on_error = "open", ... }
 -- -> store kept in Redis, shared by every node that uses it
 function M.redis(opts)
-  return require("luasmtp.kv.redis").new(opts)
+  local store, err = require("luasmtp.kv.redis").new(opts)
+  return store, err
 end
 
 return M

@@ -26,6 +26,7 @@
 -- what to do then. Values come back as strings (a number set is read as
 -- its decimal string).
 local core = require "luasmtp.core"
+local options = require "luasmtp.options"
 local redis = require "luasmtp.redis"
 
 local M = {}
@@ -221,33 +222,46 @@ function store:close()
   self.client:close()
 end
 
---- kv.redis{ host =, port =, path =, username =, password =, db =, timeout =,
---            prefix = "luasmtp:", on_error = "open", lease_ttl = 30, log = fn }
--- or kv.redis{ client = <luasmtp.redis client>, ... } -> store | nil, err
+-- The store's own options, then every option of redis.connect.
+local own = {
+  { "prefix", "string", "luasmtp:", "put before every key (slots under prefix .. \"s:\", rates \"r:\", "
+    .. "values \"v:\")" },
+  { "on_error", "string", "open", "\"open\" or \"closed\": what the limits plugin does when the store fails" },
+  { "lease_ttl", "number", 30, "seconds a slot stays taken without a refresh (refreshed every lease_ttl / 3)" },
+  { "log", "function", nil, "function(level, fmt, ...) for failed lease refreshes" },
+  { "client", "userdata", nil, "a luasmtp.redis client to use instead of connecting (the connection "
+    .. "options are then ignored)" },
+}
+local entries = {}
+for _, e in ipairs(own) do entries[#entries + 1] = e end
+for _, e in ipairs(redis.schema.entries) do
+  entries[#entries + 1] = { name = e.name, type = e.type, default = e.default, doc = e.doc }
+end
+M.schema = options.schema("kv.redis", entries)
+local connect_names = {}
+for _, e in ipairs(redis.schema.entries) do connect_names[#connect_names + 1] = e.name end
+
+--- kv.redis(opts) -> store | nil, err
 -- The connection options are those of luasmtp.redis.connect; timeout
--- (default 1 s) bounds every operation.
+-- (default 1 s) bounds every operation. Unknown options and wrong types
+-- raise.
 function M.new(opts)
-  opts = opts or {}
-  local on_error = opts.on_error or "open"
-  assert(on_error == "open" or on_error == "closed", "kv.redis: on_error must be \"open\" or \"closed\"")
-  local lease_ttl = opts.lease_ttl or 30
-  assert(type(lease_ttl) == "number" and lease_ttl >= 0.3, "kv.redis: lease_ttl must be seconds >= 0.3")
+  opts = M.schema:apply(opts, 3)
+  assert(opts.on_error == "open" or opts.on_error == "closed", "kv.redis: on_error must be \"open\" or \"closed\"")
+  assert(opts.lease_ttl >= 0.3, "kv.redis: lease_ttl must be seconds >= 0.3")
   local client = opts.client
   if not client then
     local copts = {}
-    for _, k in ipairs { "host", "port", "path", "username", "password", "db", "timeout", "connect_timeout",
-                         "backoff_min", "backoff_max", "max_reply", "max_pending", "tls" } do
-      copts[k] = opts[k]
-    end
+    for _, k in ipairs(connect_names) do copts[k] = opts[k] end
     local err, detail
     client, err, detail = redis.connect(copts)
     if not client then return failed(err, detail) end
   end
   return setmetatable({
     client = client,
-    prefix = opts.prefix or "luasmtp:",
-    on_error = on_error,
-    lease_ttl = lease_ttl,
+    prefix = opts.prefix,
+    on_error = opts.on_error,
+    lease_ttl = opts.lease_ttl,
     log = opts.log,
     node = hex(core.random(8)),
     seq = 0,
