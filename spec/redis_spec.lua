@@ -173,6 +173,54 @@ describe("luasmtp.redis", function()
     H.assert_no_leaks()
   end)
 
+  -- A fake Redis that reads `lines` request lines, then sends `answer`.
+  local function fake_redis(lines, answer)
+    local l, port = H.listen()
+    local task = luasmtp.spawn(function()
+      local s = l:accept(10)
+      if not s then return end
+      for _ = 1, lines do
+        if not s:receiveline(1000, 10) then break end
+      end
+      s:send(answer)
+      s:receive(1, 10) -- until the client drops the connection
+      s:close()
+    end)
+    return port, function()
+      task:join(20)
+      l:close()
+    end
+  end
+
+  it("survives hostile servers: out-of-turn replies, huge headers, endless bulks, garbage", function()
+    H.run(function()
+      -- PING (the set-up: 3 lines) and GET k (5 lines)
+      local cases = {
+        { "+PONG\r\n$1\r\nv\r\n+SURPRISE\r\n", "v", "protocol" },
+        { "+PONG\r\n*2000000000\r\n", nil, "limit" },
+        { "+PONG\r\n$1000000000\r\n" .. ("x"):rep(300000), nil, "limit" },
+        { "+PONG\r\n?what\r\n", nil, "protocol" },
+      }
+      for _, case in ipairs(cases) do
+        local port, done = fake_redis(8, case[1])
+        local r = redis.connect { host = "127.0.0.1", port = port, timeout = 5, backoff_min = 30,
+                                  max_reply = 65536 }
+        local v, err = r:command("GET", "k")
+        if case[2] then
+          assert.equal(case[2], v)
+          luasmtp.sleep(0.1)
+          v, err = r:command("GET", "k") -- the connection was dropped after the surprise
+        end
+        assert.is_nil(v)
+        assert.equal(case[3], err)
+        assert.is_false(r:status().connected)
+        r:close()
+        done()
+      end
+    end, 60)
+    H.assert_no_leaks()
+  end)
+
   it("times out a command against a server that never answers, and never hangs", function()
     H.run(function()
       local l, port = H.listen()

@@ -460,6 +460,8 @@ static void hook_del_write(void *data)
 static void hook_cleanup(void *data)
 {
     rd_client *cl = data;
+    if (cl->ac != NULL) /* why, when no command was waiting to hear it */
+        fail_from_context(cl, cl->ac);
     ls_weak_io_stop(cl->loop, &cl->rio);
     ls_weak_io_stop(cl->loop, &cl->wio);
     ls_weak_timer_stop(cl->loop, &cl->connect_timer);
