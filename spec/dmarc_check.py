@@ -6,7 +6,7 @@ Usage:
   dmarc_check.py xml FILE    FILE is a report (RFC 7489 appendix C)
   dmarc_check.py gzip FILE   FILE is a gzipped report
   dmarc_check.py mail FILE   FILE is a report mail (section 7.2.1.1)
-Prints JSON: for a report {"root", "version", "metadata": {...},
+Prints JSON: for a report {"root", "order", "metadata": {...},
 "policy": {...}, "records": [{"row", "policy_evaluated", "identifiers",
 "dkim": [...], "spf": [...]}]}; for a mail {"headers", "content_type",
 "defects", "parts": [{"content_type", "filename", "defects"}], "report"}.
@@ -35,7 +35,6 @@ def read_report(data):
     meta = root.find("report_metadata")
     out = {
         "root": root.tag,
-        "version": root.findtext("version"),
         "order": [c.tag for c in root],
         "metadata": text_children(meta),
         "metadata_order": [c.tag for c in meta],

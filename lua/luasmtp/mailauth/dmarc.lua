@@ -431,7 +431,6 @@ function Recorder:report(domain, start, stop)
   local policy = entries[#entries]
   local w = writer()
   w.open("feedback")
-  w.el("version", "1.0")
   w.open("report_metadata")
   w.el("org_name", self.org_name)
   w.el("email", self.email)
@@ -599,7 +598,7 @@ function Recorder:send_due(now, opts)
       if dest.kind ~= "mailto" then
         return nil, "only mailto: report URIs are defined by RFC 7489"
       end
-      local ok, err, temporary = M.authorized(query, domain, dest.address:match("@(.+)$"):lower())
+      local ok, err, temporary = M.authorized(query, domain, normalize(dest.address:match("@(.+)$")))
       if not ok then
         return nil, err, temporary
       end
