@@ -193,6 +193,19 @@ describe("dmarc reports", function()
     assert.equal("caf\u{E9}", dmarc.xml_text("caf\u{E9}"))
     assert.equal("caf" .. FFFD, dmarc.xml_text("caf\233"))
     assert.equal(FFFD, dmarc.xml_text("\u{FFFE}"))
+    -- a header_from as hostile as the rest, in a report read by Python
+    local rec = new(fresh_dir("dmarc_hostile"))
+    local record = assert(dmarc.parse_record("v=DMARC1; p=none; rua=mailto:a@example.test"))
+    local from = "a<b>&\"c'\r\n</header_from><x>]]>.test"
+    assert(rec:record({ record = record, from_domain = from, policy_domain = "example.test", disposition = "none" },
+      { source_ip = "192.0.2.1", time = D0, dkim = { { domain = from, selector = from, result = "fail" } },
+        spf = { domain = from, result = "none" }, envelope_from = from }))
+    local xml = assert(rec:report("example.test", D0, D0 + DAY))
+    local r = assert(python_check("xml", xml))
+    local want = "a<b>&\"c'" .. FFFD .. FFFD .. "</header_from><x>]]>.test"
+    assert.same({ envelope_from = want, header_from = want }, r.records[1].identifiers)
+    assert.same({ { domain = want, selector = want, result = "fail" } }, r.records[1].dkim)
+    assert.same({ { domain = want, scope = "mfrom", result = "none" } }, r.records[1].spf)
   end)
 
   it("read report URIs with their size limits", function()
