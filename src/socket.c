@@ -243,6 +243,12 @@ static void background_flush(ls_socket *s)
     int rc = write_some(s, &err);
     if (rc == LS_IO_OK) {
         wio_stop(s);
+        /* All sent and a task waits for input: the socket is idle, its
+         * output buffer goes until the next send. */
+        if (ls_waitref_busy(&s->reader)) {
+            ls_buf_shrink(&s->wbuf);
+            ls_tls_release_buffers(s->ssl);
+        }
         ls_wake_ref(s->loop, &s->writer, LS_WAKE_READY);
         return;
     }
@@ -506,6 +512,10 @@ static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext 
         return ls_pusherror(L, s->rerr, s->rerr_detail);
     }
     ls_task *t = ls_current(L, s->loop);
+    /* The socket waits for its peer, perhaps for long: its input buffer
+     * holds no more than what has arrived meanwhile. */
+    ls_buf_shrink(&s->rbuf);
+    ls_tls_release_buffers(s->ssl);
     int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ, s->rdeadline,
                     &s->reader, ctx, k);
     return after_read_wait(L, s, r, with_partial);

@@ -30,7 +30,7 @@ char *ls_buf_reserve(ls_buf *b, size_t need)
     }
     if (need > ((size_t)-1) / 2 - b->len)
         return NULL;
-    size_t ncap = b->cap ? b->cap : 4096;
+    size_t ncap = b->cap > 4096 ? b->cap : 4096;
     while (ncap - b->len < need)
         ncap *= 2;
     char *p = realloc(b->data, ncap);
@@ -68,6 +68,26 @@ void ls_buf_consume(ls_buf *b, size_t n)
     }
     b->off += n;
     b->len -= n;
+}
+
+void ls_buf_shrink(ls_buf *b)
+{
+    if (b->len == 0) {
+        free(b->data);
+        b->data = NULL;
+        b->off = 0;
+        b->cap = 0;
+        return;
+    }
+    if (b->cap - b->len < 1024)
+        return; /* little to gain */
+    memmove(b->data, b->data + b->off, b->len);
+    b->off = 0;
+    char *p = realloc(b->data, b->len);
+    if (p != NULL) { /* else the old, larger block stays: still valid */
+        b->data = p;
+        b->cap = b->len;
+    }
 }
 
 size_t ls_buf_find(const ls_buf *b, size_t from, const char *delim, size_t dlen)
