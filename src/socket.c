@@ -60,7 +60,7 @@ typedef struct ls_socket {
     int skipline;               /* discard input up to the next CRLF */
     int waitreply;              /* option: a read after queued output waits first */
     const char *rerr, *werr;    /* sticky error tokens */
-    char rerr_detail[256], werr_detail[256];
+    char *rerr_detail, *werr_detail; /* their details (malloc'd; NULL: none) */
     struct smtp_data_decoder dec; /* receivebody: one at a time (the reader slot) */
     double body_deadline;       /* receivebody: the whole body's, kept across steps */
     ev_io wio;                  /* background flush when no task writes */
@@ -217,10 +217,18 @@ static int write_some(ls_socket *s, ls_ioerr *err)
     return ls_io_drain(&t, &s->wbuf, err);
 }
 
+/* Record a sticky error: its token and a copy of its detail (kept off
+ * the socket struct, which every idle connection holds). */
+static void set_sticky(const char **token, char **detail, const ls_ioerr *err)
+{
+    *token = err->token;
+    free(*detail);
+    *detail = strdup(err->detail); /* NULL (out of memory): no detail */
+}
+
 static void set_werr(ls_socket *s, const ls_ioerr *err)
 {
-    s->werr = err->token;
-    snprintf(s->werr_detail, sizeof s->werr_detail, "%s", err->detail);
+    set_sticky(&s->werr, &s->werr_detail, err);
 }
 
 static void wio_stop(ls_socket *s)
@@ -330,6 +338,9 @@ static void socket_destroy(ls_socket *s)
     s->fd = -1;
     ls_buf_free(&s->rbuf);
     ls_buf_free(&s->wbuf);
+    free(s->rerr_detail);
+    free(s->werr_detail);
+    s->rerr_detail = s->werr_detail = NULL;
     ls_live[LS_COUNT_SOCKETS]--;
     ls_wake_ref(s->loop, &s->reader, LS_WAKE_CLOSED);
     ls_wake_ref(s->loop, &s->writer, LS_WAKE_CLOSED);
@@ -492,7 +503,7 @@ static int after_read_wait(lua_State *L, ls_socket *s, int r, int with_partial)
 static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext ctx, lua_KFunction k)
 {
     if (s->rerr)
-        return ls_pusherror(L, s->rerr, s->rerr_detail);
+        return ls_pusherror(L, s->rerr, s->rerr_detail ? s->rerr_detail : "");
     if (s->eof)
         return with_partial ? push_partial_error(L, s, LS_ECLOSED) : ls_pusherror(L, LS_ECLOSED, NULL);
     ls_ioerr err = {0};
@@ -507,9 +518,8 @@ static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext 
         return 0;
     }
     if (rc == LS_IO_ERROR) {
-        s->rerr = err.token;
-        snprintf(s->rerr_detail, sizeof s->rerr_detail, "%s", err.detail);
-        return ls_pusherror(L, s->rerr, s->rerr_detail);
+        set_sticky(&s->rerr, &s->rerr_detail, &err);
+        return ls_pusherror(L, s->rerr, err.detail);
     }
     ls_task *t = ls_current(L, s->loop);
     /* The socket waits for its peer, perhaps for long: its input buffer
@@ -852,7 +862,7 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
     }
     for (;;) {
         if (s->werr)
-            return ls_pusherror(L, s->werr, s->werr_detail);
+            return ls_pusherror(L, s->werr, s->werr_detail ? s->werr_detail : "");
         ls_ioerr err = {0};
         int rc = write_some(s, &err);
         if (rc == LS_IO_ERROR) {
@@ -907,7 +917,7 @@ static int l_send(lua_State *L)
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->werr)
-        return ls_pusherror(L, s->werr, s->werr_detail);
+        return ls_pusherror(L, s->werr, s->werr_detail ? s->werr_detail : "");
     if (s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: the TLS handshake is in progress");
     if (s->wbuf.len + len <= s->sndlimit || s->wbuf.len == 0) {
