@@ -1047,7 +1047,7 @@ static int l_stats(lua_State *L)
         "tasks", "sockets", "listeners", "tls_contexts", "tls_sessions", "watchers", "dns_queries",
         "http_requests",
     };
-    lua_createtable(L, 0, LS_COUNT_MAX + 1);
+    lua_createtable(L, 0, LS_COUNT_MAX + 3);
     long total = 0;
     ls_live[LS_COUNT_TLS_SESSIONS] = ls_tls_live_sessions; /* lib/tls_transport.c */
     for (int i = 0; i < LS_COUNT_MAX; i++) {
@@ -1057,6 +1057,11 @@ static int l_stats(lua_State *L)
     }
     lua_pushinteger(L, total);
     lua_setfield(L, -2, "total");
+    /* Memory, in bytes (not part of the total of live objects). */
+    lua_pushinteger(L, (lua_Integer)ls_socket_buffer_bytes);
+    lua_setfield(L, -2, "buffer_bytes");
+    lua_pushinteger(L, (lua_Integer)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + lua_gc(L, LUA_GCCOUNTB, 0));
+    lua_setfield(L, -2, "lua_heap");
     return 1;
 }
 

@@ -224,5 +224,7 @@ int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top 
 
 /* socket.c */
 int ls_open_socket(lua_State *L); /* adds socket functions to the table on top */
+/* Bytes allocated for the input and output buffers of all sockets. */
+extern size_t ls_socket_buffer_bytes;
 
 #endif

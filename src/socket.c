@@ -68,6 +68,8 @@ typedef struct ls_socket {
     ls_flushable fl;
 } ls_socket;
 
+size_t ls_socket_buffer_bytes;
+
 #define UNIX_PATH_MAX (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
 
 typedef struct ls_listener {
@@ -308,6 +310,8 @@ static ls_socket *new_socket(lua_State *L, ls_loop *loop)
     s->sndlimit = DEFAULT_SNDLIMIT;
     ev_init(&s->wio, wio_cb);
     s->fl.flush = fl_cb;
+    ls_buf_account(&s->rbuf, &ls_socket_buffer_bytes);
+    ls_buf_account(&s->wbuf, &ls_socket_buffer_bytes);
     return s;
 }
 
@@ -523,8 +527,11 @@ static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext 
     }
     ls_task *t = ls_current(L, s->loop);
     /* The socket waits for its peer, perhaps for long: its input buffer
-     * holds no more than what has arrived meanwhile. */
+     * holds no more than what has arrived meanwhile, an empty output
+     * buffer goes (one with data stays as it is until it is sent). */
     ls_buf_shrink(&s->rbuf);
+    if (s->wbuf.len == 0)
+        ls_buf_shrink(&s->wbuf);
     ls_tls_release_buffers(s->ssl);
     int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ, s->rdeadline,
                     &s->reader, ctx, k);

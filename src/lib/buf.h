@@ -11,9 +11,13 @@ typedef struct ls_buf {
     size_t off; /* first unread byte */
     size_t len; /* bytes after off */
     size_t cap; /* allocated size */
+    size_t *account; /* when set: the allocated size is added here */
 } ls_buf;
 
 void ls_buf_init(ls_buf *b);
+/* Count the buffer's allocation in *account (a total shared by several
+ * buffers) from now on; the buffer must be empty and unallocated. */
+void ls_buf_account(ls_buf *b, size_t *account);
 void ls_buf_free(ls_buf *b);
 /* Make room for at least `need` more bytes after the data; returns a
  * pointer to the free space or NULL on allocation failure. */
