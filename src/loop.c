@@ -44,6 +44,7 @@ struct ls_task {
     long id;
     int ref;         /* registry anchor of the task userdata while alive */
     ev_io io;
+    unsigned long io_closes; /* loop->fd_closes when io was last set */
     ev_timer timer;
     ls_cond *cond;   /* condition waited on, if any */
     ls_task *cnext, *cprev;
@@ -64,6 +65,7 @@ struct ls_loop {
     rq_entry *rq;
     size_t rq_len, rq_cap;
     long ntasks;  /* tasks not yet finished */
+    unsigned long fd_closes; /* watched descriptors closed so far */
     long next_id;
     int in_handler;
     ev_prepare prepare;
@@ -286,6 +288,8 @@ void ls_weak_timer_fired(ls_loop *loop)
         ev_ref(loop->ev);
 }
 
+void ls_fd_closing(ls_loop *loop) { loop->fd_closes++; }
+
 /* ------------------------------------------------------------------ */
 /* Flush queue: run before the loop blocks. */
 
@@ -496,7 +500,18 @@ static void arm(ls_loop *loop, ls_task *t, int fd, int events, double deadline)
     t->result = LS_WAKE_NONE;
     t->state = T_WAITING;
     if (fd >= 0) {
-        ev_io_set(&t->io, fd, events);
+        /* The same fd and events as the task's last wait, and no watched
+         * fd closed since (so fd is still that file): start the watcher
+         * as it is. Stopped and started again within a pass, it leaves
+         * libev nothing to tell the kernel; ev_io_set would make libev
+         * add the fd to epoll again (an epoll_ctl failing with EEXIST on
+         * every wait). After a close the number may name a new file,
+         * which libev must register: then it is set afresh. */
+        if (t->io.fd != fd || (t->io.events & (EV_READ | EV_WRITE)) != events ||
+            t->io_closes != loop->fd_closes) {
+            ev_io_set(&t->io, fd, events);
+            t->io_closes = loop->fd_closes;
+        }
         ev_io_start(loop->ev, &t->io);
         ls_live[LS_COUNT_WATCHERS]++;
     }

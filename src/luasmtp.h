@@ -126,6 +126,10 @@ int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
  * pointing at the main pseudo-task. */
 int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitref *slot,
               lua_KContext ctx, lua_KFunction k, void (*abandon)(lua_KContext ctx));
+/* A descriptor that tasks may have waited on (a socket, a listener)
+ * is being closed: call before close(), so no task's watcher takes the
+ * number for the file it watched before. */
+void ls_fd_closing(ls_loop *loop);
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). For waits

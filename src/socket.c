@@ -338,6 +338,7 @@ static void socket_destroy(ls_socket *s)
         ls_tls_free(s->ssl);
         s->ssl = NULL;
     }
+    ls_fd_closing(s->loop);
     close(s->fd);
     s->fd = -1;
     ls_buf_free(&s->rbuf);
@@ -1438,6 +1439,7 @@ static void listener_destroy(ls_listener *l)
 {
     if (l->fd < 0)
         return;
+    ls_fd_closing(l->loop);
     close(l->fd);
     l->fd = -1;
     ls_live[LS_COUNT_LISTENERS]--;
