@@ -129,6 +129,10 @@ int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
  * pointing at the main pseudo-task. */
 int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitref *slot,
               lua_KContext ctx, lua_KFunction k, void (*abandon)(lua_KContext ctx));
+/* A descriptor that tasks may have waited on (a socket, a listener)
+ * is being closed: call before close(), so no task's watcher takes the
+ * number for the file it watched before. */
+void ls_fd_closing(ls_loop *loop);
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). For waits
@@ -239,5 +243,7 @@ int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top 
 
 /* socket.c */
 int ls_open_socket(lua_State *L); /* adds socket functions to the table on top */
+/* Bytes allocated for the input and output buffers of all sockets. */
+extern size_t ls_socket_buffer_bytes;
 
 #endif
