@@ -239,17 +239,15 @@ class Table:
         return "\n".join(lines) + "\n"
 
     def markdown(self):
-        out = ["| benchmark | vs | luasmtp | other | ratio | CPU µs/msg (luasmtp / other) | CPU ratio |",
-               "|---|---|---:|---:|---:|---:|---:|"]
+        out = ["| benchmark | vs | luasmtp | other | ratio | CPU µs/msg (luasmtp / other) | CPU ratio | note |",
+               "|---|---|---:|---:|---:|---:|---:|---|"]
         for what, vs, ours, theirs, ratio, cpu, note in self.rows:
             c, cr = "", ""
             if cpu:
                 c = "%s / %s" % (fmt_num(cpu[0], 1), fmt_num(cpu[1], 1))
                 cr = "%.2f" % (cpu[1] / cpu[0]) if cpu[0] > 0 else ""
             r = "" if ratio is None else "%.2f" % ratio
-            if note:
-                theirs = (theirs + " " if theirs else "") + "(" + note + ")"
-            out.append("| %s | %s | %s | %s | %s | %s | %s |" % (what, vs, ours, theirs, r, c, cr))
+            out.append("| %s | %s | %s | %s | %s | %s | %s | %s |" % (what, vs, ours, theirs, r, c, cr, note))
         return "\n".join(out) + "\n"
 
 
