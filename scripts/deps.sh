@@ -42,13 +42,13 @@ libopendkim-dev python3-spf python3-dnspython"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh),
 # GNU time (bench/client.sh)
 EXTRA="netcat-openbsd bc time"
-# make bench (bench/run.sh, bench/table.py): the peers smtp-sink and
-# smtp-source (postfix) and aiosmtpd, Python, openssl for the test
-# certificate, timeout (coreutils), bc and GNU time (bench/client.sh),
+# make bench (bench/run.sh, bench/table.py), a subset of the above: the
+# peers smtp-sink and smtp-source (postfix) and aiosmtpd, Python, openssl
+# for the test certificate, bc and GNU time (bench/client.sh), ps,
 # libopendkim and dkimpy (bench/dkim.sh). Node.js and npm for Haraka and
-# smtp-server come from deps.sh nodejs npm when node is missing (a newer
-# Node.js may already be installed from elsewhere).
-BENCH="postfix python3 python3-aiosmtpd openssl coreutils bc time procps libopendkim-dev python3-dkim"
+# smtp-server come from `deps.sh nodejs npm` when node is missing (a
+# newer Node.js may already be installed from elsewhere).
+BENCH="postfix python3 python3-aiosmtpd openssl bc time procps libopendkim-dev python3-dkim"
 
 PACKAGES="$BUILD $SUITE $PEERS $EXTRA"
 if [ "${1:-}" = "--bench" ]; then
