@@ -449,8 +449,9 @@ def serve_has_workers():
 
 
 def workers_sink(name, n):
-    return Server(name, ["lua5.4", "bin/luasmtp", "serve", "--workers", str(n), "examples/sink.lua",
-                         "--listen", "127.0.0.1:{port}"])
+    # the supervisor binds the address, the workers' server.new takes it
+    return Server(name, ["lua5.4", "bin/luasmtp", "serve", "--workers", str(n), "--listen", "127.0.0.1:{port}",
+                         "examples/sink.lua", "--listen", "127.0.0.1:{port}"])
 
 
 def workers_benchmark(table, logfile):
