@@ -154,20 +154,35 @@ class Server:
         return cpu_seconds(self.proc.pid)
 
     def stop(self):
+        """SIGTERM to the process group, SIGKILL to what is left of it
+        after 15 s."""
         if self.proc is None:
             return
-        if self.proc.poll() is None:
-            try:
-                os.killpg(self.proc.pid, signal.SIGTERM)
-                self.proc.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait(15)
-            except ProcessLookupError:
-                pass
+        kill_group(self.proc)
         if self in Server.running:
             Server.running.remove(self)
         self.proc = None
+
+
+def kill_group(proc):
+    """End the process group that PROC leads (started with
+    start_new_session), also what is left of it once PROC is gone."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            continue
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                return
+            time.sleep(0.05)
 
 
 def stop_all():
@@ -175,13 +190,24 @@ def stop_all():
         s.stop()
 
 
-def run(cmd, timeout, env=None):
-    """Run CMD, return its standard output; raise with its error output."""
-    r = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
-                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=timeout, text=True)
-    if r.returncode != 0:
-        raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd), r.returncode, r.stderr.strip()[-500:]))
-    return r.stdout
+def run(cmd, timeout, env=None, check=True):
+    """Run CMD in a process group of its own, so that a timeout or an
+    interruption ends it and whatever it started (bench/client.sh starts
+    an smtp-sink). Returns its standard output; raises with its error
+    output if it fails. check=False: returns (status, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=dict(os.environ, **(env or {})), stdin=subprocess.DEVNULL,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise RuntimeError("%s did not finish in %d s" % (" ".join(cmd), timeout))
+    finally:
+        kill_group(proc)
+    if not check:
+        return proc.returncode, out, err
+    if proc.returncode != 0:
+        raise RuntimeError("%s failed (%d): %s" % (" ".join(cmd), proc.returncode, err.strip()[-500:]))
+    return out
 
 
 def timed(cmd, timeout):
@@ -326,7 +352,7 @@ def peer_available(name):
         if not shutil.which(cmd):
             return "%s not installed" % cmd
     if name == "aiosmtpd":
-        if subprocess.run([PYTHON, "-c", "import aiosmtpd"], stderr=subprocess.DEVNULL).returncode:
+        if subprocess.run([PYTHON, "-c", "import aiosmtpd"], stderr=subprocess.DEVNULL, timeout=60).returncode:
             return "python3-aiosmtpd not installed"
     if name == "Haraka" and not os.path.isdir(os.path.join(node_modules(), "Haraka")):
         return "npm package Haraka not installed (bench/run.sh installs it)"
@@ -524,11 +550,10 @@ def client_benchmark(table):
 def memory_benchmark(table):
     """bench/memory.py: peak RSS growth while receiving 100 MB bodies."""
     log("memory: python3 bench/memory.py")
-    r = subprocess.run([PYTHON, "bench/memory.py"], cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, timeout=900, text=True)
-    log(r.stdout.rstrip())
+    _, out, err = run([PYTHON, "bench/memory.py"], 900, check=False)  # status 1: a target missed
+    log(out.rstrip())
     found = False
-    for line in r.stdout.splitlines():
+    for line in out.splitlines():
         m = re.match(r"(100 MB message by (?:DATA|BDAT)).*?\s([\d.]+) MB\s+([\d.]+) MB", line)
         if m:
             found = True
@@ -536,7 +561,7 @@ def memory_benchmark(table):
             table.add("peak RSS growth, one %s" % m.group(1), "target", "%.1f MB" % grown, "%.1f MB" % target,
                       target / grown if grown > 0 else None)
     if not found:
-        raise RuntimeError("bench/memory.py: %s" % (r.stderr.strip()[-300:] or "no result"))
+        raise RuntimeError("bench/memory.py: %s" % (err.strip()[-300:] or "no result"))
 
 
 def idle_memory_benchmark(table):
@@ -548,11 +573,10 @@ def idle_memory_benchmark(table):
         return
     args = ["--sessions", "500"] if QUICK else []
     log("idle sessions: python3 bench/idle_memory.py %s" % " ".join(args))
-    r = subprocess.run([PYTHON, script] + args, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                       stderr=subprocess.PIPE, timeout=900, text=True)
-    log(r.stdout.rstrip())
+    _, out, err = run([PYTHON, script] + args, 900, check=False)  # status 1: a target missed
+    log(out.rstrip())
     found = False
-    for line in r.stdout.splitlines():
+    for line in out.splitlines():
         # kind, sessions, RSS per session ... target, ok/OVER
         m = re.match(r"(plain|tls)\s+(\d+)\s+([\d.]+) B\b.*?\s(\d+) B\s+(?:ok|OVER)", line)
         if m:
@@ -561,7 +585,7 @@ def idle_memory_benchmark(table):
             table.add("%s, %s, %s sessions" % (label, m.group(1), m.group(2)), "target",
                       "%.1f KiB" % (per / 1024), "%.1f KiB" % (target / 1024), target / per if per > 0 else None)
     if not found:
-        raise RuntimeError("bench/idle_memory.py: %s" % (r.stderr.strip()[-300:] or "no result"))
+        raise RuntimeError("bench/idle_memory.py: %s" % (err.strip()[-300:] or "no result"))
 
 
 def echo_benchmark(table, logfile):
@@ -591,7 +615,7 @@ def echo_benchmark(table, logfile):
 
 def dkim_benchmark(table):
     if not os.path.exists("/usr/include/opendkim/dkim.h") or \
-            subprocess.run([PYTHON, "-c", "import dkim"], stderr=subprocess.DEVNULL).returncode:
+            subprocess.run([PYTHON, "-c", "import dkim"], stderr=subprocess.DEVNULL, timeout=60).returncode:
         table.add("DKIM", "", "", "", None, note="not available: libopendkim-dev or python3-dkim not installed")
         return
     env = {"COUNT": "1000", "PY_COUNT": "30"} if QUICK else {}
