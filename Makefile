@@ -12,7 +12,8 @@
 #   make test-fresh   the suite on a fresh minimal Debian 12 root, as root
 #                     (scripts/test-fresh.sh: mmdebstrap, chroot)
 #   make run          start the development server
-#   make bench        run the benchmarks (bench/run.sh)
+#   make bench        install what they need, run the benchmarks (bench/run.sh,
+#                     BENCHMARKS.md)
 #   make install      install module, Lua files and bin/luasmtp
 #   make clean
 
@@ -185,9 +186,10 @@ test-fresh:
 run: all
 	lua5.4 bin/luasmtp serve examples/dev-server.lua $(or $(VAR),var)
 
-bench: all
-	@if [ -f bench/run.sh ]; then sh bench/run.sh; \
-	else echo "make bench: bench/run.sh does not exist yet"; fi
+# bench/run.sh installs the Debian packages first (a fresh machine has no
+# compiler), builds, installs the npm packages and runs bench/table.py.
+bench:
+	@sh bench/run.sh
 
 install: all
 	install -d $(DESTDIR)$(INST_LIBDIR)/luasmtp

@@ -1,9 +1,10 @@
 #!/bin/sh
 # Install the Debian packages needed to build and test luasmtp.
 #
-# Usage: scripts/deps.sh [PACKAGE...]
-#   Without arguments: everything in PACKAGES below. With arguments: just
-#   those (make test-fresh asks for its own tools this way).
+# Usage: scripts/deps.sh [--bench | PACKAGE...]
+#   Without arguments: everything in PACKAGES below. --bench: what the
+#   build and `make bench` need (BUILD and BENCH below). With package
+#   names: just those (make test-fresh asks for its own tools this way).
 #
 # As root on Debian/Ubuntu, installs whatever is missing with apt-get.
 # Otherwise lists what is missing and exits 1. Silent when nothing is
@@ -44,9 +45,20 @@ libopendkim-dev python3-spf python3-dnspython redis-server"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh),
 # GNU time (bench/client.sh)
 EXTRA="netcat-openbsd bc time"
+# make bench (bench/run.sh, bench/table.py), a subset of the above: the
+# peers smtp-sink and smtp-source (postfix) and aiosmtpd, Python, openssl
+# for the test certificate, bc and GNU time (bench/client.sh), ps,
+# libopendkim and dkimpy (bench/dkim.sh). Node.js and npm for Haraka and
+# smtp-server come from `deps.sh nodejs npm` when node is missing (a
+# newer Node.js may already be installed from elsewhere).
+BENCH="postfix python3 python3-aiosmtpd openssl bc time procps libopendkim-dev python3-dkim"
 
 PACKAGES="$BUILD $SUITE $PEERS $EXTRA"
-[ $# -gt 0 ] && PACKAGES="$*"
+if [ "${1:-}" = "--bench" ]; then
+  PACKAGES="$BUILD $BENCH"
+elif [ $# -gt 0 ]; then
+  PACKAGES="$*"
+fi
 
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then
