@@ -95,6 +95,14 @@ local function take_idle(self, s)
   end
 end
 
+-- Every server's and every key's state.
+local function each_set(self)
+  local sets = {}
+  for _, s in pairs(self.servers) do sets[#sets + 1] = s end
+  for _, s in pairs(self.kept) do sets[#sets + 1] = s end
+  return sets
+end
+
 -- The reaper: one task while any session is idle; it closes each
 -- session whose idle time has run out and ends when none is idle (or
 -- the pool is closed).
@@ -102,7 +110,7 @@ local function reap(self)
   while not self.closed do
     local now = core.update_now()
     local expired, next_due = {}, math.huge
-    for _, s in pairs(self.servers) do
+    for _, s in ipairs(each_set(self)) do
       local keep = {}
       for _, item in ipairs(s.idle) do
         if usable(self, item, now) then
@@ -270,14 +278,6 @@ function Pool:keep(key, conn)
   end
   park(self, s, conn, born)
   return true
-end
-
--- Every server's and every key's state.
-local function each_set(self)
-  local sets = {}
-  for _, s in pairs(self.servers) do sets[#sets + 1] = s end
-  for _, s in pairs(self.kept) do sets[#sets + 1] = s end
-  return sets
 end
 
 --- pool:stats() -> { idle =, busy = } over every server and key

@@ -91,9 +91,7 @@ local function collect(q, now)
       end
     elseif e.bounce and (e.inflight or 0) == 0 then
       q:bounce_now(e, now)
-    elseif not e.held and (e.inflight or 0) == 0 and looping(q, e, now) then
-      -- bounced: nothing to send
-    elseif not e.held then
+    elseif not e.held and not ((e.inflight or 0) == 0 and looping(q, e, now)) then
       local groups, order = {}, {}
       for i, r in ipairs(e.rcpt) do
         if r.state == "pending" and not r.inflight and (r.next_attempt <= now or e.flush) then
