@@ -123,7 +123,9 @@ describe("queue MX connection reuse", function()
       local q = open(fresh_dir("reuse"), { max_connections_per_destination = 1, max_messages_per_connection = 4,
         connection_idle_timeout = 0.5,
         route = function() return { kind = "mx", dns = dns, port = port, tls_policy = "encrypt" } end })
-      for n = 1, 6 do assert(q:enqueue { from = "a@sender.test", rcpt = { "u" .. n .. "@reuse.test" }, body = msg(n) }) end
+      for n = 1, 6 do
+        assert(q:enqueue { from = "a@sender.test", rcpt = { "u" .. n .. "@reuse.test" }, body = msg(n) })
+      end
       q:start()
       until_true(function() return #p.messages == 6 end, "6 messages")
       -- the idle session is closed (QUIT) while the queue runs on
