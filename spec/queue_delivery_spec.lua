@@ -109,7 +109,7 @@ describe("queue MX connection reuse", function()
     os.execute("mkdir -p " .. shquote(TMP))
     local port
     dns_pid, port = H.fake_dns("127.0.0.1", { "mx:reuse.test=10:mx.reuse.test", "mx:other.test=10:mx.reuse.test",
-      "mx.reuse.test=127.0.0.41" }, "queue_reuse", 120)
+      "mx.reuse.test=127.0.0.41", "mx:pf.test=10:mx.pf.test", "mx.pf.test=127.0.0.1" }, "queue_reuse", 120)
     assert(dns.configure { servers = { "127.0.0.1:" .. port }, timeout = 2, tries = 2 })
   end)
   lazy_teardown(function()
@@ -142,6 +142,36 @@ describe("queue MX connection reuse", function()
       until_true(function() return q:pending() == 0 end, "an empty queue")
       q:stop()
     end, 60)
+  end)
+
+  it("sends a domain's messages to Postfix's smtpd as its MX over one session", function()
+    local postfix = require "spec.postfix"
+    H.run(function()
+      local pf = postfix.start {}
+      local ok, err = pcall(function()
+        local q = open(fresh_dir("reuse-postfix"), { max_connections_per_destination = 1,
+          route = function() return { kind = "mx", dns = dns, port = pf.port, tls_policy = "may" } end })
+        for n = 1, 4 do
+          assert(q:enqueue { from = "a@sender.test", rcpt = { "r" .. n .. "@pf.test" }, body = msg(n) })
+        end
+        q:start()
+        until_true(function() return q:pending() == 0 end, "an empty queue")
+        q:stop() -- QUIT on the kept session
+        until_true(function() return pf:logtext():find("disconnect from", 1, true) end, "smtpd's disconnect line")
+        local log = pf:logtext()
+        -- smtpd's summary per session (the one without MAIL is the
+        -- start's port probe): one session, four transactions, QUIT
+        local sessions = {}
+        for summary in log:gmatch("disconnect from [^\n]*") do
+          if summary:find(" mail=", 1, true) then sessions[#sessions + 1] = summary end
+        end
+        assert.equal(1, #sessions, log)
+        assert.matches("ehlo=1 mail=4 rcpt=4 data=4 rset=3 quit=1", sessions[1], 1, true)
+        assert.equal(4, #pf:queue("hold"))
+      end)
+      pf:stop()
+      assert(ok, err)
+    end, 90)
   end)
 
   it("reuses a session only for the domain and the TLS policy it was verified for", function()
