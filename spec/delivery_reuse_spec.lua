@@ -47,10 +47,12 @@ describe("delivery over kept sessions", function()
       local r1 = send(port, pool, "a@kept.test").recipients[1]
       assert.is_true(r1.ok, trail_text(r1))
       assert.is_false(r1.reused)
+      assert.is_true(r1.dsn) -- the fake server advertises DSN: the queue sends no "relayed" notice
       assert.equal(1, pool:stats().idle)
       local r2 = send(port, pool, "b@kept.test").recipients[1]
       assert.is_true(r2.ok, trail_text(r2))
       assert.is_true(r2.reused)
+      assert.is_true(r2.dsn)
       assert.equal("mx.kept.test", r2.mx)
       assert.equal("127.0.0.1", r2.ip)
       assert.equal(r1.tls_policy, r2.tls_policy)
@@ -137,6 +139,7 @@ describe("delivery over kept sessions with DANE", function()
       assert.is_true(r1.ok, trail_text(r1))
       assert.is_table(r1.dane)
       assert.equal(3, r1.dane.matched.usage)
+      assert.is_false(r1.dsn) -- our server without dsn = true
       local r2 = send("b@reuse-dane.example.test", "dane-only")
       assert.is_true(r2.ok, trail_text(r2))
       assert.is_true(r2.reused)

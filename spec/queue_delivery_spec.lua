@@ -109,7 +109,8 @@ describe("queue MX connection reuse", function()
     os.execute("mkdir -p " .. shquote(TMP))
     local port
     dns_pid, port = H.fake_dns("127.0.0.1", { "mx:reuse.test=10:mx.reuse.test", "mx:other.test=10:mx.reuse.test",
-      "mx.reuse.test=127.0.0.41", "mx:pf.test=10:mx.pf.test", "mx.pf.test=127.0.0.1" }, "queue_reuse", 120)
+      "mx.reuse.test=127.0.0.41", "mx:pf.test=10:mx.pf.test", "mx.pf.test=127.0.0.1",
+      "mx:dsn.test=10:mx.dsn.test", "mx.dsn.test=127.0.0.42" }, "queue_reuse", 120)
     assert(dns.configure { servers = { "127.0.0.1:" .. port }, timeout = 2, tries = 2 })
   end)
   lazy_teardown(function()
@@ -172,6 +173,35 @@ describe("queue MX connection reuse", function()
       pf:stop()
       assert(ok, err)
     end, 90)
+  end)
+
+  it("sends the \"relayed\" notice for an MX without DSN, none for one with it", function()
+    H.run(function()
+      local plain, port = peer("127.0.0.41:0") -- mx.reuse.test, no DSN
+      local with_dsn, dsn_port = peer("127.0.0.42:0", { dsn = true }) -- mx.dsn.test
+      local back, back_port = peer("127.0.0.1:0")
+      local q = open(fresh_dir("mx-relayed"), { route = function(r)
+        if r.address:find("@sender%.test$") then
+          return { kind = "smarthost", host = "127.0.0.1", port = back_port, tls = "none" }
+        end
+        return { kind = "mx", dns = dns, port = r.address:find("@dsn%.test$") and dsn_port or port, tls_policy = "may" }
+      end })
+      assert(q:enqueue { from = "a@sender.test", rcpt = { { address = "x@reuse.test", notify = "SUCCESS" },
+        { address = "y@dsn.test", notify = "SUCCESS" } }, body = msg(1) })
+      q:start()
+      until_true(function() return #back.messages == 1 and q:pending() == 0 end, "the notice")
+      q:stop()
+      assert.equal(1, #plain.messages)
+      assert.equal(1, #with_dsn.messages)
+      assert.is_true(with_dsn.messages[1].rcpt_params[1].notify.success)
+      assert.equal(1, #back.messages) -- for x only
+      assert.equal("", back.messages[1].from)
+      local d = parse_dsn(back.messages[1].data)
+      assert.equal(1, #d.recipients)
+      assert.equal("rfc822; x@reuse.test", d.recipients[1]["Final-Recipient"])
+      assert.equal("relayed", d.recipients[1].Action)
+      assert.equal("dns; mx.reuse.test", d.recipients[1]["Remote-MTA"])
+    end, 60)
   end)
 
   it("reuses a session only for the domain and the TLS policy it was verified for", function()
