@@ -98,7 +98,9 @@ else
             port = opts.port and math.tointeger(opts.port), cafile = opts.cafile }
 end
 
-local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = function() return route end })
+-- one process per queue directory: a second one stops here, saying which holds it
+local q, _, why = queue.open { dir = opts.queue, hostname = hostname, route = function() return route end }
+if not q then error(why, 0) end
 q:start()
 
 local listen = {}

@@ -316,6 +316,15 @@ with smtplib.SMTP("localhost", %d, timeout=10) as s:
       assert.matches("MX mx.rogue.test is not listed in the MTA-STS policy of refresh.test", carol.last_reply, 1, true)
       assert.equal(0, got.rogue.sessions)
       assert.equal(0, #got.rogue)
+      -- a second relay on the same queue directory stops at once, saying why
+      local second = serve("relay.lua", ("--listen 127.0.0.1:%d --tls-cert %s --tls-key %s --users %s --queue %s")
+        :format(H.free_port(), shquote(certs .. "/server.pem"), shquote(certs .. "/server.key"),
+          shquote(TMP .. "/users.passwd"), shquote(qdir)), TMP .. "/relay-second.log")
+      assert.is_true(H.wait_pid(second, 20))
+      local said = H.readfile(TMP .. "/relay-second.log")
+      assert.matches("queue directory " .. qdir .. " is in use by another queue (" .. qdir
+        .. "/lock is held by another process: pid ", said, 1, true)
+      assert.matches("pid %d+%)", said) -- the first relay's (under timeout(1), so not `pid`)
       os.execute("kill -TERM " .. math.tointeger(pid))
       assert.is_true(H.wait_pid(pid, 40), "relay did not stop on SIGTERM")
       H.kill(dns_pid)
