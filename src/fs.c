@@ -236,7 +236,8 @@ typedef struct ls_lockfile {
 
 /* lock_file(path) -> lock | nil, token, detail
  * Take an exclusive flock(2) on path (created with mode 0600 when
- * missing) without waiting, and write our pid into it. token "busy":
+ * missing; a symbolic link there is refused) without waiting, and write
+ * our pid into it. token "busy":
  * another open file (this process or another) holds it; detail then
  * names the pid written there. "io" for any other failure. The lock
  * lasts until lock:close(), the lock's collection or the end of the
@@ -250,7 +251,7 @@ static int l_lock_file(lua_State *L)
     ls_lockfile *k = lua_newuserdatauv(L, sizeof *k, 0);
     k->fd = -1;
     luaL_setmetatable(L, LOCK_MT);
-    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
     if (fd < 0)
         return push_errno(L, path, errno);
     if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
