@@ -329,9 +329,10 @@ function Queue:flush(dest)
   self.wake:signal()
 end
 
---- q:start(): the scheduler task. q:stop() (or q:close()) ends it
--- (deliveries in flight finish), closes the pool's sessions and gives
--- up the directory's lock.
+--- q:start(): the scheduler task. q:stop() ends it (deliveries in
+-- flight finish) and closes the pool's sessions; the queue still owns
+-- its directory (a server draining its sessions may still enqueue).
+-- q:close() does the same and gives up the directory's lock.
 function Queue:start()
   if self.task then return self.task end
   self.stopping = false
@@ -347,9 +348,12 @@ function Queue:stop()
   local deadline = core.update_now() + 60
   while self.active > 0 and core.update_now() < deadline do core.sleep(0.05) end
   self.pool:close()
+end
+
+function Queue:close()
+  self:stop()
   self.lock:close()
 end
-Queue.close = Queue.stop
 
 --- q:stats() -> { messages, recipients, oldest, held, destinations = { key = recipients } }
 function Queue:stats()
