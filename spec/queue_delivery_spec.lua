@@ -204,6 +204,30 @@ describe("queue MX connection reuse", function()
     end, 60)
   end)
 
+  it("caps a route's sessions at its max_messages_per_connection (MX and smarthost)", function()
+    H.run(function()
+      local mxp, mx_port = peer("127.0.0.41:0")
+      local smart, smart_port = peer("127.0.0.1:0")
+      local q = open(fresh_dir("route-cap"), { max_connections_per_destination = 1, connection_idle_timeout = 30,
+        route = function(r)
+          if r.address:find("@reuse%.test$") then
+            return { kind = "mx", dns = dns, port = mx_port, tls_policy = "none", max_messages_per_connection = 3 }
+          end
+          return { kind = "smarthost", host = "127.0.0.1", port = smart_port, tls = "none",
+            max_messages_per_connection = 2 }
+        end })
+      for n = 1, 9 do
+        local to = n <= 4 and ("m" .. n .. "@reuse.test") or ("s" .. n .. "@far.test")
+        assert(q:enqueue { from = "a@sender.test", rcpt = { to }, body = msg(n) })
+      end
+      q:start()
+      until_true(function() return q:pending() == 0 end, "an empty queue")
+      q:stop()
+      assert.same({ 3, 1 }, (per_session(mxp)))
+      assert.same({ 2, 2, 1 }, (per_session(smart)))
+    end, 60)
+  end)
+
   it("reuses a session only for the domain and the TLS policy it was verified for", function()
     H.run(function()
       local p, port = peer("127.0.0.41:0", { tls = true })

@@ -143,9 +143,10 @@ local function park(self, s, conn, born)
   end
 end
 
--- Does conn have room for another message?
+-- Does conn have room for another message? (conn.max_messages: a cap
+-- of its own, set by whoever opened it, when lower than the pool's)
 local function has_room(self, conn)
-  local max = self.max_messages
+  local max = math.min(self.max_messages, conn.max_messages or math.huge)
   local mailmax = conn.limits and conn.limits.MAILMAX
   if mailmax and mailmax < max then max = mailmax end
   return not self.closed and not conn.broken and conn.messages < max
@@ -222,13 +223,15 @@ end
 M.retryable = retryable
 
 --- pool:send(msg [, server]) -> result | nil, token, err
--- server: connection options overriding the pool's (another host...).
+-- server: connection options overriding the pool's (another host...),
+-- and max_messages: a lower cap for the sessions this opens.
 function Pool:send(msg, server)
-  local opts = self.opts
+  local opts, cap = self.opts, nil
   if server then
     opts = {}
     for k, v in pairs(self.opts) do opts[k] = v end
     for k, v in pairs(server) do opts[k] = v end
+    cap, opts.max_messages = opts.max_messages, nil
   end
   local plan, t, e = self.client.build_plan(msg)
   if not plan then return nil, t, e end
@@ -237,6 +240,7 @@ function Pool:send(msg, server)
     if not conn then
       return nil, reused_or_token, err
     end
+    if cap and not reused_or_token then conn.max_messages = cap end
     local res, token, serr = conn:send_plan(plan)
     self:release(opts, conn)
     if res or attempt == 2 or not reused_or_token or not retryable(token, serr)

@@ -157,6 +157,7 @@ function Attempt:release(session, info)
   local sessions = self.opts.sessions
   if sessions and self.reuse_key and info then
     session.delivery = info
+    session.max_messages = session.max_messages or self.opts.max_messages_per_session
     sessions:keep(self.reuse_key, session)
   else
     session:close()
@@ -521,7 +522,9 @@ end
 -- Happy Eyeballs step), family, bind, transcript, random, max_parallel
 -- (domains delivered to at once, 8), sessions (a client pool: sessions
 -- are kept there after a message and the next message to the same
--- domain under the same policy goes over one of them; see reuse_key).
+-- domain under the same policy goes over one of them; see reuse_key),
+-- max_messages_per_session (a lower cap than the pool's for the sessions
+-- this opens).
 -- result = { ok, recipients = { {address, domain, ok, permanent, reply,
 -- text, error, mx, ip, tls_policy, tls_why, tls (tlsinfo), dane (the
 -- TLSA record matched), mta_sts (the policy's mode), reused (over a kept

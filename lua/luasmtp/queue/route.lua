@@ -125,6 +125,7 @@ function M.deliver(q, route, entry, rcpts)
     -- the next message to this domain under this policy goes over the
     -- same session (delivery's reuse_key; route.reuse = false: never)
     if route.reuse ~= false then msg.sessions = q.pool end
+    msg.max_messages_per_session = route.max_messages_per_connection
     msg.reuse, msg.rate, msg.max_connections, msg.max_messages_per_connection = nil, nil, nil, nil
     local res = delivery.deliver(msg)
     local out, all_temp = {}, #res.recipients > 0
@@ -137,10 +138,12 @@ function M.deliver(q, route, entry, rcpts)
   end
   local server = {}
   for key, v in pairs(route) do
-    if key ~= "kind" and key ~= "rate" and key ~= "max_connections" and key ~= "max_messages_per_connection" then
+    if key ~= "kind" and key ~= "rate" and key ~= "max_connections" and key ~= "max_messages_per_connection"
+        and key ~= "reuse" then
       server[key] = v
     end
   end
+  server.max_messages = route.max_messages_per_connection
   server.lmtp = k == "lmtp" or nil
   server.helo = server.helo or q.hostname
   if server.path and not server.tls then server.tls = "none" end
