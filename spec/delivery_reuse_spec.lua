@@ -3,6 +3,7 @@
 -- the first one opened, carrying what that session was verified under
 -- (DANE with the DNSSEC rig); another policy level or domain gets its
 -- own; a kept session the server has closed gives way to a new one.
+local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local client = require "luasmtp.client"
 local delivery = require "luasmtp.delivery"
@@ -78,6 +79,30 @@ describe("delivery over kept sessions", function()
           for _, c in ipairs(log.sessions[1].commands) do cmds[#cmds + 1] = c:gsub(" SIZE=%d+", "") end
           return cmds
         end)())
+      pool:close()
+      srv:close()
+    end, 30)
+  end)
+
+  it("closes a kept session when its idle time has run out and forgets the domain", function()
+    H.run(function()
+      local srv, port, log = fake.start {}
+      local pool = client.pool { idle_timeout = 0.2 }
+      assert.is_true(send(port, pool, "a@kept.test").recipients[1].ok)
+      local deadline = luasmtp.update_now() + 10
+      local function quit_seen()
+        local cmds = log.sessions[1].commands
+        return cmds[#cmds] == "QUIT"
+      end
+      while not quit_seen() and luasmtp.update_now() < deadline do luasmtp.sleep(0.05) end
+      assert.is_true(quit_seen(), "the pool sent QUIT")
+      assert.equal(0, pool:stats().idle)
+      assert.is_nil(next(pool.kept))
+      -- the next message opens a new session
+      local r = send(port, pool, "b@kept.test").recipients[1]
+      assert.is_true(r.ok)
+      assert.is_false(r.reused)
+      assert.equal(2, log.connections)
       pool:close()
       srv:close()
     end, 30)

@@ -122,6 +122,10 @@ local function reap(self)
       end
       s.idle = keep
     end
+    -- a key (a domain, for MX) with nothing kept is forgotten
+    for key, s in pairs(self.kept) do
+      if #s.idle == 0 then self.kept[key] = nil end
+    end
     for _, conn in ipairs(expired) do conn:close() end
     if #expired == 0 then
       if next_due == math.huge then break end
@@ -260,6 +264,7 @@ function Pool:take(key)
   local s = self.kept[key]
   if not s then return nil end
   local conn, born = take_idle(self, s)
+  if #s.idle == 0 and self.kept[key] == s then self.kept[key] = nil end
   if conn then self.born[conn] = born end
   return conn
 end
