@@ -284,11 +284,11 @@ describe("queue success notices", function()
         return { kind = "smarthost", host = "127.0.0.1", port = port, tls = "none" }
       end })
       assert(q:enqueue { from = "alice@sender.test", envid = "ENV-77", ret = "hdrs",
-        rcpt = { { address = "bob@nodsn.test", notify = "SUCCESS,FAILURE", orcpt = "rfc822;bob@nodsn.test" },
+        rcpt = { { address = "bob@nodsn.test", notify = "SUCCESS,FAILURE", orcpt = "rfc822;Bob+Tag@nodsn.test" },
                  { address = "carol@nodsn.test" } }, -- no NOTIFY: no success notice
         body = msg(1) })
       assert(q:enqueue { from = "alice@sender.test", envid = "ENV-78", ret = "full",
-        rcpt = { { address = "dave@dsn.test", notify = "SUCCESS", orcpt = "rfc822;Dave@dsn.test" } },
+        rcpt = { { address = "dave@dsn.test", notify = "SUCCESS", orcpt = "rfc822;Dave+x=y@dsn.test" } },
         body = msg(2) })
       q:start()
       until_true(function() return #fake.messages(aio_log) == 1 and #with_dsn.messages == 1 end, "both relayed")
@@ -302,7 +302,7 @@ describe("queue success notices", function()
       assert.equal("ENV-78", m.params.envid)
       assert.is_true(m.rcpt_params[1].notify.success)
       assert.equal("rfc822", m.rcpt_params[1].orcpt.type:lower())
-      assert.equal("Dave@dsn.test", m.rcpt_params[1].orcpt.addr)
+      assert.equal("Dave+x=y@dsn.test", m.rcpt_params[1].orcpt.addr) -- went as xtext, came back whole
       -- the one without DSN: the message went, and the notice came back
       -- for bob only, from the null sender, Action: relayed
       local aio = fake.messages(aio_log)[1]
@@ -319,7 +319,7 @@ describe("queue success notices", function()
       assert.equal(1, #d.recipients)
       assert.equal("relayed", d.recipients[1].Action)
       assert.equal("rfc822; bob@nodsn.test", d.recipients[1]["Final-Recipient"])
-      assert.equal("rfc822; bob@nodsn.test", d.recipients[1]["Original-Recipient"])
+      assert.equal("rfc822; Bob+Tag@nodsn.test", d.recipients[1]["Original-Recipient"])
       assert.matches("^2%.%d+%.%d+$", d.recipients[1].Status)
       assert.matches("^smtp; 250", d.recipients[1]["Diagnostic-Code"])
       assert.equal("text/rfc822-headers", d.attached.content_type)

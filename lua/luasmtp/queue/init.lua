@@ -203,8 +203,16 @@ local function maybe_done(q, e)
   end
 end
 
+-- The stored ORCPT is "type;address" decoded (as the client takes it);
+-- the notice gets it as a table, so nothing in the address is read as
+-- xtext ("+" is an address character here).
+local function orcpt_of(value)
+  local t, addr = (value or ""):match("^([%w%-]+);(.*)$")
+  return t and { type = t, addr = addr } or nil
+end
+
 local function notice_rcpt(e, r, action, reply, remote, now, retry_until)
-  return { address = r.address, orcpt = r.orcpt, notify = r.notify, action = action,
+  return { address = r.address, orcpt = orcpt_of(r.orcpt), notify = r.notify, action = action,
     status = route_mod.status_of(reply, action == "delivered" or action == "relayed"),
     remote_mta = remote, diagnostic = reply, last_attempt = now, will_retry_until = retry_until,
     arrival = e.received_at }
