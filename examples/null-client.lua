@@ -40,7 +40,9 @@ else
   route = { kind = "mx", tls_policy = "dane" }
 end
 
-local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = function() return route end })
+-- one process per queue directory: a second one stops here, saying which holds it
+local q, _, why = queue.open { dir = opts.queue, hostname = hostname, route = function() return route end }
+if not q then error(why, 0) end
 q:start()
 
 local srv = assert(server.new {

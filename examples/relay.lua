@@ -11,7 +11,14 @@
 --       [--smarthost HOST[:PORT] [--smarthost-tls starttls|implicit|none] [--smarthost-cafile FILE]
 --        [--smarthost-user USER --smarthost-password-file FILE]]
 --       [--tls-policy dane] [--mta-sts-cache DIR] [--dns-server ADDR[:PORT]] [--port PORT]
+--       [--cafile FILE] [--mta-sts-port PORT] [--mta-sts-resolve HOST:PORT:ADDR[,...]]
 --       [--hostname NAME]
+--
+-- --cafile: the CA certificates that MX hosts (PKIX: verify, MTA-STS)
+-- and MTA-STS policy servers are verified with (default: the system's).
+-- --mta-sts-port and --mta-sts-resolve (curl's HOST:PORT:ADDR) point the
+-- policy fetches elsewhere than mta-sts.DOMAIN:443, for tests on
+-- loopback.
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local credentials = require "luasmtp.credentials"
@@ -24,7 +31,8 @@ usage: relay.lua --listen ADDR:PORT | --listen-tls ADDR:PORT  --tls-cert FILE --
                  [--smarthost HOST[:PORT] [--smarthost-tls starttls|implicit|none]
                   [--smarthost-cafile FILE] [--smarthost-user USER --smarthost-password-file FILE]]
                  [--tls-policy LEVEL] [--mta-sts-cache DIR] [--dns-server ADDR[:PORT]]
-                 [--port PORT (of the MX hosts, 25)]
+                 [--port PORT (of the MX hosts, 25)] [--cafile FILE]
+                 [--mta-sts-port PORT] [--mta-sts-resolve HOST:PORT:ADDR[,...]]
 ]=]
 local opts = getopt.run(function(argv)
   local o = getopt.parse(argv, { listen = "string", ["listen-tls"] = "string", ["tls-cert"] = "string",
@@ -32,7 +40,8 @@ local opts = getopt.run(function(argv)
     smarthost = "string", ["smarthost-tls"] = "string", ["smarthost-cafile"] = "string",
     ["smarthost-user"] = "string",
     ["smarthost-password-file"] = "string", ["tls-policy"] = "string", ["mta-sts-cache"] = "string",
-    ["dns-server"] = "string", port = "number" })
+    ["dns-server"] = "string", port = "number", cafile = "string", ["mta-sts-port"] = "number",
+    ["mta-sts-resolve"] = "string" })
   for _, k in ipairs { "tls-cert", "tls-key", "users", "queue" } do
     if not o[k] then error({ usage = true, message = "--" .. k .. " is required" }, 0) end
   end
@@ -76,13 +85,22 @@ else
   end
   local mtasts
   if opts["mta-sts-cache"] then
-    mtasts = require("luasmtp.delivery.mtasts").new { cache_dir = opts["mta-sts-cache"], dns_query = dns.query }
+    local resolve
+    if opts["mta-sts-resolve"] then
+      resolve = {}
+      for item in opts["mta-sts-resolve"]:gmatch("[^,]+") do resolve[#resolve + 1] = item end
+    end
+    mtasts = require("luasmtp.delivery.mtasts").new { cache_dir = opts["mta-sts-cache"], dns_query = dns.query,
+      cafile = opts.cafile, port = opts["mta-sts-port"] and math.tointeger(opts["mta-sts-port"]),
+      resolve = resolve }
   end
   route = { kind = "mx", tls_policy = opts["tls-policy"] or "dane", dns = dns, mtasts = mtasts,
-            port = opts.port and math.tointeger(opts.port) }
+            port = opts.port and math.tointeger(opts.port), cafile = opts.cafile }
 end
 
-local q = assert(queue.open { dir = opts.queue, hostname = hostname, route = function() return route end })
+-- one process per queue directory: a second one stops here, saying which holds it
+local q, _, why = queue.open { dir = opts.queue, hostname = hostname, route = function() return route end }
+if not q then error(why, 0) end
 q:start()
 
 local listen = {}

@@ -224,3 +224,113 @@ with smtplib.SMTP("127.0.0.1", %d, timeout=10) as s:
     end, 90)
   end)
 end)
+
+describe("examples/relay.lua with MTA-STS", function()
+  after_each(fake.cleanup)
+
+  it("enforce: refuses an MX the policy does not list and delivers to one it lists", function()
+    H.need("python3", "python3 smtplib TLS", "python3 https server")
+    local server = require "luasmtp.server"
+    os.execute("mkdir -p " .. shquote(TMP))
+    local certs = H.certs()
+    -- the policies: example.test and refresh.test list mail.example.test only
+    local root = TMP .. "/sts-root"
+    for _, domain in ipairs { "example.test", "refresh.test" } do
+      H.mkdir(root .. "/mta-sts." .. domain .. "/.well-known")
+      H.writefile(root .. "/mta-sts." .. domain .. "/.well-known/mta-sts.txt",
+        "version: STSv1\r\nmode: enforce\r\nmx: mail.example.test\r\nmax_age: 86400\r\n")
+    end
+    local https = H.https_server { tag = "relay_sts", cert = "mtasts", root = root }
+    local servers = {}
+    local ok, err = pcall(H.run, function()
+      -- example.test: the unlisted MX first (preference 10), then the
+      -- listed one; refresh.test: only the unlisted one. Both would take
+      -- the mail.
+      local dns_pid, dns_port = H.fake_dns("127.0.0.1", { "mx:example.test=10:mx.rogue.test,20:mail.example.test",
+        "mx:refresh.test=10:mx.rogue.test", "mx.rogue.test=127.0.0.52", "mail.example.test=127.0.0.51",
+        "txt:_mta-sts.example.test=v=STSv1; id=20261201", "txt:_mta-sts.refresh.test=v=STSv1; id=20261201" },
+        "relay_sts", 60)
+      local mx_port = H.free_port()
+      local got = { listed = {}, rogue = { sessions = 0 } }
+      local function mx(addr, cert, record)
+        local srv = assert(server.new {
+          listen = { addr .. ":" .. mx_port }, hostname = "mx.test", log_level = "error",
+          tls = luasmtp.tls.context { mode = "server", certificate = certs .. "/" .. cert .. ".pem",
+            key = certs .. "/" .. cert .. ".key" },
+          hooks = {
+            on_connect = function() record.sessions = (record.sessions or 0) + 1 end,
+            on_data = function(s, m)
+              record[#record + 1] = { rcpt = { table.unpack(m.rcpt) }, tls = s.tls or false, data = m:read() }
+            end,
+          },
+        })
+        servers[#servers + 1] = srv
+      end
+      mx("127.0.0.51", "sni2", got.listed) -- mail.example.test
+      mx("127.0.0.52", "server", got.rogue)
+      H.writefile(TMP .. "/users.passwd", "alice:{PLAIN}s3cret\n")
+      local sub = H.free_port()
+      local qdir = TMP .. "/stsqueue"
+      local pid = serve("relay.lua", ("--listen 127.0.0.1:%d --tls-cert %s --tls-key %s --users %s --queue %s "
+        .. "--hostname relay.test --dns-server 127.0.0.1:%d --port %d --mta-sts-cache %s --cafile %s "
+        .. "--mta-sts-port %d --mta-sts-resolve mta-sts.example.test:%d:127.0.0.1,mta-sts.refresh.test:%d:127.0.0.1")
+        :format(sub, shquote(certs .. "/server.pem"), shquote(certs .. "/server.key"), shquote(TMP .. "/users.passwd"),
+          shquote(qdir), dns_port, mx_port, shquote(TMP .. "/sts-cache"), shquote(certs .. "/ca.pem"), https.port,
+          https.port, https.port), TMP .. "/relay-sts.log")
+      H.wait_port(sub)
+      local out = python("submit_sts", ([[
+import smtplib, ssl
+ctx = ssl.create_default_context(cafile=%q)
+with smtplib.SMTP("localhost", %d, timeout=10) as s:
+    s.starttls(context=ctx)
+    s.login("alice", "s3cret")
+    print("sent", s.sendmail("alice@sender.test", ["bob@example.test", "carol@refresh.test"],
+          b"From: alice@sender.test\r\nSubject: under MTA-STS\r\n\r\nhello\r\n"))
+]]):format(certs .. "/ca.pem", sub))
+      assert.matches("sent {}", out, 1, true)
+      -- bob: past the unlisted MX to the listed one, over verified TLS
+      local deadline = luasmtp.update_now() + 30
+      while #got.listed == 0 and luasmtp.update_now() < deadline do luasmtp.sleep(0.1) end
+      assert.equal(1, #got.listed, H.readfile(TMP .. "/relay-sts.log"))
+      assert.same({ "bob@example.test" }, got.listed[1].rcpt)
+      assert.is_true(got.listed[1].tls)
+      assert.matches("Subject: under MTA-STS", got.listed[1].data, 1, true)
+      -- carol: still queued, refused by the policy; the unlisted MX never
+      -- saw a connection
+      local carol
+      deadline = luasmtp.update_now() + 30
+      repeat
+        local p = assert(io.popen("lua5.4 " .. shquote(H.root .. "/bin/luasmtp") .. " queue --dir " .. shquote(qdir)
+          .. " --json list 2>&1"))
+        local list = json.decode(p:read("a"))
+        p:close()
+        for _, e in ipairs(list or {}) do
+          for _, r in ipairs(e.recipients) do
+            if r.address == "carol@refresh.test" and r.attempts >= 1 then carol = r end
+          end
+        end
+        if not carol then luasmtp.sleep(0.2) end
+      until carol or luasmtp.update_now() > deadline
+      assert.truthy(carol, "carol's attempt in the queue")
+      assert.equal("pending", carol.state)
+      assert.matches("MX mx.rogue.test is not listed in the MTA-STS policy of refresh.test", carol.last_reply, 1, true)
+      assert.equal(0, got.rogue.sessions)
+      assert.equal(0, #got.rogue)
+      -- a second relay on the same queue directory stops at once, saying why
+      local second = serve("relay.lua", ("--listen 127.0.0.1:%d --tls-cert %s --tls-key %s --users %s --queue %s")
+        :format(H.free_port(), shquote(certs .. "/server.pem"), shquote(certs .. "/server.key"),
+          shquote(TMP .. "/users.passwd"), shquote(qdir)), TMP .. "/relay-second.log")
+      assert.is_true(H.wait_pid(second, 20))
+      local said = H.readfile(TMP .. "/relay-second.log")
+      assert.matches("queue directory " .. qdir .. " is in use by another queue (" .. qdir
+        .. "/lock is held by another process: pid ", said, 1, true)
+      assert.matches("pid %d+%)", said) -- the first relay's (under timeout(1), so not `pid`)
+      os.execute("kill -TERM " .. math.tointeger(pid))
+      assert.is_true(H.wait_pid(pid, 40), "relay did not stop on SIGTERM")
+      H.kill(dns_pid)
+    end, 120)
+    for _, srv in ipairs(servers) do srv:close() end
+    H.kill(https.pid)
+    if not ok then error(err, 0) end
+  end)
+end)

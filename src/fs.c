@@ -1,13 +1,15 @@
 /*
  * fs.c - the few file-system calls mail storage needs that Lua's io
  * library lacks: durable writes (fsync of file and directory), exclusive
- * creation, and process facts for unique file names.
+ * creation, a lock file that says one process owns a directory, and
+ * process facts for unique file names.
  */
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/file.h>
 #include <sys/stat.h>
 #include <unistd.h>
 
@@ -226,8 +228,85 @@ static int l_gethostname(lua_State *L)
     return 1;
 }
 
+/* A held lock file: its descriptor (-1 once released). */
+#define LOCK_MT "luasmtp.lockfile"
+typedef struct ls_lockfile {
+    int fd;
+} ls_lockfile;
+
+/* lock_file(path) -> lock | nil, token, detail
+ * Take an exclusive flock(2) on path (created with mode 0600 when
+ * missing; a symbolic link there is refused) without waiting, and write
+ * our pid into it. token "busy":
+ * another open file (this process or another) holds it; detail then
+ * names the pid written there. "io" for any other failure. The lock
+ * lasts until lock:close(), the lock's collection or the end of the
+ * process (the kernel drops it, after kill -9 too); the descriptor is
+ * close-on-exec, so programs started meanwhile do not hold it.
+ *   local lock, token, detail = core.lock_file(dir .. "/lock")
+ */
+static int l_lock_file(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    ls_lockfile *k = lua_newuserdatauv(L, sizeof *k, 0);
+    k->fd = -1;
+    luaL_setmetatable(L, LOCK_MT);
+    int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    if (flock(fd, LOCK_EX | LOCK_NB) < 0) {
+        int e = errno;
+        if (e != EWOULDBLOCK) {
+            close(fd);
+            return push_errno(L, path, e);
+        }
+        char holder[32];
+        ssize_t n = pread(fd, holder, sizeof holder - 1, 0);
+        close(fd);
+        holder[n > 0 ? (size_t)n : 0] = '\0';
+        holder[strcspn(holder, "\r\n")] = '\0';
+        for (char *c = holder; *c; c++)
+            if (*c < '0' || *c > '9')
+                *c = '?';
+        lua_pushnil(L);
+        lua_pushliteral(L, "busy");
+        lua_pushfstring(L, "%s is held by another process%s%s", path, holder[0] ? ": pid " : "", holder);
+        return 3;
+    }
+    char pid[32];
+    int len = snprintf(pid, sizeof pid, "%ld\n", (long)getpid());
+    if (ftruncate(fd, 0) < 0 || pwrite(fd, pid, (size_t)len, 0) != len) {
+        int e = errno;
+        close(fd);
+        return push_errno(L, path, e);
+    }
+    k->fd = fd;
+    return 1;
+}
+
+/* lock:close(), __close, __gc: release the lock (idempotent). */
+static int l_lock_close(lua_State *L)
+{
+    ls_lockfile *k = luaL_checkudata(L, 1, LOCK_MT);
+    if (k->fd >= 0) {
+        close(k->fd);
+        k->fd = -1;
+    }
+    return 0;
+}
+
 int ls_open_fs(lua_State *L)
 {
+    if (luaL_newmetatable(L, LOCK_MT)) {
+        static const luaL_Reg methods[] = {{"close", l_lock_close}, {NULL, NULL}};
+        luaL_newlib(L, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_lock_close);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, l_lock_close);
+        lua_setfield(L, -2, "__close");
+    }
+    lua_pop(L, 1);
     static const luaL_Reg funcs[] = {
         {"write_file_sync", l_write_file_sync},
         {"append_file_sync", l_append_file_sync},
@@ -237,6 +316,7 @@ int ls_open_fs(lua_State *L)
         {"listdir", l_listdir},
         {"getpid", l_getpid},
         {"gethostname", l_gethostname},
+        {"lock_file", l_lock_file},
         {NULL, NULL},
     };
     luaL_setfuncs(L, funcs, 0);

@@ -6,6 +6,9 @@
 -- fsynced append the scheduler uses) and drop a notice into control/;
 -- the scheduler reads the notices every tick and applies them, and a
 -- queue opened later reads the same lines. flush leaves a notice only.
+-- The tool never takes the directory's lock (DIR/lock, held by the
+-- queue that owns the directory): it would keep that queue from
+-- starting.
 local getopt = require "luasmtp.getopt"
 local json = require "luasmtp.json"
 local core = require "luasmtp.core"
@@ -140,7 +143,12 @@ local function operation(kind)
       io.stderr:write("luasmtp queue: ", tostring(detail), "\n")
       return 1
     end
-    store.notify(p, e.id)
+    -- the state line is what counts; the notice only makes a running
+    -- queue read it now instead of at its next start
+    if not store.notify(p, e.id) then
+      io.stderr:write("luasmtp queue: ", e.id, ": no notice left for the running queue; it applies the ",
+        kind, " when it next opens the directory\n")
+    end
     out(e.id .. ": " .. kind)
     return 0
   end
@@ -151,7 +159,11 @@ commands.delete = operation("delete")
 commands.bounce = operation("bounce")
 
 function commands.flush(p, _, dest)
-  store.notify(p, dest and ("flush." .. dest) or "flush")
+  local ok, err = store.notify(p, dest and ("flush." .. dest) or "flush")
+  if not ok then
+    io.stderr:write("luasmtp queue: flush: ", tostring(err or "the notice could not be written"), "\n")
+    return 1
+  end
   out("flush" .. (dest and (" " .. dest) or "") .. ": asked")
   return 0
 end

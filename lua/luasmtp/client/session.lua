@@ -989,7 +989,9 @@ end
 -- result: { ok (every recipient accepted), accepted = {addresses},
 -- rejected = {addresses}, recipients = { {address=, ok=, reply=,
 -- rcpt_reply=, permanent=, error=}, ... } in the order given,
--- replies = final replies, transactions = n, recipient(addr) }.
+-- replies = final replies, transactions = n, dsn (the server advertises
+-- DSN: NOTIFY, ORCPT, RET and ENVID went with the message),
+-- recipient(addr) }.
 -- When no recipient was accepted: nil, token, err with err.result.
 function Session:send(msg)
   local ok, t, e = self:check()
@@ -1006,7 +1008,9 @@ function Session:send_plan(plan)
   local params, use_bdat, err0 = self:check_plan(plan)
   if not params then return nil, use_bdat, err0 end
 
-  local result = setmetatable({ recipients = {}, replies = {}, transactions = 0 }, Result)
+  -- dsn: whether the server took the DSN parameters (it advertises DSN)
+  local result = setmetatable({ recipients = {}, replies = {}, transactions = 0,
+    dsn = self.extensions.DSN ~= nil }, Result)
   for i, rcpt in ipairs(plan.recipients) do
     result.recipients[i] = { address = rcpt.address, rcpt = rcpt, ok = false }
   end

@@ -15,6 +15,7 @@ local client = require "luasmtp.client"
 local destinations = require "luasmtp.delivery.destinations"
 local policy = require "luasmtp.delivery.policy"
 local happy = require "luasmtp.delivery.connect"
+local pool = require "luasmtp.client.pool"
 
 local M = {
   LEVELS = policy.LEVELS,
@@ -129,6 +130,75 @@ function Attempt:report(plan, host, address, result, detail)
     { result = entry.result, policy_type = entry.policy_type })
 end
 
+-- Connection reuse (opts.sessions, a client pool). A session is kept
+-- under a key naming everything its checks depended on: the recipient
+-- domain, the TLS policy level, REQUIRETLS, the port, the HELO name, the
+-- trust (cafile, capath, tls_context), the resolver and the MTA-STS
+-- source. Only a session opened and verified for exactly that key is
+-- taken again, within the pool's idle_timeout, max_age and max_messages.
+local function reuse_key(domain, opts, level, port)
+  local parts = { "mx", domain, level, opts.requiretls and "requiretls" or "", port, opts.helo or "",
+    opts.cafile or "", opts.capath or "", opts.tls_context or "", opts.dns or "", opts.mtasts or "",
+    opts.bind or "", opts.family or "" }
+  for i, v in ipairs(parts) do parts[i] = tostring(v) end
+  return table.concat(parts, "\0")
+end
+M.reuse_key = reuse_key
+
+-- The message over session (a file body read from its start again).
+function Attempt:send_on(session)
+  if self.body_start then self.msg.body:seek("set", self.body_start) end
+  return session:send(self.msg)
+end
+
+-- Done with a session: kept for the next message to this domain under
+-- the same policy (what it was verified for goes with it), else closed.
+function Attempt:release(session, info)
+  local sessions = self.opts.sessions
+  if sessions and self.reuse_key and info then
+    session.delivery = info
+    session.max_messages = session.max_messages or self.opts.max_messages_per_session
+    sessions:keep(self.reuse_key, session)
+  else
+    session:close()
+  end
+end
+
+-- A session kept from an earlier message to this domain under the same
+-- policy carries this one. Returns true when that settled the
+-- recipients (accepted or refused); false when none was kept or it broke
+-- before anything was accepted (then a new session, as without reuse).
+function Attempt:reuse(results)
+  local sessions = self.opts.sessions
+  if not sessions then return false end
+  self.reuse_key = reuse_key(self.domain, self.opts, self.level, self.port)
+  while true do
+    local session = sessions:take(self.reuse_key)
+    if not session then return false end
+    local info = session.delivery
+    self:note("reuse", ("%s [%s]: session reused (message %d on it), verified for %s: %s"):format(info.host,
+      info.address, session.messages + 1, self.domain, info.plan.why or info.plan.level),
+      { host = info.host, address = info.address, reused = true })
+    local res, t, e = self:send_on(session)
+    if res or not pool.retryable(t, e) then
+      self:release(session, info)
+      self.used = { host = info.host, address = info.address, plan = info.plan, tlsinfo = info.tlsinfo,
+        reused = true }
+      self.sts_policy = info.sts_policy
+      if res or (e and e.result) then
+        self:finish(results, res or e.result, nil)
+      else
+        self:finish(results, nil, e or setmetatable({ token = t or "io", permanent = false,
+          message = tostring(t) }, client.Error))
+      end
+      return true
+    end
+    self:note("reuse", ("%s [%s]: the kept session failed (%s); a new one"):format(info.host, info.address,
+      tostring(e)), { error = e })
+    session:close()
+  end
+end
+
 -- One client context with DANE enabled, made when first needed.
 local dane_ctx
 local function dane_context()
@@ -237,8 +307,9 @@ function Attempt:session(plan, hostinfo, sock, address)
     self:note("policy", e.message, { error = e })
     return "retry", e
   end
-  local res, t, e = session:send(msg)
-  session:close()
+  local res, t, e = self:send_on(session)
+  self:release(session, { host = hostinfo.name, address = address, plan = plan, tlsinfo = info,
+    sts_policy = self.sts_policy })
   if res then
     return "done", res, nil, plan
   end
@@ -342,6 +413,7 @@ end
 
 -- Deliver to one domain's recipients; fills results.
 function Attempt:run(results)
+  if self:reuse(results) then return end
   local dest, token, err = destinations.destinations(self.domain, self.resolver, { random = self.opts.random })
   if not dest then
     self:note("destinations", err.message, { error = err })
@@ -371,7 +443,8 @@ function Attempt:finish(results, res, err)
     local r = { address = rcpt, domain = self.domain, trail = self.trail, mx = used.host, ip = used.address,
       tls_policy = used.plan and used.plan.level, tls_why = used.plan and used.plan.why,
       tls = used.tlsinfo, dane = used.tlsinfo and used.tlsinfo.dane,
-      mta_sts = self.sts_policy and self.sts_policy.mode }
+      mta_sts = self.sts_policy and self.sts_policy.mode, reused = used.reused or false,
+      dsn = res and res.dsn or false }
     local got = res and res:recipient(rcpt)
     if got then
       r.ok, r.permanent, r.reply = got.ok, got.permanent, got.reply
@@ -447,10 +520,15 @@ end
 -- mtasts (:policy(domain), mx_matches), tlsrpt (:record{...}), cafile,
 -- capath (PKIX trust), helo, timeouts (client phases; connect is the
 -- Happy Eyeballs step), family, bind, transcript, random, max_parallel
--- (domains delivered to at once, 8).
+-- (domains delivered to at once, 8), sessions (a client pool: sessions
+-- are kept there after a message and the next message to the same
+-- domain under the same policy goes over one of them; see reuse_key),
+-- max_messages_per_session (a lower cap than the pool's for the sessions
+-- this opens).
 -- result = { ok, recipients = { {address, domain, ok, permanent, reply,
 -- text, error, mx, ip, tls_policy, tls_why, tls (tlsinfo), dane (the
--- TLSA record matched), mta_sts (the policy's mode), trail = { {event,
+-- TLSA record matched), mta_sts (the policy's mode), reused (over a kept
+-- session), dsn (the MX took the DSN parameters), trail = { {event,
 -- text, ...}, ... } }, ... } } in the order given; result:recipient(addr).
 function M.deliver(msg)
   assert(type(msg) == "table", "deliver needs a table")
@@ -492,6 +570,7 @@ function M.deliver(msg)
       for k, v in pairs(msg) do m[k] = v end
       m.to, m.body, m.message = rcpts, body, nil
       attempt.msg = m
+      if io.type(body) == "file" then attempt.body_start = body:seek("cur") end
       attempts[#attempts + 1] = attempt
     end
   end

@@ -28,6 +28,8 @@ M.DEFAULTS = {
   max_connections = 32,                -- concurrent deliveries, all destinations
   max_connections_per_destination = 4,
   max_messages_per_connection = 100,
+  connection_idle_timeout = 5,         -- seconds a session waits for the next message, then QUIT
+  max_hops = 50,                       -- more Received fields: a mail loop, bounced (5.4.6)
   tick = 1,                            -- seconds between scans (control notices, due retries)
   hostname = false,                    -- HELO name and DSN Reporting-MTA (default: gethostname)
   on_notice = false,                   -- function(entry, recipients) instead of the DSN module
@@ -51,13 +53,24 @@ local function merge(opts)
 end
 
 --- open(opts) -> queue | nil, token, detail
--- Creates the directories, removes half-written entries and rebuilds
--- every entry's state from its files. One process owns a directory.
+-- Creates the directories, takes the directory's lock, removes
+-- half-written entries and rebuilds every entry's state from its files.
+-- One process owns a directory: while one holds DIR/lock (an flock),
+-- open fails with token "busy". `luasmtp queue` takes no lock: it only
+-- reads the files, appends to state logs and leaves notices.
 function M.open(opts)
   local o = merge(opts)
   local p, token, detail = store.init(o.dir)
   if not p then return nil, token, detail end
-  local q = setmetatable({ opts = o, paths = p, entries = {}, dests = {}, shaping = {}, active = 0,
+  local lock
+  lock, token, detail = core.lock_file(p.dir .. "/lock")
+  if not lock then
+    if token == "busy" then
+      detail = ("queue directory %s is in use by another queue (%s)"):format(o.dir, detail)
+    end
+    return nil, token, detail
+  end
+  local q = setmetatable({ opts = o, paths = p, entries = {}, dests = {}, shaping = {}, active = 0, lock = lock,
     hostname = o.hostname or core.gethostname() or "localhost", wake = core.cond() }, Queue)
   for _, e in ipairs(store.scan(p, true)) do
     q.entries[e.id] = e
@@ -68,7 +81,7 @@ function M.open(opts)
   else
     local client = require "luasmtp.client"
     q.pool = client.pool { max_connections = o.max_connections_per_destination,
-      max_messages = o.max_messages_per_connection }
+      max_messages = o.max_messages_per_connection, idle_timeout = o.connection_idle_timeout }
   end
   return q
 end
@@ -190,8 +203,16 @@ local function maybe_done(q, e)
   end
 end
 
+-- The stored ORCPT is "type;address" decoded (as the client takes it);
+-- the notice gets it as a table, so nothing in the address is read as
+-- xtext ("+" is an address character here).
+local function orcpt_of(value)
+  local t, addr = (value or ""):match("^([%w%-]+);(.*)$")
+  return t and { type = t, addr = addr } or nil
+end
+
 local function notice_rcpt(e, r, action, reply, remote, now, retry_until)
-  return { address = r.address, orcpt = r.orcpt, notify = r.notify, action = action,
+  return { address = r.address, orcpt = orcpt_of(r.orcpt), notify = r.notify, action = action,
     status = route_mod.status_of(reply, action == "delivered" or action == "relayed"),
     remote_mta = remote, diagnostic = reply, last_attempt = now, will_retry_until = retry_until,
     arrival = e.received_at }
@@ -220,8 +241,11 @@ function Queue:attempt(job, d)
     if res.ok then
       r.state, r.action = "done", res.action or "relayed"
       lines[#lines + 1] = store.log_line("attempt", now, i, "ok", now, res.reply, res.remote_mta, r.action)
-      if r.action == "delivered" and r.notify and r.notify:find("SUCCESS", 1, true) then
-        notices[#notices + 1] = notice_rcpt(e, r, "delivered", res.reply, res.remote_mta, now)
+      -- NOTIFY=SUCCESS: "delivered" from a final delivery; "relayed" when
+      -- the next hop did not take the DSN parameters (else it is its job)
+      if (r.action == "delivered" or (r.action == "relayed" and not res.dsn))
+          and r.notify and r.notify:find("SUCCESS", 1, true) then
+        notices[#notices + 1] = notice_rcpt(e, r, r.action, res.reply, res.remote_mta, now)
       end
       self:log("info", "%s: to=<%s> via %s: %s", e.id, r.address, d.key, tostring(res.reply))
     elseif res.permanent or now - e.received_at >= self.opts.lifetime then
@@ -253,21 +277,22 @@ function Queue:attempt(job, d)
   maybe_done(self, e)
 end
 
---- q:bounce_now(entry): every pending recipient fails (the tool's bounce).
-function Queue:bounce_now(e, now)
+--- q:bounce_now(entry, now [, reply]): every pending recipient fails
+-- (the tool's bounce; reply: why, else each one's last reply).
+function Queue:bounce_now(e, now, why)
   e.bounce = nil
   local notices, idx = {}, {}
   for i, r in ipairs(e.rcpt) do
     if r.state == "pending" then
-      local reply = "550 5.0.0 Returned by the postmaster"
-      notices[#notices + 1] = notice_rcpt(e, r, "failed", r.last_reply or reply, r.remote_mta, now)
+      local reply = why or r.last_reply or "550 5.0.0 Returned by the postmaster"
+      notices[#notices + 1] = notice_rcpt(e, r, "failed", reply, not why and r.remote_mta or nil, now)
       idx[#idx + 1] = i
     end
   end
   self:notice(e, notices)
   for _, i in ipairs(idx) do
-    final(self, e, i, e.rcpt[i], "failed", e.rcpt[i].last_reply or "550 5.0.0 Returned by the postmaster",
-      e.rcpt[i].remote_mta, now)
+    final(self, e, i, e.rcpt[i], "failed", why or e.rcpt[i].last_reply or "550 5.0.0 Returned by the postmaster",
+      not why and e.rcpt[i].remote_mta or nil, now)
   end
   maybe_done(self, e)
 end
@@ -313,7 +338,9 @@ function Queue:flush(dest)
 end
 
 --- q:start(): the scheduler task. q:stop() ends it (deliveries in
--- flight finish).
+-- flight finish) and closes the pool's sessions; the queue still owns
+-- its directory (a server draining its sessions may still enqueue).
+-- q:close() does the same and gives up the directory's lock.
 function Queue:start()
   if self.task then return self.task end
   self.stopping = false
@@ -329,6 +356,11 @@ function Queue:stop()
   local deadline = core.update_now() + 60
   while self.active > 0 and core.update_now() < deadline do core.sleep(0.05) end
   self.pool:close()
+end
+
+function Queue:close()
+  self:stop()
+  self.lock:close()
 end
 
 --- q:stats() -> { messages, recipients, oldest, held, destinations = { key = recipients } }

@@ -7,6 +7,17 @@
 -- { kind = "discard" }, { kind = "reject", reply = "550 5.7.1 ..." }.
 -- Optional shaping fields: max_connections, max_messages_per_connection,
 -- rate (messages per second) for the destination.
+--
+-- MX routes reuse sessions: after a message the session is kept in the
+-- queue's pool under a key of the recipient domain, the TLS policy and
+-- the options the policy checks used (delivery.reuse_key); the next
+-- message for that domain under that policy goes over it, until the
+-- pool's max_messages or idle_timeout. reuse = false in the route turns
+-- it off.
+--
+-- Each result says whether the next hop took the DSN parameters (dsn):
+-- when it did, NOTIFY=SUCCESS is its job; when it did not, the queue
+-- sends the "relayed" notice itself (RFC 3461 section 6.2).
 local client = require "luasmtp.client"
 
 local M = {}
@@ -63,7 +74,8 @@ local function from_client(rcpts, res, token, err, remote)
     local all_temp = true
     for i, r in ipairs(res.recipients) do
       local text = r.reply and client.format_reply(r.reply) or tostring(r.error or err or "failed")
-      out[i] = { ok = r.ok, permanent = not r.ok and r.permanent, reply = text, remote_mta = remote }
+      out[i] = { ok = r.ok, permanent = not r.ok and r.permanent, reply = text, remote_mta = remote,
+        dsn = res.dsn or false }
       if r.ok or r.permanent then all_temp = false end
     end
     dest_failed = all_temp and #res.recipients > 0
@@ -110,21 +122,28 @@ function M.deliver(q, route, entry, rcpts)
     local delivery = require "luasmtp.delivery"
     for key, v in pairs(route) do if key ~= "kind" and msg[key] == nil then msg[key] = v end end
     msg.helo = msg.helo or q.hostname
+    -- the next message to this domain under this policy goes over the
+    -- same session (delivery's reuse_key; route.reuse = false: never)
+    if route.reuse ~= false then msg.sessions = q.pool end
+    msg.max_messages_per_session = route.max_messages_per_connection
+    msg.reuse, msg.rate, msg.max_connections, msg.max_messages_per_connection = nil, nil, nil, nil
     local res = delivery.deliver(msg)
     local out, all_temp = {}, #res.recipients > 0
     for i, r in ipairs(res.recipients) do
       out[i] = { ok = r.ok, permanent = not r.ok and r.permanent, reply = r.text or tostring(r.error),
-        remote_mta = r.mx }
+        remote_mta = r.mx, dsn = r.dsn }
       if r.ok or r.permanent then all_temp = false end
     end
     return out, all_temp
   end
   local server = {}
   for key, v in pairs(route) do
-    if key ~= "kind" and key ~= "rate" and key ~= "max_connections" and key ~= "max_messages_per_connection" then
+    if key ~= "kind" and key ~= "rate" and key ~= "max_connections" and key ~= "max_messages_per_connection"
+        and key ~= "reuse" then
       server[key] = v
     end
   end
+  server.max_messages = route.max_messages_per_connection
   server.lmtp = k == "lmtp" or nil
   server.helo = server.helo or q.hostname
   if server.path and not server.tls then server.tls = "none" end

@@ -8,7 +8,12 @@
 -- `max_connections` in all and `max_connections_per_destination` (or the
 -- route's `max_connections`) per destination, take jobs one after the
 -- other, so a destination's messages follow each other over the pool's
--- connection to it.
+-- connection to it (smarthost and LMTP by the pool's server key, MX by
+-- the domain and its TLS policy: see route.lua).
+--
+-- Before an entry's first job its Received fields are counted: more
+-- than max_hops (50, Postfix's hopcount_limit) and the message loops;
+-- every recipient fails with 554 5.4.6 and the sender gets the notice.
 local core = require "luasmtp.core"
 local store = require "luasmtp.queue.store"
 local route_mod = require "luasmtp.queue.route"
@@ -41,9 +46,44 @@ local function dest_of(q, key, route)
   return d
 end
 
+--- hops(entry) -> the number of Received fields in its header block
+-- (read up to its end, at most dsn.MAX_HEADER_BLOCK bytes)
+function M.hops(e)
+  local dsn = require "luasmtp.queue.dsn"
+  local f = io.open(e.body_path, "rb")
+  if not f then return 0 end
+  local parts, size = {}, 0
+  repeat
+    local piece = f:read(16384)
+    if not piece then break end
+    parts[#parts + 1] = piece
+    size = size + #piece
+  until piece:find("\n\r?\n") or size >= dsn.MAX_HEADER_BLOCK
+  f:close()
+  local _, count = dsn.too_many_hops(table.concat(parts))
+  return count
+end
+
+-- A looping message bounces instead of going out. -> true when it did.
+local function looping(q, e, now)
+  if e.hops_checked then return false end
+  e.hops_checked = true
+  local max = q.opts.max_hops
+  if not max then return false end
+  local count = M.hops(e)
+  if count <= max then return false end
+  q:log("info", "%s: %d Received fields (more than %d): mail loop, bounced", e.id, count, max)
+  q:bounce_now(e, now, ("554 5.4.6 Too many hops: %d Received header fields, the limit is %d"):format(count, max))
+  return true
+end
+
 -- Jobs: { entry, idxs = {rcpt indexes}, route }
 local function collect(q, now)
-  for id, e in pairs(q.entries) do
+  -- a snapshot: bouncing queues notices (new entries) as it goes
+  local list = {}
+  for id, e in pairs(q.entries) do list[#list + 1] = { id, e } end
+  for _, item in ipairs(list) do
+    local id, e = item[1], item[2]
     if e.deleted then
       if (e.inflight or 0) == 0 then
         store.remove_entry(q.paths, id)
@@ -51,7 +91,7 @@ local function collect(q, now)
       end
     elseif e.bounce and (e.inflight or 0) == 0 then
       q:bounce_now(e, now)
-    elseif not e.held then
+    elseif not e.held and not ((e.inflight or 0) == 0 and looping(q, e, now)) then
       local groups, order = {}, {}
       for i, r in ipairs(e.rcpt) do
         if r.state == "pending" and not r.inflight and (r.next_attempt <= now or e.flush) then
