@@ -42,8 +42,12 @@ local function dest_of(q, key, route)
 end
 
 -- Jobs: { entry, idxs = {rcpt indexes}, route }
+-- (Over a copy of the entries: removing one or queueing a notice waits
+-- for the disk, and other tasks add entries meanwhile.)
 local function collect(q, now)
-  for id, e in pairs(q.entries) do
+  local list = {}
+  for id, e in pairs(q.entries) do list[id] = e end
+  for id, e in pairs(list) do
     if e.deleted then
       if (e.inflight or 0) == 0 then
         store.remove_entry(q.paths, id)
