@@ -136,7 +136,7 @@ class Sink:
     def __init__(self, workdir):
         self.port = free_port()
         user = ["-u", "postfix"] if IS_ROOT else []
-        self.count, self.lock, self.reached = 0, threading.Lock(), {}
+        self.count, self.sessions, self.lock, self.reached = 0, 0, threading.Lock(), {}
         self.proc = subprocess.Popen(
             ["timeout", str(int(TIMEOUT * 4)), "smtp-sink", *user, "-c", f"127.0.0.1:{self.port}", "256"],
             stdout=subprocess.PIPE, stderr=open(os.path.join(workdir, "sink.err"), "wb"))
@@ -154,6 +154,9 @@ class Sink:
             *done, buf = buf.split(b"\r")
             for line in done:
                 m = re.search(rb"mesg=(\d+)", line)
+                sess = re.search(rb"sess=(\d+)", line)
+                if sess:
+                    self.sessions = int(sess.group(1))
                 if m:
                     with self.lock:
                         self.count = int(m.group(1))
@@ -340,6 +343,7 @@ def measure(kind, hold):
         t2 = sink.wait(N, TIMEOUT)
         wait_until("the queue to empty", lambda: relay.queued() == 0, TIMEOUT)
         out["drain" if hold else "stream"] = (t2 - t0, tree_cpu(relay.root) - c0)
+        out["sessions"] = sink.sessions - 1  # less the probe
         return out
     except Exception:
         for log in ("relay.err", "master.err", "sink.err", "postfix/postfix.log"):
@@ -367,7 +371,7 @@ def best(kind, hold):
             result = r
         else:
             for k, v in r.items():
-                if v[0] < result[k][0]:
+                if k != "sessions" and v[0] < result[k][0]:
                     result[k] = v
     return result
 
@@ -399,6 +403,8 @@ def main():
             cells += ["%10s" % "-", "%7s" % "-"]
         cells += ["%10.2f" % (ours[1] * 1000 / N), "%10.2f" % (theirs[1] * 1000 / N) if theirs else "%10s" % "-"]
         print("%-30s %s" % (labels[phase], " ".join(cells)))
+    sessions = ", ".join(f"{name} {res[name]['sessions']}" for _, phase, res in rows[:1] for name in res)
+    print(f"(SMTP sessions to the sink while submitting: {sessions})")
     if not with_postfix:
         print("(Postfix not measured: needs root and /usr/lib/postfix/sbin/master)")
 

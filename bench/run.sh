@@ -113,3 +113,7 @@ fi
 # smtp-source (bench/client.sh).
 echo
 sh bench/client.sh
+
+# Relay through the queue, fsync on, against Postfix as the same relay (bench/queue.sh).
+echo
+sh bench/queue.sh

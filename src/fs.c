@@ -189,10 +189,9 @@ static int l_fsync_paths(lua_State *L)
     const char **paths = lua_newuserdatauv(L, n * sizeof *paths, 0); /* freed by the GC */
     lua_replace(L, 2); /* the timeout is read; keep the array anchored at 2 */
     for (size_t i = 0; i < n; i++) {
-        lua_geti(L, 1, (lua_Integer)i + 1);
-        paths[i] = lua_tostring(L, -1);
-        if (paths[i] == NULL)
+        if (lua_geti(L, 1, (lua_Integer)i + 1) != LUA_TSTRING)
             return luaL_argerror(L, 1, "paths must be strings");
+        paths[i] = lua_tostring(L, -1);
         lua_pop(L, 1); /* the string stays: the table holds it */
     }
     ls_loop *loop = ls_getloop(L);

@@ -1,6 +1,7 @@
 /*
  * syncpool.c - fsync in worker threads (see syncpool.h). Plain C, no Lua.
  */
+#include <dlfcn.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
@@ -32,7 +33,7 @@ static pthread_mutex_t mu = PTHREAD_MUTEX_INITIALIZER;
 static pthread_cond_t more = PTHREAD_COND_INITIALIZER;
 static job *head, *tail;
 static int threads, idle;
-static pthread_once_t fork_once = PTHREAD_ONCE_INIT;
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
 static void batch_free(ls_syncbatch *b)
 {
@@ -109,8 +110,19 @@ static void after_fork_child(void)
     threads = idle = 0;
 }
 
-static void install_fork_handler(void)
+/* The workers wait in this object's code and on its static condition
+ * for the life of the process: keep it mapped when its loader lets go
+ * (Lua's dlclose of the module at lua_close). */
+static void pin_object(void)
 {
+    Dl_info info;
+    if (dladdr((void *)worker, &info) && info.dli_fname)
+        (void)dlopen(info.dli_fname, RTLD_NOW | RTLD_NOLOAD | RTLD_NODELETE);
+}
+
+static void once_init(void)
+{
+    pin_object();
     pthread_atfork(NULL, NULL, after_fork_child);
 }
 
@@ -120,7 +132,7 @@ ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n)
         errno = EINVAL;
         return NULL;
     }
-    pthread_once(&fork_once, install_fork_handler);
+    pthread_once(&init_once, once_init);
     ls_syncbatch *b = calloc(1, sizeof *b);
     job **jobs = calloc(n, sizeof *jobs);
     if (b == NULL || jobs == NULL)
