@@ -7,4 +7,6 @@
 #   N=2000 SESSIONS=8 SIZE=4096 CONNS=8 RUNS=2 sh bench/queue.sh
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
-exec timeout 900 python3 "$root/bench/relay.py"
+# the system's python3 when there is one: its pid is the benchmark's
+py=$(command -v /usr/bin/python3 || command -v python3)
+exec timeout 900 "$py" "$root/bench/relay.py"

@@ -386,6 +386,8 @@ def best(kinds, hold):
 
 
 def main():
+    # a TERM (timeout(1) in bench/queue.sh) still stops what was started
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     for tool in ("smtp-source", "smtp-sink", "lua5.4"):
         if not shutil.which(tool):
             print(f"{tool} not installed: relay benchmark skipped")
