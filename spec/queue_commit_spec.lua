@@ -7,15 +7,6 @@ local server = require "luasmtp.server"
 local queue = require "luasmtp.queue"
 local H = require "spec.helper"
 
-local TMP = H.tmp .. "/queue-commit"
-local count = 0
-local function fresh_dir(name)
-  count = count + 1
-  local dir = ("%s/%s-%d"):format(TMP, name, count)
-  os.execute("rm -rf " .. H.shquote(dir))
-  return H.mkdir(dir)
-end
-
 local function names(dir)
   local list = core.listdir(dir) or {}
   table.sort(list)
@@ -24,7 +15,7 @@ end
 
 describe("core.fsync_paths", function()
   it("fsyncs files and directories, from tasks at once and from the main chunk", function()
-    local dir = fresh_dir("fsync")
+    local dir = H.tmpdir("queue-commit-fsync")
     H.writefile(dir .. "/a", "a")
     H.writefile(dir .. "/b", "b")
     assert.is_true(core.fsync_paths({ dir .. "/a", dir .. "/b", dir }))
@@ -45,7 +36,7 @@ describe("core.fsync_paths", function()
   end)
 
   it("names the path that failed", function()
-    local dir = fresh_dir("fsync-missing")
+    local dir = H.tmpdir("queue-commit-fsync-missing")
     H.writefile(dir .. "/a", "a")
     local ok, token, detail, kind = core.fsync_paths({ dir .. "/a", dir .. "/missing" })
     assert.is_nil(ok)
@@ -59,7 +50,7 @@ end)
 
 describe("queue enqueue", function()
   it("entries enqueued at once share the directory fsync and are each whole", function()
-    local dir = fresh_dir("group")
+    local dir = H.tmpdir("queue-commit-group")
     local q = assert(queue.open { dir = dir, log = function() end })
     local ids = {}
     H.run(function()
@@ -83,7 +74,7 @@ describe("queue enqueue", function()
   end)
 
   it("removes an envelope whose body is missing at open (never acknowledged)", function()
-    local dir = fresh_dir("nobody")
+    local dir = H.tmpdir("queue-commit-nobody")
     local q = assert(queue.open { dir = dir, log = function() end })
     local id = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = "Subject: x\r\n\r\nx\r\n" })
     local kept = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = "Subject: y\r\n\r\ny\r\n" })
@@ -97,7 +88,7 @@ end)
 describe("queue with a spooled body", function()
   it("links the server's spool file into the queue; it survives kill -9 and is delivered once", function()
     H.run(function()
-      local dir = fresh_dir("spool")
+      local dir = H.tmpdir("queue-commit-spool")
       local port = H.free_port()
       local pid = H.start("lua5.4 " .. H.shquote(H.root .. "/spec/queue_server_child.lua") .. " "
         .. H.shquote(dir) .. " " .. port .. " 60", H.tmp .. "/queue-server-child.log")

@@ -126,6 +126,19 @@ static void once_init(void)
     pthread_atfork(NULL, NULL, after_fork_child);
 }
 
+/* A submission that cannot go on: free what it made, fail with err. */
+static ls_syncbatch *give_up(job **jobs, size_t n, ls_syncbatch *b, int err)
+{
+    if (jobs)
+        for (size_t i = 0; i < n; i++)
+            free(jobs[i]);
+    free(jobs);
+    if (b)
+        batch_free(b);
+    errno = err;
+    return NULL;
+}
+
 ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n)
 {
     if (n == 0) {
@@ -136,28 +149,21 @@ ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n)
     ls_syncbatch *b = calloc(1, sizeof *b);
     job **jobs = calloc(n, sizeof *jobs);
     if (b == NULL || jobs == NULL)
-        goto nomem;
+        return give_up(jobs, n, b, ENOMEM);
     b->efd = -1;
     b->paths = calloc(n, sizeof *b->paths);
     if (b->paths == NULL)
-        goto nomem;
+        return give_up(jobs, n, b, ENOMEM);
     b->n = n;
     for (size_t i = 0; i < n; i++) {
         b->paths[i] = strdup(paths[i]);
         jobs[i] = malloc(sizeof *jobs[i]);
         if (b->paths[i] == NULL || jobs[i] == NULL)
-            goto nomem;
+            return give_up(jobs, n, b, ENOMEM);
     }
     b->efd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
-    if (b->efd < 0) {
-        int e = errno;
-        for (size_t i = 0; i < n; i++)
-            free(jobs[i]);
-        free(jobs);
-        batch_free(b);
-        errno = e;
-        return NULL;
-    }
+    if (b->efd < 0)
+        return give_up(jobs, n, b, errno);
     b->refs = (int)n + 1;
     b->left = n;
     pthread_mutex_lock(&mu);
@@ -190,26 +196,12 @@ ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n)
         /* no worker could start: take the jobs back */
         head = tail = NULL;
         pthread_mutex_unlock(&mu);
-        for (size_t i = 0; i < n; i++)
-            free(jobs[i]);
-        free(jobs);
-        batch_free(b);
-        errno = EAGAIN;
-        return NULL;
+        return give_up(jobs, n, b, EAGAIN);
     }
     pthread_cond_broadcast(&more);
     pthread_mutex_unlock(&mu);
     free(jobs);
     return b;
-nomem:
-    if (jobs)
-        for (size_t i = 0; i < n; i++)
-            free(jobs[i]);
-    free(jobs);
-    if (b)
-        batch_free(b);
-    errno = ENOMEM;
-    return NULL;
 }
 
 int ls_sync_fd(const ls_syncbatch *b) { return b->efd; }
