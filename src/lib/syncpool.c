@@ -198,7 +198,8 @@ ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n)
         pthread_mutex_unlock(&mu);
         return give_up(jobs, n, b, EAGAIN);
     }
-    pthread_cond_broadcast(&more);
+    for (size_t i = 0; i < n; i++) /* a worker per job, not all of them */
+        pthread_cond_signal(&more);
     pthread_mutex_unlock(&mu);
     free(jobs);
     return b;
