@@ -85,6 +85,15 @@ PSL_CFLAGS = $(shell $(PKG_CONFIG) --cflags libpsl 2>/dev/null)
 PSL_LIBS = $(shell $(PKG_CONFIG) --libs libpsl 2>/dev/null || echo -lpsl)
 endif
 
+# hiredis (Redis client, src/redis.c)
+ifdef HIREDIS_INCDIR
+HIREDIS_CFLAGS = $(call incdir,$(HIREDIS_INCDIR))
+HIREDIS_LIBS = $(call libdir,$(HIREDIS_LIBDIR)) -lhiredis
+else
+HIREDIS_CFLAGS = $(shell $(PKG_CONFIG) --cflags hiredis 2>/dev/null)
+HIREDIS_LIBS = $(shell $(PKG_CONFIG) --libs hiredis 2>/dev/null || echo -lhiredis)
+endif
+
 # libev ships no pkg-config file
 LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
 LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
@@ -94,7 +103,7 @@ LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 LIB_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(OPENSSL_CFLAGS)
 ALL_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
 	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS) $(PSL_CFLAGS)
-LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(PSL_LIBS) -lcrypt
+LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(PSL_LIBS) $(HIREDIS_LIBS) -lcrypt
 
 # Install locations (LuaRocks passes its own LIBDIR, LUADIR and BINDIR).
 # An empty INST_BINDIR skips bin/luasmtp: LuaRocks installs it itself.
@@ -140,6 +149,9 @@ $(BUILD)/obj/lib/%.o: src/lib/%.c
 $(BUILD)/obj/%.o: src/%.c
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -MMD -MP -c -o $@ $<
+
+# hiredis's flags for the one file that includes it
+$(BUILD)/obj/redis.o: ALL_CFLAGS += $(HIREDIS_CFLAGS)
 
 -include $(OBJS:.o=.d) $(LIB_OBJS:.o=.d)
 

@@ -100,6 +100,7 @@ fi
 # and BDAT, and five unfinished 20 MB BDAT bodies (bench/memory.py).
 echo
 python3 bench/memory.py
+echo; python3 bench/idle_memory.py # RSS per idle session after EHLO, plain and TLS
 
 # DKIM sign and verify against libopendkim and dkimpy (bench/dkim.sh).
 if [ -f /usr/include/opendkim/dkim.h ] && /usr/bin/python3 -c 'import dkim' 2>/dev/null; then

@@ -160,7 +160,7 @@ describe("plugin chains", function()
       local deadline = luasmtp.update_now() + 5
       while srv:connections() > 0 and luasmtp.update_now() < deadline do luasmtp.sleep(0.02) end
       assert.equal(0, srv:connections())
-      assert.is_nil(next(limits.per_ip)) -- every per-address slot released
+      assert.is_nil(next(limits.store.slots)) -- every per-address slot released
       assert.is_nil(debug.gethook()) -- the watchdog is gone too
     end)
   end)
@@ -183,7 +183,7 @@ describe("plugin chains", function()
       c.close()
       stall = false
       local deadline = luasmtp.update_now() + 5
-      while next(limits.per_ip) and luasmtp.update_now() < deadline do luasmtp.sleep(0.02) end
+      while next(limits.store.slots) and luasmtp.update_now() < deadline do luasmtp.sleep(0.02) end
       local c2 = H.smtp(port)
       assert.equal("220", (c2.reply())) -- the one slot is free again
       c2.close()

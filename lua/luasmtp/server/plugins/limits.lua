@@ -2,10 +2,15 @@
 -- per connection, recipients per message.
 --
 --   plugins.limits{ max_connections_per_ip = 50, connection_rate_per_ip = 0,
---                   max_messages_per_connection = 100, max_recipients = 100 }
+--                   max_messages_per_connection = 100, max_recipients = 100,
+--                   store = kv.memory() }
 -- A session holds its address slot from its connect phase to its
--- disconnect phase (which always runs).
-local core = require "luasmtp.core"
+-- disconnect phase (which always runs). The slots and rate counters live
+-- in `store` (luasmtp.kv): in this process by default, or in a store
+-- shared by several processes or machines. When the store fails, the
+-- store's on_error decides: "open" lets the client in, "closed" answers
+-- 421 and closes.
+local kv = require "luasmtp.kv"
 local reply = require "luasmtp.reply"
 
 local DEFAULTS = {
@@ -20,52 +25,45 @@ return function(opts)
   for k, v in pairs(DEFAULTS) do
     limits[k] = opts and opts[k] or v
   end
-  local per_ip = {}       -- address -> sessions holding a slot
-  local counted = setmetatable({}, { __mode = "k" }) -- session -> address
-  local rates             -- one-minute window in two halves
+  local store = opts and opts.store or kv.memory()
+  local held = setmetatable({}, { __mode = "k" }) -- session -> {key, lease}
 
-  -- Connection-rate limit per client address: a window of one minute,
-  -- counted in two halves so old connections age out smoothly.
-  local function rate_ok(ip)
-    local limit = limits.connection_rate_per_ip
-    if not limit or limit <= 0 then return true end
-    local now = core.now()
-    local slot = math.floor(now / 30)
-    local r = rates or { slot = slot, cur = {}, prev = {} }
-    rates = r
-    if slot ~= r.slot then
-      r.prev = slot == r.slot + 1 and r.cur or {}
-      r.cur, r.slot = {}, slot
+  local plugin = { name = "limits", limits = limits, store = store }
+
+  local function store_failed(s, what, err)
+    s:log("warning", "limits: store failed (%s): %s", what, tostring(err))
+    if store.on_error == "closed" then
+      return reply.disconnect(s.config.hostname .. " Service busy, try again later")
     end
-    local weight = 1 - (now / 30 - slot)
-    local count = (r.cur[ip] or 0) + (r.prev[ip] or 0) * weight
-    if count >= limit then return false end
-    r.cur[ip] = (r.cur[ip] or 0) + 1
-    return true
   end
-
-  local plugin = { name = "limits", limits = limits, per_ip = per_ip }
 
   function plugin.connect(s)
     local ip = s.client_address
-    if not rate_ok(ip) then
-      return reply.disconnect(s.config.hostname .. " Too many connections, slow down")
+    local rate = limits.connection_rate_per_ip
+    if rate and rate > 0 then
+      local ok, err = store:hit("rate:" .. ip, rate, 60)
+      if ok == nil then
+        local r = store_failed(s, "rate", err)
+        if r then return r end
+      elseif not ok then
+        return reply.disconnect(s.config.hostname .. " Too many connections, slow down")
+      end
     end
-    local n = per_ip[ip] or 0
-    if n >= limits.max_connections_per_ip then
+    local lease, err = store:acquire("conn:" .. ip, limits.max_connections_per_ip)
+    if lease == nil then
+      return store_failed(s, "acquire", err)
+    elseif not lease then
       return reply.disconnect(s.config.hostname .. " Too many connections from your address")
     end
-    -- check and count in one step: no other session runs in between
-    per_ip[ip] = n + 1
-    counted[s] = ip
+    held[s] = { "conn:" .. ip, lease }
   end
 
   function plugin.disconnect(s)
-    local ip = counted[s]
-    if ip then
-      counted[s] = nil
-      local n = per_ip[ip] - 1
-      per_ip[ip] = n > 0 and n or nil
+    local h = held[s]
+    if h then
+      held[s] = nil
+      local ok, err = store:release(h[1], h[2])
+      if not ok then s:log("warning", "limits: store failed (release): %s", tostring(err)) end
     end
   end
 
