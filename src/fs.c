@@ -140,15 +140,24 @@ static int l_fsync_dir(lua_State *L)
 #define SYNCBATCH_MT "luasmtp.syncbatch"
 typedef struct {
     ls_syncbatch *b;
+    ls_loop *loop; /* finalized after this value: created before it */
 } syncref;
 
-static int syncref_gc(lua_State *L)
+/* Let go of the batch; its eventfd is closed with it (now, or by the
+ * last worker), so the loop must not take that number for the same file
+ * in a task's next wait. */
+static void syncref_release(syncref *r)
 {
-    syncref *r = luaL_checkudata(L, 1, SYNCBATCH_MT);
     if (r->b) {
+        ls_fd_closing(r->loop);
         ls_sync_release(r->b);
         r->b = NULL;
     }
+}
+
+static int syncref_gc(lua_State *L)
+{
+    syncref_release(luaL_checkudata(L, 1, SYNCBATCH_MT));
     return 0;
 }
 
@@ -161,8 +170,7 @@ static int fsync_paths_k(lua_State *L, int status, lua_KContext ctx)
     int woke = ls_wait_result(L);
     size_t failed = 0;
     int e = ls_sync_result(r->b, &failed);
-    ls_sync_release(r->b);
-    r->b = NULL;
+    syncref_release(r);
     if (e == EINPROGRESS)
         return ls_pusherror(L, woke == LS_WAKE_TIMEOUT ? LS_ETIMEOUT : LS_EIO, "fsync did not finish");
     if (e != 0) {
@@ -198,6 +206,7 @@ static int l_fsync_paths(lua_State *L)
     ls_task *t = ls_current(L, loop);
     syncref *r = lua_newuserdatauv(L, sizeof *r, 0);
     r->b = NULL;
+    r->loop = loop;
     luaL_setmetatable(L, SYNCBATCH_MT);
     r->b = ls_sync_submit(paths, n);
     if (r->b == NULL)
