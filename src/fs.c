@@ -1,7 +1,8 @@
 /*
  * fs.c - the few file-system calls mail storage needs that Lua's io
  * library lacks: durable writes (fsync of file and directory), exclusive
- * creation, a lock file that says one process owns a directory, and
+ * creation, a lock file that says one process owns a directory, fsyncs
+ * run by worker threads while the loop goes on (lib/syncpool.c), and
  * process facts for unique file names.
  */
 #include <dirent.h>
@@ -14,6 +15,7 @@
 #include <unistd.h>
 
 #include "luasmtp.h"
+#include "syncpool.h"
 
 static int push_errno(lua_State *L, const char *what, int err)
 {
@@ -133,6 +135,86 @@ static int fsync_opened(lua_State *L, int flags)
 static int l_fsync_dir(lua_State *L)
 {
     return fsync_opened(L, O_RDONLY | O_DIRECTORY);
+}
+
+/* A batch of fsyncs in flight, held by the waiting call (its __gc lets
+ * go of a batch whose waiter was abandoned). */
+#define SYNCBATCH_MT "luasmtp.syncbatch"
+typedef struct {
+    ls_syncbatch *b;
+    ls_loop *loop; /* finalized after this value: created before it */
+} syncref;
+
+/* Let go of the batch; its eventfd is closed with it (now, or by the
+ * last worker), so the loop must not take that number for the same file
+ * in a task's next wait. */
+static void syncref_release(syncref *r)
+{
+    if (r->b) {
+        ls_fd_closing(r->loop);
+        ls_sync_release(r->b);
+        r->b = NULL;
+    }
+}
+
+static int syncref_gc(lua_State *L)
+{
+    syncref_release(luaL_checkudata(L, 1, SYNCBATCH_MT));
+    return 0;
+}
+
+/* The wait is over: stack 1 is the list of paths, 3 the syncref. */
+static int fsync_paths_k(lua_State *L, int status, lua_KContext ctx)
+{
+    (void)status;
+    (void)ctx;
+    syncref *r = luaL_checkudata(L, 3, SYNCBATCH_MT);
+    int woke = ls_wait_result(L);
+    size_t failed = 0;
+    int e = ls_sync_result(r->b, &failed);
+    syncref_release(r);
+    if (e == EINPROGRESS)
+        return ls_pusherror(L, woke == LS_WAKE_TIMEOUT ? LS_ETIMEOUT : LS_EIO, "fsync did not finish");
+    if (e != 0) {
+        lua_geti(L, 1, (lua_Integer)failed + 1);
+        return push_errno(L, lua_tostring(L, -1), e);
+    }
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
+/* fsync_paths({path, ...} [, timeout]) -> true | nil, token, detail, kind
+ * fsync every file or directory named, several at once in worker
+ * threads, while other tasks run; waits (at most timeout seconds,
+ * default 60) until all are done. An error names the first path that
+ * failed ("io", kind as for write_file_sync); "timeout" when the disk
+ * took longer (the fsyncs still finish in the background). */
+static int l_fsync_paths(lua_State *L)
+{
+    luaL_checktype(L, 1, LUA_TTABLE);
+    double timeout = luaL_optnumber(L, 2, 60);
+    lua_settop(L, 2);
+    size_t n = (size_t)luaL_len(L, 1);
+    luaL_argcheck(L, n > 0 && n <= 4096, 1, "1 to 4096 paths");
+    const char **paths = lua_newuserdatauv(L, n * sizeof *paths, 0); /* freed by the GC */
+    lua_replace(L, 2); /* the timeout is read; keep the array anchored at 2 */
+    for (size_t i = 0; i < n; i++) {
+        if (lua_geti(L, 1, (lua_Integer)i + 1) != LUA_TSTRING)
+            return luaL_argerror(L, 1, "paths must be strings");
+        paths[i] = lua_tostring(L, -1);
+        lua_pop(L, 1); /* the string stays: the table holds it */
+    }
+    ls_loop *loop = ls_getloop(L);
+    ls_task *t = ls_current(L, loop);
+    syncref *r = lua_newuserdatauv(L, sizeof *r, 0);
+    r->b = NULL;
+    r->loop = loop;
+    luaL_setmetatable(L, SYNCBATCH_MT);
+    r->b = ls_sync_submit(paths, n);
+    if (r->b == NULL)
+        return push_errno(L, "fsync workers", errno);
+    ls_wait(L, loop, t, ls_sync_fd(r->b), EV_READ, ls_now(loop) + timeout, NULL, 0, fsync_paths_k);
+    return fsync_paths_k(L, LUA_OK, 0);
 }
 
 /* mkdir(path [, mode]) -> true | nil, "io", detail (an existing directory is fine). */
@@ -313,12 +395,18 @@ int ls_open_fs(lua_State *L)
         {"fsync_dir", l_fsync_dir},
         {"mkdir", l_mkdir},
         {"fsync_path", l_fsync_path},
+        {"fsync_paths", l_fsync_paths},
         {"listdir", l_listdir},
         {"getpid", l_getpid},
         {"gethostname", l_gethostname},
         {"lock_file", l_lock_file},
         {NULL, NULL},
     };
+    if (luaL_newmetatable(L, SYNCBATCH_MT)) {
+        lua_pushcfunction(L, syncref_gc);
+        lua_setfield(L, -2, "__gc");
+    }
+    lua_pop(L, 1);
     luaL_setfuncs(L, funcs, 0);
     return 0;
 }

@@ -6,7 +6,8 @@
  *                      Makefile compiles it without the Lua include path):
  *                      buf, errors, proto (codecs), sink, transport (plain I/O
  *                      and the transport interface), tls_transport (TLS
- *                      sessions over OpenSSL), dnsmsg, dkim (canonicalisation,
+ *                      sessions over OpenSSL), syncpool (fsync in worker
+ *                      threads), dnsmsg, dkim (canonicalisation,
  *                      body hash, signatures), bodyscan (client bodies)
  *   loop.c             libev loop and coroutine task scheduler
  *   socket.c           TCP sockets and listeners as Lua userdata

@@ -198,16 +198,18 @@ static int l_chunks(lua_State *L)
     return 1;
 }
 
-/* sink:commit(path) -> true | nil, "io", detail
+/* sink:commit(path [, sync]) -> true | nil, "io", detail
  * Make the content the new file path (it must not exist) durably: fsync
  * the file, link it into place (same file system as dir: never a copy),
  * fsync the directory of path. Can be called again for more paths (one
- * hard link each). */
+ * hard link each). With sync false nothing is fsynced: the caller does
+ * that (several files at once, core.fsync_paths). */
 static int l_commit(lua_State *L)
 {
     ls_sink *k = check_sink(L);
     const char *path = luaL_checkstring(L, 2);
-    if (ls_sink_commit(k, path) < 0)
+    int sync = lua_isnoneornil(L, 3) || lua_toboolean(L, 3);
+    if ((sync ? ls_sink_commit(k, path) : ls_sink_link(k, path)) < 0)
         return push_sink_errno(L, k, path, errno);
     lua_pushboolean(L, 1);
     return 1;

@@ -280,13 +280,13 @@ static int sync_parent(const char *path)
     return rc;
 }
 
-/* A sink still in memory: write path directly. */
-static int commit_mem(ls_sink *s, const char *path)
+/* A sink still in memory: write path directly (fsynced with sync). */
+static int commit_mem(ls_sink *s, const char *path, int sync)
 {
     int fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600);
     if (fd < 0)
         return -1;
-    if (write_all(fd, ls_buf_head(&s->mem), s->mem.len) < 0 || fsync(fd) < 0) {
+    if (write_all(fd, ls_buf_head(&s->mem), s->mem.len) < 0 || (sync && fsync(fd) < 0)) {
         int e = errno;
         close(fd);
         unlink(path);
@@ -303,9 +303,9 @@ static int commit_mem(ls_sink *s, const char *path)
 }
 
 /* Give the spool file its first name. */
-static int commit_spool(ls_sink *s, const char *path)
+static int commit_spool(ls_sink *s, const char *path, int sync)
 {
-    if (flush_mem(s) < 0 || fsync(s->fd) < 0)
+    if (flush_mem(s) < 0 || (sync && fsync(s->fd) < 0))
         return -1;
     if (s->unnamed) {
         if (linkat(s->fd, "", AT_FDCWD, path, AT_EMPTY_PATH) == 0)
@@ -326,7 +326,7 @@ static int commit_spool(ls_sink *s, const char *path)
     return 0;
 }
 
-int ls_sink_commit(ls_sink *s, const char *path)
+static int commit(ls_sink *s, const char *path, int sync)
 {
     if (s->err) {
         errno = s->err;
@@ -336,9 +336,9 @@ int ls_sink_commit(ls_sink *s, const char *path)
     if (s->committed)
         rc = link(s->committed, path);
     else if (s->fd < 0)
-        rc = commit_mem(s, path);
+        rc = commit_mem(s, path, sync);
     else
-        rc = commit_spool(s, path);
+        rc = commit_spool(s, path, sync);
     if (rc < 0)
         return -1;
     if (s->committed == NULL) {
@@ -346,8 +346,12 @@ int ls_sink_commit(ls_sink *s, const char *path)
         if (s->committed == NULL)
             return -1;
     }
-    return sync_parent(path);
+    return sync ? sync_parent(path) : 0;
 }
+
+int ls_sink_commit(ls_sink *s, const char *path) { return commit(s, path, 1); }
+
+int ls_sink_link(ls_sink *s, const char *path) { return commit(s, path, 0); }
 
 static void drop_spool(ls_sink *s)
 {

@@ -71,6 +71,9 @@ int ls_sink_read(ls_sink *s, uint64_t off, char *buf, size_t len, size_t *got);
  * committed to several paths (one link each). A sink still in memory is
  * written to path directly. */
 int ls_sink_commit(ls_sink *s, const char *path);
+/* The same without any fsync: the file `path` has the content, and the
+ * caller makes it durable (fsync of the file and of its directory). */
+int ls_sink_link(ls_sink *s, const char *path);
 /* Drop the content and the spool file; the sink stays usable as empty. */
 void ls_sink_discard(ls_sink *s);
 /* Release everything (also the spool file if never committed); sets

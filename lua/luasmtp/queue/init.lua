@@ -266,7 +266,14 @@ function Queue:attempt(job, d)
         math.floor(r.next_attempt - now), tostring(res.reply))
     end
   end
-  if #lines > 0 then write(self, e.id, table.concat(lines)) end
+  -- An attempt that finishes the entry is recorded by its removal (the
+  -- envelope's unlink, made durable by maybe_done): its state lines
+  -- would be removed with it.
+  local finished = #notices == 0 and #finals == 0 and e.inflight == #job.idxs
+  for _, r in ipairs(e.rcpt) do
+    if r.state ~= "done" then finished = false end
+  end
+  if #lines > 0 and not finished then write(self, e.id, table.concat(lines)) end
   -- the notice is queued before the failure is recorded: a crash in
   -- between sends it twice, never not at all
   self:notice(e, notices)

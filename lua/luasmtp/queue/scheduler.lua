@@ -78,8 +78,9 @@ local function looping(q, e, now)
 end
 
 -- Jobs: { entry, idxs = {rcpt indexes}, route }
+-- Over a snapshot of the entries: removing one or queueing a notice
+-- waits for the disk, and other tasks add entries meanwhile.
 local function collect(q, now)
-  -- a snapshot: bouncing queues notices (new entries) as it goes
   local list = {}
   for id, e in pairs(q.entries) do list[#list + 1] = { id, e } end
   for _, item in ipairs(list) do

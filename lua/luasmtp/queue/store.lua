@@ -7,12 +7,14 @@
 --             state, append-only, one fsynced line per event)
 --   control/  notices from `luasmtp queue` to a running scheduler
 --
--- Enqueue writes the body and the envelope into tmp/, fsyncs both,
--- renames the body into queue/, fsyncs queue/, renames the envelope into
--- queue/ and fsyncs queue/ again: after a crash an entry is either whole
--- or its envelope is missing (a body or log without an envelope is a
--- half-written or half-removed entry, removed at start). Removal goes
--- the other way: envelope first.
+-- Enqueue writes the body and the envelope into tmp/ and fsyncs both
+-- (at once, in worker threads: core.fsync_paths), renames both into
+-- queue/ and fsyncs queue/ (one directory fsync shared by the entries
+-- renamed meanwhile: sync_dir); only then is the entry durable. After a
+-- crash an entry is whole (envelope and body in queue/) or it was never
+-- acknowledged: an envelope whose body is missing, and a body or log
+-- without an envelope, are half-written or half-removed entries,
+-- removed at start. Removal goes the other way: envelope first.
 --
 -- Files are lines of space-separated fields, each percent-encoded (see
 -- enc), so no value can split a line or a field.
@@ -181,14 +183,24 @@ function M.append(p, id, text)
 end
 
 -- Write a body given as a string, a file, a chunk function, or an
--- object with :chunks() (a server message, a sink) to path, fsynced.
+-- object with :chunks() (a server message, a sink) to path, not yet
+-- fsynced. A server message that arrived in a spool file and was not
+-- edited becomes the file by a hard link (no copy). Returns its size.
 local function write_body(path, body)
-  if type(body) == "string" then
-    local ok, token, detail, kind = core.write_file_sync(path, body)
-    return ok and #body, token, detail, kind
+  if type(body) == "table" and body.sink and body.unedited and body:unedited() and body:spooled() then
+    local ok, token, detail, kind = body.sink:commit(path, false)
+    if ok then return body:size() end
+    return nil, token, detail, kind
   end
   local next_chunk
-  if io.type(body) == "file" then
+  if type(body) == "string" then
+    local s = body
+    next_chunk = function()
+      local c = s
+      s = nil
+      return c
+    end
+  elseif io.type(body) == "file" then
     next_chunk = function() return body:read(65536) end
   elseif type(body) == "function" then
     next_chunk = body
@@ -202,8 +214,8 @@ local function write_body(path, body)
   else
     error("enqueue: body must be a string, a file, a function or have :chunks()", 3)
   end
-  local f, err = io.open(path, "wb")
-  if not f then return nil, "io", err, "other" end
+  local f, err, errno = io.open(path, "wb")
+  if not f then return nil, "io", err, errno == 28 and "full" or "other" end
   local size = 0
   while true do
     local chunk, why = next_chunk()
@@ -215,25 +227,70 @@ local function write_body(path, body)
       end
       break
     end
-    local ok, werr, errno = f:write(chunk)
+    local ok, werr, werrno = f:write(chunk)
     if not ok then
       f:close()
       os.remove(path)
-      return nil, "io", werr, errno == 28 and "full" or "other"
+      return nil, "io", werr, werrno == 28 and "full" or "other"
     end
     size = size + #chunk
   end
-  local ok, cerr, errno = f:close()
+  local ok, cerr, cerrno = f:close()
   if not ok then
     os.remove(path)
-    return nil, "io", cerr, errno == 28 and "full" or "other"
-  end
-  local synced, token, detail, kind = core.fsync_path(path)
-  if not synced then
-    os.remove(path)
-    return nil, token, detail, kind
+    return nil, "io", cerr, cerrno == 28 and "full" or "other"
   end
   return size
+end
+
+local function write_text(path, text)
+  local f, err, errno = io.open(path, "wb")
+  if not f then return nil, "io", err, errno == 28 and "full" or "other" end
+  local ok, werr, werrno = f:write(text)
+  local closed, cerr, cerrno = f:close()
+  if ok and closed then return true end
+  os.remove(path)
+  return nil, "io", werr or cerr, (werrno or cerrno) == 28 and "full" or "other"
+end
+
+-- How long a durable write may wait for the disk before it fails.
+M.SYNC_TIMEOUT = 60
+
+--- sync_dir(p) -> true | nil, token, detail, kind: fsync queue/ after
+-- renames or unlinks there (group commit). The directory fsync that
+-- covers a caller is the first one to start after its call; while one
+-- runs, every caller arriving waits for the next, which then serves them
+-- all: many entries committed in one loop pass share one fsync.
+function M.sync_dir(p)
+  local g = p.dirsync
+  if not g then
+    g = { started = 0, finished = 0, wanted = 0, running = false, cond = core.cond(), failed = {} }
+    p.dirsync = g
+  end
+  local need = g.started + 1
+  if need > g.wanted then g.wanted = need end
+  if not g.running then
+    g.running = true
+    while g.finished < g.wanted do
+      local epoch = g.started + 1
+      g.started = epoch
+      local ok, token, detail, kind = core.fsync_paths({ p.queue }, M.SYNC_TIMEOUT)
+      if not ok then g.failed[epoch] = { token, detail, kind } end
+      g.failed[epoch - 64] = nil
+      g.finished = epoch
+      g.cond:broadcast()
+    end
+    g.running = false
+  end
+  local deadline = core.update_now() + 2 * M.SYNC_TIMEOUT
+  while g.finished < need do
+    local left = deadline - core.update_now()
+    if left <= 0 then return nil, "timeout", p.queue .. ": fsync did not finish", "other" end
+    g.cond:wait(left)
+  end
+  local f = g.failed[need]
+  if f then return nil, f[1], f[2], f[3] end
+  return true
 end
 
 --- write_entry(p, entry, body) -> true | nil, token, detail, kind
@@ -241,40 +298,45 @@ end
 function M.write_entry(p, entry, body)
   local id = entry.id
   local tbody, tenv = p.tmp .. "/" .. id .. ".body", p.tmp .. "/" .. id .. ".env"
+  local qbody, qenv = p.queue .. "/" .. id .. ".body", p.queue .. "/" .. id .. ".env"
   local size, token, detail, kind = write_body(tbody, body)
   if not size then return nil, token, detail, kind end
   entry.size = size
   local ok
-  ok, token, detail, kind = core.write_file_sync(tenv, M.encode_envelope(entry))
+  ok, token, detail, kind = write_text(tenv, M.encode_envelope(entry))
   if not ok then
     os.remove(tbody)
     return nil, token, detail, kind
   end
+  ok, token, detail, kind = core.fsync_paths({ tbody, tenv }, M.SYNC_TIMEOUT)
+  if not ok then
+    os.remove(tbody); os.remove(tenv)
+    return nil, token, detail, kind
+  end
   local function undo(why)
     os.remove(tbody); os.remove(tenv)
-    os.remove(p.queue .. "/" .. id .. ".body")
+    os.remove(qenv); os.remove(qbody)
     return nil, "io", why, "other"
   end
-  local renamed, rerr = os.rename(tbody, p.queue .. "/" .. id .. ".body")
+  local renamed, rerr = os.rename(tbody, qbody)
   if not renamed then return undo(rerr) end
-  ok, token, detail, kind = core.fsync_dir(p.queue)
-  if not ok then undo(detail); return nil, token, detail, kind end
   M.crash_point("enqueue_before_envelope")
-  renamed, rerr = os.rename(tenv, p.queue .. "/" .. id .. ".env")
+  renamed, rerr = os.rename(tenv, qenv)
   if not renamed then return undo(rerr) end
-  ok, token, detail, kind = core.fsync_dir(p.queue)
+  ok, token, detail, kind = M.sync_dir(p)
   if not ok then
-    os.remove(p.queue .. "/" .. id .. ".env")
     undo(detail)
     return nil, token, detail, kind
   end
   return true
 end
 
---- remove_entry(p, id): envelope first (the entry is gone), then the rest.
-function M.remove_entry(p, id)
+--- remove_entry(p, id [, now]): envelope first (the entry is gone), then
+-- the rest. The directory fsync is the shared one (sync_dir: the caller
+-- waits while other tasks run), or with `now` (at start) a plain one.
+function M.remove_entry(p, id, now)
   os.remove(p.queue .. "/" .. id .. ".env")
-  core.fsync_dir(p.queue)
+  if now then core.fsync_dir(p.queue) else M.sync_dir(p) end
   os.remove(p.queue .. "/" .. id .. ".body")
   os.remove(p.queue .. "/" .. id .. ".log")
   os.remove(p.control .. "/" .. id)
@@ -288,6 +350,9 @@ function M.load(p, id)
   local e, why = M.decode_envelope(readfile(p.queue .. "/" .. id .. ".env"))
   if not e then return nil, why end
   e.body_path = p.queue .. "/" .. id .. ".body"
+  local body = io.open(e.body_path, "rb")
+  if not body then return nil, "no body" end
+  body:close()
   for _, r in ipairs(e.rcpt) do
     r.state, r.attempts, r.next_attempt = "pending", 0, e.received_at
   end
@@ -335,7 +400,7 @@ function M.scan(p, cleanup)
       if e then
         entries[#entries + 1] = e
       elseif cleanup then
-        M.remove_entry(p, id)
+        M.remove_entry(p, id, true)
       end
     elseif cleanup and (not id or not have_env[id]) then
       os.remove(p.queue .. "/" .. name)
