@@ -64,6 +64,7 @@ describe("queue enqueue", function()
       for _, t in ipairs(tasks) do assert(t:join(60)) end
     end, 90)
     assert.same({}, names(dir .. "/tmp"))
+    q:close()
     -- a second owner sees every entry, whole
     local again = assert(queue.open { dir = dir, log = function() end })
     assert.equal(40, again:pending())
@@ -79,6 +80,7 @@ describe("queue enqueue", function()
     local id = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = "Subject: x\r\n\r\nx\r\n" })
     local kept = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = "Subject: y\r\n\r\ny\r\n" })
     os.remove(dir .. "/queue/" .. id .. ".body") -- the envelope's rename reached the disk, the body's not
+    q:close()
     local again = assert(queue.open { dir = dir, log = function() end })
     assert.equal(1, again:pending())
     assert.same({ kept .. ".body", kept .. ".env" }, names(dir .. "/queue"))
