@@ -217,8 +217,35 @@ for name, n in sorted(seen.items()):
         if pid_in(text) == ws[3].pid then served = true break end
       end
       assert.is_true(served, "the restarted worker never answered")
+      -- SIGUSR1: the status, one line per worker
+      os.execute("kill -USR1 " .. sv.pid)
+      log = wait_log(sv, "worker 2 pid %d+ generation 1 ready")
+      assert.matches("status: pid " .. sv.pid .. ", generation 1, 2 workers %(2 wanted%)", log)
+      assert.matches("worker 1 pid " .. ws[3].pid .. " generation 1 ready up [%d.]+ s, 0 slots held, restarts 1", log)
+      assert.matches("worker 2 pid " .. ws[2].pid .. " generation 1 ready", log)
       assert.is_true(stop(sv))
     end, 90)
+  end)
+
+  it("lets each worker bind an address not given to --listen, with SO_REUSEPORT", function()
+    H.run(function()
+      local port = H.free_port()
+      local sv = start("reuseport", "--workers 2", script(), "127.0.0.1:" .. port, 2)
+      local ws = workers_of(sv)
+      local seen, n = {}, 0
+      for _ = 1, 300 do
+        local c, code, text = greet(port)
+        assert.equal("220", code)
+        c.close()
+        local pid = pid_in(text)
+        if not seen[pid] then n = n + 1 end
+        seen[pid] = true
+        if n == 2 then break end
+      end
+      assert.equal(2, n)
+      assert.is_true(seen[ws[1].pid] and seen[ws[2].pid])
+      assert.is_true(stop(sv))
+    end, 60)
   end)
 
   it("throttles a crash loop with backoff and gives up after 5 quick deaths in a row", function()
