@@ -96,21 +96,24 @@ function M.main(args)
       program = _G.arg and _G.arg[0], on_error = opts.on_error,
     }
   end
+  -- a worker's lines say which worker wrote them
+  local prefix = "luasmtp serve: "
   local workers
   if opts.worker then
+    prefix = ("luasmtp serve: worker %d (pid %d): "):format(opts.worker.slot, (require("luasmtp.core").proc_ids()))
     workers = require "luasmtp.workers"
     local ok, err, detail = workers.setup {
       slot = opts.worker.slot, generation = opts.worker.generation, channel = opts.channel,
       inherit = opts.inherit, on_error = opts.on_error,
     }
     if not ok then
-      io.stderr:write("luasmtp serve: worker: ", tostring(detail or err), "\n")
+      io.stderr:write(prefix, tostring(detail or err), "\n")
       return 71
     end
   end
   local chunk, err = loadfile(script)
   if not chunk then
-    io.stderr:write("luasmtp serve: ", err, "\n")
+    io.stderr:write(prefix, err, "\n")
     return 66
   end
   local script_args = table.move(args, i + 1, #args, 1, {})
@@ -123,13 +126,13 @@ function M.main(args)
   end)
   local ok, failure = main:join()
   if not ok then
-    io.stderr:write("luasmtp serve: ", tostring(failure), "\n")
+    io.stderr:write(prefix, tostring(failure), "\n")
     return 70
   end
   if workers then
     local rok, rerr, rdetail = workers.ready()
     if not rok then
-      io.stderr:write("luasmtp serve: worker: telling the supervisor: ", tostring(rdetail or rerr), "\n")
+      io.stderr:write(prefix, "telling the supervisor: ", tostring(rdetail or rerr), "\n")
     end
   end
 
@@ -140,12 +143,12 @@ function M.main(args)
       if sig == "HUP" then
         if control.reload then
           local rok, rerr = pcall(control.reload)
-          io.stderr:write("luasmtp serve: reload ", rok and "done" or ("failed: " .. tostring(rerr)), "\n")
+          io.stderr:write(prefix, "reload ", rok and "done" or ("failed: " .. tostring(rerr)), "\n")
         else
-          io.stderr:write("luasmtp serve: SIGHUP ignored: the script has no reload()\n")
+          io.stderr:write(prefix, "SIGHUP ignored: the script has no reload()\n")
         end
       else
-        io.stderr:write("luasmtp serve: SIG", sig, ": stopping\n")
+        io.stderr:write(prefix, "SIG", sig, ": stopping\n")
         if workers then workers.draining() end
         if control.stop then pcall(control.stop) end
         server.shutdown_all(drain)
@@ -154,7 +157,7 @@ function M.main(args)
           luasmtp.sleep(0.05)
         end
         if server.sessions() > 0 then
-          io.stderr:write("luasmtp serve: ", server.sessions(), " sessions still open after ", drain, " s\n")
+          io.stderr:write(prefix, server.sessions(), " sessions still open after ", drain, " s\n")
           status = 1
         end
         os.exit(status, true)
