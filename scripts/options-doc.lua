@@ -6,6 +6,11 @@ local schemas = {
   client = function() return require("luasmtp.client").schema end,
   serve = function() return require("luasmtp.net").serve_schema end,
   passwd_file = function() return require("luasmtp.credentials.passwd_file").schema end,
+  dkim_signer = function() return require("luasmtp.dkim").signer_schema end,
+  mtasts = function() return require("luasmtp.delivery.mtasts").schema end,
+  tlsrpt = function() return require("luasmtp.delivery.tlsrpt").schema end,
+  mailauth = function() return require("luasmtp.mailauth.plugin").schema end,
+  dkim_sign = function() return require("luasmtp.mailauth.sign").schema end,
 }
 
 local M = {}

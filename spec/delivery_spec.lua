@@ -154,6 +154,26 @@ describe("delivery destinations", function()
     assert.equal(3, #v4.addresses)
   end)
 
+  it("asks for AAAA and A at once, and an error in one lookup only costs that family", function()
+    H.run(function()
+      local events = {}
+      local resolver = { query = function(name, qtype)
+        events[#events + 1] = "ask " .. qtype
+        luasmtp.sleep(0.05)
+        events[#events + 1] = "got " .. qtype
+        if name == "broken.test" and qtype == "A" then error("resolver bug") end
+        return { rcode = "NOERROR", answers = qtype == "A" and { "192.0.2.7" } or { "2001:db8::7" } }
+      end }
+      local info = assert(destinations.addresses({ name = "both.test" }, resolver))
+      assert.equal(2, #info.addresses)
+      -- both questions were out before either answer came back
+      assert.same({ "ask", "ask" }, { events[1]:match("^%a+"), events[2]:match("^%a+") })
+      events = {}
+      info = assert(destinations.addresses({ name = "broken.test" }, resolver))
+      assert.same({ { address = "2001:db8::7", family = "inet6" } }, info.addresses)
+    end)
+  end)
+
   it("reports a host without addresses permanently, a failed address lookup temporarily", function()
     local dns = mock_dns { ["empty.test"] = {}, ["half.test"] = { A = { "192.0.2.9" }, servfail = { AAAA = true } },
       ["down.test"] = { servfail = { A = true, AAAA = true } } }

@@ -100,33 +100,16 @@ static int lib_status = ARES_ENOTINITIALIZED;
 static void lib_init(void) { lib_status = ares_library_init(ARES_LIB_INIT_ALL); }
 
 /* ------------------------------------------------------------------ */
-/* libev integration. All watchers here are unref'd while active, so the
- * loop must be ref'd again before stopping them. */
-
-static void io_stop(struct ev_loop *ev, dns_sock *s)
-{
-    if (ev != NULL && ev_is_active(&s->io)) {
-        ev_ref(ev);
-        ev_io_stop(ev, &s->io);
-    }
-}
-
-static void timer_stop(dns_chan *c)
-{
-    struct ev_loop *ev = ls_evloop(c->loop);
-    if (ev != NULL && ev_is_active(&c->timer)) {
-        ev_ref(ev);
-        ev_timer_stop(ev, &c->timer);
-    }
-}
+/* libev integration: weak watchers (loop.c), so a pending c-ares query
+ * alone does not keep the loop running; the waiting task's deadline is
+ * what does. */
 
 /* Follow ares_timeout(): the earliest moment c-ares must look at its
  * queries again (retries, timeouts). Call after every c-ares call. */
 static void timer_rearm(dns_chan *c)
 {
-    struct ev_loop *ev = ls_evloop(c->loop);
-    timer_stop(c);
-    if (ev == NULL || c->channel == NULL)
+    ls_weak_timer_stop(c->loop, &c->timer);
+    if (c->channel == NULL)
         return;
     struct timeval tv;
     if (ares_timeout(c->channel, NULL, &tv) == NULL)
@@ -134,18 +117,15 @@ static void timer_rearm(dns_chan *c)
     double after = (double)tv.tv_sec + (double)tv.tv_usec / 1e6;
     if (after < 0.001)
         after = 0.001; /* c-ares rounds to ms: do not spin on 0 */
-    ev_timer_set(&c->timer, after, 0.);
-    ev_timer_start(ev, &c->timer);
-    ev_unref(ev);
+    ls_weak_timer_start(c->loop, &c->timer, after);
 }
 
 static void timer_cb(struct ev_loop *ev, ev_timer *w, int revents)
 {
     (void)revents;
+    (void)ev;
     dns_chan *c = (dns_chan *)((char *)w - offsetof(dns_chan, timer));
-    /* libev stopped the one-shot timer, which counted as an unref'd
-     * watcher going away: balance the ev_unref() done at start. */
-    ev_ref(ev);
+    ls_weak_timer_fired(c->loop);
     if (c->channel == NULL)
         return;
     ares_process_fd(c->channel, ARES_SOCKET_BAD, ARES_SOCKET_BAD);
@@ -170,7 +150,6 @@ static void sock_io_cb(struct ev_loop *ev, ev_io *w, int revents)
 static void sock_state_cb(void *data, ares_socket_t fd, int readable, int writable)
 {
     dns_chan *c = data;
-    struct ev_loop *ev = ls_evloop(c->loop);
     dns_sock **pp = &c->socks, *s;
     while ((s = *pp) != NULL && s->io.fd != fd)
         pp = &s->next;
@@ -178,7 +157,7 @@ static void sock_state_cb(void *data, ares_socket_t fd, int readable, int writab
     if (events == 0) {
         if (s != NULL) {
             *pp = s->next;
-            io_stop(ev, s);
+            ls_weak_io_stop(c->loop, &s->io);
             free(s);
         }
         return;
@@ -194,14 +173,11 @@ static void sock_state_cb(void *data, ares_socket_t fd, int readable, int writab
     } else if (s->events == events && ev_is_active(&s->io)) {
         return;
     } else {
-        io_stop(ev, s);
+        ls_weak_io_stop(c->loop, &s->io);
         ev_io_set(&s->io, fd, events);
     }
     s->events = events;
-    if (ev != NULL) {
-        ev_io_start(ev, &s->io);
-        ev_unref(ev);
-    }
+    ls_weak_io_start(c->loop, &s->io);
 }
 
 /* ------------------------------------------------------------------ */
@@ -292,14 +268,13 @@ static void chan_destroy(dns_chan *c, int dying)
     c->dying = dying;
     ares_destroy(c->channel); /* runs the callbacks, closes the sockets */
     c->channel = NULL;
-    struct ev_loop *ev = ls_evloop(c->loop);
     while (c->socks != NULL) { /* c-ares normally reported them closed */
         dns_sock *s = c->socks;
         c->socks = s->next;
-        io_stop(ev, s);
+        ls_weak_io_stop(c->loop, &s->io);
         free(s);
     }
-    timer_stop(c);
+    ls_weak_timer_stop(c->loop, &c->timer);
 }
 
 static int chan_gc(lua_State *L)
@@ -834,45 +809,27 @@ static int req_k(lua_State *L, int status, lua_KContext ctx)
     return 3;
 }
 
-/* Protected part of a main-chunk wait: args req, deadline. */
-static int main_wait(lua_State *L)
+/* The main chunk's wait raised: the request must not keep pointing at
+ * the main pseudo-task (its next wait would get a stale wake-up). */
+static void req_abandon(lua_KContext ctx)
 {
-    dns_req *req = lua_touserdata(L, 1);
-    double deadline = lua_tonumber(L, 2);
-    ls_wait(L, req->loop, req->task, -1, 0, deadline, &req->wait, 0, NULL);
-    return 0;
+    dns_req *req = (dns_req *)ctx;
+    if (req->done)
+        req_free(req);
+    else
+        req->task = NULL; /* the c-ares callback frees it */
 }
 
 /* The query has been issued: wait for it and return its results. */
 static int req_wait(lua_State *L, dns_req *req, double timeout)
 {
     req->issuing = 0;
-    dns_chan *c = req->chan;
-    timer_rearm(c); /* c-ares has sent the query: follow its timeouts */
+    timer_rearm(req->chan); /* c-ares has sent the query: follow its timeouts */
     if (req->done)
         return req_finish(L, req);
     double deadline = ls_now(req->loop) + timeout;
-    /* ls_current() returned a task (a yieldable coroutine: ls_wait
-     * yields and Lua calls req_k when it is resumed) or the main chunk's
-     * pseudo-task (ls_wait runs the loop and returns). */
-    if (lua_isyieldable(L)) {
-        ls_wait(L, req->loop, req->task, -1, 0, deadline, &req->wait, (lua_KContext)req, req_k);
-        return req_k(L, LUA_OK, (lua_KContext)req); /* main chunk run in a coroutine */
-    }
-    /* The main chunk runs the loop right here. Should that raise, the
-     * request must not keep pointing at the main pseudo-task (its next
-     * wait would get a stale wake-up). */
-    lua_pushcfunction(L, main_wait);
-    lua_pushlightuserdata(L, req);
-    lua_pushnumber(L, deadline);
-    if (lua_pcall(L, 2, 0, 0) != LUA_OK) {
-        if (req->done)
-            req_free(req);
-        else
-            req->task = NULL;
-        return lua_error(L);
-    }
-    return req_k(L, LUA_OK, (lua_KContext)req);
+    return ls_wait_k(L, req->loop, req->task, deadline, &req->wait, (lua_KContext)req, req_k,
+                     req_abandon);
 }
 
 /* ------------------------------------------------------------------ */

@@ -13,6 +13,7 @@
 -- the signature operations are C without Lua (src/lib/dkim.c); this module
 -- is the policy: which fields are signed, which results mean what.
 local core = require "luasmtp.core"
+local options = require "luasmtp.options"
 
 local M = {}
 
@@ -172,9 +173,14 @@ Verifier.__index = Verifier
 --- verifier{ query =, now = } -> v
 -- query(name, "TXT") -> result | nil, "dns", detail (the shape of
 -- luasmtp.dns.query; the default); now: seconds or a function (x=).
+M.verifier_schema = options.schema("dkim.verifier", {
+  { "query", "function", nil, "`query(name, \"TXT\")` with the shape of `luasmtp.dns.query` (the default)" },
+  { "now", "number|function", nil, "the time for x= checks: seconds or a function (default `os.time()`)" },
+})
+
 function M.verifier(opts)
-  opts = opts or {}
-  assert(type(opts) == "table", "verifier expects a table")
+  assert(opts == nil or type(opts) == "table", "verifier expects a table")
+  opts = M.verifier_schema:apply(opts, 2)
   local query = opts.query
   if not query then
     local dns = require "luasmtp.dns"
@@ -351,8 +357,24 @@ end
 --- signer{ domain, selector, key = PEM | key_file =, algorithm =,
 --   canonicalization = "relaxed/relaxed", headers =, oversign = {"from"},
 --   identity =, expire = seconds, body_length = false, now = } -> s
+M.signer_schema = options.schema("dkim.signer", {
+  { "domain", "string", nil, "d=, the signing domain (required)" },
+  { "selector", "string", nil, "s=, the key's selector (required)" },
+  { "key", "string", nil, "the private key in PEM (RSA of 1024 bits or more, or Ed25519)" },
+  { "key_file", "string", nil, "a file holding the PEM key (instead of `key`)" },
+  { "algorithm", "string", nil, "`rsa-sha256` or `ed25519-sha256` (default: from the key)" },
+  { "canonicalization", "string", "relaxed/relaxed", "c=, header/body: `simple` or `relaxed` each" },
+  { "headers", "table", nil, "the field names to sign (default `dkim.DEFAULT_HEADERS`)" },
+  { "oversign", "table", { "from" }, "names signed once more than they occur, so none can be added" },
+  { "identity", "string", nil, "i=, an address within domain" },
+  { "expire", "number", nil, "x= this many seconds after t=" },
+  { "body_length", "boolean", false, "add l= (the signed body length)" },
+  { "now", "number|function", nil, "the time for t=: seconds or a function (default `os.time()`)" },
+})
+
 function M.signer(opts)
   assert(type(opts) == "table", "signer expects a table")
+  opts = M.signer_schema:apply(opts, 2)
   assert(type(opts.domain) == "string" and opts.domain:match("^[%w%.%-_]+$"), "domain must be a domain name")
   assert(type(opts.selector) == "string" and opts.selector:match("^[%w%.%-_]+$"), "selector must be a name")
   local pem = opts.key or (opts.key_file and read_file(opts.key_file))
@@ -365,7 +387,7 @@ function M.signer(opts)
   if alg.key == "rsa" then
     assert(key:bits() >= M.MIN_RSA_BITS, "RSA keys under 1024 bits do not verify (RFC 8301)")
   end
-  local hc, bc = split_canon(opts.canonicalization or "relaxed/relaxed")
+  local hc, bc = split_canon(opts.canonicalization)
   assert(hc, "canonicalization must be simple or relaxed, header/body")
   if opts.identity then
     local d = opts.identity:match("@(.+)$")
@@ -375,7 +397,7 @@ function M.signer(opts)
   local names = {}
   for _, n in ipairs(opts.headers or M.DEFAULT_HEADERS) do names[#names + 1] = n:lower() end
   local oversign = {}
-  for _, n in ipairs(opts.oversign or { "from" }) do oversign[n:lower()] = true end
+  for _, n in ipairs(opts.oversign) do oversign[n:lower()] = true end
   return setmetatable({ domain = opts.domain, selector = opts.selector, key = key,
     algorithm = algorithm, hash = alg.hash, header_c = hc, body_c = bc, names = names,
     oversign = oversign, identity = opts.identity, expire = opts.expire,

@@ -13,6 +13,7 @@
 -- known per step: DANE needs to know whether the name a chain started
 -- from, and the name it ended at, were both DNSSEC-secure.
 local client = require "luasmtp.client"
+local core = require "luasmtp.core"
 
 local M = {}
 
@@ -214,10 +215,31 @@ function M.addresses(host, resolver, opts)
   local info = { name = host.name }
   local results, failures = {}, {}
   local authentic, expanded_authentic = true, true
+  -- Both families are asked at once: the A lookup runs in a task of its
+  -- own while this one follows AAAA (each bounded by the resolver's
+  -- timeout), so a slow AAAA answer does not delay the IPv4 addresses.
+  local answers = {}
+  local want4 = not opts.family or opts.family == "inet"
+  local want6 = not opts.family or opts.family == "inet6"
+  local a_task
+  if want4 and want6 then
+    a_task = core.spawn(function() return M.follow(host.name, "A", resolver) end)
+  elseif want4 then
+    answers.A = table.pack(M.follow(host.name, "A", resolver))
+  end
+  if want6 then answers.AAAA = table.pack(M.follow(host.name, "AAAA", resolver)) end
+  if a_task then
+    local ok, res, steps, err = a_task:join()
+    if ok then
+      answers.A = table.pack(res, steps, err)
+    else -- the lookup raised: report it as a DNS failure of that family
+      answers.A = table.pack(fail("dns", false, ("%s A: %s"):format(host.name, tostring(res))))
+    end
+  end
   for _, qtype in ipairs({ "AAAA", "A" }) do
-    local fam = qtype == "A" and "inet" or "inet6"
-    if not opts.family or opts.family == fam then
-      local res, steps, err = M.follow(host.name, qtype, resolver)
+    local got = answers[qtype]
+    if got then
+      local res, steps, err = got[1], got[2], got[3]
       if res then
         results[qtype] = res
         authentic = authentic and steps[1].authentic

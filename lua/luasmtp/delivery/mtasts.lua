@@ -26,6 +26,7 @@
 local core = require "luasmtp.core"
 local http = require "luasmtp.http"
 local store = require "luasmtp.store"
+local options = require "luasmtp.options"
 local txt = require "luasmtp.delivery.txt"
 
 local M = {}
@@ -255,9 +256,22 @@ STS.__index = STS
 --   port          policy host port (tests; default 443)
 --   resolve       {"mta-sts.example.test:PORT:127.0.0.1"} (tests)
 --   now           function returning the time in seconds (default luasmtp.time)
+M.schema = options.schema("mtasts", {
+  { "cache_dir", "string", nil, "directory of the persistent cache (created; without it the cache is in memory only)" },
+  { "dns_query", "function", nil,
+    "DNS function with the signature of `luasmtp.dns.query` (default: that module, or a fallback over `resolve_txt`)" },
+  { "http_request", "function", nil, "HTTP function (default `luasmtp.http.request`)" },
+  { "cafile", "string|boolean", nil, "trust anchors for the policy host (nil or false: the system's)" },
+  { "capath", "string", nil, "a directory of trust anchors" },
+  { "timeout", "number", M.DEFAULT_TIMEOUT, "policy fetch timeout, seconds" },
+  { "port", "integer", nil, "port of `mta-sts.<domain>` (tests reach it on loopback)" },
+  { "resolve", "table", nil,
+    "libcurl resolve entries for the policy host, `{\"mta-sts.example.test:PORT:127.0.0.1\"}` (tests)" },
+  { "now", "function", nil, "returns the time in seconds (default `luasmtp.time`)" },
+})
+
 function M.new(opts)
-  opts = opts or {}
-  assert(type(opts) == "table", "mtasts.new: options table expected")
+  opts = M.schema:apply(opts, 2)
   local self = setmetatable({
     cache_dir = opts.cache_dir,
     dns_query = opts.dns_query or txt.default_query(),

@@ -17,6 +17,7 @@ local core = require "luasmtp.core"
 local http = require "luasmtp.http"
 local json = require "luasmtp.json"
 local store = require "luasmtp.store"
+local options = require "luasmtp.options"
 local txt = require "luasmtp.delivery.txt"
 
 local M = {}
@@ -170,8 +171,20 @@ Recorder.__index = Recorder
 --   sync          fsync every record (default true)
 --   retry_days    days a report that failed to go out is retried (3)
 --   keep_days     days the logs of reported days are kept (7)
+M.schema = options.schema("tlsrpt", {
+  { "dir", "string", nil, "directory of the daily logs and reports (created; required)" },
+  { "organization", "string", nil, "`organization-name` of the reports (required)" },
+  { "contact", "string", nil, "`contact-info` of the reports (required)" },
+  { "submitter", "string", nil, "this host's domain: `TLS-Report-Submitter`, report ids and file names (required)" },
+  { "from", "string", nil, "sender of report mails (default `noreply-tlsrpt@<submitter>`)" },
+  { "sync", "boolean", true, "fsync each recorded line" },
+  { "retry_days", "number", 3, "days a report that could not be sent is tried again" },
+  { "keep_days", "number", 7, "days the logs of sent reports are kept" },
+})
+
 function M.new(opts)
   assert(type(opts) == "table", "tlsrpt.new: options table expected")
+  opts = M.schema:apply(opts, 2)
   for _, k in ipairs { "dir", "organization", "contact", "submitter" } do
     assert(type(opts[k]) == "string" and opts[k] ~= "", "tlsrpt.new: " .. k .. " (a string) is required")
   end
@@ -182,9 +195,9 @@ function M.new(opts)
     contact = opts.contact,
     submitter = opts.submitter,
     from = opts.from or ("noreply-tlsrpt@" .. opts.submitter),
-    sync = opts.sync ~= false,
-    retry_days = opts.retry_days or 3,
-    keep_days = opts.keep_days or 7,
+    sync = opts.sync,
+    retry_days = opts.retry_days,
+    keep_days = opts.keep_days,
   }, Recorder)
   assert(not self.from:find("[%c<>]"), "tlsrpt.new: invalid from address")
   assert(core.mkdir(self.dir))

@@ -15,6 +15,7 @@
 -- as one line per message in the log of its UTC day; building and
 -- sending the rua reports themselves is not done yet.
 local core = require "luasmtp.core"
+local options = require "luasmtp.options"
 local txt = require "luasmtp.delivery.txt"
 
 local M = {}
@@ -223,9 +224,14 @@ Recorder.__index = Recorder
 
 --- new{ dir = } -> recorder: lines go to dir/<UTC day>.dmarc, each
 -- fsynced before record() returns.
+M.schema = options.schema("dmarc", {
+  { "dir", "string", nil, "directory of the aggregate data, one file per UTC day (created; required)" },
+})
+
 function M.new(opts)
-  assert(type(opts) == "table" and type(opts.dir) == "string" and opts.dir ~= "",
-    "dmarc.new: dir (a string) is required")
+  assert(type(opts) == "table", "dmarc.new: options table expected")
+  opts = M.schema:apply(opts, 2)
+  assert(opts.dir and opts.dir ~= "", "dmarc.new: dir (a string) is required")
   assert(core.mkdir(opts.dir))
   return setmetatable({ dir = opts.dir }, Recorder)
 end

@@ -16,6 +16,7 @@
 -- so DKIM sees the fields as they arrived.
 local ar = require "luasmtp.mailauth.ar"
 local dmarc = require "luasmtp.mailauth.dmarc"
+local options = require "luasmtp.options"
 local spf = require "luasmtp.mailauth.spf"
 
 -- The domain of the one address of a From field value (RFC 5322
@@ -57,9 +58,20 @@ end
 --   reporter     a luasmtp.mailauth.dmarc recorder (new{dir=}): aggregate data per message
 --   header       add the Authentication-Results field (default true)
 --   receiver     %{r} in SPF explanations (default: authserv_id)
-return function(opts)
-  opts = opts or {}
-  assert(type(opts) == "table", "mailauth: options table expected")
+local schema = options.schema("mailauth", {
+  { "authserv_id", "string", nil, "the name in Authentication-Results (default: the server's hostname)" },
+  { "query", "function", nil, "DNS function (default `luasmtp.dns.query`)" },
+  { "spf", "boolean", true, "check SPF of MAIL FROM (and of the HELO name for a null sender)" },
+  { "dkim", "boolean", true, "verify DKIM signatures while the body arrives" },
+  { "dmarc", "boolean", true, "evaluate DMARC when the message has ended" },
+  { "helo", "boolean", true, "check SPF of the HELO name" },
+  { "reporter", "table", nil, "a DMARC recorder (`dmarc.new{ dir = }`): aggregate data per message" },
+  { "header", "boolean", true, "add the Authentication-Results field" },
+  { "receiver", "string", nil, "`%{r}` in SPF explanations (default: authserv_id)" },
+})
+
+local function new(opts)
+  opts = schema:apply(opts, 3)
   local function enabled(k)
     return opts[k] ~= false
   end
@@ -184,3 +196,5 @@ return function(opts)
     end,
   }
 end
+
+return setmetatable({ schema = schema }, { __call = function(_, opts) return new(opts) end })

@@ -19,6 +19,7 @@
 -- (the body is streamed, never made one string) and prepended, the first
 -- signature of the list on top.
 local dkim = require "luasmtp.dkim"
+local options = require "luasmtp.options"
 
 local function from_domain(header)
   local froms = header:get_all("From")
@@ -28,8 +29,17 @@ local function from_domain(header)
   return d and d:lower()
 end
 
-return function(opts)
-  assert(type(opts) == "table" and type(opts.domains) == "table", "dkim sign: options with domains expected")
+local schema = options.schema("dkim_sign", {
+  { "domains", "table", nil,
+    "From domain -> the signatures to make: a list of `dkim.signer` options, or one (required)" },
+  { "when", "function", nil,
+    "`when(session, message) -> boolean`: which messages are signed (default: those of authenticated sessions)" },
+})
+
+local function new(opts)
+  assert(type(opts) == "table", "dkim sign: options with domains expected")
+  opts = schema:apply(opts, 3)
+  assert(opts.domains, "dkim sign: options with domains expected")
   local domains = {}
   for d, list in pairs(opts.domains) do
     if list[1] == nil then list = { list } end
@@ -66,3 +76,5 @@ return function(opts)
     end,
   }
 end
+
+return setmetatable({ schema = schema }, { __call = function(_, opts) return new(opts) end })
