@@ -11,6 +11,7 @@ local schemas = {
   tlsrpt = function() return require("luasmtp.delivery.tlsrpt").schema end,
   mailauth = function() return require("luasmtp.mailauth.plugin").schema end,
   dkim_sign = function() return require("luasmtp.mailauth.sign").schema end,
+  dmarc = function() return require("luasmtp.mailauth.dmarc").schema end,
 }
 
 local M = {}

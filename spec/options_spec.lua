@@ -37,7 +37,8 @@ describe("option schemas", function()
     f:close()
     local regenerated, found = doc.rewrite(readme)
     table.sort(found)
-    assert.same({ "client", "dkim_sign", "dkim_signer", "mailauth", "mtasts", "passwd_file", "serve", "server", "tlsrpt" }, found)
+    assert.same({ "client", "dkim_sign", "dkim_signer", "dmarc", "mailauth", "mtasts", "passwd_file", "serve",
+      "server", "tlsrpt" }, found)
     -- on failure: lua5.4 scripts/options-doc.lua --write README.md
     assert.equal(regenerated, readme)
   end)

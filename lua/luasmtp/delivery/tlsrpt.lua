@@ -16,13 +16,12 @@
 local core = require "luasmtp.core"
 local http = require "luasmtp.http"
 local json = require "luasmtp.json"
-local store = require "luasmtp.store"
 local options = require "luasmtp.options"
+local reports = require "luasmtp.report"
 local txt = require "luasmtp.delivery.txt"
 
 local M = {}
 
-local DAY = 86400
 
 --- The result types of RFC 8460 section 4.3, and "success".
 M.RESULT_TYPES = {
@@ -80,26 +79,8 @@ function M.select_txt(records)
   return txt.select(records, "v=TLSRPTv1", M.parse_txt)
 end
 
-local function percent_decode(s)
-  return (s:gsub("%%(%x%x)", function(h) return string.char(tonumber(h, 16)) end))
-end
-
 --- destination(uri) -> { kind = "mailto", address = } | { kind = "https", url = } | nil, why
-function M.destination(uri)
-  local addr = uri:match("^[Mm][Aa][Ii][Ll][Tt][Oo]:([^?]+)")
-  if addr then
-    addr = percent_decode(addr)
-    local domain = addr:match("^[^@%s<>()\",;:\\%[%]%c]+@([^@%s]+)$")
-    if not domain or not txt.domain(domain) or #addr > 254 then
-      return nil, "invalid mailto address"
-    end
-    return { kind = "mailto", address = addr }
-  end
-  if uri:match("^[Hh][Tt][Tt][Pp][Ss]://[^/?#%s]+") then
-    return { kind = "https", url = uri }
-  end
-  return nil, "unsupported URI scheme"
-end
+M.destination = reports.destination
 
 -- ---------------------------------------------------------------------
 -- Log lines: "1" then 11 fields, tab-separated, percent-escaped.
@@ -107,9 +88,7 @@ end
 local FIELDS = { "time", "policy_domain", "policy_type", "policy_strings", "mx_host", "result",
   "sending_mta_ip", "receiving_ip", "receiving_mx_helo", "failure_reason_code", "additional_info" }
 
-local function escape(s)
-  return (tostring(s or ""):gsub("[%%%c,]", function(c) return ("%%%02X"):format(c:byte()) end))
-end
+local escape, percent_decode = reports.escape, reports.unescape
 
 local function encode_line(r)
   local strings = {}
@@ -125,10 +104,7 @@ local function encode_line(r)
 end
 
 local function decode_line(line)
-  local cols = {}
-  for col in (line .. "\t"):gmatch("([^\t]*)\t") do
-    cols[#cols + 1] = col
-  end
+  local cols = reports.split(line)
   if cols[1] ~= "1" or #cols ~= #FIELDS + 1 then
     return nil
   end
@@ -198,18 +174,15 @@ function M.new(opts)
     sync = opts.sync,
     retry_days = opts.retry_days,
     keep_days = opts.keep_days,
+    suffix = "log",
   }, Recorder)
   assert(not self.from:find("[%c<>]"), "tlsrpt.new: invalid from address")
   assert(core.mkdir(self.dir))
   return self
 end
 
-local function day_of(t)
-  return os.date("!%Y-%m-%d", math.floor(t))
-end
-
 function Recorder:day_path(t, suffix)
-  return ("%s/%s.%s"):format(self.dir, day_of(t), suffix)
+  return reports.path(self, t, suffix)
 end
 
 --- rec:record{ ... } -> true | nil, "io", detail
@@ -236,48 +209,20 @@ function Recorder:record(r)
   entry.policy_domain = domain
   entry.mx_host = r.mx_host and r.mx_host:lower():gsub("%.$", "") or nil
   entry.time = r.time or core.time()
-  local line = encode_line(entry)
-  local path = self:day_path(entry.time, "log")
-  if self.sync then
-    return core.append_file_sync(path, line)
-  end
-  local f, err = io.open(path, "ab")
-  if not f then
-    return nil, "io", err
-  end
-  f:write(line)
-  f:close()
-  return true
+  return reports.append(self, entry.time, encode_line(entry), self.sync)
 end
 
 --- The records of the day files covering [start, stop).
 function Recorder:records(start, stop, domain)
-  local out = {}
-  local day = start - start % DAY
-  while day < stop do
-    local f = io.open(self:day_path(day, "log"), "rb")
-    if f then
-      for line in f:lines() do
-        local r = decode_line(line)
-        if r and r.time >= start and r.time < stop and (domain == nil or r.policy_domain == domain) then
-          out[#out + 1] = r
-        end
-      end
-      f:close()
-    end
-    day = day + DAY
-  end
-  return out
+  return reports.read(self, start, stop, decode_line, domain)
 end
 
-local function iso(t)
-  return os.date("!%Y-%m-%dT%H:%M:%SZ", math.floor(t))
-end
+local iso = reports.iso
 
 --- The report id: stable for a day and domain (a retried report keeps
 -- it), and a valid msg-id: "20261201T000000Z.example.com@submitter".
 function Recorder:report_id(domain, start)
-  return ("%s.%s@%s"):format(os.date("!%Y%m%dT%H%M%SZ", math.floor(start)), domain, self.submitter)
+  return reports.report_id(domain, start, self.submitter)
 end
 
 --- rec:report(domain, start, stop) -> json, report table
@@ -369,27 +314,11 @@ end
 
 --- The policy domains that have records in [start, stop), sorted.
 function Recorder:domains(start, stop)
-  local seen, list = {}, {}
-  for _, r in ipairs(self:records(start, stop)) do
-    if not seen[r.policy_domain] then
-      seen[r.policy_domain] = true
-      list[#list + 1] = r.policy_domain
-    end
-  end
-  table.sort(list)
-  return list
+  return reports.domains(self:records(start, stop))
 end
 
 -- ---------------------------------------------------------------------
 -- Sending
-
-local function wrap76(s)
-  local lines = {}
-  for i = 1, #s, 76 do
-    lines[#lines + 1] = s:sub(i, i + 75)
-  end
-  return table.concat(lines, "\r\n")
-end
 
 --- rec:mail(domain, start, stop, to, gz) -> message text (CRLF lines)
 -- The report mail of RFC 8460 section 5.3: multipart/report with
@@ -397,53 +326,24 @@ end
 -- attachment.
 function Recorder:mail(domain, start, stop, to, gz)
   local id = self:report_id(domain, start)
-  local boundary = "tlsrpt-" .. core.b64encode(core.random(12)):gsub("[+/=]", "x")
-  local filename = ("%s!%s!%d!%d.json.gz"):format(self.submitter, domain, math.floor(start), math.floor(stop - 1))
-  local lines = {
-    "From: <" .. self.from .. ">",
-    "To: <" .. to .. ">",
-    "Date: " .. os.date("!%a, %d %b %Y %H:%M:%S +0000"),
-    "Subject: Report Domain: " .. domain .. " Submitter: " .. self.submitter .. " Report-ID: <" .. id .. ">",
-    "Message-ID: <" .. core.b64encode(core.random(15)):gsub("[+/=]", "x") .. "." .. id .. ">",
-    "TLS-Report-Domain: " .. domain,
-    "TLS-Report-Submitter: " .. self.submitter,
-    "MIME-Version: 1.0",
-    "Content-Type: multipart/report; report-type=\"tlsrpt\";",
-    " boundary=\"" .. boundary .. "\"",
-    "",
-    "This is a multipart message in MIME format.",
-    "",
-    "--" .. boundary,
-    "Content-Type: text/plain; charset=\"us-ascii\"",
-    "Content-Transfer-Encoding: 7bit",
-    "",
-    "This is an aggregate TLS report from " .. self.submitter .. " for " .. domain .. ",",
-    iso(start) .. " to " .. iso(stop - 1) .. ".",
-    "",
-    "--" .. boundary,
-    "Content-Type: application/tlsrpt+gzip",
-    "Content-Transfer-Encoding: base64",
-    "Content-Disposition: attachment;",
-    " filename=\"" .. filename .. "\"",
-    "",
-    wrap76(core.b64encode(gz)),
-    "--" .. boundary .. "--",
-    "",
+  return reports.mail {
+    from = self.from, to = to, id = id,
+    subject = "Report Domain: " .. domain .. " Submitter: " .. self.submitter .. " Report-ID: <" .. id .. ">",
+    headers = { "TLS-Report-Domain: " .. domain, "TLS-Report-Submitter: " .. self.submitter },
+    content_type = "multipart/report; report-type=\"tlsrpt\"",
+    text = "This is an aggregate TLS report from " .. self.submitter .. " for " .. domain .. ",\n" ..
+      iso(start) .. " to " .. iso(stop - 1) .. ".\n",
+    attachment = {
+      type = "application/tlsrpt+gzip", data = gz,
+      filename = ("%s!%s!%d!%d.json.gz"):format(self.submitter, domain, math.floor(start), math.floor(stop - 1)),
+    },
   }
-  return table.concat(lines, "\r\n")
 end
 
 --- Deliver the report of one day for one domain to one destination.
 function Recorder:deliver(dest, domain, start, stop, gz, opts)
   if dest.kind == "mailto" then
-    if not opts.submit then
-      return nil, "no submit function for mailto: reports"
-    end
-    local ok, err = opts.submit(self.from, dest.address, self:mail(domain, start, stop, dest.address, gz))
-    if not ok then
-      return nil, tostring(err or "submit failed")
-    end
-    return true
+    return reports.submit(opts, self.from, dest.address, self:mail(domain, start, stop, dest.address, gz))
   end
   local request = opts.http_request or http.request
   local status, headers, body = request {
@@ -473,95 +373,29 @@ end
 function Recorder:send_due(now, opts)
   opts = opts or {}
   local query = opts.dns_query or txt.default_query()
-  local today = now - now % DAY
-  local results = {}
-  for age = self.retry_days, 1, -1 do
-    local start = today - age * DAY
-    local stop = start + DAY
-    self:send_day(start, stop, query, opts, age == self.retry_days, results)
-  end
-  self:cleanup(today)
-  return results
-end
-
-local function exists(path)
-  local f = io.open(path, "rb")
-  if f then
-    f:close()
-    return true
-  end
-  return false
-end
-
-function Recorder:send_day(start, stop, query, opts, last_chance, results)
-  local done_path = self:day_path(start, "done")
-  if exists(done_path) or not exists(self:day_path(start, "log")) then
-    return
-  end
-  local sent_path = self:day_path(start, "sent")
-  local sent = {}
-  local f = io.open(sent_path)
-  if f then
-    for line in f:lines() do sent[line] = true end
-    f:close()
-  end
-  local pending = false
-  for _, domain in ipairs(self:domains(start, stop)) do
-    if not sent[domain .. "\t*"] then
+  return reports.send_due(self, now, {
+    domains = function(start, stop) return self:domains(start, stop) end,
+    destinations = function(domain)
       local records, _, detail = txt.lookup(query, "_smtp._tls." .. domain)
-      local rec, why
-      if records then
-        rec, why = M.select_txt(records)
-      else
-        why = detail
+      if not records then
+        return nil, detail, true -- DNS failed: try again later
       end
+      local rec, why = M.select_txt(records)
       if not rec then
-        results[#results + 1] = { domain = domain, day = day_of(start), ok = false, error = why }
-        if records or last_chance then -- no record: nothing to send, ever
-          core.append_file_sync(sent_path, domain .. "\t*\n")
-        else
-          pending = true
-        end
-      else
-        local gz = core.gzip((self:report(domain, start, stop)))
-        local all = true
-        for _, uri in ipairs(rec.rua) do
-          if not sent[domain .. "\t" .. uri] then
-            local dest, derr = M.destination(uri)
-            local ok, err = false, derr
-            if dest then
-              ok, err = self:deliver(dest, domain, start, stop, gz, opts)
-            end
-            results[#results + 1] = { domain = domain, day = day_of(start), to = uri, ok = ok == true,
-              error = err }
-            if ok or not dest then
-              core.append_file_sync(sent_path, domain .. "\t" .. uri .. "\n")
-            else
-              all = false
-            end
-          end
-        end
-        if all or last_chance then
-          core.append_file_sync(sent_path, domain .. "\t*\n")
-        else
-          pending = true
-        end
+        return nil, why -- no record: nothing to send, ever
       end
-    end
-  end
-  if not pending then
-    store.replace_file(done_path, day_of(start) .. "\n")
-  end
-end
-
---- Remove the files of days older than keep_days (looking back 60 days).
-function Recorder:cleanup(today)
-  for age = self.keep_days + 1, self.keep_days + 60 do
-    local t = today - age * DAY
-    for _, suffix in ipairs { "log", "sent", "done" } do
-      os.remove(self:day_path(t, suffix))
-    end
-  end
+      return rec.rua
+    end,
+    send = function(domain, uri, start, stop, cache)
+      local dest, why = M.destination(uri)
+      if not dest then
+        return nil, why
+      end
+      cache.gz = cache.gz or core.gzip((self:report(domain, start, stop)))
+      local ok, err = self:deliver(dest, domain, start, stop, cache.gz, opts)
+      return ok, err, true
+    end,
+  })
 end
 
 return M
