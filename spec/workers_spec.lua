@@ -153,7 +153,7 @@ for name, n in sorted(seen.items()):
       assert.is_true(H.wait_pid(sv.tpid, 40), "the supervisor did not exit")
       local log = text_of(sv)
       assert.matches("SIGTERM: stopping: every worker drains", log)
-      assert.matches("all workers ended", log)
+      assert.matches("all workers ended; exit status 0", log)
       for _, w in ipairs(ws) do assert.is_false(alive(w.pid)) end
     end, 120)
   end)
@@ -193,6 +193,30 @@ for name, n in sorted(seen.items()):
       assert.is_true(H.wait_pid(sv.tpid, 40), "the supervisor did not exit")
       assert.matches("all workers ended", text_of(sv))
     end, 90)
+  end)
+
+  it("kills a worker still running past the drain deadline, and exits with status 1", function()
+    H.run(function()
+      -- HELO blocks the worker in open(2) of a FIFO nobody writes: it
+      -- cannot act on its SIGTERM (a busy Lua loop would be ended by the
+      -- plugin deadline)
+      local sv = start("straggler", "--workers 1 --drain 1 --listen 127.0.0.1:0",
+        script("hooks = { on_helo = function() io.open(arg[2]) end },"), function(dir)
+          assert(os.execute("mkfifo " .. H.shquote(dir .. "/fifo")))
+          return "127.0.0.1:0 " .. dir .. "/fifo"
+        end, 1)
+      local c, code = greet(sv.port)
+      assert.equal("220", code)
+      c.sock:send("HELO client.test\r\n")
+      luasmtp.sleep(0.5)
+      os.execute("kill -TERM " .. sv.pid)
+      wait_log(sv, "still running 6 s after SIGTERM: SIGKILL", 1, 30)
+      c.close()
+      assert.is_true(H.wait_pid(sv.tpid, 20))
+      local log = text_of(sv)
+      assert.matches("ended %(signal KILL%)", log)
+      assert.matches("all workers ended; exit status 1", log)
+    end, 60)
   end)
 
   it("restarts a worker that is killed", function()
@@ -260,6 +284,7 @@ for name, n in sorted(seen.items()):
       assert.matches("restarting in 2 s", log)
       assert.matches("restarting in 4 s", log)
       assert.matches("6 quick deaths in a row: giving up", log)
+      assert.matches("all workers ended; exit status 1", log)
       local _, starts = log:gsub("%): started", "")
       assert.equal(6, starts)
     end, 90)

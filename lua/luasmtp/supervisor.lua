@@ -409,9 +409,9 @@ function M.run(opts)
       sv:reap() -- a SIGCHLD may have come while the handler was not set
     end
   end
-  log("all workers ended")
-  if sv.gave_up or sv.killed > 0 then return 1 end
-  return 0
+  local status = (sv.gave_up or sv.killed > 0) and 1 or 0
+  log("all workers ended; exit status %d", status)
+  return status
 end
 
 return M
