@@ -272,6 +272,36 @@ for name, n in sorted(seen.items()):
     end, 60)
   end)
 
+  it("with --reuseport binds one socket per worker in the supervisor; a reload keeps them", function()
+    H.run(function()
+      local sv = start("reuseport-sv", "--workers 2 --reuseport --listen 127.0.0.1:0", script(), nil, 2)
+      assert.matches("SO_REUSEPORT: one socket per worker", text_of(sv))
+      local function both_serve()
+        local seen, n = {}, 0
+        for _ = 1, 300 do
+          local c, code, text = greet(sv.port)
+          assert.equal("220", code)
+          c.close()
+          local pid = pid_in(text)
+          if not seen[pid] then n, seen[pid] = n + 1, true end
+          if n == 2 then break end
+        end
+        return seen, n
+      end
+      local seen, n = both_serve()
+      assert.equal(2, n)
+      for _, w in ipairs(workers_of(sv)) do assert.is_true(seen[w.pid]) end
+      os.execute("kill -HUP " .. sv.pid)
+      wait_log(sv, "generation 1%): ended", 2)
+      seen, n = both_serve()
+      assert.equal(2, n)
+      for _, w in ipairs(workers_of(sv)) do
+        if w.generation == 2 then assert.is_true(seen[w.pid]) end
+      end
+      assert.is_true(stop(sv))
+    end, 60)
+  end)
+
   it("throttles a crash loop with backoff and gives up after 5 quick deaths in a row", function()
     H.run(function()
       local sv = start("crash", "--workers 1 --listen 127.0.0.1:0", "error('this script always fails')\n")

@@ -156,7 +156,7 @@ function Supervisor:start(slot, gen)
   local argv = { self.exe, self.program, "serve", "--drain", tostring(self.drain),
     "--worker", ("%d:%d"):format(slot, gen), "--channel", "3", "--store-on-error", self.on_error }
   for _, b in ipairs(self.bound) do
-    for _, l in ipairs(b.listeners) do
+    for _, l in ipairs(b.per_slot and b.per_slot[slot] or b.listeners) do
       fds[#fds + 1] = l:getfd()
       argv[#argv + 1] = "--inherit"
       argv[#argv + 1] = ("%d=%s"):format(#fds + 2, b.spec)
@@ -330,7 +330,9 @@ function Supervisor:shutdown()
   self.stopping = true
   for _, w in pairs(self.workers) do self:retire(w) end
   for _, b in ipairs(self.bound) do
-    for _, l in ipairs(b.listeners) do l:close() end
+    for _, list in ipairs(b.per_slot or { b.listeners }) do
+      for _, l in ipairs(list) do l:close() end
+    end
   end
   self.changed:broadcast()
 end
@@ -345,6 +347,7 @@ end
 --   script, script_args   what each worker runs
 --   program   path of bin/luasmtp (what the workers run)
 --   on_error  the counter store's on_error in the workers ("open")
+--   reuseport each worker slot gets sockets of its own (SO_REUSEPORT)
 function M.run(opts)
   local n = assert(math.tointeger(opts.workers), "workers must be an integer")
   assert(n >= 1 and n <= 256, "workers must be 1 to 256")
@@ -360,15 +363,32 @@ function M.run(opts)
     store = kv.memory(), changed = core.cond(), pid = (core.proc_ids()),
   }, Supervisor)
   -- 1. the listeners, while still privileged
+  -- (--reuseport: one socket per worker slot and TCP address, all on the
+  -- port the first one got)
   for _, spec in ipairs(opts.listen or {}) do
-    local listeners, err, detail = net.listen(spec)
+    local reuse = opts.reuseport and not tostring(spec):match("^unix:")
+    local listeners, err, detail = net.listen(spec, reuse and { reuseport = true } or nil)
     if not listeners then
       log("cannot listen on %s: %s", spec, tostring(detail or err))
       return 71
     end
-    sv.bound[#sv.bound + 1] = { spec = spec, listeners = listeners }
+    local b = { spec = spec, listeners = listeners, per_slot = reuse and { listeners } or nil }
+    for slot = 2, reuse and n or 1 do
+      local list = {}
+      for i, first in ipairs(listeners) do
+        local addr, port = first:getsockname()
+        list[i], err, detail = core.listen(addr, port, { reuseport = true })
+        if not list[i] then
+          log("cannot listen on %s again: %s", net.format_address(addr, port), tostring(detail or err))
+          return 71
+        end
+      end
+      b.per_slot[slot] = list
+    end
+    sv.bound[#sv.bound + 1] = b
     for _, l in ipairs(listeners) do
-      log("listening on %s (for %s)", net.format_address(l:getsockname()), spec)
+      log("listening on %s (for %s%s)", net.format_address(l:getsockname()), spec,
+        reuse and (", SO_REUSEPORT: one socket per worker") or "")
     end
   end
   -- 2. privileges, for good, before anything of the script runs

@@ -29,6 +29,9 @@ usage: luasmtp serve [OPTIONS] SCRIPT.lua [ARGS...]
                          in the workers takes that socket (repeatable)
   --user USER            (with --workers) drop to USER after binding
   --group GROUP          (with --workers) and to GROUP (default: USER's)
+  --reuseport            (with --workers) the supervisor binds each --listen
+                         TCP address once per worker (SO_REUSEPORT) instead
+                         of one socket that every worker accepts from
   --store-on-error open|closed
                          (with --workers) what the limits do when the
                          supervisor's counter service fails (open)
@@ -74,6 +77,9 @@ function M.main(args)
         return usage_error(args[i] .. " needs a valid value")
       end
       i = i + 2
+    elseif args[i] == "--reuseport" then
+      opts.reuseport = true
+      i = i + 1
     elseif args[i] == "--help" then
       io.stdout:write(USAGE)
       return 0
@@ -86,14 +92,14 @@ function M.main(args)
     io.stderr:write(USAGE)
     return 64
   end
-  if not opts.workers and (#opts.listen > 0 or opts.user or opts.group) then
-    return usage_error("--listen, --user and --group go with --workers")
+  if not opts.workers and (#opts.listen > 0 or opts.user or opts.group or opts.reuseport) then
+    return usage_error("--listen, --reuseport, --user and --group go with --workers")
   end
   if opts.workers then
     return require("luasmtp.supervisor").run {
       workers = opts.workers, listen = opts.listen, user = opts.user, group = opts.group,
       drain = drain, script = script, script_args = table.move(args, i + 1, #args, 1, {}),
-      program = _G.arg and _G.arg[0], on_error = opts.on_error,
+      program = _G.arg and _G.arg[0], on_error = opts.on_error, reuseport = opts.reuseport,
     }
   end
   -- a worker's lines say which worker wrote them
