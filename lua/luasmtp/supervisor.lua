@@ -198,15 +198,6 @@ function Supervisor:retire(w)
   end)
 end
 
-function Supervisor:workers_of(gen)
-  local list = {}
-  for _, w in pairs(self.workers) do
-    if w.generation == gen then list[#list + 1] = w end
-  end
-  table.sort(list, function(a, b) return a.slot < b.slot end)
-  return list
-end
-
 function Supervisor:count()
   local n = 0
   for _ in pairs(self.workers) do n = n + 1 end
@@ -229,10 +220,8 @@ function Supervisor:restart_later(w, r)
   end
   local delay = slot.failures == 1 and 0 or math.min(M.BACKOFF_FIRST * 2 ^ (slot.failures - 2), M.BACKOFF_MAX)
   log_worker(w, "%s after %.1f s; restarting in %g s", exit_text(r), lived, delay)
-  slot.pending = true
   core.spawn(function()
     if delay > 0 then core.sleep(delay) end
-    slot.pending = false
     if self.stopping or w.generation ~= self.generation then return end
     local nw, err = self:start(w.slot, self.generation)
     if not nw then
