@@ -349,6 +349,9 @@ f:close()
       H.writefile(vfile, "v2\n")
       os.execute("kill -HUP " .. sv.pid)
       wait_log(sv, "generation 2 ready; generation 1 drains")
+      -- once an old worker says it drains it has closed its listener:
+      -- before, it may still take a connection (and answer it 421 4.3.2)
+      for pid in pairs(old) do wait_log(sv, "worker %d %(pid " .. pid .. "%): SIGTERM: stopping") end
       -- new connections reach generation 2, which loaded the new script
       for _ = 1, 10 do
         local c, ncode, ntext = greet(sv.port)
