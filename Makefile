@@ -12,7 +12,8 @@
 #   make test-fresh   the suite on a fresh minimal Debian 12 root, as root
 #                     (scripts/test-fresh.sh: mmdebstrap, chroot)
 #   make run          start the development server
-#   make bench        run the benchmarks (bench/run.sh)
+#   make bench        install what they need, run the benchmarks (bench/run.sh,
+#                     BENCHMARKS.md)
 #   make install      install module, Lua files and bin/luasmtp
 #   make clean
 
@@ -85,6 +86,15 @@ PSL_CFLAGS = $(shell $(PKG_CONFIG) --cflags libpsl 2>/dev/null)
 PSL_LIBS = $(shell $(PKG_CONFIG) --libs libpsl 2>/dev/null || echo -lpsl)
 endif
 
+# hiredis (Redis client, src/redis.c)
+ifdef HIREDIS_INCDIR
+HIREDIS_CFLAGS = $(call incdir,$(HIREDIS_INCDIR))
+HIREDIS_LIBS = $(call libdir,$(HIREDIS_LIBDIR)) -lhiredis
+else
+HIREDIS_CFLAGS = $(shell $(PKG_CONFIG) --cflags hiredis 2>/dev/null)
+HIREDIS_LIBS = $(shell $(PKG_CONFIG) --libs hiredis 2>/dev/null || echo -lhiredis)
+endif
+
 # libev ships no pkg-config file
 LIBEV_CFLAGS = $(call incdir,$(LIBEV_INCDIR))
 LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
@@ -94,7 +104,7 @@ LIBEV_LIBS = $(call libdir,$(LIBEV_LIBDIR)) -lev
 LIB_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(OPENSSL_CFLAGS)
 ALL_CFLAGS = $(STD_CFLAGS) -Isrc/lib $(CFLAGS) $(LUA_CFLAGS) $(OPENSSL_CFLAGS) \
 	$(LIBEV_CFLAGS) $(CARES_CFLAGS) $(CURL_CFLAGS) $(ZLIB_CFLAGS) $(PSL_CFLAGS)
-LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(PSL_LIBS) -lcrypt
+LIBS = $(OPENSSL_LIBS) $(LIBEV_LIBS) $(CARES_LIBS) $(CURL_LIBS) $(ZLIB_LIBS) $(PSL_LIBS) $(HIREDIS_LIBS) -lcrypt
 
 # Install locations (LuaRocks passes its own LIBDIR, LUADIR and BINDIR).
 # An empty INST_BINDIR skips bin/luasmtp: LuaRocks installs it itself.
@@ -141,6 +151,9 @@ $(BUILD)/obj/%.o: src/%.c
 	@mkdir -p $(@D)
 	$(CC) $(ALL_CFLAGS) -MMD -MP -c -o $@ $<
 
+# hiredis's flags for the one file that includes it
+$(BUILD)/obj/redis.o: ALL_CFLAGS += $(HIREDIS_CFLAGS)
+
 -include $(OBJS:.o=.d) $(LIB_OBJS:.o=.d)
 
 asan:
@@ -173,9 +186,10 @@ test-fresh:
 run: all
 	lua5.4 bin/luasmtp serve examples/dev-server.lua $(or $(VAR),var)
 
-bench: all
-	@if [ -f bench/run.sh ]; then sh bench/run.sh; \
-	else echo "make bench: bench/run.sh does not exist yet"; fi
+# bench/run.sh installs the Debian packages first (a fresh machine has no
+# compiler), builds, installs the npm packages and runs bench/table.py.
+bench:
+	@sh bench/run.sh
 
 install: all
 	install -d $(DESTDIR)$(INST_LIBDIR)/luasmtp

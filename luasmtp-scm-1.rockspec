@@ -33,6 +33,7 @@ external_dependencies = {
   CURL = { library = "curl" },
   ZLIB = { header = "zlib.h" },
   PSL = { header = "libpsl.h" },
+  HIREDIS = { header = "hiredis/hiredis.h" },
 }
 
 build = {
@@ -53,6 +54,8 @@ build = {
     ZLIB_LIBDIR = "$(ZLIB_LIBDIR)",
     PSL_INCDIR = "$(PSL_INCDIR)",
     PSL_LIBDIR = "$(PSL_LIBDIR)",
+    HIREDIS_INCDIR = "$(HIREDIS_INCDIR)",
+    HIREDIS_LIBDIR = "$(HIREDIS_LIBDIR)",
   },
   install_variables = {
     INST_LIBDIR = "$(LIBDIR)",

@@ -28,7 +28,9 @@ done
 tmp=$(mktemp -d)
 sink_pid=""
 cleanup() {
-  [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null && wait "$sink_pid" 2>/dev/null
+  # "|| true": under set -e, dash exits from the trap with the status of
+  # a wait for the killed sink (143)
+  [ -n "$sink_pid" ] && kill "$sink_pid" 2>/dev/null && { wait "$sink_pid" 2>/dev/null || true; }
   rm -rf "$tmp"
 }
 trap cleanup EXIT INT TERM

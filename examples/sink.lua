@@ -3,13 +3,18 @@
 -- with Postfix's smtp-sink).
 --
 --   luasmtp serve examples/sink.lua --listen 127.0.0.1:2525 [--report SECONDS]
+--       [--cert FILE --key FILE]   (offer STARTTLS with this certificate)
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local getopt = require "luasmtp.getopt"
 
-local usage = "usage: sink.lua --listen ADDR:PORT [--report SECONDS] [--lifetime SECONDS]\n"
+local usage = "usage: sink.lua --listen ADDR:PORT [--report SECONDS] [--lifetime SECONDS]\n" ..
+  "  [--cert FILE --key FILE]\n"
 local opts = getopt.run(function(argv)
-  return (getopt.parse(argv, { listen = "string", report = "number", lifetime = "number" }))
+  local o = getopt.parse(argv, { listen = "string", report = "number", lifetime = "number",
+    cert = "string", key = "string" })
+  if (o.cert == nil) ~= (o.key == nil) then getopt.usage_error("--cert and --key go together") end
+  return o
 end, { ... }, usage)
 
 local counts = { mail = 0, rcpt = 0, messages = 0, bytes = 0 }
@@ -17,6 +22,7 @@ local srv = assert(server.new {
   listen = opts.listen or "127.0.0.1:2525",
   hostname = "sink.localhost",
   received_header = false,
+  tls = opts.cert and luasmtp.tls.context { mode = "server", certificate = opts.cert, key = opts.key },
   limits = { max_connections_per_ip = 10000, max_messages_per_connection = 1000000 },
   log_level = "error",
   hooks = {

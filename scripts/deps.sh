@@ -1,9 +1,10 @@
 #!/bin/sh
 # Install the Debian packages needed to build and test luasmtp.
 #
-# Usage: scripts/deps.sh [PACKAGE...]
-#   Without arguments: everything in PACKAGES below. With arguments: just
-#   those (make test-fresh asks for its own tools this way).
+# Usage: scripts/deps.sh [--bench | PACKAGE...]
+#   Without arguments: everything in PACKAGES below. --bench: what the
+#   build and `make bench` need (BUILD and BENCH below). With package
+#   names: just those (make test-fresh asks for its own tools this way).
 #
 # As root on Debian/Ubuntu, installs whatever is missing with apt-get.
 # Otherwise lists what is missing and exits 1. Silent when nothing is
@@ -16,9 +17,11 @@ set -eu
 # dependency table says the same; `make test-fresh` proves the list.
 
 # build: compiler, headers, the libraries of the C core (libcurl for the
-# HTTP client, zlib for gzip, libpsl and the list it reads for DMARC)
+# HTTP client, zlib for gzip, libpsl and the list it reads for DMARC,
+# hiredis for the Redis client)
 BUILD="gcc libc6-dev make pkg-config lua5.4 liblua5.4-dev libssl-dev libcrypt-dev
-libev-dev libc-ares-dev libcurl4-openssl-dev zlib1g-dev libpsl-dev publicsuffix"
+libev-dev libc-ares-dev libcurl4-openssl-dev zlib1g-dev libpsl-dev publicsuffix
+libhiredis-dev"
 # suite: busted, luacheck, JSON for the test servers' logs, luarocks for
 # the install test, openssl for the test PKI, the system trust store,
 # mount for the full-disk test's tmpfs, kill/ps
@@ -33,17 +36,29 @@ SUITE="lua-busted lua-check lua-dkjson luarocks openssl ca-certificates mount pr
 # authoritative server (nsd), the validating resolver (unbound); dkimpy
 # for DKIM, with PyNaCl for its Ed25519 (python3-dkim only suggests
 # it), and libopendkim (the tests build a small driver against it);
-# pyspf for the SPF differential test (python3-spf, python3-dnspython).
+# pyspf for the SPF differential test (python3-spf, python3-dnspython);
+# redis-server for the Redis client and store.
 # The tests check these abilities (H.peers in spec/helper.lua).
 PEERS="swaks libnet-ssleay-perl libio-socket-ssl-perl perl python3 python3-aiosmtpd
 postfix dovecot-core dovecot-lmtpd iproute2 ldnsutils nsd unbound python3-dkim python3-nacl
-libopendkim-dev python3-spf python3-dnspython"
+libopendkim-dev python3-spf python3-dnspython redis-server"
 # examples and benchmarks: nc (examples/echo-server.lua), bc (bench/run.sh),
 # GNU time (bench/client.sh)
 EXTRA="netcat-openbsd bc time"
+# make bench (bench/run.sh, bench/table.py), a subset of the above: the
+# peers smtp-sink and smtp-source (postfix) and aiosmtpd, Python, openssl
+# for the test certificate, bc and GNU time (bench/client.sh), ps,
+# libopendkim and dkimpy (bench/dkim.sh). Node.js and npm for Haraka and
+# smtp-server come from `deps.sh nodejs npm` when node is missing (a
+# newer Node.js may already be installed from elsewhere).
+BENCH="postfix python3 python3-aiosmtpd openssl bc time procps libopendkim-dev python3-dkim"
 
 PACKAGES="$BUILD $SUITE $PEERS $EXTRA"
-[ $# -gt 0 ] && PACKAGES="$*"
+if [ "${1:-}" = "--bench" ]; then
+  PACKAGES="$BUILD $BENCH"
+elif [ $# -gt 0 ]; then
+  PACKAGES="$*"
+fi
 
 missing=""
 if command -v dpkg-query >/dev/null 2>&1; then

@@ -12,6 +12,8 @@ local schemas = {
   mailauth = function() return require("luasmtp.mailauth.plugin").schema end,
   dkim_sign = function() return require("luasmtp.mailauth.sign").schema end,
   dmarc = function() return require("luasmtp.mailauth.dmarc").schema end,
+  redis = function() return require("luasmtp.redis").schema end,
+  kv_redis = function() return require("luasmtp.kv.redis").schema end,
 }
 
 local M = {}

@@ -187,6 +187,33 @@ describe("loop and tasks", function()
     assert.is_true(luasmtp.run())
   end)
 
+  it("a task waiting again on a descriptor number that now names a new file is woken by it", function()
+    H.run(function()
+      local a, b = luasmtp.socketpair()
+      local number = a:getfd()
+      local t = luasmtp.spawn(function()
+        assert.equal("one", a:receiveline(nil, 5))
+        -- in the same pass: close the socket, get its number back for a
+        -- new one and wait on that, for the same event
+        a:close()
+        b:close()
+        local c, d = luasmtp.socketpair()
+        assert.equal(number, c:getfd())
+        luasmtp.spawn(function()
+          luasmtp.sleep(0.05)
+          d:send("two\r\n")
+        end)
+        local line, err = c:receiveline(nil, 5)
+        c:close()
+        d:close()
+        return line, err
+      end)
+      luasmtp.sleep(0.05) -- t waits on a first
+      b:send("one\r\n")
+      assert.same({ true, "two" }, { t:join(10) })
+    end)
+  end)
+
   it("thousands of tasks", function()
     local n = 0
     for _ = 1, 5000 do

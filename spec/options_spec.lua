@@ -37,8 +37,8 @@ describe("option schemas", function()
     f:close()
     local regenerated, found = doc.rewrite(readme)
     table.sort(found)
-    assert.same({ "client", "dkim_sign", "dkim_signer", "dmarc", "mailauth", "mtasts", "passwd_file", "serve",
-      "server", "tlsrpt" }, found)
+    assert.same({ "client", "dkim_sign", "dkim_signer", "dmarc", "kv_redis", "mailauth", "mtasts", "passwd_file",
+      "redis", "serve", "server", "tlsrpt" }, found)
     -- on failure: lua5.4 scripts/options-doc.lua --write README.md
     assert.equal(regenerated, readme)
   end)

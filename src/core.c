@@ -11,6 +11,7 @@ int luaopen_luasmtp_core(lua_State *L)
     ls_open_tls(L);
     ls_open_dns(L);
     ls_open_http(L);
+    ls_open_redis(L);
     ls_open_gzip(L);
     ls_open_psl(L);
     ls_open_crypto(L);

@@ -37,11 +37,9 @@
 /* Guarded calls nested in one thread at most. */
 #define GUARD_MAX_DEPTH 16
 
-struct ls_guardset;
-
+/* One active guard (its task is the set's: a set belongs to one
+ * thread, kept small as every session's task holds one). */
 typedef struct ls_guard {
-    struct ls_guardset *set;
-    ls_task *task;
     double deadline; /* ev_time() clock */
     int expired;
     int prev_capped;  /* the task's wait cap before this guard */
@@ -114,7 +112,7 @@ static void guard_hook(lua_State *L, lua_Debug *ar)
 static void guard_leave(lua_State *L, ls_guardset *set)
 {
     ls_guard *g = &set->g[set->depth - 1];
-    ls_task_cap(g->task, g->prev_capped, g->prev_cap, NULL, NULL);
+    ls_task_cap(set->task, g->prev_capped, g->prev_cap, NULL, NULL);
     set->depth--;
     if (set->depth > 0)
         lua_sethook(L, guard_hook, LUA_MASKCOUNT, any_expired(set) ? 1 : GUARD_CHECK_COUNT);
@@ -206,8 +204,6 @@ static int l_guarded(lua_State *L)
         set->loop = loop;
         set->co = L;
         set->task = t;
-        for (int i = 0; i < GUARD_MAX_DEPTH; i++)
-            set->g[i].set = set;
         lua_pushthread(L);
         lua_insert(L, -2);
         lua_rawset(L, -3);
@@ -223,7 +219,6 @@ static int l_guarded(lua_State *L)
         set->old_count = lua_gethookcount(L);
     }
     ls_guard *g = &set->g[set->depth++];
-    g->task = t;
     g->expired = 0;
     g->deadline = ev_time() + (timeout > 0 ? timeout : 0);
     /* every wait of the call ends by the deadline at the latest */
@@ -261,7 +256,7 @@ static int l_interrupt_guarded(lua_State *L)
     for (int i = 0; i < set->depth; i++)
         set->g[i].expired = 1;
     lua_sethook(co, guard_hook, LUA_MASKCOUNT, 1);
-    ls_task *t = set->g[set->depth - 1].task;
+    ls_task *t = set->task;
     ls_task_cap(t, 1, 0., NULL, NULL); /* any further wait ends at once */
     ls_wake(set->loop, t, LS_WAKE_TIMEOUT);
     lua_pushboolean(L, 1);

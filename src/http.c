@@ -40,6 +40,7 @@
 
 #define HTTP_KEY "luasmtp.http"        /* registry: the loop's multi handle */
 #define HTTP_MT "luasmtp.http.multi"
+#define WHO "http.request" /* in messages about options */
 
 #define DEFAULT_TIMEOUT 30.0
 #define MAX_TIMEOUT 86400.0
@@ -563,35 +564,6 @@ typedef struct req_opts {
     int resolve_list;/* stack index of the CONNECT_TO lines */
 } req_opts;
 
-static const char *opt_string(lua_State *L, const char *name, size_t max)
-{
-    const char *s = NULL;
-    if (lua_getfield(L, 1, name) != LUA_TNIL) {
-        size_t len;
-        if (lua_type(L, -1) != LUA_TSTRING)
-            luaL_error(L, "http.request: %s must be a string", name);
-        s = lua_tolstring(L, -1, &len);
-        if (strlen(s) != len || len == 0 || len > max)
-            luaL_error(L, "http.request: %s must be a non-empty string of at most %d bytes "
-                          "without zero bytes", name, (int)max);
-    }
-    lua_pop(L, 1); /* the string stays alive: it is a field of opts */
-    return s;
-}
-
-static double opt_seconds(lua_State *L, const char *name, double def)
-{
-    double v = def;
-    if (lua_getfield(L, 1, name) != LUA_TNIL) {
-        int ok;
-        v = lua_tonumberx(L, -1, &ok);
-        if (!ok || !(v > 0) || v > MAX_TIMEOUT)
-            luaL_error(L, "http.request: %s must be seconds in (0, %d]", name, (int)MAX_TIMEOUT);
-    }
-    lua_pop(L, 1);
-    return v;
-}
-
 /* Header values: visible characters, spaces and tabs (no CR, LF, NUL). */
 static int valid_field_value(const char *v, size_t len)
 {
@@ -711,7 +683,7 @@ static void read_opts(lua_State *L, req_opts *o)
     luaL_checktype(L, 1, LUA_TTABLE);
     lua_settop(L, 1);
     memset(o, 0, sizeof *o);
-    o->url = opt_string(L, "url", MAX_URL);
+    o->url = ls_opt_string(L, 1, WHO, "url", MAX_URL);
     if (o->url == NULL)
         luaL_error(L, "http.request: url is required");
     if (lua_getfield(L, 1, "body") != LUA_TNIL) {
@@ -721,14 +693,15 @@ static void read_opts(lua_State *L, req_opts *o)
         o->has_body = 1;
     }
     lua_pop(L, 1);
-    o->method = opt_string(L, "method", 16);
+    o->method = ls_opt_string(L, 1, WHO, "method", 16);
     if (o->method == NULL)
         o->method = o->has_body ? "POST" : "GET";
     for (const char *c = o->method; *c; c++)
         if (*c < 'A' || *c > 'Z')
             luaL_error(L, "http.request: method must be upper-case letters (\"GET\", \"POST\", ...)");
-    o->timeout = opt_seconds(L, "timeout", DEFAULT_TIMEOUT);
-    o->connect_timeout = opt_seconds(L, "connect_timeout", o->timeout);
+    o->timeout = ls_opt_seconds(L, 1, WHO, "timeout", DEFAULT_TIMEOUT, MAX_TIMEOUT);
+    o->connect_timeout =
+        ls_opt_seconds(L, 1, WHO, "connect_timeout", o->timeout, MAX_TIMEOUT);
     if (o->connect_timeout > o->timeout)
         o->connect_timeout = o->timeout;
     o->max_size = DEFAULT_MAX_SIZE;
@@ -755,8 +728,8 @@ static void read_opts(lua_State *L, req_opts *o)
     }
     }
     lua_pop(L, 1);
-    o->cafile = opt_string(L, "cafile", 4096);
-    o->capath = opt_string(L, "capath", 4096);
+    o->cafile = ls_opt_string(L, 1, WHO, "cafile", 4096);
+    o->capath = ls_opt_string(L, 1, WHO, "capath", 4096);
     o->verify = 1;
     if (lua_getfield(L, 1, "verify") != LUA_TNIL) {
         if (!lua_isboolean(L, -1))

@@ -43,7 +43,9 @@ struct ls_task {
     int result;      /* how the last wait ended (enum ls_wake) */
     long id;
     int ref;         /* registry anchor of the task userdata while alive */
+    int joined;      /* join() was called: its error goes to the joiner */
     ev_io io;
+    unsigned long io_closes; /* loop->fd_closes when io was last set */
     ev_timer timer;
     ls_cond *cond;   /* condition waited on, if any */
     ls_task *cnext, *cprev;
@@ -64,6 +66,7 @@ struct ls_loop {
     rq_entry *rq;
     size_t rq_len, rq_cap;
     long ntasks;  /* tasks not yet finished */
+    unsigned long fd_closes; /* watched descriptors closed so far */
     long next_id;
     int in_handler;
     ev_prepare prepare;
@@ -286,6 +289,8 @@ void ls_weak_timer_fired(ls_loop *loop)
         ev_ref(loop->ev);
 }
 
+void ls_fd_closing(ls_loop *loop) { loop->fd_closes++; }
+
 /* ------------------------------------------------------------------ */
 /* Flush queue: run before the loop blocks. */
 
@@ -353,8 +358,6 @@ static void task_finish(lua_State *L, ls_loop *loop, ls_task *t, int ok, int nre
     lua_State *co = t->co;
     lua_rawgeti(L, LUA_REGISTRYINDEX, t->ref); /* task userdata */
     int tidx = lua_gettop(L);
-    lua_getiuservalue(L, tidx, 1);            /* state table */
-    int sidx = lua_gettop(L);
     lua_createtable(L, nres + 1, 1);          /* results */
     lua_pushboolean(L, ok);
     lua_rawseti(L, -2, 1);
@@ -373,27 +376,21 @@ static void task_finish(lua_State *L, ls_loop *loop, ls_task *t, int ok, int nre
         lua_pushinteger(L, 2);
     }
     lua_setfield(L, -2, "n");
-    lua_setfield(L, sidx, "results");
+    /* The results take the coroutine's place (which can be collected). */
+    lua_setiuservalue(L, tidx, 1);
     t->state = T_DEAD;
     loop->ntasks--;
     ls_live[LS_COUNT_TASKS]--;
     /* Wake joiners before reporting so a join sees the result. */
     while (t->joiners.head)
         ls_wake(loop, t->joiners.head, LS_WAKE_READY);
-    if (!ok) {
-        lua_getfield(L, sidx, "results");
+    if (!ok && !t->joined) {
+        lua_getiuservalue(L, tidx, 1);
         lua_rawgeti(L, -1, 2);
         lua_remove(L, -2);
-        if (lua_getfield(L, sidx, "joined") == LUA_TNIL) {
-            lua_pop(L, 1);
-            report_error(L, loop, t, tidx);
-        } else {
-            lua_pop(L, 1);
-        }
+        report_error(L, loop, t, tidx);
         lua_pop(L, 1);
     }
-    lua_pushnil(L);
-    lua_setfield(L, sidx, "co"); /* let the coroutine be collected */
     luaL_unref(L, LUA_REGISTRYINDEX, t->ref);
     t->ref = LUA_NOREF;
     t->co = NULL;
@@ -496,7 +493,18 @@ static void arm(ls_loop *loop, ls_task *t, int fd, int events, double deadline)
     t->result = LS_WAKE_NONE;
     t->state = T_WAITING;
     if (fd >= 0) {
-        ev_io_set(&t->io, fd, events);
+        /* The same fd and events as the task's last wait, and no watched
+         * fd closed since (so fd is still that file): start the watcher
+         * as it is. Stopped and started again within a pass, it leaves
+         * libev nothing to tell the kernel; ev_io_set would make libev
+         * add the fd to epoll again (an epoll_ctl failing with EEXIST on
+         * every wait). After a close the number may name a new file,
+         * which libev must register: then it is set afresh. */
+        if (t->io.fd != fd || (t->io.events & (EV_READ | EV_WRITE)) != events ||
+            t->io_closes != loop->fd_closes) {
+            ev_io_set(&t->io, fd, events);
+            t->io_closes = loop->fd_closes;
+        }
         ev_io_start(loop->ev, &t->io);
         ls_live[LS_COUNT_WATCHERS]++;
     }
@@ -579,12 +587,12 @@ static int l_spawn(lua_State *L)
     luaL_checktype(L, 1, LUA_TFUNCTION);
     ls_loop *loop = ls_getloop(L);
     int nargs = lua_gettop(L) - 1;
+    /* user value 1: the coroutine while the task lives, its results
+     * table ({ok, values..., n =}) once it has finished */
     ls_task *t = lua_newuserdatauv(L, sizeof *t, 1);
     task_init(t, loop);
     luaL_setmetatable(L, TASK_MT);
-    lua_createtable(L, 0, 2);
     lua_State *co = lua_newthread(L);
-    lua_setfield(L, -2, "co");
     lua_setiuservalue(L, -2, 1);
     /* move fn and args to the coroutine */
     for (int i = 1; i <= nargs + 1; i++)
@@ -714,8 +722,7 @@ static int l_on_error(lua_State *L)
 
 static int push_results(lua_State *L, int uvidx)
 {
-    lua_getiuservalue(L, uvidx, 1);
-    lua_getfield(L, -1, "results");
+    lua_getiuservalue(L, uvidx, 1); /* the results of a finished task */
     int r = lua_gettop(L);
     lua_getfield(L, r, "n");
     lua_Integer n = lua_tointeger(L, -1);
@@ -743,10 +750,7 @@ static int l_task_join(lua_State *L)
 {
     ls_task *t = check_task(L, 1);
     double timeout = luaL_optnumber(L, 2, -1);
-    lua_getiuservalue(L, 1, 1);
-    lua_pushboolean(L, 1);
-    lua_setfield(L, -2, "joined");
-    lua_pop(L, 1);
+    t->joined = 1;
     if (t->state == T_DEAD)
         return push_results(L, 1);
     ls_loop *loop = t->loop;
@@ -1045,9 +1049,9 @@ static int l_stats(lua_State *L)
 {
     static const char *const names[LS_COUNT_MAX] = {
         "tasks", "sockets", "listeners", "tls_contexts", "tls_sessions", "watchers", "dns_queries",
-        "http_requests",
+        "http_requests", "redis_requests",
     };
-    lua_createtable(L, 0, LS_COUNT_MAX + 1);
+    lua_createtable(L, 0, LS_COUNT_MAX + 3);
     long total = 0;
     ls_live[LS_COUNT_TLS_SESSIONS] = ls_tls_live_sessions; /* lib/tls_transport.c */
     for (int i = 0; i < LS_COUNT_MAX; i++) {
@@ -1057,6 +1061,11 @@ static int l_stats(lua_State *L)
     }
     lua_pushinteger(L, total);
     lua_setfield(L, -2, "total");
+    /* Memory, in bytes (not part of the total of live objects). */
+    lua_pushinteger(L, (lua_Integer)ls_socket_buffer_bytes);
+    lua_setfield(L, -2, "buffer_bytes");
+    lua_pushinteger(L, (lua_Integer)lua_gc(L, LUA_GCCOUNT, 0) * 1024 + lua_gc(L, LUA_GCCOUNTB, 0));
+    lua_setfield(L, -2, "lua_heap");
     return 1;
 }
 

@@ -14,6 +14,8 @@
  *   tls.c              OpenSSL contexts as Lua userdata, session info
  *   dns.c              c-ares resolver on the libev loop
  *   http.c             libcurl multi interface on the libev loop (HTTP client)
+ *   redis.c            hiredis's async API on the libev loop (Redis client)
+ *   opts.c             fields of the options tables the bindings take
  *   fs.c               durable file writes (fsync) for mail storage
  *   crypto.c           hashes, HMAC, PBKDF2, random, base64, crypt(3)
  *   gzip.c             gzip compression over zlib
@@ -64,6 +66,7 @@ enum ls_counter {
     LS_COUNT_WATCHERS,
     LS_COUNT_DNS_QUERIES,
     LS_COUNT_HTTP_REQUESTS,
+    LS_COUNT_REDIS_REQUESTS,
     LS_COUNT_MAX
 };
 extern long ls_live[LS_COUNT_MAX];
@@ -129,6 +132,10 @@ int ls_wait(lua_State *L, ls_loop *loop, ls_task *t, int fd, int events,
  * pointing at the main pseudo-task. */
 int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitref *slot,
               lua_KContext ctx, lua_KFunction k, void (*abandon)(lua_KContext ctx));
+/* A descriptor that tasks may have waited on (a socket, a listener)
+ * is being closed: call before close(), so no task's watcher takes the
+ * number for the file it watched before. */
+void ls_fd_closing(ls_loop *loop);
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). For waits
@@ -190,6 +197,18 @@ int ls_open_dns(lua_State *L); /* adds dns functions to the table on top */
 /* http.c: libcurl's multi interface: http_request{...} */
 int ls_open_http(lua_State *L);
 
+/* opts.c: fields of the options table at idx; each raises "who: name
+ * must be ..." on a bad value, and returns def (NULL) when absent. A
+ * string stays valid while the table holds it.              [-0, +0, v] */
+const char *ls_opt_string(lua_State *L, int idx, const char *who, const char *name, size_t max);
+double ls_opt_seconds(lua_State *L, int idx, const char *who, const char *name, double def,
+                      double max);
+lua_Integer ls_opt_integer(lua_State *L, int idx, const char *who, const char *name,
+                           lua_Integer def, lua_Integer min, lua_Integer max);
+
+/* redis.c: hiredis's async API: redis_connect{...} */
+int ls_open_redis(lua_State *L);
+
 /* gzip.c: gzip/gunzip over zlib */
 int ls_open_gzip(lua_State *L);
 
@@ -230,5 +249,7 @@ int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top 
 
 /* socket.c */
 int ls_open_socket(lua_State *L); /* adds socket functions to the table on top */
+/* Bytes allocated for the input and output buffers of all sockets. */
+extern size_t ls_socket_buffer_bytes;
 
 #endif

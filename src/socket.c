@@ -61,13 +61,15 @@ typedef struct ls_socket {
     int skipline;               /* discard input up to the next CRLF */
     int waitreply;              /* option: a read after queued output waits first */
     const char *rerr, *werr;    /* sticky error tokens */
-    char rerr_detail[256], werr_detail[256];
+    char *rerr_detail, *werr_detail; /* their details (malloc'd; NULL: none) */
     struct smtp_data_decoder dec; /* receivebody: one at a time (the reader slot) */
     double body_deadline;       /* receivebody: the whole body's, kept across steps */
     ev_io wio;                  /* background flush when no task writes */
     int wio_counted;
     ls_flushable fl;
 } ls_socket;
+
+size_t ls_socket_buffer_bytes;
 
 #define UNIX_PATH_MAX (sizeof(((struct sockaddr_un *)0)->sun_path) - 1)
 
@@ -218,10 +220,18 @@ static int write_some(ls_socket *s, ls_ioerr *err)
     return ls_io_drain(&t, &s->wbuf, err);
 }
 
+/* Record a sticky error: its token and a copy of its detail (kept off
+ * the socket struct, which every idle connection holds). */
+static void set_sticky(const char **token, char **detail, const ls_ioerr *err)
+{
+    *token = err->token;
+    free(*detail);
+    *detail = strdup(err->detail); /* NULL (out of memory): no detail */
+}
+
 static void set_werr(ls_socket *s, const ls_ioerr *err)
 {
-    s->werr = err->token;
-    snprintf(s->werr_detail, sizeof s->werr_detail, "%s", err->detail);
+    set_sticky(&s->werr, &s->werr_detail, err);
 }
 
 static void wio_stop(ls_socket *s)
@@ -244,6 +254,12 @@ static void background_flush(ls_socket *s)
     int rc = write_some(s, &err);
     if (rc == LS_IO_OK) {
         wio_stop(s);
+        /* All sent and a task waits for input: the socket is idle, its
+         * output buffer goes until the next send. */
+        if (ls_waitref_busy(&s->reader)) {
+            ls_buf_shrink(&s->wbuf);
+            ls_tls_release_buffers(s->ssl);
+        }
         ls_wake_ref(s->loop, &s->writer, LS_WAKE_READY);
         return;
     }
@@ -295,6 +311,8 @@ static ls_socket *new_socket(lua_State *L, ls_loop *loop)
     s->sndlimit = DEFAULT_SNDLIMIT;
     ev_init(&s->wio, wio_cb);
     s->fl.flush = fl_cb;
+    ls_buf_account(&s->rbuf, &ls_socket_buffer_bytes);
+    ls_buf_account(&s->wbuf, &ls_socket_buffer_bytes);
     return s;
 }
 
@@ -321,10 +339,14 @@ static void socket_destroy(ls_socket *s)
         ls_tls_free(s->ssl);
         s->ssl = NULL;
     }
+    ls_fd_closing(s->loop);
     close(s->fd);
     s->fd = -1;
     ls_buf_free(&s->rbuf);
     ls_buf_free(&s->wbuf);
+    free(s->rerr_detail);
+    free(s->werr_detail);
+    s->rerr_detail = s->werr_detail = NULL;
     ls_live[LS_COUNT_SOCKETS]--;
     ls_wake_ref(s->loop, &s->reader, LS_WAKE_CLOSED);
     ls_wake_ref(s->loop, &s->writer, LS_WAKE_CLOSED);
@@ -487,7 +509,7 @@ static int after_read_wait(lua_State *L, ls_socket *s, int r, int with_partial)
 static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext ctx, lua_KFunction k)
 {
     if (s->rerr)
-        return ls_pusherror(L, s->rerr, s->rerr_detail);
+        return ls_pusherror(L, s->rerr, s->rerr_detail ? s->rerr_detail : "");
     if (s->eof)
         return with_partial ? push_partial_error(L, s, LS_ECLOSED) : ls_pusherror(L, LS_ECLOSED, NULL);
     ls_ioerr err = {0};
@@ -502,11 +524,17 @@ static int read_more(lua_State *L, ls_socket *s, int with_partial, lua_KContext 
         return 0;
     }
     if (rc == LS_IO_ERROR) {
-        s->rerr = err.token;
-        snprintf(s->rerr_detail, sizeof s->rerr_detail, "%s", err.detail);
-        return ls_pusherror(L, s->rerr, s->rerr_detail);
+        set_sticky(&s->rerr, &s->rerr_detail, &err);
+        return ls_pusherror(L, s->rerr, err.detail);
     }
     ls_task *t = ls_current(L, s->loop);
+    /* The socket waits for its peer, perhaps for long: its input buffer
+     * holds no more than what has arrived meanwhile, an empty output
+     * buffer goes (one with data stays as it is until it is sent). */
+    ls_buf_shrink(&s->rbuf);
+    if (s->wbuf.len == 0)
+        ls_buf_shrink(&s->wbuf);
+    ls_tls_release_buffers(s->ssl);
     int r = ls_wait(L, s->loop, t, s->fd, rc == LS_IO_WANTWRITE ? EV_WRITE : EV_READ, s->rdeadline,
                     &s->reader, ctx, k);
     return after_read_wait(L, s, r, with_partial);
@@ -843,7 +871,7 @@ static int drain_k(lua_State *L, int status, lua_KContext ctx)
     }
     for (;;) {
         if (s->werr)
-            return ls_pusherror(L, s->werr, s->werr_detail);
+            return ls_pusherror(L, s->werr, s->werr_detail ? s->werr_detail : "");
         ls_ioerr err = {0};
         int rc = write_some(s, &err);
         if (rc == LS_IO_ERROR) {
@@ -898,7 +926,7 @@ static int l_send(lua_State *L)
     if (s->fd < 0)
         return ls_pusherror(L, LS_ECLOSED, NULL);
     if (s->werr)
-        return ls_pusherror(L, s->werr, s->werr_detail);
+        return ls_pusherror(L, s->werr, s->werr_detail ? s->werr_detail : "");
     if (s->handshaking)
         return luaL_error(L, "luasmtp: socket busy: the TLS handshake is in progress");
     if (s->wbuf.len + len <= s->sndlimit || s->wbuf.len == 0) {
@@ -1450,6 +1478,7 @@ static void listener_destroy(ls_listener *l)
 {
     if (l->fd < 0)
         return;
+    ls_fd_closing(l->loop);
     close(l->fd);
     l->fd = -1;
     ls_live[LS_COUNT_LISTENERS]--;

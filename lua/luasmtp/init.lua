@@ -25,7 +25,13 @@ local M = {
   on_error = core.on_error,
   cond = core.cond,
   wait_signal = core.wait_signal,
-  stats = core.stats,
+  -- live objects and memory (core.stats) and the server sessions in progress
+  stats = function()
+    local st = core.stats()
+    local server = package.loaded["luasmtp.server"]
+    st.sessions = server and server.sessions() or 0
+    return st
+  end,
 
   -- DNS
   resolve = core.resolve,

@@ -12,10 +12,23 @@
 
 void ls_buf_init(ls_buf *b) { memset(b, 0, sizeof *b); }
 
+void ls_buf_account(ls_buf *b, size_t *account) { b->account = account; }
+
+/* The allocation is now ncap bytes at p (NULL, 0: none). */
+static void set_alloc(ls_buf *b, char *p, size_t ncap)
+{
+    if (b->account)
+        *b->account = *b->account - b->cap + ncap;
+    b->data = p;
+    b->cap = ncap;
+}
+
 void ls_buf_free(ls_buf *b)
 {
     free(b->data);
-    memset(b, 0, sizeof *b);
+    set_alloc(b, NULL, 0);
+    b->off = 0;
+    b->len = 0;
 }
 
 char *ls_buf_reserve(ls_buf *b, size_t need)
@@ -30,14 +43,13 @@ char *ls_buf_reserve(ls_buf *b, size_t need)
     }
     if (need > ((size_t)-1) / 2 - b->len)
         return NULL;
-    size_t ncap = b->cap ? b->cap : 4096;
+    size_t ncap = b->cap > 4096 ? b->cap : 4096;
     while (ncap - b->len < need)
         ncap *= 2;
     char *p = realloc(b->data, ncap);
     if (p == NULL)
         return NULL;
-    b->data = p;
-    b->cap = ncap;
+    set_alloc(b, p, ncap);
     return b->data + b->len;
 }
 
@@ -59,15 +71,27 @@ void ls_buf_consume(ls_buf *b, size_t n)
         b->off = 0;
         b->len = 0;
         /* Give back large buffers once they are drained. */
-        if (b->cap > 256 * 1024) {
-            free(b->data);
-            b->data = NULL;
-            b->cap = 0;
-        }
+        if (b->cap > 256 * 1024)
+            ls_buf_free(b);
         return;
     }
     b->off += n;
     b->len -= n;
+}
+
+void ls_buf_shrink(ls_buf *b)
+{
+    if (b->len == 0) {
+        ls_buf_free(b);
+        return;
+    }
+    if (b->cap - b->len < 1024)
+        return; /* little to gain */
+    memmove(b->data, b->data + b->off, b->len);
+    b->off = 0;
+    char *p = realloc(b->data, b->len);
+    if (p != NULL) /* else the old, larger block stays: still valid */
+        set_alloc(b, p, b->len);
 }
 
 size_t ls_buf_find(const ls_buf *b, size_t from, const char *delim, size_t dlen)

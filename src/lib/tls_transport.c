@@ -531,6 +531,12 @@ void ls_tls_shutdown(SSL *ssl)
     ERR_clear_error();
 }
 
+void ls_tls_release_buffers(SSL *ssl)
+{
+    if (ssl != NULL && SSL_is_init_finished(ssl))
+        (void)SSL_free_buffers(ssl); /* 0: a buffer holds data, kept */
+}
+
 /* The TLS transport (lib/transport.h): t->impl is the SSL. */
 static int tls_read_op(const ls_transport *t, char *buf, size_t len, size_t *n, ls_ioerr *err)
 {

@@ -43,6 +43,10 @@ int ls_tls_read(SSL *ssl, char *buf, size_t len, size_t *n, ls_ioerr *err);
 int ls_tls_write(SSL *ssl, const char *buf, size_t len, size_t *n, ls_ioerr *err);
 /* One non-blocking attempt at close_notify. */
 void ls_tls_shutdown(SSL *ssl);
+/* The connection waits for its peer: free OpenSSL's record buffers
+ * (about 17 KiB each way) unless they still hold data; OpenSSL
+ * allocates them again at the next read or write. NULL is harmless. */
+void ls_tls_release_buffers(SSL *ssl);
 
 /* Verify callback of verify = "optional" contexts: records the first
  * failure for the session, never fails the handshake. */

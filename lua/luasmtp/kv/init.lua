@@ -3,6 +3,8 @@
 --
 --   local kv = require "luasmtp.kv"
 --   local store = kv.memory()      -- in this process (the default)
+--   local store = kv.redis{ host = "10.0.0.5" }  -- shared through Redis
+--                                  -- (luasmtp.kv.redis)
 --
 -- Every store has the same methods. A backend that talks to another
 -- process may yield inside them (call them from a task; each call is
@@ -130,6 +132,13 @@ function M.memory(opts)
     on_error = opts.on_error or "open",
     kind = "memory",
   }, memory)
+end
+
+--- kv.redis{ host =, port =, prefix = "luasmtp:", on_error = "open", ... }
+-- -> store kept in Redis, shared by every node that uses it
+function M.redis(opts)
+  local store, err = require("luasmtp.kv.redis").new(opts)
+  return store, err
 end
 
 return M

@@ -19,11 +19,37 @@ M.Session = Session
 
 local LOG_LEVELS = { debug = 1, info = 2, warning = 3, error = 4 }
 
+-- What the sessions of one server share (server, config, chains) and
+-- the starting values of the per-session fields, kept once per server
+-- in the metatable of its sessions rather than in every session table:
+-- a session table holds only what differs (an idle session is small).
+local prototypes = setmetatable({}, { __mode = "k" }) -- server -> metatable
+
+local function prototype(server)
+  local proto = prototypes[server]
+  if not proto then
+    proto = setmetatable({
+      server = server,
+      config = server.config,
+      chains = server.chains,
+      esmtp = false,
+      tls = false,
+      messages = 0,
+      commands = 0,
+      invalid_commands = 0,
+      auth_failures = 0,
+      idle = false,
+    }, Session)
+    proto.__index = proto
+    prototypes[server] = proto
+  end
+  return proto
+end
+
 function M.new(server, sock, conn)
+  -- At most 16 fields (the fields an idle session sets are named here,
+  -- so the table is sized once); helo_name, user, envelope: nil until set.
   return setmetatable({
-    server = server,
-    config = server.config,
-    chains = server.chains,
     sock = sock,
     id = conn.id,
     client_address = conn.peer_address,
@@ -31,18 +57,15 @@ function M.new(server, sock, conn)
     client_credentials = conn.peer_credentials, -- UNIX socket: {pid, uid, gid}
     local_address = conn.local_address,
     local_port = conn.local_port,
-    helo_name = nil,
-    esmtp = false,
-    tls = sock:istls(),
-    user = nil,
-    envelope = nil,
-    messages = 0,
-    commands = 0,
-    invalid_commands = 0,
-    auth_failures = 0,
-    idle = false,
+    tls = sock:istls() or nil,
     state = {}, -- the script's own per-session data
-  }, Session)
+    helo_name = nil,
+    esmtp = nil,
+    commands = nil,
+    idle = nil,
+    thread = nil,
+    opened = nil,
+  }, prototype(server))
 end
 
 --- session:send_reply(code, enhanced, text): queue a reply.
@@ -153,6 +176,7 @@ local function read_proxy_header(sock, timeout)
 end
 
 local handlers = commands.handlers
+local PARSE_ASCII, PARSE_UTF8 = { utf8 = false }, { utf8 = true }
 
 function Session:run()
   self.thread = coroutine.running()
@@ -185,14 +209,14 @@ function Session:run()
   else
     self:send_reply(220, nil, c.hostname .. " " .. (c.lmtp and "LMTP" or c.greeting))
   end
-  local parse_opts = { utf8 = false }
   while true do
     if self.shutdown_deadline then
       self:send_reply(421, "4.3.2", c.hostname .. " Service shutting down")
       return
     end
     -- Non-ASCII paths only inside a transaction that asked for SMTPUTF8.
-    parse_opts.utf8 = (c.smtputf8 and self.envelope and self.envelope.params.smtputf8) or false
+    local parse_opts = (c.smtputf8 and self.envelope and self.envelope.params.smtputf8)
+      and PARSE_UTF8 or PARSE_ASCII
     self.idle = true
     local line, bad = sock:receiveline(c.limits.command_line_length)
     self.idle = false
