@@ -22,6 +22,7 @@ int luaopen_luasmtp_core(lua_State *L)
     ls_open_sink(L);
     ls_open_errors(L);
     ls_open_sendbody(L);
+    ls_open_proc(L);
     lua_pushliteral(L, LS_VERSION);
     lua_setfield(L, -2, "version");
     return 1;

@@ -8,7 +8,8 @@
  *                      and the transport interface), tls_transport (TLS
  *                      sessions over OpenSSL), syncpool (fsync in worker
  *                      threads), dnsmsg, dkim (canonicalisation,
- *                      body hash, signatures), bodyscan (client bodies)
+ *                      body hash, signatures), bodyscan (client bodies),
+ *                      proc (spawn, privilege drop)
  *   loop.c             libev loop and coroutine task scheduler
  *   socket.c           TCP sockets and listeners as Lua userdata
  *   tls.c              OpenSSL contexts as Lua userdata, session info
@@ -25,6 +26,8 @@
  *   sink_lua.c         Lua binding of the body sink (lib/sink.c)
  *   error.c            ls_pusherror, core.errors (lib/errors.c: the tokens)
  *   sendbody.c         Lua binding of the client body scanner (lib/bodyscan.c)
+ *   proc.c             worker processes for the supervisor (lib/proc.c: spawn
+ *                      with inherited descriptors, privilege drop), exit status
  *   core.c             luaopen_luasmtp_core: ties the pieces together
  *
  * Rule: each binding owns its userdata (metatable name and struct are
@@ -238,6 +241,9 @@ void ls_task_cap(ls_task *t, int capped, double cap, int *prev_capped, double *p
 
 /* sendbody.c: body_scan (bodyscan.c) */
 int ls_open_sendbody(lua_State *L);
+
+/* proc.c: proc_spawn, proc_reap, proc_kill, proc_drop, proc_ids, proc_exe */
+int ls_open_proc(lua_State *L);
 
 /* loop.c */
 int ls_open_loop(lua_State *L); /* adds loop/task functions to the table on top */

@@ -18,6 +18,7 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <grp.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
@@ -1432,6 +1433,44 @@ static int l_socketpair(lua_State *L)
     return 2;
 }
 
+/* An inherited descriptor made non-blocking and close-on-exec; -1 with
+ * errno set when fd is not an open socket of that kind. */
+static int adopt_fd(lua_Integer fd, int want_listening)
+{
+    if (fd < 0 || fd > 65535) {
+        errno = EBADF;
+        return -1;
+    }
+    int type = 0, acc = 0;
+    socklen_t len = sizeof type;
+    if (getsockopt((int)fd, SOL_SOCKET, SO_TYPE, &type, &len) < 0)
+        return -1;
+    len = sizeof acc;
+    if (type != SOCK_STREAM || getsockopt((int)fd, SOL_SOCKET, SO_ACCEPTCONN, &acc, &len) < 0 ||
+        !acc != !want_listening) {
+        errno = EINVAL;
+        return -1;
+    }
+    int fl = fcntl((int)fd, F_GETFL);
+    if (fl < 0 || fcntl((int)fd, F_SETFL, fl | O_NONBLOCK) < 0 ||
+        fcntl((int)fd, F_SETFD, FD_CLOEXEC) < 0)
+        return -1;
+    return (int)fd;
+}
+
+/* socket_fromfd(fd) -> socket | nil, err, detail: a connected stream
+ * socket this process inherited (e.g. a supervisor channel). */
+static int l_socket_fromfd(lua_State *L)
+{
+    lua_Integer n = luaL_checkinteger(L, 1);
+    ls_socket *s = new_socket(L, ls_getloop(L));
+    int fd = adopt_fd(n, 0);
+    if (fd < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    attach_fd(s, fd);
+    return 1;
+}
+
 /* ------------------------------------------------------------------ */
 /* Listening */
 
@@ -1467,19 +1506,22 @@ static ls_listener *new_listener(lua_State *L)
 
 /* listen(address, port [, opts]) -> listener | nil, err, detail
  * address numeric ("0.0.0.0", "::", "127.0.0.1", "[::1]"); port 0 picks
- * a free port (see listener:getsockname()). opts: backlog (default 511).
+ * a free port (see listener:getsockname()). opts: backlog (default 511),
+ * reuseport (SO_REUSEPORT: several sockets of one user share the port).
  * IPv6 listeners are IPv6-only so "::" and "0.0.0.0" can coexist. */
 static int l_listen(lua_State *L)
 {
     const char *host = luaL_checkstring(L, 1);
     lua_Integer port = luaL_checkinteger(L, 2);
     luaL_argcheck(L, port >= 0 && port < 65536, 2, "port out of range");
-    int backlog = 511;
+    int backlog = 511, reuseport = 0;
     if (!lua_isnoneornil(L, 3)) {
         luaL_checktype(L, 3, LUA_TTABLE);
         lua_getfield(L, 3, "backlog");
         backlog = (int)luaL_optinteger(L, -1, backlog);
-        lua_pop(L, 1);
+        lua_getfield(L, 3, "reuseport");
+        reuseport = lua_toboolean(L, -1);
+        lua_pop(L, 2);
     }
     struct sockaddr_storage ss;
     socklen_t sslen;
@@ -1495,11 +1537,31 @@ static int l_listen(lua_State *L)
     setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on);
     if (ss.ss_family == AF_INET6)
         setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &on, sizeof on);
+    if (reuseport && setsockopt(fd, SOL_SOCKET, SO_REUSEPORT, &on, sizeof on) < 0) {
+        int e = errno;
+        listener_destroy(l);
+        return ls_pusherror(L, ls_errno_token(e), strerror(e));
+    }
     if (bind(fd, (struct sockaddr *)&ss, sslen) < 0 || listen(fd, backlog) < 0) {
         int e = errno;
         listener_destroy(l);
         return ls_pusherror(L, e == EADDRINUSE ? LS_EIO : ls_errno_token(e), strerror(e));
     }
+    return 1;
+}
+
+/* listen_fromfd(fd) -> listener | nil, err, detail: a listening socket
+ * this process inherited (from a supervisor; like systemd's socket
+ * activation). Closing it never removes a UNIX socket file. */
+static int l_listen_fromfd(lua_State *L)
+{
+    lua_Integer n = luaL_checkinteger(L, 1);
+    ls_listener *l = new_listener(L);
+    int fd = adopt_fd(n, 1);
+    if (fd < 0)
+        return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
+    l->fd = fd;
+    ls_live[LS_COUNT_LISTENERS]++;
     return 1;
 }
 
@@ -1721,6 +1783,12 @@ static int l_listener_getsockname(lua_State *L)
     return push_name(L, l->fd, 0);
 }
 
+static int l_listener_getfd(lua_State *L)
+{
+    lua_pushinteger(L, check_listener(L, 1)->fd);
+    return 1;
+}
+
 static int l_listener_tostring(lua_State *L)
 {
     ls_listener *l = check_listener(L, 1);
@@ -1773,6 +1841,7 @@ int ls_open_socket(lua_State *L)
         {"accept", l_accept},
         {"close", l_listener_close},
         {"getsockname", l_listener_getsockname},
+        {"getfd", l_listener_getfd},
         {NULL, NULL},
     };
     if (luaL_newmetatable(L, LISTENER_MT)) {
@@ -1792,6 +1861,8 @@ int ls_open_socket(lua_State *L)
         {"listen", l_listen},
         {"listen_unix", l_listen_unix},
         {"socketpair", l_socketpair},
+        {"socket_fromfd", l_socket_fromfd},
+        {"listen_fromfd", l_listen_fromfd},
         {NULL, NULL},
     };
     luaL_setfuncs(L, funcs, 0);

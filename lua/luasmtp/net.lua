@@ -7,6 +7,7 @@
 -- per connection.
 local core = require "luasmtp.core"
 local options = require "luasmtp.options"
+local workers = require "luasmtp.workers"
 
 local M = {}
 
@@ -184,13 +185,25 @@ end
 -- socket file is made 0600 and then given that mode and owner, and
 -- removed when the listener closes; a stale socket file left by a
 -- process that is gone is replaced), or a list of those. Port 0 picks a
--- free port.
+-- free port. In a worker of `serve --workers` a spec the supervisor bound
+-- (`serve --listen`, the same text or address) takes that socket; another
+-- TCP spec is bound by each worker with SO_REUSEPORT.
 function M.listen(spec, opts)
   local specs = (type(spec) == "table" and not spec.address) and spec or { spec }
   local listeners = {}
+  local function append_all(list)
+    for _, l in ipairs(list) do listeners[#listeners + 1] = l end
+    return true
+  end
   -- the listeners of one spec, appended to listeners
   local function listen_one(s)
     local path = unix_spec(s)
+    -- In a worker of `serve --workers`: the socket the supervisor bound
+    local inherited = path and workers.inherited("unix:" .. path)
+    if inherited then return append_all(inherited) end
+    if path and workers.worker() then
+      return nil, "invalid", "unix:" .. path .. ": under serve --workers, give it to serve --listen"
+    end
     if path then
       local t = type(s) == "table" and s or {}
       local l, err, detail = core.listen_unix(path, { backlog = opts and opts.backlog,
@@ -204,13 +217,24 @@ function M.listen(spec, opts)
     if not host then
       return nil, port, select(3, M.parse_address(text))
     end
+    inherited = workers.inherited(text, host, port)
+    if inherited then return append_all(inherited) end
+    local lopts = opts
+    if workers.worker() then
+      -- not bound by the supervisor: each worker binds its own socket
+      -- on the port (SO_REUSEPORT); port 0 would give each its own port
+      if port == 0 then
+        return nil, "invalid", text .. ": port 0 under serve --workers: give the address to serve --listen"
+      end
+      lopts = { backlog = opts and opts.backlog, reuseport = true }
+    end
     local addrs, err, detail = addresses_of(host, nil, 10)
     if not addrs then
       return nil, err, detail
     end
     for _, addr in ipairs(addrs) do
       local l
-      l, err, detail = core.listen(addr, port, opts)
+      l, err, detail = core.listen(addr, port, lopts)
       if not l then
         return nil, err, (detail or "") .. " (" .. text .. ")"
       end

@@ -8,28 +8,83 @@
 -- command get 421 4.3.2 and close at once, busy ones finish their
 -- command, or get the 421 after --drain seconds (default 30); then the
 -- process exits.
+--
+-- With --workers N a supervisor (luasmtp.supervisor) binds the --listen
+-- addresses, drops privileges to --user/--group and runs N worker
+-- processes of this same command (the hidden options --worker, --channel
+-- and --inherit tell a worker what it inherited).
 local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 
 local M = {}
 
 local USAGE = [[
-usage: luasmtp serve [--drain SECONDS] SCRIPT.lua [ARGS...]
+usage: luasmtp serve [OPTIONS] SCRIPT.lua [ARGS...]
+  --drain SECONDS        on SIGTERM, busy sessions get this long (30)
+  --workers N            a supervisor and N worker processes, each running
+                         the script; SIGHUP replaces them (rolling reload),
+                         SIGUSR1 writes their status
+  --listen ADDR          (with --workers) bind ADDR in the supervisor before
+                         privileges are dropped; a server.new{listen=ADDR}
+                         in the workers takes that socket (repeatable)
+  --user USER            (with --workers) drop to USER after binding
+  --group GROUP          (with --workers) and to GROUP (default: USER's)
+  --reuseport            (with --workers) the supervisor binds each --listen
+                         TCP address once per worker (SO_REUSEPORT) instead
+                         of one socket that every worker accepts from
+  --store-on-error open|closed
+                         (with --workers) what the limits do when the
+                         supervisor's counter service fails (open)
 ]]
+
+local function usage_error(msg)
+  io.stderr:write("luasmtp serve: ", msg, "\n", USAGE)
+  return 64
+end
 
 function M.main(args)
   local drain = 30
+  local opts = { listen = {}, inherit = {} }
+  -- options that take a value: name -> how to store it
+  local function positive_int(v) local n = math.tointeger(tonumber(v)) return n and n > 0 and n or nil end
+  local with_value = {
+    ["--drain"] = function(v) drain = tonumber(v) return drain end,
+    ["--workers"] = function(v) opts.workers = positive_int(v) return opts.workers end,
+    ["--listen"] = function(v) opts.listen[#opts.listen + 1] = v return v end,
+    ["--user"] = function(v) opts.user = v return v end,
+    ["--group"] = function(v) opts.group = v return v end,
+    ["--store-on-error"] = function(v)
+      opts.on_error = (v == "open" or v == "closed") and v or nil
+      return opts.on_error
+    end,
+    ["--worker"] = function(v)
+      local slot, gen = v:match("^(%d+):(%d+)$")
+      opts.worker = slot and { slot = math.tointeger(tonumber(slot)), generation = math.tointeger(tonumber(gen)) }
+      return opts.worker
+    end,
+    ["--channel"] = function(v) opts.channel = positive_int(v) return opts.channel end,
+    ["--inherit"] = function(v)
+      local fd, spec = v:match("^(%d+)=(.+)$")
+      if fd then opts.inherit[#opts.inherit + 1] = { fd = math.tointeger(tonumber(fd)), spec = spec } end
+      return fd
+    end,
+  }
   local i = 1
   while args[i] and args[i]:sub(1, 2) == "--" do
-    if args[i] == "--drain" then
-      drain = tonumber(args[i + 1]) or error("--drain needs a number")
+    local set = with_value[args[i]]
+    if set then
+      if args[i + 1] == nil or not set(args[i + 1]) then
+        return usage_error(args[i] .. " needs a valid value")
+      end
       i = i + 2
+    elseif args[i] == "--reuseport" then
+      opts.reuseport = true
+      i = i + 1
     elseif args[i] == "--help" then
       io.stdout:write(USAGE)
       return 0
     else
-      io.stderr:write("luasmtp serve: unknown option ", args[i], "\n", USAGE)
-      return 64
+      return usage_error("unknown option " .. args[i])
     end
   end
   local script = args[i]
@@ -37,9 +92,34 @@ function M.main(args)
     io.stderr:write(USAGE)
     return 64
   end
+  if not opts.workers and (#opts.listen > 0 or opts.user or opts.group or opts.reuseport) then
+    return usage_error("--listen, --reuseport, --user and --group go with --workers")
+  end
+  if opts.workers then
+    return require("luasmtp.supervisor").run {
+      workers = opts.workers, listen = opts.listen, user = opts.user, group = opts.group,
+      drain = drain, script = script, script_args = table.move(args, i + 1, #args, 1, {}),
+      program = _G.arg and _G.arg[0], on_error = opts.on_error, reuseport = opts.reuseport,
+    }
+  end
+  -- a worker's lines say which worker wrote them
+  local prefix = "luasmtp serve: "
+  local workers
+  if opts.worker then
+    prefix = ("luasmtp serve: worker %d (pid %d): "):format(opts.worker.slot, (require("luasmtp.core").proc_ids()))
+    workers = require "luasmtp.workers"
+    local ok, err, detail = workers.setup {
+      slot = opts.worker.slot, generation = opts.worker.generation, channel = opts.channel,
+      inherit = opts.inherit, on_error = opts.on_error,
+    }
+    if not ok then
+      io.stderr:write(prefix, tostring(detail or err), "\n")
+      return 71
+    end
+  end
   local chunk, err = loadfile(script)
   if not chunk then
-    io.stderr:write("luasmtp serve: ", err, "\n")
+    io.stderr:write(prefix, err, "\n")
     return 66
   end
   local script_args = table.move(args, i + 1, #args, 1, {})
@@ -52,8 +132,14 @@ function M.main(args)
   end)
   local ok, failure = main:join()
   if not ok then
-    io.stderr:write("luasmtp serve: ", tostring(failure), "\n")
+    io.stderr:write(prefix, tostring(failure), "\n")
     return 70
+  end
+  if workers then
+    local rok, rerr, rdetail = workers.ready()
+    if not rok then
+      io.stderr:write(prefix, "telling the supervisor: ", tostring(rdetail or rerr), "\n")
+    end
   end
 
   local status = 0
@@ -63,12 +149,13 @@ function M.main(args)
       if sig == "HUP" then
         if control.reload then
           local rok, rerr = pcall(control.reload)
-          io.stderr:write("luasmtp serve: reload ", rok and "done" or ("failed: " .. tostring(rerr)), "\n")
+          io.stderr:write(prefix, "reload ", rok and "done" or ("failed: " .. tostring(rerr)), "\n")
         else
-          io.stderr:write("luasmtp serve: SIGHUP ignored: the script has no reload()\n")
+          io.stderr:write(prefix, "SIGHUP ignored: the script has no reload()\n")
         end
       else
-        io.stderr:write("luasmtp serve: SIG", sig, ": stopping\n")
+        io.stderr:write(prefix, "SIG", sig, ": stopping\n")
+        if workers then workers.draining() end
         if control.stop then pcall(control.stop) end
         server.shutdown_all(drain)
         local deadline = luasmtp.update_now() + drain + 3
@@ -76,7 +163,7 @@ function M.main(args)
           luasmtp.sleep(0.05)
         end
         if server.sessions() > 0 then
-          io.stderr:write("luasmtp serve: ", server.sessions(), " sessions still open after ", drain, " s\n")
+          io.stderr:write(prefix, server.sessions(), " sessions still open after ", drain, " s\n")
           status = 1
         end
         os.exit(status, true)

@@ -14,6 +14,7 @@ local chain = require "luasmtp.server.chain"
 local plugins = require "luasmtp.server.plugins"
 local session = require "luasmtp.server.session"
 local relay = require "luasmtp.relay"
+local workers = require "luasmtp.workers"
 
 local M = {}
 
@@ -213,6 +214,35 @@ function M.new(opts)
   end
   local specs = config.listen
   if type(specs) == "string" or specs.address then specs = { specs } end
+  local serve_session = function(sock, conn)
+    session.serve(self, sock, conn)
+  end
+  -- Under `serve --workers` max_connections counts the connections of
+  -- every worker: one slot per connection in the supervisor's counter
+  -- service, under a key naming the listen specs of this server.
+  local shared = workers.store()
+  if shared then
+    local names = {}
+    for i, spec in ipairs(specs) do
+      names[i] = type(spec) == "table" and tostring(spec.address or spec[1]) or tostring(spec)
+    end
+    local key = "server:" .. table.concat(names, ",")
+    local max = config.limits.max_connections
+    serve_session = function(sock, conn)
+      local lease, err, detail = shared:acquire(key, max)
+      if lease == false or (lease == nil and shared.on_error == "closed") then
+        self.logger("info", ("refused %s: %s"):format(conn.peer_address,
+          lease == nil and "counter service failed: " .. tostring(detail or err) or "too many connections"))
+        sock:send(core.format_reply(421, "4.7.0", config.hostname .. " Too many connections, try later"))
+        return
+      elseif lease == nil then
+        self.logger("warning", "max_connections: counter service failed: " .. tostring(detail or err))
+      end
+      local ok, failure = xpcall(session.serve, debug.traceback, self, sock, conn)
+      if lease then shared:release(key, lease) end
+      if not ok then error(failure, 0) end
+    end
+  end
   for _, spec in ipairs(specs) do
     local addr, implicit = spec, false
     if type(spec) == "table" then
@@ -226,9 +256,7 @@ function M.new(opts)
       tls_timeout = config.timeouts.tls_handshake,
       max_connections = config.limits.max_connections,
       slots = self.slots,
-      handler = function(sock, conn)
-        session.serve(self, sock, conn)
-      end,
+      handler = serve_session,
       on_refused = function(conn, reason, sock)
         self.logger("info", ("refused %s: %s"):format(conn.peer_address, reason))
         if sock then

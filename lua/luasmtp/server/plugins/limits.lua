@@ -6,12 +6,14 @@
 --                   store = kv.memory() }
 -- A session holds its address slot from its connect phase to its
 -- disconnect phase (which always runs). The slots and rate counters live
--- in `store` (luasmtp.kv): in this process by default, or in a store
+-- in `store` (luasmtp.kv): in this process by default (in a worker of
+-- `serve --workers`, the supervisor's counter service), or in a store
 -- shared by several processes or machines. When the store fails, the
 -- store's on_error decides: "open" lets the client in, "closed" answers
 -- 421 and closes.
 local kv = require "luasmtp.kv"
 local reply = require "luasmtp.reply"
+local workers = require "luasmtp.workers"
 
 local DEFAULTS = {
   max_connections_per_ip = 50,
@@ -25,7 +27,8 @@ return function(opts)
   for k, v in pairs(DEFAULTS) do
     limits[k] = opts and opts[k] or v
   end
-  local store = opts and opts.store or kv.memory()
+  -- under `serve --workers`: the supervisor's counter service
+  local store = opts and opts.store or workers.store() or kv.memory()
   local held = setmetatable({}, { __mode = "k" }) -- session -> {key, lease}
 
   local plugin = { name = "limits", limits = limits, store = store }
