@@ -272,6 +272,10 @@ end
 -- phase always runs, so plugins release what they hold.
 function M.serve(server, sock, conn)
   server.active = server.active + 1
+  -- a command read right after a reply is queued waits for the client
+  -- instead of trying a read that would fail (the client waits for the
+  -- reply); pipelined commands already there wake the wait at once
+  sock:setoption("waitreply", true)
   local s = M.new(server, sock, conn)
   server.sessions[s] = true
   s:log("info", "connect from %s", net.format_address(conn.peer_address, conn.peer_port))
