@@ -68,4 +68,45 @@ describe("kv.memory", function()
       assert.equal(1, n)
     end)
   end)
+
+  it("keeps at most max_keys keys, data, slots and rates together", function()
+    H.run(function()
+      local s = kv.memory { max_keys = 3 }
+      assert.is_true(s:set("a", 1, 0.05))
+      assert.truthy(s:acquire("slot", 5))
+      assert.is_true(s:hit("rate", 5, 60))
+      local ok, token, detail = s:set("b", 2)
+      assert.is_nil(ok)
+      assert.equal("limit", token)
+      assert.matches("3 keys", detail)
+      assert.is_nil(select(1, s:acquire("slot2", 5)))
+      assert.equal("limit", select(2, s:hit("rate2", 5, 60)))
+      assert.equal("limit", select(2, s:incr("n", 1)))
+      -- keys already there still work
+      assert.truthy(s:acquire("slot", 5))
+      assert.is_true(s:set("a", 7, 0.05))
+      -- room comes back when a key goes or expires
+      s:release("slot"); s:release("slot")
+      assert.is_true(s:set("b", 2))
+      luasmtp.sleep(0.1)
+      luasmtp.update_now()
+      assert.is_true(s:set("c", 3)) -- "a" expired: swept to make room
+      assert.is_nil(s:get("a"))
+      assert.equal(3, s.keys)
+    end)
+  end)
+
+  it("lets the limits plugin follow on_error when the store is full", function()
+    local limits = require "luasmtp.server.plugins.limits"
+    local function session(ip)
+      return { client_address = ip, config = { hostname = "mx.test" }, log = function() end }
+    end
+    local open = limits { store = kv.memory { max_keys = 1 } }
+    assert.is_nil(open.connect(session("192.0.2.1")))
+    assert.is_nil(open.connect(session("192.0.2.2"))) -- full: let in
+    local closed = limits { store = kv.memory { max_keys = 1, on_error = "closed" } }
+    assert.is_nil(closed.connect(session("192.0.2.1")))
+    local r = closed.connect(session("192.0.2.2"))
+    assert.equal(421, r.code)
+  end)
 end)

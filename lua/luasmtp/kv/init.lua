@@ -37,26 +37,47 @@ local function expired(e, now)
   return e.expires and e.expires <= now
 end
 
--- Drop expired entries now and then, so keys that are never read again
--- do not pile up: one sweep per `sweep_every` writes.
-local function sweep(self)
-  self.writes = self.writes + 1
-  if self.writes < self.sweep_every then return end
+-- Every key in the three tables counts against max_keys: a client that
+-- makes up keys (one per address it connects from) cannot grow the
+-- store without bound.
+local function forget(self, tbl, key)
+  if tbl[key] ~= nil then
+    tbl[key] = nil
+    self.keys = self.keys - 1
+  end
+end
+
+-- Drop what has expired: data past its ttl, rate windows past both halves.
+local function sweep_now(self)
   self.writes = 0
   local now = core.now()
   for k, e in pairs(self.data) do
-    if expired(e, now) then self.data[k] = nil end
+    if expired(e, now) then forget(self, self.data, k) end
   end
   for k, r in pairs(self.rates) do
-    if r.slot < math.floor(now / r.half) - 1 then self.rates[k] = nil end
+    if r.slot < math.floor(now / r.half) - 1 then forget(self, self.rates, k) end
   end
+end
+
+-- Room for one new key in tbl: true, or nil, "limit", detail when the
+-- store is full even after a sweep. Also sweeps every `sweep_every`
+-- new keys, so keys that are never read again do not pile up.
+local function room(self, tbl, key)
+  if tbl[key] ~= nil then return true end
+  self.writes = self.writes + 1
+  if self.writes >= self.sweep_every or self.keys >= self.max_keys then sweep_now(self) end
+  if self.keys >= self.max_keys then
+    return nil, "limit", ("kv.memory: %d keys, the most it keeps"):format(self.max_keys)
+  end
+  self.keys = self.keys + 1
+  return true
 end
 
 function memory:get(key)
   local e = self.data[key]
   if not e then return nil end
   if expired(e, core.now()) then
-    self.data[key] = nil
+    forget(self, self.data, key)
     return nil
   end
   return e.value
@@ -64,13 +85,14 @@ end
 
 function memory:set(key, value, ttl)
   assert(type(value) == "string" or type(value) == "number", "kv: value must be a string or a number")
+  local ok, token, detail = room(self, self.data, key)
+  if not ok then return nil, token, detail end
   self.data[key] = { value = value, expires = ttl and core.now() + ttl or nil }
-  sweep(self)
   return true
 end
 
 function memory:delete(key)
-  self.data[key] = nil
+  forget(self, self.data, key)
   return true
 end
 
@@ -78,9 +100,10 @@ function memory:incr(key, by, ttl)
   local e = self.data[key]
   local now = core.now()
   if not e or expired(e, now) then
+    local ok, token, detail = room(self, self.data, key)
+    if not ok then return nil, token, detail end
     e = { value = 0, expires = ttl and now + ttl or nil }
     self.data[key] = e
-    sweep(self)
   end
   local n = tonumber(e.value) or 0
   e.value = n + (by or 1)
@@ -92,13 +115,21 @@ end
 function memory:acquire(key, limit)
   local n = self.slots[key] or 0
   if n >= limit then return false end
+  if n == 0 then
+    local ok, token, detail = room(self, self.slots, key)
+    if not ok then return nil, token, detail end
+  end
   self.slots[key] = n + 1
   return true
 end
 
 function memory:release(key)
   local n = (self.slots[key] or 0) - 1
-  self.slots[key] = n > 0 and n or nil
+  if n > 0 then
+    self.slots[key] = n
+  else
+    forget(self, self.slots, key)
+  end
   return true
 end
 
@@ -110,9 +141,10 @@ function memory:hit(key, limit, window)
   local slot = math.floor(now / half)
   local r = self.rates[key]
   if not r or r.half ~= half then
+    local ok, token, detail = room(self, self.rates, key)
+    if not ok then return nil, token, detail end
     r = { slot = slot, half = half, cur = 0, prev = 0 }
     self.rates[key] = r
-    sweep(self)
   elseif slot ~= r.slot then
     r.prev = slot == r.slot + 1 and r.cur or 0
     r.cur, r.slot = 0, slot
@@ -123,11 +155,15 @@ function memory:hit(key, limit, window)
   return true
 end
 
---- kv.memory{ on_error = "open" } -> store kept in this process
+--- kv.memory{ on_error = "open", max_keys = 100000, sweep_every = 1000 }
+-- -> store kept in this process. At max_keys (data, slot and rate keys
+-- together, after dropping what has expired) a new key is refused with
+-- nil, "limit", detail; the store's on_error then decides.
 function M.memory(opts)
   opts = opts or {}
   return setmetatable({
     data = {}, slots = {}, rates = {},
+    keys = 0, max_keys = opts.max_keys or 100000,
     writes = 0, sweep_every = opts.sweep_every or 1000,
     on_error = opts.on_error or "open",
     kind = "memory",
