@@ -350,6 +350,8 @@ static void req_free(dns_req *req)
     free(req);
 }
 
+static void req_release(void *p) { req_free(p); }
+
 /* Common end of the c-ares callbacks (results already stored). Never
  * calls Lua. */
 static void req_complete(dns_req *req, int status)
@@ -781,14 +783,7 @@ static int push_result(lua_State *L)
 /* Push the results of a finished request and free it (even on error). */
 static int req_finish(lua_State *L, dns_req *req)
 {
-    int top = lua_gettop(L);
-    lua_pushcfunction(L, push_result);
-    lua_pushlightuserdata(L, req);
-    int st = lua_pcall(L, 1, LUA_MULTRET, 0);
-    req_free(req);
-    if (st != LUA_OK)
-        return lua_error(L);
-    return lua_gettop(L) - top;
+    return ls_push_release(L, push_result, req, req_release);
 }
 
 /* ------------------------------------------------------------------ */

@@ -26,3 +26,15 @@ int ls_open_errors(lua_State *L)
     lua_setfield(L, -2, "errors");
     return 0;
 }
+
+int ls_push_release(lua_State *L, lua_CFunction push, void *p, void (*release)(void *))
+{
+    int top = lua_gettop(L);
+    lua_pushcfunction(L, push);
+    lua_pushlightuserdata(L, p);
+    int st = lua_pcall(L, 1, LUA_MULTRET, 0);
+    release(p);
+    if (st != LUA_OK)
+        return lua_error(L);
+    return lua_gettop(L) - top;
+}

@@ -236,6 +236,8 @@ static void req_free(http_req *req)
     free(req);
 }
 
+static void req_release(void *p) { req_free(p); }
+
 static size_t write_cb(char *data, size_t size, size_t nmemb, void *userp)
 {
     http_req *req = userp;
@@ -509,14 +511,7 @@ static int push_result(lua_State *L)
 
 static int req_finish(lua_State *L, http_req *req)
 {
-    int top = lua_gettop(L);
-    lua_pushcfunction(L, push_result);
-    lua_pushlightuserdata(L, req);
-    int st = lua_pcall(L, 1, LUA_MULTRET, 0);
-    req_free(req);
-    if (st != LUA_OK)
-        return lua_error(L);
-    return lua_gettop(L) - top;
+    return ls_push_release(L, push_result, req, req_release);
 }
 
 /* ------------------------------------------------------------------ */

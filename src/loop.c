@@ -879,21 +879,33 @@ static int l_cond_close(lua_State *L)
 /* ------------------------------------------------------------------ */
 /* Signals */
 
+/* Every signal name luasmtp knows, "SIG" prefix optional. catchable: a
+ * task may wait for it (KILL cannot be caught; "0" only probes a pid). */
 static const struct {
     const char *name;
     int num;
+    int catchable;
 } signames[] = {
-    {"TERM", SIGTERM}, {"INT", SIGINT}, {"HUP", SIGHUP}, {"USR1", SIGUSR1},
-    {"USR2", SIGUSR2}, {"QUIT", SIGQUIT}, {"PIPE", SIGPIPE}, {"CHLD", SIGCHLD},
+    {"TERM", SIGTERM, 1}, {"INT", SIGINT, 1},   {"HUP", SIGHUP, 1},   {"USR1", SIGUSR1, 1},
+    {"USR2", SIGUSR2, 1}, {"QUIT", SIGQUIT, 1}, {"PIPE", SIGPIPE, 1}, {"CHLD", SIGCHLD, 1},
+    {"KILL", SIGKILL, 0}, {"0", 0, 0},
 };
 
-static int signum_of(lua_State *L, int idx)
+const char *ls_signame(int sig)
+{
+    for (size_t i = 0; i < sizeof signames / sizeof signames[0]; i++)
+        if (signames[i].num == sig)
+            return signames[i].name;
+    return NULL;
+}
+
+int ls_checksignal(lua_State *L, int idx, int catchable_only)
 {
     const char *name = luaL_checkstring(L, idx);
     if (strncmp(name, "SIG", 3) == 0)
         name += 3;
     for (size_t i = 0; i < sizeof signames / sizeof signames[0]; i++)
-        if (strcmp(name, signames[i].name) == 0)
+        if (strcmp(name, signames[i].name) == 0 && (signames[i].catchable || !catchable_only))
             return signames[i].num;
     return luaL_argerror(L, idx, "unknown signal name");
 }
@@ -933,7 +945,7 @@ static void signal_cb(struct ev_loop *ev, ev_signal *w, int revents)
 static int take_signal(lua_State *L, ls_loop *loop, int n)
 {
     for (int i = 1; i <= n; i++) {
-        int sig = signum_of(L, i);
+        int sig = ls_checksignal(L, i, 1);
         if (loop->sigpending[sig] > 0) {
             loop->sigpending[sig]--;
             for (size_t j = 0; j < sizeof signames / sizeof signames[0]; j++)
@@ -1002,7 +1014,7 @@ static int l_wait_signal(lua_State *L)
     }
     luaL_argcheck(L, n > 0, 1, "signal name expected");
     for (int i = 1; i <= n; i++) {
-        int sig = signum_of(L, i);
+        int sig = ls_checksignal(L, i, 1);
         if (sig >= LS_MAX_SIGNAL)
             return luaL_argerror(L, i, "signal number out of range");
         if (!ev_is_active(&loop->sigw[sig])) {

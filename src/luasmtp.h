@@ -77,6 +77,11 @@ extern long ls_live[LS_COUNT_MAX];
  * registry are in lib/errors.h. */
 /* Push nil, token, detail (detail may be NULL: then nil, token). Returns 3. */
 int ls_pusherror(lua_State *L, const char *token, const char *detail);
+/* Run push(L) with p as its one light userdata argument, protected, then
+ * release(p) whatever happened; raise push's error after the release.
+ * Returns the number of values push left. For results built from a
+ * request that must be freed even when building them fails. */
+int ls_push_release(lua_State *L, lua_CFunction push, void *p, void (*release)(void *));
 int ls_open_errors(lua_State *L); /* core.errors */
 
 /* ------------------------------------------------------------------ */
@@ -158,6 +163,12 @@ void ls_weak_io_stop(ls_loop *loop, ev_io *w);
 void ls_weak_timer_start(ls_loop *loop, ev_timer *w, double after);
 void ls_weak_timer_stop(ls_loop *loop, ev_timer *w);
 void ls_weak_timer_fired(ls_loop *loop);
+
+/* The number of a signal named at idx ("TERM" or "SIGTERM", ...);
+ * catchable_only refuses KILL and "0" (a task cannot wait for them). */
+int ls_checksignal(lua_State *L, int idx, int catchable_only);
+/* The name of signal sig without "SIG", or NULL for one not in the list. */
+const char *ls_signame(int sig);
 
 /* Deferred flushing: sockets with pending output register here and are
  * flushed before the loop blocks (so writes made in one pass of the

@@ -19,33 +19,6 @@
 
 #define MAX_ARGS 256
 
-static const struct {
-    const char *name;
-    int num;
-} signals[] = {
-    {"TERM", SIGTERM}, {"KILL", SIGKILL}, {"INT", SIGINT},   {"HUP", SIGHUP},
-    {"USR1", SIGUSR1}, {"USR2", SIGUSR2}, {"QUIT", SIGQUIT}, {"0", 0},
-};
-
-static int check_signal(lua_State *L, int idx)
-{
-    const char *name = luaL_checkstring(L, idx);
-    if (strncmp(name, "SIG", 3) == 0)
-        name += 3;
-    for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++)
-        if (strcmp(name, signals[i].name) == 0)
-            return signals[i].num;
-    return luaL_argerror(L, idx, "unknown signal name");
-}
-
-static const char *signal_name(int sig)
-{
-    for (size_t i = 0; i < sizeof signals / sizeof signals[0]; i++)
-        if (signals[i].num == sig)
-            return signals[i].name;
-    return NULL;
-}
-
 /* proc_spawn(path, argv [, opts]) -> pid | nil, err, detail
  * Start path with the list argv (argv[1] is the program's name) in a new
  * process that inherits the environment. opts:
@@ -77,7 +50,7 @@ static int l_proc_spawn(lua_State *L)
         }
         lua_pop(L, 1);
         if (lua_getfield(L, 3, "pdeathsig") != LUA_TNIL)
-            pdeathsig = check_signal(L, lua_gettop(L));
+            pdeathsig = ls_checksignal(L, lua_gettop(L), 0);
         lua_pop(L, 1);
     }
     /* argv strings stay referenced by the table at 2 during the call */
@@ -119,7 +92,7 @@ static int l_proc_reap(lua_State *L)
             lua_pushinteger(L, WEXITSTATUS(status));
             lua_setfield(L, -2, "code");
         } else if (WIFSIGNALED(status)) {
-            const char *name = signal_name(WTERMSIG(status));
+            const char *name = ls_signame(WTERMSIG(status));
             if (name)
                 lua_pushstring(L, name);
             else
@@ -139,7 +112,7 @@ static int l_proc_kill(lua_State *L)
 {
     lua_Integer pid = luaL_checkinteger(L, 1);
     luaL_argcheck(L, pid > 0, 1, "pid must be positive");
-    int sig = check_signal(L, 2);
+    int sig = ls_checksignal(L, 2, 0);
     if (kill((pid_t)pid, sig) < 0)
         return ls_pusherror(L, ls_errno_token(errno), strerror(errno));
     lua_pushboolean(L, 1);

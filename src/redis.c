@@ -322,6 +322,8 @@ static void req_free(rd_req *req)
     free(req);
 }
 
+static void req_release(void *p) { req_free(p); }
+
 /* ------------------------------------------------------------------ */
 /* Connection state */
 
@@ -711,14 +713,7 @@ static int command_k(lua_State *L, int status, lua_KContext ctx)
     (void)status;
     rd_req *req = (rd_req *)ctx;
     if (req->done) { /* an answer wins over a deadline that came with it */
-        int top = lua_gettop(L);
-        lua_pushcfunction(L, push_result);
-        lua_pushlightuserdata(L, req);
-        int st = lua_pcall(L, 1, LUA_MULTRET, 0);
-        req_free(req);
-        if (st != LUA_OK)
-            return lua_error(L);
-        return lua_gettop(L) - top;
+        return ls_push_release(L, push_result, req, req_release);
     }
     /* The deadline passed (or a guard's cap): the command is still in
      * hiredis's queue. Let its callback free it, and drop the
