@@ -34,14 +34,16 @@ end
 
 -- Start `luasmtp serve ARGS script` and wait for `ready` workers.
 -- -> sv = { pid =, port =, log =, dir = }
-local function start(name, args, source, script_args, ready)
+-- tree: run the program, modules and script from this copy (tree.root,
+-- tree.env) instead of the checkout.
+local function start(name, args, source, script_args, ready, tree)
   local dir = H.tmpdir("workers-" .. name)
-  local path = dir .. "/script.lua"
+  local path = (tree and tree.root or dir) .. "/script.lua"
   H.writefile(path, source)
   local log = dir .. "/serve.log"
   if type(script_args) == "function" then script_args = script_args(dir) end
-  local tpid = H.start(("exec timeout -k 5 120 lua5.4 %s/bin/luasmtp serve %s %s %s"):format(
-    H.root, args, path, script_args or "127.0.0.1:0"), log)
+  local tpid = H.start(("exec %s timeout -k 5 120 lua5.4 %s/bin/luasmtp serve %s %s %s"):format(
+    tree and tree.env or "", tree and tree.root or H.root, args, path, script_args or "127.0.0.1:0"), log)
   local sv = { tpid = tpid, log = log, dir = dir }
   running[#running + 1] = sv
   local deadline = luasmtp.update_now() + 20
@@ -566,8 +568,30 @@ end
         end
       end
       assert(port, "no free port below 1024")
+      -- a checkout under /root is not readable by nobody: the workers run
+      -- the program, its modules and the script from a copy anyone can read
+      local tree = { root = io.popen("mktemp -d /tmp/luasmtp-workers-root.XXXXXX"):read("l") }
+      local so = assert(package.searchpath("luasmtp.core", package.cpath))
+      local sodir = so:match("^(.*)/luasmtp/core%.so$")
+      assert(os.execute(("mkdir -p %s/build && cp -r %s/bin %s/lua %s/ && cp -r %s/luasmtp %s/build/ "
+        .. "&& chmod -R a+rX %s"):format(tree.root, H.root, H.root, tree.root, sodir, tree.root, tree.root)))
+      tree.env = ("env LUA_PATH_5_4='%s/lua/?.lua;%s/lua/?/init.lua;;' LUA_CPATH_5_4='%s/build/?.so;;'")
+        :format(tree.root, tree.root, tree.root)
+      finally(function() os.execute("rm -rf " .. tree.root) end)
+      -- a script the dropped user cannot read: refused at once, with why
+      local hidden = io.popen("mktemp -d /tmp/luasmtp-workers-hidden.XXXXXX"):read("l") -- mode 0700
+      finally(function() os.execute("rm -rf " .. hidden) end)
+      H.writefile(hidden .. "/script.lua", script())
+      local hlog = H.tmpdir("workers-root-hidden") .. "/serve.log"
+      local hpid = H.start(("exec %s timeout -k 5 60 lua5.4 %s/bin/luasmtp serve --workers 2 --user nobody "
+        .. "--group nogroup --listen 127.0.0.1:%d %s/script.lua 127.0.0.1:%d"):format(tree.env, tree.root, port,
+        hidden, port), hlog)
+      assert.is_true(H.wait_pid(hpid, 30), "the supervisor did not give up")
+      assert.matches("uid 65534 gid %d+ cannot read " .. hidden:gsub("%p", "%%%0") .. "/script%.lua",
+        H.readfile(hlog))
+      assert.is_nil(H.readfile(hlog):find("started", 1, true)) -- no worker was tried
       local sv = start("root", ("--workers 2 --user nobody --group nogroup --listen 127.0.0.1:%d"):format(port),
-        script(), "127.0.0.1:" .. port, 2)
+        script(), "127.0.0.1:" .. port, 2, tree)
       assert.equal(port, sv.port)
       local log = text_of(sv)
       -- bound first, dropped after

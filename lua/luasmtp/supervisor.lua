@@ -389,6 +389,17 @@ function M.run(opts)
     end
     local _, uid, gid = core.proc_ids()
     log("running as uid %d gid %d", uid, gid)
+    -- the workers load the program and the script as this user: say so
+    -- now rather than let them die one after another
+    for _, path in ipairs { sv.program, sv.script } do
+      local f, ferr = io.open(path, "rb")
+      if not f then
+        log("uid %d gid %d cannot read %s (%s): the program, its modules and the script must be readable "
+          .. "after the privilege drop", uid, gid, path, tostring(ferr))
+        return 77
+      end
+      f:close()
+    end
   end
   -- 3. the workers
   log("supervisor pid %d: starting %d workers", sv.pid, n)
