@@ -24,6 +24,9 @@
 #   FRESH_SUITE   Debian suite (default bookworm)
 #   FRESH_TAIL    how many last lines to print (default 25)
 #   FRESH_LOG     also copy the whole log to this file
+#   FRESH_CMD     what runs in the clone instead of `bash .ci/run`, e.g.
+#                 `BENCH_QUICK=1 make bench` (does make bench install what
+#                 it needs on a fresh machine?)
 #   TMPDIR        where the temporary directory goes (default /tmp); the
 #                 root lives there, so its file system must allow exec
 set -euo pipefail
@@ -187,7 +190,8 @@ mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
 
-say "running bash .ci/run in the root (log: $log)"
+cmd=${FRESH_CMD:-bash .ci/run}
+say "running $cmd in the root (log: $log)"
 # Own process group, so an interrupt stops all of it; a clean login-like
 # environment, keeping only the proxy settings apt may need.
 envs=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
@@ -195,7 +199,7 @@ for v in http_proxy https_proxy ftp_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PRO
   [ -n "${!v:-}" ] && envs+=("$v=${!v}")
 done
 setsid chroot "$root" /usr/bin/env -i "${envs[@]}" \
-  /bin/bash -c 'cd /root/luasmtp && exec bash .ci/run' </dev/null >>"$log" 2>&1 &
+  /bin/bash -c "cd /root/luasmtp && exec $cmd" </dev/null >>"$log" 2>&1 &
 child=$!
 rc=0
 wait "$child" || rc=$?
@@ -208,7 +212,7 @@ if [ -n "$left" ]; then
   stop_procs_in_root
 fi
 
-echo "--- last lines of bash .ci/run in a fresh Debian $suite ---"
+echo "--- last lines of $cmd in a fresh Debian $suite ---"
 # What deps.sh installed, and each failure with busted's message (the
 # "# ..." lines after "not ok", at most 8 of them).
 awk '/^(deps|test)\.sh:/ { print; next }
