@@ -24,9 +24,10 @@
 #   FRESH_SUITE   Debian suite (default bookworm)
 #   FRESH_TAIL    how many last lines to print (default 25)
 #   FRESH_LOG     also copy the whole log to this file
-#   FRESH_CMD     what runs in the clone instead of `bash .ci/run`, e.g.
-#                 `BENCH_QUICK=1 make bench` (does make bench install what
-#                 it needs on a fresh machine?)
+#   FRESH_CMD     what runs in the clone instead of `bash .ci/run` (one
+#                 command, run with exec), e.g. `env BENCH_QUICK=1 sh
+#                 bench/run.sh`: does make bench install what it needs on
+#                 a fresh machine? (`make` itself is not there yet)
 #   TMPDIR        where the temporary directory goes (default /tmp); the
 #                 root lives there, so its file system must allow exec
 set -euo pipefail
