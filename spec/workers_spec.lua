@@ -333,7 +333,7 @@ f:close()
 ]]
       local src = script(nil, prelude):gsub('hostname = "w" %.%. me%.pid', 'hostname = "w" .. me.pid .. "." .. version')
       local vfile
-      local sv = start("reload", "--workers 2 --drain 20 --listen 127.0.0.1:0", src, function(dir)
+      local sv = start("reload", "--workers 2 --drain 60 --listen 127.0.0.1:0", src, function(dir)
         vfile = dir .. "/version"
         H.writefile(vfile, "v1\n")
         return "127.0.0.1:0 " .. vfile
@@ -355,7 +355,8 @@ f:close()
       wait_log(sv, "generation 2 ready; generation 1 drains")
       -- once an old worker says it drains it has closed its listener:
       -- before, it may still take a connection (and answer it 421 4.3.2)
-      for pid in pairs(old) do wait_log(sv, "worker %d %(pid " .. pid .. "%): SIGTERM: stopping") end
+      -- (generous: on a loaded machine the old workers may be slow to run)
+      for pid in pairs(old) do wait_log(sv, "worker %d %(pid " .. pid .. "%): SIGTERM: stopping", 1, 60) end
       -- new connections reach generation 2, which loaded the new script
       for _ = 1, 10 do
         local c, ncode, ntext = greet(sv.port)
