@@ -187,6 +187,14 @@ git clone -q --no-hardlinks --no-checkout "$src" "$root/root/luasmtp" >>"$log" 2
 git -C "$root/root/luasmtp" fetch -q "$src" HEAD >>"$log" 2>&1 # also a detached HEAD
 git -C "$root/root/luasmtp" checkout -q --detach "$rev"
 
+# The network's own trust anchors (a TLS-inspecting egress proxy's CA)
+# belong to this network, not to the software under test: the root gets
+# them, and ca-certificates (installed by deps.sh) adds them to its store.
+if ls /usr/local/share/ca-certificates/*.crt >/dev/null 2>&1; then
+  mkdir -p "$root/usr/local/share/ca-certificates"
+  cp /usr/local/share/ca-certificates/*.crt "$root/usr/local/share/ca-certificates/"
+fi
+
 mount -t proc proc "$root/proc"
 mount --bind /dev "$root/dev"
 mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
@@ -194,9 +202,10 @@ mount -t tmpfs -o mode=1777 tmpfs "$root/tmp"
 cmd=${FRESH_CMD:-bash .ci/run}
 say "running $cmd in the root (log: $log)"
 # Own process group, so an interrupt stops all of it; a clean login-like
-# environment, keeping only the proxy settings apt may need.
+# environment, keeping only the proxy settings apt may need (and where
+# Node.js finds this network's trust anchors, for make bench's npm).
 envs=(PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root LANG=C.UTF-8)
-for v in http_proxy https_proxy ftp_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY; do
+for v in http_proxy https_proxy ftp_proxy no_proxy HTTP_PROXY HTTPS_PROXY NO_PROXY NODE_EXTRA_CA_CERTS; do
   [ -n "${!v:-}" ] && envs+=("$v=${!v}")
 done
 setsid chroot "$root" /usr/bin/env -i "${envs[@]}" \
