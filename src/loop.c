@@ -948,9 +948,7 @@ static int take_signal(lua_State *L, ls_loop *loop, int n)
         int sig = ls_checksignal(L, i, 1);
         if (loop->sigpending[sig] > 0) {
             loop->sigpending[sig]--;
-            for (size_t j = 0; j < sizeof signames / sizeof signames[0]; j++)
-                if (signames[j].num == sig)
-                    lua_pushstring(L, signames[j].name);
+            lua_pushstring(L, ls_signame(sig));
             return 1;
         }
     }
