@@ -70,7 +70,7 @@ describe("queue enqueue", function()
     assert.equal(40, again:pending())
     for i, id in ipairs(ids) do
       assert.equal(("Message-ID: <g%d@test>\r\n\r\nbody %d\r\n"):format(i, i),
-        H.readfile(dir .. "/queue/" .. id .. ".body"))
+        queue.store.read_body(again.entries[id]))
     end
   end)
 
@@ -79,11 +79,19 @@ describe("queue enqueue", function()
     local q = assert(queue.open { dir = dir, log = function() end })
     local id = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = "Subject: x\r\n\r\nx\r\n" })
     local kept = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = "Subject: y\r\n\r\ny\r\n" })
+    -- both wait in files of their own, as after a deferred attempt
+    assert(q:migrate(q.entries[id]))
+    assert(q:migrate(q.entries[kept]))
+    local both = { id .. ".body", id .. ".env", kept .. ".body", kept .. ".env" }
+    table.sort(both)
+    assert.same(both, names(dir .. "/queue"))
     os.remove(dir .. "/queue/" .. id .. ".body") -- the envelope's rename reached the disk, the body's not
     q:close()
     local again = assert(queue.open { dir = dir, log = function() end })
     assert.equal(1, again:pending())
     assert.same({ kept .. ".body", kept .. ".env" }, names(dir .. "/queue"))
+    -- their segment holds no entry any more: gone
+    assert.same({}, names(dir .. "/segments"))
   end)
 end)
 

@@ -51,6 +51,18 @@ local function smarthost(port, extra)
   end
 end
 
+-- The body of a queued entry, wherever the store keeps it.
+local function body_of(dir, id)
+  local e = assert(store.load(store.paths(dir), id))
+  return assert(store.read_body(e))
+end
+
+local function names_in(dir)
+  local names = require("luasmtp.core").listdir(dir) or {}
+  table.sort(names)
+  return names
+end
+
 local function open(dir, opts)
   local o = { dir = dir, retry = { 0.2 }, jitter = 0, tick = 0.1,
     log = os.getenv("QUEUE_DEBUG") and print or function() end }
@@ -93,7 +105,7 @@ describe("queue store", function()
       rcpt = { { address = "b@example.net", notify = { "success", "failure" }, orcpt = "rfc822;b@example.net" },
         "c@example.net" }, ret = "hdrs", body = msg(1) })
     assert.matches("^%x+$", id)
-    assert.equal(msg(1), H.readfile(dir .. "/queue/" .. id .. ".body"))
+    assert.equal(msg(1), body_of(dir, id))
     local e = store.load(store.paths(dir), id)
     assert.equal("a@example.org", e.from)
     assert.equal("E 1", e.envid)
@@ -128,11 +140,10 @@ describe("queue store", function()
     assert.is_table(q2.entries[id])
     assert.is_nil(q2.entries.DEAD02)
     assert.equal(1, q2:pending())
-    local names = {}
-    for _, n in ipairs(require("luasmtp.core").listdir(dir .. "/queue")) do names[#names + 1] = n end
-    table.sort(names)
-    assert.same({ id .. ".body", id .. ".env" }, names)
-    assert.same({}, require("luasmtp.core").listdir(dir .. "/tmp"))
+    -- the entry is in its segment; nothing else is left
+    assert.same({}, names_in(dir .. "/queue"))
+    assert.equal(1, #names_in(dir .. "/segments"))
+    assert.same({}, names_in(dir .. "/tmp"))
   end)
 
   it("gives IDs unique across queues opened again", function()
@@ -162,9 +173,20 @@ describe("queue store", function()
     local b = assert(q:enqueue { from = "", rcpt = { "b@test" }, body = function() i = i + 1; return parts[i] end })
     local c = assert(q:enqueue { from = "", rcpt = { "b@test" },
       body = { chunks = function() local k = 0; return function() k = k + 1; return parts[k] end end } })
-    assert.equal(msg(7), H.readfile(dir .. "/queue/" .. a .. ".body"))
-    assert.equal("Subject: x\r\n\r\nhi\r\n", H.readfile(dir .. "/queue/" .. b .. ".body"))
-    assert.equal("Subject: x\r\n\r\nhi\r\n", H.readfile(dir .. "/queue/" .. c .. ".body"))
+    assert.equal(msg(7), body_of(dir, a))
+    assert.equal("Subject: x\r\n\r\nhi\r\n", body_of(dir, b))
+    assert.equal("Subject: x\r\n\r\nhi\r\n", body_of(dir, c))
+    -- a body larger than INLINE_MAX takes files of its own, read in pieces
+    local big = ("y"):rep(store.INLINE_MAX + 70000)
+    local pos = 1
+    local d = assert(q:enqueue { from = "", rcpt = { "b@test" }, body = function()
+      if pos > #big then return nil end
+      local piece = big:sub(pos, pos + 9999)
+      pos = pos + #piece
+      return piece
+    end })
+    assert.equal(big, H.readfile(dir .. "/queue/" .. d .. ".body"))
+    assert.equal(#big, q.entries[d].size)
     -- a body function that fails leaves nothing behind
     local id, token = q:enqueue { from = "", rcpt = { "b@test" }, body = function() return nil, "broken" end }
     assert.is_nil(id)
@@ -187,7 +209,7 @@ describe("queue store", function()
       q:close()
       local q2 = open(dir)
       assert.equal(1, q2:pending())
-      assert.equal(msg(1), H.readfile(dir .. "/queue/" .. kept .. ".body"))
+      assert.equal(msg(1), body_of(dir, kept))
       assert.same({}, require("luasmtp.core").listdir(dir .. "/tmp"))
       q2:close()
     end)
@@ -264,7 +286,7 @@ describe("queue crash safety", function()
         if n == 2 then dup = dup + 1 end
       end
       assert.equal(before, dup) -- only those the remote took before the crash
-      assert.same({}, require("luasmtp.core").listdir(dir .. "/queue"))
+      assert.same({}, names_in(dir .. "/queue"))
     end, 60)
   end)
 end)
@@ -519,7 +541,7 @@ describe("queue plugin", function()
       assert.equal("ENV1", e.envid)
       assert.equal("SUCCESS,FAILURE", e.rcpt[1].notify)
       assert.equal("rfc822;b@test", e.rcpt[1].orcpt)
-      assert.matches("^Received: from ", H.readfile(e.body_path))
+      assert.matches("^Received: from ", store.read_body(e))
       assert(drain(q))
       -- the smarthost does not advertise DSN: NOTIFY=SUCCESS gets the
       -- "relayed" notice from here (RFC 3461 section 6.2)

@@ -217,6 +217,50 @@ static int l_fsync_paths(lua_State *L)
     return fsync_paths_k(L, LUA_OK, 0);
 }
 
+/* append_record(path, ...) -> offset | nil, "io", detail, kind
+ * Append the strings given, in order, with one write per string to a
+ * file only this process writes (a queue segment), without fsync;
+ * returns the offset where they begin. On a failure the file is
+ * truncated back, so a later append never follows a partial one. */
+static int l_append_record(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    int top = lua_gettop(L);
+    for (int i = 2; i <= top; i++)
+        luaL_checktype(L, i, LUA_TSTRING);
+    int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    off_t start = lseek(fd, 0, SEEK_END);
+    int e = start < 0 ? errno : 0;
+    for (int i = 2; i <= top && e == 0; i++) {
+        size_t len;
+        const char *data = lua_tolstring(L, i, &len);
+        e = write_all(fd, data, len);
+    }
+    if (e != 0 && start >= 0 && ftruncate(fd, start) < 0) {
+        /* the error below reports the cause; the owner's next start
+         * truncates a torn tail away */
+    }
+    close(fd);
+    if (e != 0)
+        return push_errno(L, path, e);
+    lua_pushinteger(L, (lua_Integer)start);
+    return 1;
+}
+
+/* truncate(path, size) -> true | nil, "io", detail, kind */
+static int l_truncate(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    lua_Integer size = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, size >= 0, 2, "size must not be negative");
+    if (truncate(path, (off_t)size) < 0)
+        return push_errno(L, path, errno);
+    lua_pushboolean(L, 1);
+    return 1;
+}
+
 /* mkdir(path [, mode]) -> true | nil, "io", detail (an existing directory is fine). */
 static int l_mkdir(lua_State *L)
 {
@@ -392,6 +436,8 @@ int ls_open_fs(lua_State *L)
     static const luaL_Reg funcs[] = {
         {"write_file_sync", l_write_file_sync},
         {"append_file_sync", l_append_file_sync},
+        {"append_record", l_append_record},
+        {"truncate", l_truncate},
         {"fsync_dir", l_fsync_dir},
         {"mkdir", l_mkdir},
         {"fsync_path", l_fsync_path},

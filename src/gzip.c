@@ -185,11 +185,30 @@ static int l_gunzip(lua_State *L)
     return push_result(L, st, &out, why);
 }
 
+/* crc32(data [, crc]) -> integer
+ * [-0, +1, -]  zlib's CRC-32 of data, continuing crc (default 0): the
+ * check value of a queue segment's records. */
+static int l_crc32(lua_State *L)
+{
+    size_t len;
+    const unsigned char *data = (const unsigned char *)luaL_checklstring(L, 1, &len);
+    uLong crc = (uLong)(luaL_optinteger(L, 2, 0) & 0xffffffff);
+    while (len > 0) {
+        uInt n = len > UINT_MAX ? UINT_MAX : (uInt)len;
+        crc = crc32(crc, data, n);
+        data += n;
+        len -= n;
+    }
+    lua_pushinteger(L, (lua_Integer)crc);
+    return 1;
+}
+
 int ls_open_gzip(lua_State *L)
 {
     static const luaL_Reg funcs[] = {
         {"gzip", l_gzip},
         {"gunzip", l_gunzip},
+        {"crc32", l_crc32},
         {NULL, NULL},
     };
     luaL_setfuncs(L, funcs, 0);

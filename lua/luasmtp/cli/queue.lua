@@ -71,10 +71,7 @@ local function find(p, id)
 end
 
 local function headers_of(e)
-  local f = io.open(e.body_path, "rb")
-  if not f then return "" end
-  local head = f:read(65536) or ""
-  f:close()
+  local head = store.read_body(e, 65536) or ""
   return head:match("^(.-)\r?\n\r?\n") or head
 end
 

@@ -125,7 +125,6 @@ function Queue:enqueue(m)
     self:log("warning", "enqueue failed: %s", tostring(detail))
     return nil, token, detail, kind
   end
-  e.body_path = self.paths.queue .. "/" .. e.id .. ".body"
   for _, r in ipairs(e.rcpt) do
     r.state, r.attempts, r.next_attempt = "pending", 0, e.received_at
   end
@@ -158,11 +157,7 @@ local function write(q, id, text)
 end
 
 local function read_original(e)
-  local f = io.open(e.body_path, "rb")
-  if not f then return "" end
-  local data = f:read("a")
-  f:close()
-  return data
+  return store.read_body(e) or ""
 end
 
 --- q:notice(entry, recipients) -> true | nil: a DSN to the sender for
@@ -197,7 +192,7 @@ local function maybe_done(q, e)
     if r.state ~= "done" then return end
   end
   if (e.inflight or 0) == 0 then
-    store.remove_entry(q.paths, e.id)
+    store.remove_entry(q.paths, e)
     q.entries[e.id] = nil
     q:log("info", "%s: done, removed", e.id)
   end
@@ -282,6 +277,17 @@ function Queue:attempt(job, d)
   for _, i in ipairs(job.idxs) do e.rcpt[i].inflight = nil end
   e.inflight = e.inflight - #job.idxs
   maybe_done(self, e)
+  -- an entry that waits for a retry leaves its segment
+  if self.entries[e.id] == e and e.inflight == 0 then self:migrate(e) end
+end
+
+--- q:migrate(entry): an entry in a segment gets files of its own (see
+-- store.lua); on failure it stays where it is.
+function Queue:migrate(e)
+  if not e.segment then return true end
+  local ok, _, detail = store.migrate(self.paths, e)
+  if not ok then self:log("warning", "%s: not moved out of its segment: %s", e.id, tostring(detail)) end
+  return ok
 end
 
 --- q:bounce_now(entry, now [, reply]): every pending recipient fails
@@ -315,11 +321,12 @@ function Queue:read_control()
     if what == "flush" or dest then
       self:flush(dest)
     elseif what:match("^%w+$") then
-      local fresh = store.load(self.paths, what)
       local e = self.entries[what]
+      local fresh = e and store.flags(self.paths, what) or store.load(self.paths, what)
       if fresh and e then
         e.held, e.deleted, e.bounce = fresh.held, fresh.deleted, fresh.bounce
         if fresh.flush then e.flush = true end
+        if e.held and (e.inflight or 0) == 0 then self:migrate(e) end
       elseif fresh then
         self.entries[what] = fresh
       end

@@ -19,6 +19,7 @@
 -- when it did, NOTIFY=SUCCESS is its job; when it did not, the queue
 -- sends the "relayed" notice itself (RFC 3461 section 6.2).
 local client = require "luasmtp.client"
+local qstore = require "luasmtp.queue.store"
 
 local M = {}
 
@@ -104,9 +105,7 @@ function M.deliver(q, route, entry, rcpts)
     return out, false
   elseif k == "maildir" then
     local store = require "luasmtp.store"
-    local f = assert(io.open(entry.body_path, "rb"))
-    local data = f:read("a")
-    f:close()
+    local data = assert(qstore.read_body(entry))
     local path, reply = store.maildir(route.dir):deliver(data)
     local out = {}
     for i = 1, #rcpts do
@@ -115,7 +114,8 @@ function M.deliver(q, route, entry, rcpts)
     end
     return out, not path
   end
-  local body <close> = assert(io.open(entry.body_path, "rb"))
+  local body = assert(qstore.open_body(entry))
+  local _ <close> = io.type(body) == "file" and body or nil
   local msg = { from = entry.from, to = client_rcpts(rcpts), body = body, dsn = dsn_of(entry),
     smtputf8 = entry.smtputf8 or nil }
   if k == "mx" then

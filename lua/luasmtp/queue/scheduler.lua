@@ -50,17 +50,9 @@ end
 -- (read up to its end, at most dsn.MAX_HEADER_BLOCK bytes)
 function M.hops(e)
   local dsn = require "luasmtp.queue.dsn"
-  local f = io.open(e.body_path, "rb")
-  if not f then return 0 end
-  local parts, size = {}, 0
-  repeat
-    local piece = f:read(16384)
-    if not piece then break end
-    parts[#parts + 1] = piece
-    size = size + #piece
-  until piece:find("\n\r?\n") or size >= dsn.MAX_HEADER_BLOCK
-  f:close()
-  local _, count = dsn.too_many_hops(table.concat(parts))
+  local head = store.read_body(e, dsn.MAX_HEADER_BLOCK)
+  if not head then return 0 end
+  local _, count = dsn.too_many_hops(head)
   return count
 end
 
@@ -80,14 +72,26 @@ end
 -- Jobs: { entry, idxs = {rcpt indexes}, route }
 -- Over a snapshot of the entries: removing one or queueing a notice
 -- waits for the disk, and other tasks add entries meanwhile.
+local MAX_MOVES = 64
+
 local function collect(q, now)
+  local moving = 0
   local list = {}
   for id, e in pairs(q.entries) do list[#list + 1] = { id, e } end
   for _, item in ipairs(list) do
     local id, e = item[1], item[2]
+    -- an old entry does not keep its segment on the disk: it moves into
+    -- files in a task of its own (a few per pass), no attempt meanwhile
+    if e.segment and not e.migrating and (e.inflight or 0) == 0 and now - e.received_at >= store.SEGMENT_WAIT
+        and moving < MAX_MOVES then
+      moving = moving + 1
+      e.migrating = true
+      core.spawn(q.migrate, q, e)
+    end
+    if e.migrating or q.entries[id] ~= e then goto next end
     if e.deleted then
       if (e.inflight or 0) == 0 then
-        store.remove_entry(q.paths, id)
+        store.remove_entry(q.paths, e)
         q.entries[id] = nil
       end
     elseif e.bounce and (e.inflight or 0) == 0 then
@@ -118,6 +122,7 @@ local function collect(q, now)
         d.ready[#d.ready + 1] = groups[key]
       end
     end
+    ::next::
   end
 end
 

@@ -1,23 +1,48 @@
 --- luasmtp.queue.store: the queue's files on disk.
 --
 -- A queue directory holds
---   tmp/      entries being written (removed at start: never delivered)
---   queue/    ID.body (the message), ID.env (the envelope: its presence
---             is what makes the entry exist), ID.log (the per-recipient
---             state, append-only, one fsynced line per event)
+--   segments/ ID.seg: append-only files of records, each a new entry
+--             (envelope and body together) or the end of one; most mail
+--             lives only here, from its 250 to its delivery
+--   queue/    entries in files of their own: ID.body (the message),
+--             ID.env (the envelope: its presence is what makes the entry
+--             exist); and ID.log, any entry's per-recipient state
+--             (append-only, one fsynced line per event)
+--   tmp/      files being written (removed at start: never delivered)
 --   control/  notices from `luasmtp queue` to a running scheduler
 --
--- Enqueue writes the body and the envelope into tmp/ and fsyncs both
--- (at once, in worker threads: core.fsync_paths), renames both into
--- queue/ and fsyncs queue/ (one directory fsync shared by the entries
--- renamed meanwhile: sync_dir); only then is the entry durable. After a
--- crash an entry is whole (envelope and body in queue/) or it was never
--- acknowledged: an envelope whose body is missing, and a body or log
--- without an envelope, are half-written or half-removed entries,
--- removed at start. Removal goes the other way: envelope first.
+-- The fast path: enqueue appends one record (header, envelope, body) to
+-- the current segment and waits for an fsync of it that began after the
+-- append (one fsync shared by every entry appended meanwhile: group
+-- commit; a new segment's directory entry is fsynced before its first
+-- record counts). The end of the entry is a second, small record in the
+-- same segment, fsynced the same way. A segment that takes no more
+-- records (it reached SEGMENT_MAX) and whose entries have all ended is
+-- removed. No file is created, renamed or removed per message.
 --
--- Files are lines of space-separated fields, each percent-encoded (see
--- enc), so no value can split a line or a field.
+-- Entries that must wait take files of their own (migrate): after an
+-- attempt that leaves a recipient pending, once held, or SEGMENT_WAIT
+-- seconds after arrival. Their body and envelope go to tmp/, are fsynced
+-- (at once, in worker threads: core.fsync_paths), renamed into queue/
+-- and queue/ fsynced (one directory fsync shared by the entries renamed
+-- meanwhile: sync_dir); then the segment's record is ended. So an old
+-- entry never keeps a segment (and its neighbours' bytes) on the disk.
+-- Bodies larger than INLINE_MAX, and a server's spooled body (linked,
+-- not copied), take files from the start.
+--
+-- Records are checked when read: a header line "R ID ENVLEN BODYLEN CRC"
+-- (then the envelope and the body) or "D ID CRC", the CRC-32 over the
+-- header's fields and the bytes. Everything up to an fsync is on disk,
+-- so what a crash can leave torn is a tail of records never
+-- acknowledged; reading stops at the first record that does not check,
+-- and the owner truncates the segment there at start. After a crash an
+-- entry is whole or it was never acknowledged: an envelope file whose
+-- body is missing, and a body or log without an entry, are half-written
+-- or half-removed, removed at start. Removal of an entry in files goes
+-- envelope first.
+--
+-- Envelopes and logs are lines of space-separated fields, each
+-- percent-encoded (see enc), so no value can split a line or a field.
 local core = require "luasmtp.core"
 
 local M = {}
@@ -57,14 +82,24 @@ function M.crash_point(name)
   end
 end
 
---- paths(dir) -> { tmp, queue, control }
+--- Bodies up to this size are written into a segment.
+M.INLINE_MAX = 1024 * 1024
+--- A segment takes new records until it is this large.
+M.SEGMENT_MAX = 4 * 1024 * 1024
+--- Seconds after its arrival an entry still in a segment gets files.
+M.SEGMENT_WAIT = 120
+-- What a record's header may say (a larger one is not ours: the end).
+local MAX_ENVELOPE, MAX_RECORD_BODY = 64 * 1024 * 1024, 1024 * 1024 * 1024
+
+--- paths(dir) -> { tmp, queue, control, segments }
 function M.paths(dir)
-  return { dir = dir, tmp = dir .. "/tmp", queue = dir .. "/queue", control = dir .. "/control" }
+  return { dir = dir, tmp = dir .. "/tmp", queue = dir .. "/queue", control = dir .. "/control",
+    segments = dir .. "/segments", segs = {} }
 end
 
 function M.init(dir)
   local p = M.paths(dir)
-  for _, d in ipairs { p.dir, p.tmp, p.queue, p.control } do
+  for _, d in ipairs { p.dir, p.tmp, p.queue, p.control, p.segments } do
     local ok, token, detail = core.mkdir(d)
     if not ok then return nil, token, detail end
   end
@@ -163,10 +198,15 @@ local function readfile(path)
 end
 M.readfile = readfile
 
---- exists(p, id) -> whether an entry (or its remains) has this ID
+local function io_error(err, errno)
+  return nil, "io", err, errno == 28 and "full" or "other"
+end
+
+--- exists(p, id) -> whether an entry (or its remains) in files has this
+-- ID (the owner knows the ones in segments)
 function M.exists(p, id)
   local q = p.queue .. "/" .. id
-  for _, path in ipairs { q .. ".env", q .. ".body", p.tmp .. "/" .. id .. ".env" } do
+  for _, path in ipairs { q .. ".env", q .. ".body", q .. ".log", p.tmp .. "/" .. id .. ".env" } do
     local f = io.open(path, "rb")
     if f then
       f:close()
@@ -182,43 +222,82 @@ function M.append(p, id, text)
   return core.append_file_sync(p.queue .. "/" .. id .. ".log", text)
 end
 
--- Write a body given as a string, a file, a chunk function, or an
--- object with :chunks() (a server message, a sink) to path, not yet
--- fsynced. A server message that arrived in a spool file and was not
--- edited becomes the file by a hard link (no copy). Returns its size.
-local function write_body(path, body)
-  if type(body) == "table" and body.sink and body.unedited and body:unedited() and body:spooled() then
-    local ok, token, detail, kind = body.sink:commit(path, false)
-    if ok then return body:size() end
-    return nil, token, detail, kind
-  end
-  local next_chunk
+-- A body given as a string, a file, a chunk function, or an object with
+-- :chunks() (a server message, a sink) as a function returning its next
+-- chunk (nil at the end; nil, why when it fails).
+local function chunk_reader(body)
   if type(body) == "string" then
     local s = body
-    next_chunk = function()
+    return function()
       local c = s
       s = nil
       return c
     end
   elseif io.type(body) == "file" then
-    next_chunk = function() return body:read(65536) end
+    return function() return body:read(65536) end
   elseif type(body) == "function" then
-    next_chunk = body
+    return body
   elseif (type(body) == "table" or type(body) == "userdata") and body.chunks then
     local it, st, ctl = body:chunks(65536)
-    next_chunk = function()
+    return function()
       local c = it(st, ctl)
       ctl = c
       return c
     end
-  else
-    error("enqueue: body must be a string, a file, a function or have :chunks()", 3)
+  end
+  error("enqueue: body must be a string, a file, a function or have :chunks()", 4)
+end
+
+local function spooled_message(body)
+  return type(body) == "table" and body.sink and body.spooled and body:spooled()
+end
+
+-- The body as one string when it is at most INLINE_MAX bytes and not a
+-- spooled server message: data | nil, parts, next_chunk (what was read,
+-- and the rest) | nil, nil, nil, why.
+local function take_inline(body)
+  if type(body) == "string" then
+    if #body <= M.INLINE_MAX then return body end
+    return nil, { body }, function() return nil end
+  end
+  if spooled_message(body) then return nil, {}, nil end
+  if type(body) == "table" and body.sink and body.read and body:size() <= M.INLINE_MAX then
+    return body:read()
+  end
+  local next_chunk = chunk_reader(body)
+  local parts, size = {}, 0
+  while size <= M.INLINE_MAX do
+    local chunk, why = next_chunk()
+    if chunk == nil then
+      if why then return nil, nil, nil, "body: " .. tostring(why) end
+      return table.concat(parts)
+    end
+    parts[#parts + 1] = chunk
+    size = size + #chunk
+  end
+  return nil, parts, next_chunk
+end
+
+-- Write a body to path, not yet fsynced: the parts already read, then
+-- what next_chunk returns; a server message that arrived in a spool file
+-- and was not edited becomes the file by a hard link (no copy). Returns
+-- its size.
+local function write_body(path, body, parts, next_chunk)
+  if spooled_message(body) then
+    if body.unedited and body:unedited() then
+      local ok, token, detail, kind = body.sink:commit(path, false)
+      if ok then return body:size() end
+      return nil, token, detail, kind
+    end
+    parts, next_chunk = {}, chunk_reader(body)
   end
   local f, err, errno = io.open(path, "wb")
-  if not f then return nil, "io", err, errno == 28 and "full" or "other" end
-  local size = 0
+  if not f then return io_error(err, errno) end
+  local size, i = 0, 0
   while true do
-    local chunk, why = next_chunk()
+    local chunk, why
+    i = i + 1
+    if parts[i] then chunk = parts[i] elseif next_chunk then chunk, why = next_chunk() end
     if chunk == nil then
       if why then
         f:close()
@@ -231,41 +310,42 @@ local function write_body(path, body)
     if not ok then
       f:close()
       os.remove(path)
-      return nil, "io", werr, werrno == 28 and "full" or "other"
+      return io_error(werr, werrno)
     end
     size = size + #chunk
   end
   local ok, cerr, cerrno = f:close()
   if not ok then
     os.remove(path)
-    return nil, "io", cerr, cerrno == 28 and "full" or "other"
+    return io_error(cerr, cerrno)
   end
   return size
 end
 
 local function write_text(path, text)
   local f, err, errno = io.open(path, "wb")
-  if not f then return nil, "io", err, errno == 28 and "full" or "other" end
+  if not f then return io_error(err, errno) end
   local ok, werr, werrno = f:write(text)
   local closed, cerr, cerrno = f:close()
   if ok and closed then return true end
   os.remove(path)
-  return nil, "io", werr or cerr, (werrno or cerrno) == 28 and "full" or "other"
+  return io_error(werr or cerr, werrno or cerrno)
 end
 
 -- How long a durable write may wait for the disk before it fails.
 M.SYNC_TIMEOUT = 60
 
---- sync_dir(p) -> true | nil, token, detail, kind: fsync queue/ after
--- renames or unlinks there (group commit). The directory fsync that
+-- group_sync(p, key, path) -> true | nil, token, detail, kind: fsync
+-- path after writes, renames or unlinks (group commit). The fsync that
 -- covers a caller is the first one to start after its call; while one
--- runs, every caller arriving waits for the next, which then serves them
--- all: many entries committed in one loop pass share one fsync.
-function M.sync_dir(p)
-  local g = p.dirsync
+-- runs, every caller arriving waits for the next, which then serves
+-- them all: many entries written in one loop pass share one fsync.
+local function group_sync(p, key, path)
+  p.groups = p.groups or {}
+  local g = p.groups[key]
   if not g then
     g = { started = 0, finished = 0, wanted = 0, running = false, cond = core.cond(), failed = {} }
-    p.dirsync = g
+    p.groups[key] = g
   end
   local need = g.started + 1
   if need > g.wanted then g.wanted = need end
@@ -274,18 +354,19 @@ function M.sync_dir(p)
     while g.finished < g.wanted do
       local epoch = g.started + 1
       g.started = epoch
-      local ok, token, detail, kind = core.fsync_paths({ p.queue }, M.SYNC_TIMEOUT)
+      local ok, token, detail, kind = core.fsync_paths({ path }, M.SYNC_TIMEOUT)
       if not ok then g.failed[epoch] = { token, detail, kind } end
       g.failed[epoch - 64] = nil
       g.finished = epoch
       g.cond:broadcast()
     end
     g.running = false
+    if g.drop then p.groups[key] = nil end
   end
   local deadline = core.update_now() + 2 * M.SYNC_TIMEOUT
   while g.finished < need do
     local left = deadline - core.update_now()
-    if left <= 0 then return nil, "timeout", p.queue .. ": fsync did not finish", "other" end
+    if left <= 0 then return nil, "timeout", path .. ": fsync did not finish", "other" end
     g.cond:wait(left)
   end
   local f = g.failed[need]
@@ -293,13 +374,19 @@ function M.sync_dir(p)
   return true
 end
 
---- write_entry(p, entry, body) -> true | nil, token, detail, kind
--- The durable enqueue described above; entry.id and entry.size set.
-function M.write_entry(p, entry, body)
+--- sync_dir(p) -> true | nil, token, detail, kind: fsync queue/ after
+-- renames or unlinks there, shared as group_sync says.
+function M.sync_dir(p)
+  return group_sync(p, "queue/", p.queue)
+end
+
+-- write_files(p, entry, body, parts, next_chunk): the entry in files of
+-- its own (see the top); entry.size set.
+local function write_files(p, entry, body, parts, next_chunk)
   local id = entry.id
   local tbody, tenv = p.tmp .. "/" .. id .. ".body", p.tmp .. "/" .. id .. ".env"
   local qbody, qenv = p.queue .. "/" .. id .. ".body", p.queue .. "/" .. id .. ".env"
-  local size, token, detail, kind = write_body(tbody, body)
+  local size, token, detail, kind = write_body(tbody, body, parts, next_chunk)
   if not size then return nil, token, detail, kind end
   entry.size = size
   local ok
@@ -328,35 +415,242 @@ function M.write_entry(p, entry, body)
     undo(detail)
     return nil, token, detail, kind
   end
+  entry.body_path = qbody
   return true
 end
 
---- remove_entry(p, id [, now]): envelope first (the entry is gone), then
--- the rest. The directory fsync is the shared one (sync_dir: the caller
--- waits while other tasks run), or with `now` (at start) a plain one.
-function M.remove_entry(p, id, now)
-  os.remove(p.queue .. "/" .. id .. ".env")
-  if now then core.fsync_dir(p.queue) else M.sync_dir(p) end
-  os.remove(p.queue .. "/" .. id .. ".body")
+-- Segment records (see the top).
+local function record_crc(id, env, data)
+  return core.crc32(data, core.crc32(env, core.crc32(("%s %d %d"):format(id, #env, #data))))
+end
+
+--- record(id, envelope, body) -> the header line of an entry's record
+function M.record(id, env, data)
+  return ("R %s %d %d %08x\n"):format(id, #env, #data, record_crc(id, env, data))
+end
+
+--- end_record(id) -> the record that ends an entry
+function M.end_record(id)
+  return ("D %s %08x\n"):format(id, core.crc32("D " .. id))
+end
+
+--- read_segment(path) -> { records = { {id, env, body_off, body_len} },
+-- ended = { [id] = true }, valid = bytes that check, size } | nil
+-- Reads records until the end or the first one that does not check.
+function M.read_segment(path)
+  local f = io.open(path, "rb")
+  if not f then return nil end
+  local size = f:seek("end") or 0
+  local pos, recs, ended = 0, {}, {}
+  while pos < size do
+    f:seek("set", pos)
+    local line = (f:read(160) or ""):match("^([^\n]*)\n")
+    if not line then break end
+    local hstart = pos + #line + 1
+    local id, elen, blen, crc = line:match("^R (%w+) (%d+) (%d+) (%x+)$")
+    if id then
+      elen, blen = tonumber(elen), tonumber(blen)
+      if elen > MAX_ENVELOPE or blen > MAX_RECORD_BODY or hstart + elen + blen > size then break end
+      f:seek("set", hstart)
+      local env = f:read(elen)
+      if not env or #env ~= elen then break end
+      local sum, left = core.crc32(env, core.crc32(("%s %d %d"):format(id, elen, blen))), blen
+      while left > 0 do
+        local piece = f:read(math.min(left, 65536))
+        if not piece then break end
+        sum, left = core.crc32(piece, sum), left - #piece
+      end
+      if left > 0 or sum ~= tonumber(crc, 16) then break end
+      recs[#recs + 1] = { id = id, env = env, body_off = hstart + elen, body_len = blen }
+      pos = hstart + elen + blen
+    else
+      id, crc = line:match("^D (%w+) (%x+)$")
+      if not id or core.crc32("D " .. id) ~= tonumber(crc, 16) then break end
+      ended[id] = true
+      pos = hstart
+    end
+  end
+  f:close()
+  return { records = recs, ended = ended, valid = pos, size = size }
+end
+
+-- A segment that takes no more records and holds no entry goes.
+local function reclaim(p, seg)
+  if seg.current or seg.live > 0 then return end
+  os.remove(seg.path)
+  p.segs[seg.name] = nil
+  local g = p.groups and p.groups[seg.path]
+  if g then
+    if g.running then g.drop = true else p.groups[seg.path] = nil end
+  end
+end
+
+-- The segment new records go to: a new one when there is none or the
+-- current one is full (its directory entry is fsynced with its first
+-- records: seg.durable).
+local function current_segment(p)
+  local seg = p.current
+  if seg and seg.size < M.SEGMENT_MAX then return seg end
+  if seg then
+    seg.current, p.current = false, nil
+    reclaim(p, seg)
+  end
+  local name = M.new_id()
+  local path = p.segments .. "/" .. name .. ".seg"
+  local f, err, errno = io.open(path, "wb")
+  if not f then return io_error(err, errno) end
+  f:close()
+  seg = { name = name, path = path, size = 0, live = 0, current = true, durable = false }
+  p.segs[name], p.current = seg, seg
+  return seg
+end
+
+-- End records in seg for ids (and for any whose end could not be written
+-- before), fsynced; then the segment may go.
+local function end_records(p, seg, ids)
+  local all = seg.undone or {}
+  seg.undone = nil
+  table.move(ids, 1, #ids, #all + 1, all)
+  local recs = {}
+  for i, id in ipairs(all) do recs[i] = M.end_record(id) end
+  local text = table.concat(recs)
+  local off, token, detail, kind = core.append_record(seg.path, text)
+  local ok = off ~= nil
+  if ok then
+    seg.size = off + #text
+    ok, token, detail, kind = group_sync(p, seg.path, seg.path)
+  end
+  -- a restart before the next end written here delivers these again
+  if not ok then seg.undone = all end
+  seg.live = seg.live - #ids
+  reclaim(p, seg)
+  return ok, token, detail, kind
+end
+
+-- write_record(p, entry, data): the entry as one record of the current
+-- segment, durable when this returns true.
+local function write_record(p, entry, data)
+  local seg, token, detail, kind = current_segment(p)
+  if not seg then return nil, token, detail, kind end
+  entry.size = #data
+  local env = M.encode_envelope(entry)
+  local head = M.record(entry.id, env, data)
+  local off
+  off, token, detail, kind = core.append_record(seg.path, head, env, data)
+  if not off then return nil, token, detail, kind end
+  seg.size = off + #head + #env + #data
+  seg.live = seg.live + 1
+  M.crash_point("enqueue_before_sync")
+  local ok = true
+  if not seg.durable then
+    ok, token, detail, kind = group_sync(p, "segments/", p.segments)
+    if ok then seg.durable = true end
+  end
+  if ok then ok, token, detail, kind = group_sync(p, seg.path, seg.path) end
+  if not ok then
+    -- never acknowledged; after a failed fsync any page written since
+    -- the last one may be lost, so this segment takes no more records
+    if p.current == seg then seg.current, p.current = false, nil end
+    end_records(p, seg, { entry.id })
+    return nil, token, detail, kind
+  end
+  entry.segment, entry.seg_path, entry.body_off, entry.body_len = seg.name, seg.path, off + #head + #env, #data
+  return true
+end
+
+--- write_entry(p, entry, body) -> true | nil, token, detail, kind
+-- The durable enqueue described above; entry.id set, entry.size set by
+-- it; the entry is then in a segment (entry.segment) or in files
+-- (entry.body_path).
+function M.write_entry(p, entry, body)
+  local data, parts, next_chunk, why = take_inline(body)
+  if data then return write_record(p, entry, data) end
+  if not parts then return nil, "io", why, "other" end
+  return write_files(p, entry, body, parts, next_chunk)
+end
+
+--- migrate(p, entry) -> true | nil, token, detail, kind: an entry in a
+-- segment gets files of its own (then its record ends). A crash between
+-- the two leaves both; the files win at start.
+function M.migrate(p, e)
+  local seg = e.segment and p.segs[e.segment]
+  if not seg then
+    e.migrating = nil
+    return true
+  end
+  local data, why = M.read_body(e)
+  if not data then
+    e.migrating = nil
+    return nil, "io", why, "other"
+  end
+  e.migrating = true -- no attempt starts meanwhile (the scheduler skips it)
+  local ok, token, detail, kind = write_files(p, e, data, { data })
+  e.migrating = nil
+  if not ok then return nil, token, detail, kind end
+  e.segment, e.seg_path, e.body_off, e.body_len = nil, nil, nil, nil
+  end_records(p, seg, { e.id })
+  return true
+end
+
+--- read_body(entry [, max]) -> the message (its first max bytes) | nil, why
+function M.read_body(e, max)
+  local path = e.seg_path or e.body_path
+  local f, err = io.open(path, "rb")
+  if not f then return nil, err end
+  local data
+  if e.seg_path then
+    local n = max and math.min(max, e.body_len) or e.body_len
+    f:seek("set", e.body_off)
+    data = n > 0 and f:read(n) or ""
+    if data and #data ~= n then data = nil end
+  else
+    data = f:read(max or "a")
+  end
+  f:close()
+  if not data then return nil, path .. ": short read" end
+  return data
+end
+
+--- open_body(entry) -> what the client sends: the message (an entry in
+-- a segment) or its open file | nil, why
+function M.open_body(e)
+  if e.seg_path then return M.read_body(e) end
+  return io.open(e.body_path, "rb")
+end
+
+--- remove_entry(p, entry | id [, now]): the entry is gone. One in a
+-- segment: its end record (fsynced, shared). One in files: envelope
+-- first, then the rest; the directory fsync is the shared one (sync_dir:
+-- the caller waits while other tasks run), or with `now` (at start) a
+-- plain one.
+function M.remove_entry(p, e, now)
+  local id = type(e) == "table" and e.id or e
+  local seg = type(e) == "table" and e.segment and p.segs[e.segment]
+  if seg then
+    e.segment = nil
+    end_records(p, seg, { id })
+  else
+    os.remove(p.queue .. "/" .. id .. ".env")
+    if now then core.fsync_dir(p.queue) else M.sync_dir(p) end
+    os.remove(p.queue .. "/" .. id .. ".body")
+  end
   os.remove(p.queue .. "/" .. id .. ".log")
   os.remove(p.control .. "/" .. id)
 end
 
---- load(p, id) -> entry with its log applied | nil, why
--- Each recipient gets state ("pending" | "done"), attempts, next_attempt,
--- last_reply, remote_mta, last_attempt, action; the entry held, deleted,
--- bounce (asked for by the tool), flush.
-function M.load(p, id)
-  local e, why = M.decode_envelope(readfile(p.queue .. "/" .. id .. ".env"))
-  if not e then return nil, why end
-  e.body_path = p.queue .. "/" .. id .. ".body"
-  local body = io.open(e.body_path, "rb")
-  if not body then return nil, "no body" end
-  body:close()
+local function init_state(e)
   for _, r in ipairs(e.rcpt) do
     r.state, r.attempts, r.next_attempt = "pending", 0, e.received_at
   end
-  for _, ev in ipairs(M.parse_log(readfile(p.queue .. "/" .. id .. ".log"))) do
+  return e
+end
+
+--- apply_log(p, entry) -> entry: its ID.log applied. Each recipient
+-- gets state ("pending" | "done"), attempts, next_attempt, last_reply,
+-- remote_mta, last_attempt, action; the entry held, deleted, bounce
+-- (asked for by the tool), flush.
+function M.apply_log(p, e)
+  for _, ev in ipairs(M.parse_log(readfile(p.queue .. "/" .. e.id .. ".log"))) do
     local r = e.rcpt[tonumber(ev[1])]
     if ev.kind == "attempt" and r then
       r.attempts = r.attempts + 1
@@ -379,31 +673,107 @@ function M.load(p, id)
   return e
 end
 
+--- flags(p, id) -> { held, deleted, bounce, flush } from the entry's log
+function M.flags(p, id)
+  return M.apply_log(p, { id = id, rcpt = {} })
+end
+
+-- An entry in files, with its log applied | nil, why.
+local function load_files(p, id)
+  local e, why = M.decode_envelope(readfile(p.queue .. "/" .. id .. ".env"))
+  if not e then return nil, why end
+  e.body_path = p.queue .. "/" .. id .. ".body"
+  local body = io.open(e.body_path, "rb")
+  if not body then return nil, "no body" end
+  body:close()
+  return M.apply_log(p, init_state(e))
+end
+
+local function sorted_names(dir)
+  local names = core.listdir(dir) or {}
+  table.sort(names)
+  return names
+end
+
+-- Make a segment's valid records all there is of it, and end the
+-- records that files superseded.
+local function repair_segment(path, rd, superseded)
+  if rd.valid < rd.size then
+    core.truncate(path, rd.valid)
+    rd.size = rd.valid
+  end
+  if #superseded > 0 then
+    local recs = {}
+    for i, id in ipairs(superseded) do recs[i] = M.end_record(id) end
+    local text = table.concat(recs)
+    if core.append_record(path, text) then rd.size = rd.size + #text end
+  end
+  core.fsync_paths({ path }, M.SYNC_TIMEOUT)
+end
+
 --- scan(p [, cleanup]) -> { entry, ... } sorted by arrival; with
--- cleanup (the queue's owner at start) removes tmp/ and every body or
--- log without an envelope.
+-- cleanup (the queue's owner at start): removes tmp/, every body or log
+-- without an entry and every segment without one, truncates torn tails
+-- of segments, and records the segments in p.segs (none is current: new
+-- records go to a new one).
 function M.scan(p, cleanup)
   if cleanup then
     for _, name in ipairs(core.listdir(p.tmp) or {}) do os.remove(p.tmp .. "/" .. name) end
   end
-  local names = core.listdir(p.queue) or {}
-  local have_env = {}
-  for _, name in ipairs(names) do
-    local id = name:match("^([%w]+)%.env$")
-    if id then have_env[id] = true end
-  end
+  local names = sorted_names(p.queue)
+  local have_env, in_files, live = {}, {}, {}
   local entries = {}
   for _, name in ipairs(names) do
-    local id, ext = name:match("^([%w]+)%.(%w+)$")
-    if id and ext == "env" then
-      local e = M.load(p, id)
+    local id = name:match("^([%w]+)%.env$")
+    if id then
+      have_env[id] = true
+      local e = load_files(p, id)
       if e then
         entries[#entries + 1] = e
+        in_files[id] = true
       elseif cleanup then
         M.remove_entry(p, id, true)
       end
-    elseif cleanup and (not id or not have_env[id]) then
-      os.remove(p.queue .. "/" .. name)
+    end
+  end
+  for _, name in ipairs(sorted_names(p.segments)) do
+    local sname = name:match("^(%w+)%.seg$")
+    local path = p.segments .. "/" .. name
+    local rd = sname and M.read_segment(path)
+    if rd then
+      local seg = { name = sname, path = path, live = 0, durable = true }
+      local superseded = {}
+      for _, rec in ipairs(rd.records) do
+        if not rd.ended[rec.id] then
+          local e = not (in_files[rec.id] or live[rec.id]) and M.decode_envelope(rec.env)
+          if e and e.id == rec.id then
+            e.segment, e.seg_path, e.body_off, e.body_len = sname, path, rec.body_off, rec.body_len
+            entries[#entries + 1] = M.apply_log(p, init_state(e))
+            live[rec.id], seg.live = true, seg.live + 1
+          else
+            superseded[#superseded + 1] = rec.id
+          end
+        end
+      end
+      if cleanup then
+        if seg.live == 0 then
+          os.remove(path)
+        else
+          repair_segment(path, rd, superseded)
+          seg.size = rd.size
+          p.segs[sname] = seg
+        end
+      end
+    elseif cleanup and not sname then
+      os.remove(path)
+    end
+  end
+  if cleanup then
+    for _, name in ipairs(names) do
+      local id, ext = name:match("^([%w]+)%.(%w+)$")
+      if not id or not (have_env[id] or (ext == "log" and live[id])) then
+        os.remove(p.queue .. "/" .. name)
+      end
     end
   end
   table.sort(entries, function(a, b)
@@ -411,6 +781,17 @@ function M.scan(p, cleanup)
     return a.id < b.id
   end)
   return entries
+end
+
+--- load(p, id) -> the entry (in files or in a segment) with its log
+-- applied | nil, why
+function M.load(p, id)
+  local e, why = load_files(p, id)
+  if e then return e end
+  for _, s in ipairs(M.scan(p, false)) do
+    if s.id == id then return s end
+  end
+  return nil, why
 end
 
 --- notify(p, name): drop a notice for a running scheduler (the entry ID,
