@@ -202,7 +202,18 @@ class Luasmtp:
         os.kill(self.proc.pid, signal.SIGUSR1)
 
     def queued(self):
-        return sum(1 for n in os.listdir(os.path.join(self.dir, "queue")) if n.endswith(".env"))
+        """Entries queued and not yet removed, from the queue's log (read
+        on from where the last call stopped)."""
+        if not hasattr(self, "log"):
+            self.log, self.counts, self.rest = open(self.dir + ".log", "rb"), [0, 0], b""
+        data = self.rest + self.log.read()
+        *lines, self.rest = data.split(b"\n")
+        for line in lines:
+            if b": queued from=<" in line:
+                self.counts[0] += 1
+            elif line.endswith(b": done, removed"):
+                self.counts[1] += 1
+        return self.counts[0] - self.counts[1]
 
     def stop(self):
         stop_pid(self.proc)

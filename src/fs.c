@@ -12,6 +12,7 @@
 #include <string.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <sys/uio.h>
 #include <unistd.h>
 
 #include "luasmtp.h"
@@ -151,7 +152,7 @@ typedef struct {
 static void syncref_release(syncref *r)
 {
     if (r->b) {
-        ls_fd_closing(r->loop);
+        ls_fd_closing(r->loop, ls_sync_fd(r->b));
         ls_sync_release(r->b);
         r->b = NULL;
     }
@@ -217,6 +218,8 @@ static int l_fsync_paths(lua_State *L)
     return fsync_paths_k(L, LUA_OK, 0);
 }
 
+#define RECORD_PARTS 8
+
 /* append_record(path, ...) -> offset | nil, "io", detail, kind
  * Append the strings given, in order, with one write per string to a
  * file only this process writes (a queue segment), without fsync;
@@ -233,7 +236,35 @@ static int l_append_record(lua_State *L)
         return push_errno(L, path, errno);
     off_t start = lseek(fd, 0, SEEK_END);
     int e = start < 0 ? errno : 0;
-    for (int i = 2; i <= top && e == 0; i++) {
+    /* one writev for up to RECORD_PARTS strings, then what is left */
+    struct iovec iov[RECORD_PARTS];
+    int n = 0;
+    size_t total = 0;
+    for (int i = 2; i <= top && n < RECORD_PARTS; i++, n++) {
+        iov[n].iov_base = (void *)lua_tolstring(L, i, &iov[n].iov_len);
+        total += iov[n].iov_len;
+    }
+    if (e == 0 && n > 0) {
+        ssize_t w;
+        do
+            w = writev(fd, iov, n);
+        while (w < 0 && errno == EINTR);
+        if (w < 0)
+            e = errno;
+        else if ((size_t)w < total) {
+            /* a short write: the rest, part by part */
+            size_t done = (size_t)w;
+            for (int i = 0; i < n && e == 0; i++) {
+                if (done >= iov[i].iov_len) {
+                    done -= iov[i].iov_len;
+                    continue;
+                }
+                e = write_all(fd, (const char *)iov[i].iov_base + done, iov[i].iov_len - done);
+                done = 0;
+            }
+        }
+    }
+    for (int i = 2 + n; i <= top && e == 0; i++) {
         size_t len;
         const char *data = lua_tolstring(L, i, &len);
         e = write_all(fd, data, len);

@@ -46,6 +46,7 @@ struct ls_task {
     int joined;      /* join() was called: its error goes to the joiner */
     ev_io io;
     unsigned long io_closes; /* loop->fd_closes when io was last set */
+    unsigned io_fdgen;       /* the closes of io's fd number then */
     ev_timer timer;
     ls_cond *cond;   /* condition waited on, if any */
     ls_task *cnext, *cprev;
@@ -66,7 +67,9 @@ struct ls_loop {
     rq_entry *rq;
     size_t rq_len, rq_cap;
     long ntasks;  /* tasks not yet finished */
-    unsigned long fd_closes; /* watched descriptors closed so far */
+    unsigned long fd_closes; /* closes not counted per number (no memory) */
+    unsigned *fd_gen;        /* closes so far, per descriptor number */
+    size_t fd_gen_cap;
     long next_id;
     int in_handler;
     ev_prepare prepare;
@@ -289,7 +292,30 @@ void ls_weak_timer_fired(ls_loop *loop)
         ev_ref(loop->ev);
 }
 
-void ls_fd_closing(ls_loop *loop) { loop->fd_closes++; }
+void ls_fd_closing(ls_loop *loop, int fd)
+{
+    if (fd < 0)
+        return;
+    if ((size_t)fd >= loop->fd_gen_cap) {
+        size_t cap = loop->fd_gen_cap ? loop->fd_gen_cap : 256;
+        while (cap <= (size_t)fd)
+            cap *= 2;
+        unsigned *g = realloc(loop->fd_gen, cap * sizeof *g);
+        if (g == NULL) {
+            loop->fd_closes++; /* every watcher is set afresh instead */
+            return;
+        }
+        memset(g + loop->fd_gen_cap, 0, (cap - loop->fd_gen_cap) * sizeof *g);
+        loop->fd_gen = g;
+        loop->fd_gen_cap = cap;
+    }
+    loop->fd_gen[fd]++;
+}
+
+static unsigned fd_gen_of(const ls_loop *loop, int fd)
+{
+    return (size_t)fd < loop->fd_gen_cap ? loop->fd_gen[fd] : 0;
+}
 
 /* ------------------------------------------------------------------ */
 /* Flush queue: run before the loop blocks. */
@@ -493,17 +519,21 @@ static void arm(ls_loop *loop, ls_task *t, int fd, int events, double deadline)
     t->result = LS_WAKE_NONE;
     t->state = T_WAITING;
     if (fd >= 0) {
-        /* The same fd and events as the task's last wait, and no watched
-         * fd closed since (so fd is still that file): start the watcher
-         * as it is. Stopped and started again within a pass, it leaves
-         * libev nothing to tell the kernel; ev_io_set would make libev
-         * add the fd to epoll again (an epoll_ctl failing with EEXIST on
-         * every wait). After a close the number may name a new file,
-         * which libev must register: then it is set afresh. */
+        /* The same fd and events as the task's last wait, and that fd
+         * number not closed since (so it is still that file): start the
+         * watcher as it is. Stopped and started again within a pass, it
+         * leaves libev nothing to tell the kernel; ev_io_set would make
+         * libev add the fd to epoll again (an epoll_ctl failing with
+         * EEXIST on every wait). After a close of that number it may
+         * name a new file, which libev must register: then it is set
+         * afresh. Closes are counted per number, so closing one socket
+         * does not make every other task's watcher register again. */
+        unsigned fdgen = fd_gen_of(loop, fd);
         if (t->io.fd != fd || (t->io.events & (EV_READ | EV_WRITE)) != events ||
-            t->io_closes != loop->fd_closes) {
+            t->io_closes != loop->fd_closes || t->io_fdgen != fdgen) {
             ev_io_set(&t->io, fd, events);
             t->io_closes = loop->fd_closes;
+            t->io_fdgen = fdgen;
         }
         ev_io_start(loop->ev, &t->io);
         ls_live[LS_COUNT_WATCHERS]++;
@@ -1051,6 +1081,7 @@ static int l_loop_gc(lua_State *L)
         loop->ev = NULL;
     }
     free(loop->rq);
+    free(loop->fd_gen);
     loop->rq = NULL;
     return 0;
 }

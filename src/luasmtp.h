@@ -141,7 +141,7 @@ int ls_wait_k(lua_State *L, ls_loop *loop, ls_task *t, double deadline, ls_waitr
 /* A descriptor that tasks may have waited on (a socket, a listener)
  * is being closed: call before close(), so no task's watcher takes the
  * number for the file it watched before. */
-void ls_fd_closing(ls_loop *loop);
+void ls_fd_closing(ls_loop *loop, int fd);
 /* The result of the last wait of the task running on L. */
 int ls_wait_result(lua_State *L);
 /* Wake a waiting task (stale or repeated wakes are ignored). For waits

@@ -339,7 +339,7 @@ static void socket_destroy(ls_socket *s)
         ls_tls_free(s->ssl);
         s->ssl = NULL;
     }
-    ls_fd_closing(s->loop);
+    ls_fd_closing(s->loop, s->fd);
     close(s->fd);
     s->fd = -1;
     ls_buf_free(&s->rbuf);
@@ -1478,7 +1478,7 @@ static void listener_destroy(ls_listener *l)
 {
     if (l->fd < 0)
         return;
-    ls_fd_closing(l->loop);
+    ls_fd_closing(l->loop, l->fd);
     close(l->fd);
     l->fd = -1;
     ls_live[LS_COUNT_LISTENERS]--;

@@ -70,7 +70,8 @@ function M.open(opts)
     end
     return nil, token, detail
   end
-  local q = setmetatable({ opts = o, paths = p, entries = {}, dests = {}, shaping = {}, active = 0, lock = lock,
+  local q = setmetatable({ opts = o, paths = p, entries = {}, incoming = {}, dests = {}, shaping = {}, active = 0,
+    lock = lock,
     hostname = o.hostname or core.gethostname() or "localhost", wake = core.cond() }, Queue)
   for _, e in ipairs(store.scan(p, true)) do
     q.entries[e.id] = e
@@ -117,7 +118,7 @@ function Queue:enqueue(m)
   end
   local e = { id = store.new_id(), from = m.from, rcpt = rcpt, ret = m.ret and m.ret:lower(), envid = m.envid,
     smtputf8 = m.smtputf8, received_at = m.received_at or core.time() }
-  while self.entries[e.id] or store.exists(self.paths, e.id) do
+  while self.entries[e.id] do -- 64 random bits: for form's sake
     e.id = store.new_id()
   end
   local ok, token, detail, kind = store.write_entry(self.paths, e, m.body)
@@ -130,6 +131,7 @@ function Queue:enqueue(m)
   end
   store.crash_point("after_enqueue")
   self.entries[e.id] = e
+  self.incoming[#self.incoming + 1] = e
   self:log("info", "%s: queued from=<%s> rcpt=%d size=%d", e.id, e.from, #e.rcpt, e.size)
   self.wake:signal()
   return e.id
@@ -147,12 +149,14 @@ end
 -- for a destination key ("mx:example.net", "smtp:host:587", ...).
 function Queue:shape(key, limits)
   self.shaping[key] = limits
+  self.full_pass = true
   self.wake:signal()
 end
 
-local function write(q, id, text)
-  local ok, _, detail = store.append(q.paths, id, text)
-  if not ok then q:log("error", "%s: state not written: %s", id, tostring(detail)) end
+local function write(q, e, text)
+  e.logged = true
+  local ok, _, detail = store.append(q.paths, e.id, text)
+  if not ok then q:log("error", "%s: state not written: %s", e.id, tostring(detail)) end
   return ok
 end
 
@@ -184,7 +188,7 @@ end
 
 local function final(q, e, i, r, action, reply, remote, now)
   r.state, r.action, r.last_reply, r.remote_mta = "done", action, reply, remote
-  return write(q, e.id, store.log_line("final", now, i, action, route_mod.status_of(reply), reply, remote))
+  return write(q, e, store.log_line("final", now, i, action, route_mod.status_of(reply), reply, remote))
 end
 
 local function maybe_done(q, e)
@@ -268,7 +272,7 @@ function Queue:attempt(job, d)
   for _, r in ipairs(e.rcpt) do
     if r.state ~= "done" then finished = false end
   end
-  if #lines > 0 and not finished then write(self, e.id, table.concat(lines)) end
+  if #lines > 0 and not finished then write(self, e, table.concat(lines)) end
   -- the notice is queued before the failure is recorded: a crash in
   -- between sends it twice, never not at all
   self:notice(e, notices)
@@ -326,6 +330,7 @@ function Queue:read_control()
       if fresh and e then
         e.held, e.deleted, e.bounce = fresh.held, fresh.deleted, fresh.bounce
         if fresh.flush then e.flush = true end
+        if fresh.logged then e.logged = true end
         if e.held and (e.inflight or 0) == 0 then self:migrate(e) end
       elseif fresh then
         self.entries[what] = fresh
@@ -348,6 +353,7 @@ function Queue:flush(dest)
       end
     end
   end
+  self.full_pass = true
   self.wake:signal()
 end
 

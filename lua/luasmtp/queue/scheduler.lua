@@ -74,12 +74,10 @@ end
 -- waits for the disk, and other tasks add entries meanwhile.
 local MAX_MOVES = 64
 
-local function collect(q, now)
+local function collect(q, now, list)
   local moving = 0
-  local list = {}
-  for id, e in pairs(q.entries) do list[#list + 1] = { id, e } end
-  for _, item in ipairs(list) do
-    local id, e = item[1], item[2]
+  for _, e in ipairs(list) do
+    local id = e.id
     -- an old entry does not keep its segment on the disk: it moves into
     -- files in a task of its own (a few per pass), no attempt meanwhile
     if e.segment and not e.migrating and (e.inflight or 0) == 0 and now - e.received_at >= store.SEGMENT_WAIT
@@ -186,14 +184,33 @@ local function next_due(q)
   return t
 end
 
---- run(q): the scheduler task's body, until q:stop().
+--- run(q): the scheduler task's body, until q:stop(). A full pass
+-- (control notices, every entry, the next due time) once per tick, when
+-- that time comes, or after a flush; in between, a wake-up looks only at
+-- the entries enqueued since (q.incoming) and starts deliveries: the
+-- cost of a new message does not grow with the queue.
 function M.run(q)
+  local next_full, due = 0, math.huge
   while not q.stopping do
-    q:read_control()
-    collect(q, core.time())
+    local now = core.time()
+    local list
+    local full = q.full_pass or now >= next_full or now >= due
+    if full then
+      q.full_pass, q.incoming = false, {}
+      q:read_control()
+      list = {}
+      for _, e in pairs(q.entries) do list[#list + 1] = e end
+      next_full = now + q.opts.tick
+    else
+      list, q.incoming = q.incoming, {}
+    end
+    collect(q, now, list)
     dispatch(q)
-    local wait = math.min(q.opts.tick, math.max(0.01, next_due(q) - core.time()))
-    q.wake:wait(wait)
+    if full then due = next_due(q) end
+    -- what was enqueued while this pass waited (a signal then is lost)
+    if #q.incoming == 0 then
+      q.wake:wait(math.max(0.01, math.min(next_full, due) - core.time()))
+    end
   end
 end
 

@@ -202,20 +202,6 @@ local function io_error(err, errno)
   return nil, "io", err, errno == 28 and "full" or "other"
 end
 
---- exists(p, id) -> whether an entry (or its remains) in files has this
--- ID (the owner knows the ones in segments)
-function M.exists(p, id)
-  local q = p.queue .. "/" .. id
-  for _, path in ipairs { q .. ".env", q .. ".body", q .. ".log", p.tmp .. "/" .. id .. ".env" } do
-    local f = io.open(path, "rb")
-    if f then
-      f:close()
-      return true
-    end
-  end
-  return false
-end
-
 --- append(p, id, text) -> true | nil, token, detail, kind: one durable
 -- append to ID.log (locked, fsynced; the tool and the scheduler share it).
 function M.append(p, id, text)
@@ -340,7 +326,27 @@ M.SYNC_TIMEOUT = 60
 -- covers a caller is the first one to start after its call; while one
 -- runs, every caller arriving waits for the next, which then serves
 -- them all: many entries written in one loop pass share one fsync.
-local function group_sync(p, key, path)
+-- With nowait the fsync is asked for and the caller goes on: the next
+-- round covers it, one that a waiting caller starts, else one started
+-- END_DELAY seconds later.
+M.END_DELAY = 0.05
+
+local function run_group(p, key, path, g)
+  while g.finished < g.wanted do
+    core.sleep(0) -- what other tasks append in this pass of the loop joins
+    local epoch = g.started + 1
+    g.started = epoch
+    local ok, token, detail, kind = core.fsync_paths({ path }, M.SYNC_TIMEOUT)
+    if not ok then g.failed[epoch] = { token, detail, kind } end
+    g.failed[epoch - 64] = nil
+    g.finished = epoch
+    g.cond:broadcast()
+  end
+  g.running = false
+  if g.drop then p.groups[key] = nil end
+end
+
+local function group_sync(p, key, path, nowait)
   p.groups = p.groups or {}
   local g = p.groups[key]
   if not g then
@@ -349,19 +355,23 @@ local function group_sync(p, key, path)
   end
   local need = g.started + 1
   if need > g.wanted then g.wanted = need end
+  if nowait then
+    if not g.running and not g.later then
+      g.later = true
+      core.spawn(function()
+        core.sleep(M.END_DELAY)
+        g.later = false
+        if not g.running and g.finished < g.wanted then
+          g.running = true
+          run_group(p, key, path, g)
+        end
+      end)
+    end
+    return true
+  end
   if not g.running then
     g.running = true
-    while g.finished < g.wanted do
-      local epoch = g.started + 1
-      g.started = epoch
-      local ok, token, detail, kind = core.fsync_paths({ path }, M.SYNC_TIMEOUT)
-      if not ok then g.failed[epoch] = { token, detail, kind } end
-      g.failed[epoch - 64] = nil
-      g.finished = epoch
-      g.cond:broadcast()
-    end
-    g.running = false
-    if g.drop then p.groups[key] = nil end
+    run_group(p, key, path, g)
   end
   local deadline = core.update_now() + 2 * M.SYNC_TIMEOUT
   while g.finished < need do
@@ -506,7 +516,9 @@ local function current_segment(p)
 end
 
 -- End records in seg for ids (and for any whose end could not be written
--- before), fsynced; then the segment may go.
+-- before); then the segment may go. Their fsync is asked for, not waited
+-- for: nothing waits on an entry's end, and its window for a duplicate
+-- after a crash (from the remote 250 to the end on disk) is the same.
 local function end_records(p, seg, ids)
   local all = seg.undone or {}
   seg.undone = nil
@@ -518,7 +530,7 @@ local function end_records(p, seg, ids)
   local ok = off ~= nil
   if ok then
     seg.size = off + #text
-    ok, token, detail, kind = group_sync(p, seg.path, seg.path)
+    group_sync(p, seg.path, seg.path, true)
   end
   -- a restart before the next end written here delivers these again
   if not ok then seg.undone = all end
@@ -629,11 +641,14 @@ function M.remove_entry(p, e, now)
   if seg then
     e.segment = nil
     end_records(p, seg, { id })
-  else
-    os.remove(p.queue .. "/" .. id .. ".env")
-    if now then core.fsync_dir(p.queue) else M.sync_dir(p) end
-    os.remove(p.queue .. "/" .. id .. ".body")
+    -- an entry that never had a log has none (a tool's log line that
+    -- came meanwhile is an orphan removed at start)
+    if e.logged then os.remove(p.queue .. "/" .. id .. ".log") end
+    return
   end
+  os.remove(p.queue .. "/" .. id .. ".env")
+  if now then core.fsync_dir(p.queue) else M.sync_dir(p) end
+  os.remove(p.queue .. "/" .. id .. ".body")
   os.remove(p.queue .. "/" .. id .. ".log")
   os.remove(p.control .. "/" .. id)
 end
@@ -650,7 +665,9 @@ end
 -- remote_mta, last_attempt, action; the entry held, deleted, bounce
 -- (asked for by the tool), flush.
 function M.apply_log(p, e)
-  for _, ev in ipairs(M.parse_log(readfile(p.queue .. "/" .. e.id .. ".log"))) do
+  local text = readfile(p.queue .. "/" .. e.id .. ".log")
+  if text then e.logged = true end
+  for _, ev in ipairs(M.parse_log(text)) do
     local r = e.rcpt[tonumber(ev[1])]
     if ev.kind == "attempt" and r then
       r.attempts = r.attempts + 1
