@@ -184,16 +184,19 @@ static int fsync_paths_k(lua_State *L, int status, lua_KContext ctx)
     return 1;
 }
 
-/* fsync_paths({path, ...} [, timeout]) -> true | nil, token, detail, kind
+/* fsync_paths({path, ...} [, timeout [, datasync]]) -> true | nil, token, detail, kind
  * fsync every file or directory named, several at once in worker
  * threads, while other tasks run; waits (at most timeout seconds,
- * default 60) until all are done. An error names the first path that
- * failed ("io", kind as for write_file_sync); "timeout" when the disk
- * took longer (the fsyncs still finish in the background). */
+ * default 60) until all are done. With datasync, fdatasync (a file's
+ * data and what reading it needs, not its times). An error names the
+ * first path that failed ("io", kind as for write_file_sync); "timeout"
+ * when the disk took longer (the fsyncs still finish in the
+ * background). */
 static int l_fsync_paths(lua_State *L)
 {
     luaL_checktype(L, 1, LUA_TTABLE);
     double timeout = luaL_optnumber(L, 2, 60);
+    int datasync = lua_toboolean(L, 3);
     lua_settop(L, 2);
     size_t n = (size_t)luaL_len(L, 1);
     luaL_argcheck(L, n > 0 && n <= 4096, 1, "1 to 4096 paths");
@@ -211,7 +214,7 @@ static int l_fsync_paths(lua_State *L)
     r->b = NULL;
     r->loop = loop;
     luaL_setmetatable(L, SYNCBATCH_MT);
-    r->b = ls_sync_submit(paths, n);
+    r->b = ls_sync_submit(paths, n, datasync);
     if (r->b == NULL)
         return push_errno(L, "fsync workers", errno);
     ls_wait(L, loop, t, ls_sync_fd(r->b), EV_READ, ls_now(loop) + timeout, NULL, 0, fsync_paths_k);
@@ -220,63 +223,90 @@ static int l_fsync_paths(lua_State *L)
 
 #define RECORD_PARTS 8
 
-/* append_record(path, ...) -> offset | nil, "io", detail, kind
- * Append the strings given, in order, with one write per string to a
- * file only this process writes (a queue segment), without fsync;
- * returns the offset where they begin. On a failure the file is
- * truncated back, so a later append never follows a partial one. */
-static int l_append_record(lua_State *L)
+/* Write all of iov[0..n) at offset (iov is used up): 0 or an errno. */
+static int pwrite_all(int fd, struct iovec *iov, int n, off_t offset)
+{
+    int i = 0;
+    while (i < n) {
+        ssize_t w = pwritev(fd, iov + i, n - i, offset);
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (w == 0)
+            return EIO;
+        offset += w;
+        while (i < n && (size_t)w >= iov[i].iov_len) {
+            w -= (ssize_t)iov[i].iov_len;
+            i++;
+        }
+        if (i < n) {
+            iov[i].iov_base = (char *)iov[i].iov_base + w;
+            iov[i].iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+/* write_record(path, offset, s1 [, s2 ...]) -> true | nil, "io", detail, kind, dirty
+ * Write the strings (at most 8), one after the other, at offset of an
+ * existing file only this process writes (a queue segment), without
+ * fsync. On a failure the bytes are undone: the file is truncated back
+ * when they were past its end, else overwritten with zeros; dirty is
+ * true when even that failed (the file must take no more records). */
+static int l_write_record(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
+    lua_Integer offset = luaL_checkinteger(L, 2);
+    luaL_argcheck(L, offset >= 0, 2, "offset must not be negative");
     int top = lua_gettop(L);
-    for (int i = 2; i <= top; i++)
-        luaL_checktype(L, i, LUA_TSTRING);
-    int fd = open(path, O_WRONLY | O_APPEND | O_CLOEXEC);
-    if (fd < 0)
-        return push_errno(L, path, errno);
-    off_t start = lseek(fd, 0, SEEK_END);
-    int e = start < 0 ? errno : 0;
-    /* one writev for up to RECORD_PARTS strings, then what is left */
+    luaL_argcheck(L, top >= 3 && top - 2 <= RECORD_PARTS, 3, "1 to 8 strings");
     struct iovec iov[RECORD_PARTS];
     int n = 0;
     size_t total = 0;
-    for (int i = 2; i <= top && n < RECORD_PARTS; i++, n++) {
-        iov[n].iov_base = (void *)lua_tolstring(L, i, &iov[n].iov_len);
+    for (int i = 3; i <= top; i++, n++) {
+        iov[n].iov_base = (void *)luaL_checklstring(L, i, &iov[n].iov_len);
         total += iov[n].iov_len;
     }
-    if (e == 0 && n > 0) {
-        ssize_t w;
-        do
-            w = writev(fd, iov, n);
-        while (w < 0 && errno == EINTR);
-        if (w < 0)
-            e = errno;
-        else if ((size_t)w < total) {
-            /* a short write: the rest, part by part */
-            size_t done = (size_t)w;
-            for (int i = 0; i < n && e == 0; i++) {
-                if (done >= iov[i].iov_len) {
-                    done -= iov[i].iov_len;
+    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (fd < 0)
+        return push_errno(L, path, errno);
+    struct stat st;
+    int e = fstat(fd, &st) < 0 ? errno : 0;
+    if (e == 0)
+        e = pwrite_all(fd, iov, n, (off_t)offset);
+    int dirty = 0;
+    if (e != 0) {
+        if (st.st_size <= (off_t)offset) {
+            dirty = ftruncate(fd, (off_t)offset) < 0;
+        } else {
+            /* preallocated: zeros where the record went (at most up to
+             * the old end; what went past it is cut off) */
+            static const char zeros[4096];
+            size_t upto = (size_t)(st.st_size - (off_t)offset);
+            size_t len = total < upto ? total : upto;
+            for (size_t off = 0; off < len && !dirty;) {
+                size_t k = len - off < sizeof zeros ? len - off : sizeof zeros;
+                ssize_t w = pwrite(fd, zeros, k, (off_t)offset + (off_t)off);
+                if (w < 0 && errno == EINTR)
                     continue;
-                }
-                e = write_all(fd, (const char *)iov[i].iov_base + done, iov[i].iov_len - done);
-                done = 0;
+                if (w <= 0)
+                    dirty = 1;
+                else
+                    off += (size_t)w;
             }
+            if (!dirty && total > upto)
+                dirty = ftruncate(fd, st.st_size) < 0;
         }
     }
-    for (int i = 2 + n; i <= top && e == 0; i++) {
-        size_t len;
-        const char *data = lua_tolstring(L, i, &len);
-        e = write_all(fd, data, len);
-    }
-    if (e != 0 && start >= 0 && ftruncate(fd, start) < 0) {
-        /* the error below reports the cause; the owner's next start
-         * truncates a torn tail away */
-    }
     close(fd);
-    if (e != 0)
-        return push_errno(L, path, e);
-    lua_pushinteger(L, (lua_Integer)start);
+    if (e != 0) {
+        push_errno(L, path, e);
+        lua_pushboolean(L, dirty);
+        return 5;
+    }
+    lua_pushboolean(L, 1);
     return 1;
 }
 
@@ -467,7 +497,7 @@ int ls_open_fs(lua_State *L)
     static const luaL_Reg funcs[] = {
         {"write_file_sync", l_write_file_sync},
         {"append_file_sync", l_append_file_sync},
-        {"append_record", l_append_record},
+        {"write_record", l_write_record},
         {"truncate", l_truncate},
         {"fsync_dir", l_fsync_dir},
         {"mkdir", l_mkdir},

@@ -21,6 +21,7 @@ struct ls_syncbatch {
     size_t failed;   /* its index */
     size_t n;
     char **paths;
+    int datasync;    /* fdatasync: the data, and the metadata that reads it */
 };
 
 typedef struct job {
@@ -54,12 +55,12 @@ static int unref_locked(ls_syncbatch *b)
     return 1;
 }
 
-static int sync_path(const char *path)
+static int sync_path(const char *path, int datasync)
 {
     int fd = open(path, O_RDONLY | O_CLOEXEC);
     if (fd < 0)
         return errno;
-    int e = fsync(fd) < 0 ? errno : 0;
+    int e = (datasync ? fdatasync(fd) : fsync(fd)) < 0 ? errno : 0;
     close(fd);
     return e;
 }
@@ -81,7 +82,7 @@ static void *worker(void *arg)
         ls_syncbatch *b = j->batch;
         const char *path = b->paths[j->idx];
         pthread_mutex_unlock(&mu);
-        int e = sync_path(path); /* b stays: this job holds a reference */
+        int e = sync_path(path, b->datasync); /* b stays: this job holds a reference */
         pthread_mutex_lock(&mu);
         if (e != 0 && b->err == 0) {
             b->err = e;
@@ -139,7 +140,7 @@ static ls_syncbatch *give_up(job **jobs, size_t n, ls_syncbatch *b, int err)
     return NULL;
 }
 
-ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n)
+ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n, int datasync)
 {
     if (n == 0) {
         errno = EINVAL;
@@ -151,6 +152,7 @@ ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n)
     if (b == NULL || jobs == NULL)
         return give_up(jobs, n, b, ENOMEM);
     b->efd = -1;
+    b->datasync = datasync;
     b->paths = calloc(n, sizeof *b->paths);
     if (b->paths == NULL)
         return give_up(jobs, n, b, ENOMEM);

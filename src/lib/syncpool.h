@@ -23,8 +23,9 @@
 
 typedef struct ls_syncbatch ls_syncbatch;
 
-/* Queue fsyncs of paths[0..n) (n >= 1). NULL with errno on failure. */
-ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n);
+/* Queue fsyncs (fdatasyncs with datasync) of paths[0..n) (n >= 1). NULL
+ * with errno on failure. */
+ls_syncbatch *ls_sync_submit(const char *const *paths, size_t n, int datasync);
 /* Readable (an eventfd) once every fsync of the batch has run. */
 int ls_sync_fd(const ls_syncbatch *b);
 /* After the fd became readable: 0 when every path was synced, else the

@@ -336,7 +336,7 @@ local function run_group(p, key, path, g)
     core.sleep(0) -- what other tasks append in this pass of the loop joins
     local epoch = g.started + 1
     g.started = epoch
-    local ok, token, detail, kind = core.fsync_paths({ path }, M.SYNC_TIMEOUT)
+    local ok, token, detail, kind = core.fsync_paths({ path }, M.SYNC_TIMEOUT, g.datasync)
     if not ok then g.failed[epoch] = { token, detail, kind } end
     g.failed[epoch - 64] = nil
     g.finished = epoch
@@ -346,11 +346,16 @@ local function run_group(p, key, path, g)
   if g.drop then p.groups[key] = nil end
 end
 
+-- Directories get fsync; segment files fdatasync (their data, and the
+-- size when it grew; not their times).
+local DIRECTORY_KEYS = { ["queue/"] = true, ["segments/"] = true }
+
 local function group_sync(p, key, path, nowait)
   p.groups = p.groups or {}
   local g = p.groups[key]
   if not g then
-    g = { started = 0, finished = 0, wanted = 0, running = false, cond = core.cond(), failed = {} }
+    g = { started = 0, finished = 0, wanted = 0, running = false, cond = core.cond(), failed = {},
+      datasync = not DIRECTORY_KEYS[key] }
     p.groups[key] = g
   end
   local need = g.started + 1
@@ -495,24 +500,78 @@ local function reclaim(p, seg)
   end
 end
 
+-- A spare segment: SEGMENT_MAX bytes of zeros, written and fsynced (and
+-- its directory entry) before it takes a record. Records then overwrite
+-- blocks the file already has, so the fsync after one writes only them:
+-- not the file's size, not newly allocated blocks. Reading stops at the
+-- zeros (no record starts with one).
+local function prepare_spare(p)
+  if p.spare or p.preparing then return end
+  p.preparing = true
+  core.spawn(function()
+    local name = M.new_id()
+    local path = p.segments .. "/" .. name .. ".seg"
+    local f = io.open(path, "wb")
+    local ok = f ~= nil
+    if f then
+      local zeros = ("\0"):rep(math.min(256 * 1024, M.SEGMENT_MAX))
+      local written = 0
+      while ok and written < M.SEGMENT_MAX do
+        ok = f:write(written + #zeros <= M.SEGMENT_MAX and zeros or zeros:sub(1, M.SEGMENT_MAX - written)) and true
+        written = written + #zeros
+        core.sleep(0) -- the loop goes on between pieces
+      end
+      ok = f:close() and ok
+      ok = ok and core.fsync_paths({ path }, M.SYNC_TIMEOUT) and group_sync(p, "segments/", p.segments)
+    end
+    p.preparing = false
+    if ok then
+      p.spare = { name = name, path = path, size = 0, live = 0, current = false, durable = true, prealloc = true }
+    else
+      os.remove(path)
+    end
+  end)
+end
+
 -- The segment new records go to: a new one when there is none or the
--- current one is full (its directory entry is fsynced with its first
--- records: seg.durable).
+-- current one is full, or the spare once it is ready (an empty new file
+-- until then: its directory entry is fsynced with its first records,
+-- seg.durable).
 local function current_segment(p)
   local seg = p.current
-  if seg and seg.size < M.SEGMENT_MAX then return seg end
+  if seg and not seg.sealed and seg.size < M.SEGMENT_MAX and (seg.prealloc or not p.spare) then
+    return seg
+  end
   if seg then
     seg.current, p.current = false, nil
     reclaim(p, seg)
   end
-  local name = M.new_id()
-  local path = p.segments .. "/" .. name .. ".seg"
-  local f, err, errno = io.open(path, "wb")
-  if not f then return io_error(err, errno) end
-  f:close()
-  seg = { name = name, path = path, size = 0, live = 0, current = true, durable = false }
-  p.segs[name], p.current = seg, seg
+  seg, p.spare = p.spare, nil
+  if seg then
+    seg.current = true
+  else
+    local name = M.new_id()
+    local path = p.segments .. "/" .. name .. ".seg"
+    local f, err, errno = io.open(path, "wb")
+    if not f then return io_error(err, errno) end
+    f:close()
+    seg = { name = name, path = path, size = 0, live = 0, current = true, durable = false }
+  end
+  p.segs[seg.name], p.current = seg, seg
+  prepare_spare(p)
   return seg
+end
+
+-- write_at(seg, ...) -> true | nil, token, detail, kind: records at the
+-- segment's end; one whose bytes could not be undone ends its use.
+local function write_at(seg, ...)
+  local ok, token, detail, kind, dirty = core.write_record(seg.path, seg.size, ...)
+  if ok then
+    for i = 1, select("#", ...) do seg.size = seg.size + #(select(i, ...)) end
+    return true
+  end
+  if dirty then seg.sealed = true end
+  return nil, token, detail, kind
 end
 
 -- End records in seg for ids (and for any whose end could not be written
@@ -525,13 +584,9 @@ local function end_records(p, seg, ids)
   table.move(ids, 1, #ids, #all + 1, all)
   local recs = {}
   for i, id in ipairs(all) do recs[i] = M.end_record(id) end
-  local text = table.concat(recs)
-  local off, token, detail, kind = core.append_record(seg.path, text)
-  local ok = off ~= nil
-  if ok then
-    seg.size = off + #text
-    group_sync(p, seg.path, seg.path, true)
-  end
+  local ok, token, detail, kind = false, nil, nil, nil
+  if not seg.sealed then ok, token, detail, kind = write_at(seg, table.concat(recs)) end
+  if ok then group_sync(p, seg.path, seg.path, true) end
   -- a restart before the next end written here delivers these again
   if not ok then seg.undone = all end
   seg.live = seg.live - #ids
@@ -547,13 +602,12 @@ local function write_record(p, entry, data)
   entry.size = #data
   local env = M.encode_envelope(entry)
   local head = M.record(entry.id, env, data)
-  local off
-  off, token, detail, kind = core.append_record(seg.path, head, env, data)
-  if not off then return nil, token, detail, kind end
-  seg.size = off + #head + #env + #data
+  local off = seg.size
+  local ok
+  ok, token, detail, kind = write_at(seg, head, env, data)
+  if not ok then return nil, token, detail, kind end
   seg.live = seg.live + 1
   M.crash_point("enqueue_before_sync")
-  local ok = true
   if not seg.durable then
     ok, token, detail, kind = group_sync(p, "segments/", p.segments)
     if ok then seg.durable = true end
@@ -723,7 +777,7 @@ local function repair_segment(path, rd, superseded)
     local recs = {}
     for i, id in ipairs(superseded) do recs[i] = M.end_record(id) end
     local text = table.concat(recs)
-    if core.append_record(path, text) then rd.size = rd.size + #text end
+    if core.write_record(path, rd.size, text) then rd.size = rd.size + #text end
   end
   core.fsync_paths({ path }, M.SYNC_TIMEOUT)
 end
