@@ -403,6 +403,41 @@ describe("queue mail loops", function()
     end, 60)
   end)
 
+  it("counts the Received fields of mail that came in over SMTP, the front's own included", function()
+    H.run(function()
+      local client = require "luasmtp.client"
+      local p, port = peer("127.0.0.1:0")
+      local q = open(fresh_dir("loop-front"), { max_hops = 3, route = function()
+        return { kind = "smarthost", host = "127.0.0.1", port = port, tls = "none" }
+      end })
+      local front = assert(server.new { listen = { "127.0.0.1:0" }, hostname = "front.test", log_level = "error",
+        plugins = { server.plugins.received(), queue.plugin(q) } })
+      local fport = front:addresses()[1].port
+      local function send(body)
+        local res, token, err = client.send { host = "127.0.0.1", port = fport, tls = "none", helo = "c.test",
+          from = "alice@sender.test", to = { "bob@far.test" }, body = body }
+        assert(res and res.ok, tostring(token) .. " " .. tostring(err))
+      end
+      -- two fields and the front's: 3, at the limit
+      send("Received: from a\r\nreceived : from b\r\n" .. msg(1))
+      -- three and the front's: 4, a loop
+      send("Received: from a\r\nReceived: from b\r\nRECEIVED: from c\r\n" .. msg(2))
+      q:start()
+      until_true(function() return q:pending() == 0 end, "an empty queue")
+      q:stop()
+      front:close()
+      assert.equal(2, #p.messages)
+      local delivered, notice
+      for _, m in ipairs(p.messages) do
+        if m.from == "" then notice = m else delivered = m end
+      end
+      assert.same({ "bob@far.test" }, delivered.rcpt)
+      assert.matches("Message%-ID: <q1@", delivered.data)
+      assert.same({ "alice@sender.test" }, notice.rcpt)
+      assert.matches("Too many hops: 4 Received", notice.data, 1, true)
+    end, 60)
+  end)
+
   it("takes its limit from max_hops", function()
     H.run(function()
       local p, port = peer("127.0.0.1:0")

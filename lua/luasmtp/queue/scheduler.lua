@@ -62,7 +62,7 @@ local function looping(q, e, now)
   e.hops_checked = true
   local max = q.opts.max_hops
   if not max then return false end
-  local count = M.hops(e)
+  local count = e.hops or M.hops(e)
   if count <= max then return false end
   q:log("info", "%s: %d Received fields (more than %d): mail loop, bounced", e.id, count, max)
   q:bounce_now(e, now, ("554 5.4.6 Too many hops: %d Received header fields, the limit is %d"):format(count, max))

@@ -51,10 +51,13 @@ M.FORMAT = "luasmtp-queue 1"
 
 --- enc(s) -> a field: bytes outside printable ASCII, space and "%"
 -- as %XX; the empty string as a lone "%".
+local UNSAFE = "[^%w%.%-_@+=:/<>!#$&'*,;?^`{|}~%[%]\"()\\]"
+
 function M.enc(s)
   s = tostring(s == nil and "" or s)
   if s == "" then return "%" end
-  return (s:gsub("[^%w%.%-_@+=:/<>!#$&'*,;?^`{|}~%[%]\"()\\]", function(c)
+  if not s:find(UNSAFE) then return s end -- the usual case: nothing to encode
+  return (s:gsub(UNSAFE, function(c)
     return ("%%%02X"):format(c:byte())
   end))
 end
@@ -109,10 +112,7 @@ end
 --- new_id() -> a queue ID: time in seconds (hex), then 64 random bits;
 -- unique across restarts and processes without shared state.
 function M.new_id()
-  local rnd = core.random(8)
-  return ("%09X%s"):format(math.floor(core.time()), (rnd:gsub(".", function(c)
-    return ("%02X"):format(c:byte())
-  end)))
+  return ("%09X%02X%02X%02X%02X%02X%02X%02X%02X"):format(math.floor(core.time()), core.random(8):byte(1, 8))
 end
 
 --- encode_envelope(entry) -> the .env file's text
