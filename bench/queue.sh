@@ -4,7 +4,7 @@
 # -> relay -> queue -> SMTP client -> smtp-sink, all on loopback).
 # Prints one table: messages/s, their ratio, CPU ms per message of each
 # relay, relaying while submitting and from a queue filled first.
-#   N=2000 SESSIONS=8 SIZE=4096 CONNS=8 RUNS=2 sh bench/queue.sh
+#   N=2000 SESSIONS=8,32 SIZE=4096 CONNS=8 RUNS=2 sh bench/queue.sh
 set -eu
 root=$(cd "$(dirname "$0")/.." && pwd)
 # the system's python3 when there is one: its pid is the benchmark's

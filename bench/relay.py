@@ -4,6 +4,9 @@ Postfix configured as the same relay, in the same run (not a test).
 
     python3 bench/relay.py        (bench/queue.sh; N, SESSIONS, SIZE, CONNS, RUNS=2)
 
+SESSIONS is a comma-separated list of client concurrencies (default
+"8,32"): every row is measured at each.
+
 For each relay: smtp-source (SESSIONS sessions, N messages of SIZE bytes,
 one message per connection) -> the relay on a free loopback port -> its
 queue (fsync on: luasmtp's queue, Postfix's default) -> its SMTP client,
@@ -44,7 +47,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = int(os.environ.get("N", "2000"))
-SESSIONS = int(os.environ.get("SESSIONS", "8"))
+SESSION_COUNTS = [int(n) for n in os.environ.get("SESSIONS", "8,32").split(",")]
+SESSIONS = SESSION_COUNTS[0]
 SIZE = int(os.environ.get("SIZE", "4096"))
 CONNS = int(os.environ.get("CONNS", "8"))
 RUNS = int(os.environ.get("RUNS", "2"))
@@ -405,16 +409,19 @@ def main():
             return
     with_postfix = IS_ROOT and os.path.exists(MASTER)
     kinds = [Luasmtp] + ([Postfix] if with_postfix else [])
+    global SESSIONS
     rows = []
-    for hold in (False, True):
-        res = best(kinds, hold)
-        rows.extend([(hold, phase, res) for phase in (("fill", "drain") if hold else ("stream",))])
-    print(f"Relay through the queue, fsync on: smtp-source -s {SESSIONS} -m {N} -l {SIZE} -> relay "
+    for sessions in SESSION_COUNTS:
+        SESSIONS = sessions
+        for hold in (False, True):
+            res = best(kinds, hold)
+            rows.extend([(sessions, phase, res) for phase in (("fill", "drain") if hold else ("stream",))])
+    print(f"Relay through the queue, fsync on: smtp-source -s SESSIONS -m {N} -l {SIZE} -> relay "
           f"-> smtp-sink ({CONNS} connections), best of {RUNS}.")
-    print("%-30s %10s %10s %7s %10s %10s" % ("workload", "luasmtp/s", "Postfix/s", "ratio", "cpu ms/msg", "Postfix"))
+    print("%-40s %10s %10s %7s %10s %10s" % ("workload", "luasmtp/s", "Postfix/s", "ratio", "cpu ms/msg", "Postfix"))
     labels = {"stream": "relay while submitting", "fill": f"{N} queued first: accept",
               "drain": f"{N} queued first: deliver"}
-    for _, phase, res in rows:
+    for sessions, phase, res in rows:
         ours = res["luasmtp"][phase]
         theirs = res.get("Postfix", {}).get(phase)
         rate = N / ours[0]
@@ -424,9 +431,11 @@ def main():
         else:
             cells += ["%10s" % "-", "%7s" % "-"]
         cells += ["%10.2f" % (ours[1] * 1000 / N), "%10.2f" % (theirs[1] * 1000 / N) if theirs else "%10s" % "-"]
-        print("%-30s %s" % (labels[phase], " ".join(cells)))
-    sessions = ", ".join(f"{name} {res[name]['sessions']}" for _, phase, res in rows[:1] for name in res)
-    print(f"(SMTP sessions the relays opened to the sink, relaying while submitting: {sessions})")
+        print("%-40s %s" % (f"{labels[phase]}, {sessions} sessions", " ".join(cells)))
+    for sessions, phase, res in rows:
+        if phase == "stream":
+            opened = ", ".join(f"{name} {res[name]['sessions']}" for name in res)
+            print(f"(SMTP sessions the relays opened to the sink, relaying while submitting from {sessions}: {opened})")
     if not with_postfix:
         print("(Postfix not measured: needs root and /usr/lib/postfix/sbin/master)")
 
