@@ -380,6 +380,7 @@ function Queue:stop()
   local deadline = core.update_now() + 60
   while self.active > 0 and core.update_now() < deadline do core.sleep(0.05) end
   self.pool:close()
+  store.settle(self.paths) -- the last entries' ends are on disk
 end
 
 function Queue:close()

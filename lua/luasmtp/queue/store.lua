@@ -355,7 +355,7 @@ local function group_sync(p, key, path, nowait)
   local g = p.groups[key]
   if not g then
     g = { started = 0, finished = 0, wanted = 0, running = false, cond = core.cond(), failed = {},
-      datasync = not DIRECTORY_KEYS[key] }
+      datasync = not DIRECTORY_KEYS[key], path = path }
     p.groups[key] = g
   end
   local need = g.started + 1
@@ -387,6 +387,25 @@ local function group_sync(p, key, path, nowait)
   local f = g.failed[need]
   if f then return nil, f[1], f[2], f[3] end
   return true
+end
+
+--- settle(p): every fsync asked for without a wait (end records) has
+-- run when this returns (at most 2 * SYNC_TIMEOUT later).
+function M.settle(p)
+  local list = {}
+  for key, g in pairs(p.groups or {}) do list[#list + 1] = { key, g } end
+  local deadline = core.update_now() + 2 * M.SYNC_TIMEOUT
+  for _, item in ipairs(list) do
+    local key, g = item[1], item[2]
+    local target = g.wanted
+    if g.finished < target and not g.running then
+      g.running = true
+      run_group(p, key, g.path, g)
+    end
+    while g.finished < target and core.update_now() < deadline do
+      g.cond:wait(deadline - core.update_now())
+    end
+  end
 end
 
 --- sync_dir(p) -> true | nil, token, detail, kind: fsync queue/ after
