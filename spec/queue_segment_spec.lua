@@ -243,10 +243,30 @@ describe("queue segments on disk", function()
       check()
       assert.equal(size_of(path), store.read_segment(path).valid)
 
-      -- the hostile record itself torn right after the forged bytes (a
-      -- crash before its fsync: never acknowledged): reading stops at
-      -- it and never takes what is inside it for records
+      -- The hostile record itself torn by a crash before its fsync
+      -- (never acknowledged): reading stops at it and never takes what
+      -- is inside it for records (the forged end record would drop the
+      -- first entry). First with the file's length on disk but its last
+      -- bytes not (they read back as zeros), then cut right after the
+      -- first forged copy.
       local rd = store.read_segment(path)
+      local last = rd.records[2].body_off + rd.records[2].body_len
+      local f = assert(io.open(path, "r+b"))
+      f:seek("set", last - 32)
+      assert(f:write(("\0"):rep(32)))
+      assert(f:close())
+      q = open(dir)
+      assert.is_table(q.entries[victim], "the forged end record was read")
+      assert.equal(1, q:pending())
+      assert.equal(msg("victim"), store.read_body(q.entries[victim]))
+      assert.is_nil(q.entries[fid])
+      assert.is_nil(q.entries[hid])
+      assert.equal(rd.records[2].body_off - #store.record(hid, rd.records[2].env, hostile) - #rd.records[2].env,
+        size_of(path)) -- cut where the hostile record began
+      q:close()
+      -- the cut one again, for the truncated variant
+      append(path, store.record(hid, rd.records[2].env, hostile) .. rd.records[2].env .. hostile)
+      assert.equal(2, #store.read_segment(path).records)
       core.truncate(path, rd.records[2].body_off + #forged)
       q = open(dir)
       assert.equal(1, q:pending())
@@ -344,6 +364,39 @@ describe("queue migration into files", function()
       assert.equal(1, #got.messages)
       assert.equal(body, got.messages[1].data)
       assert.same({ "b@test", "c@test" }, got.messages[1].rcpt)
+      assert.same({}, names(dir .. "/queue"))
+      q:close()
+    end, 60)
+  end)
+
+  it("entries older than SEGMENT_WAIT move into files before their attempt, each delivered once", function()
+    local old = store.SEGMENT_WAIT
+    finally(function() store.SEGMENT_WAIT = old end)
+    H.run(function()
+      local dir = H.tmpdir("seg-wait")
+      local q
+      local ids, from_files = {}, {}
+      local port, got = receiver { data = function(_, data)
+        local tag = data:match("Message%-ID: <([^@>]+)@")
+        local e = q.entries[ids[tag]]
+        local env = io.open(dir .. "/queue/" .. ids[tag] .. ".env")
+        if env then env:close() end
+        from_files[tag] = e ~= nil and e.segment == nil and env ~= nil
+      end }
+      q = open(dir, { route = smarthost(port) })
+      for k = 1, 3 do
+        ids["w" .. k] = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg("w" .. k) })
+      end
+      local seg_path = q.entries[ids.w1].seg_path
+      store.SEGMENT_WAIT = 0 -- they have all been waiting longer than that
+      q:start()
+      until_true(function() return q:pending() == 0 end, "the deliveries")
+      q:stop()
+      assert.same({ ["w1@test"] = 1, ["w2@test"] = 1, ["w3@test"] = 1 }, ids_of(got))
+      assert.same({ w1 = true, w2 = true, w3 = true }, from_files)
+      local rd = assert(store.read_segment(seg_path)) -- still the segment records go to
+      assert.equal(3, #rd.records)
+      for _, id in pairs(ids) do assert.is_true(rd.ended[id]) end
       assert.same({}, names(dir .. "/queue"))
       q:close()
     end, 60)
