@@ -733,9 +733,18 @@ end
 -- without an entry and every segment without one, truncates torn tails
 -- of segments, and records the segments in p.segs (none is current: new
 -- records go to a new one).
+-- The segments are read before queue/ is listed: an entry a running
+-- owner moves into files meanwhile (`luasmtp queue` reads beside it) is
+-- then seen in its segment or in its files, and in both the files win.
 function M.scan(p, cleanup)
   if cleanup then
     for _, name in ipairs(core.listdir(p.tmp) or {}) do os.remove(p.tmp .. "/" .. name) end
+  end
+  local segs = {}
+  for _, name in ipairs(sorted_names(p.segments)) do
+    local sname = name:match("^(%w+)%.seg$")
+    local path = p.segments .. "/" .. name
+    segs[#segs + 1] = { name = sname, path = path, rd = sname and M.read_segment(path) }
   end
   local names = sorted_names(p.queue)
   local have_env, in_files, live = {}, {}, {}
@@ -753,10 +762,8 @@ function M.scan(p, cleanup)
       end
     end
   end
-  for _, name in ipairs(sorted_names(p.segments)) do
-    local sname = name:match("^(%w+)%.seg$")
-    local path = p.segments .. "/" .. name
-    local rd = sname and M.read_segment(path)
+  for _, s in ipairs(segs) do
+    local sname, path, rd = s.name, s.path, s.rd
     if rd then
       local seg = { name = sname, path = path, live = 0, durable = true }
       local superseded = {}
