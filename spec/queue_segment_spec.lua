@@ -502,6 +502,48 @@ describe("luasmtp queue on entries in segments", function()
     end, 60)
   end)
 
+  it("the tool's read of the queue sees an entry that moves into files while it reads", function()
+    H.run(function()
+      local dir = H.tmpdir("seg-scan-move")
+      local q = open(dir)
+      local id = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg("moving") })
+      local other = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg("staying") })
+      local tool_paths = store.paths(dir) -- what `luasmtp queue` reads with
+      -- The owner moves the entry into files between the tool's reading
+      -- of the one directory and of the other (whichever it reads first).
+      local listdir, reads = core.listdir, 0
+      local function scan_while_moving(fn)
+        reads = 0
+        core.listdir = function(path)
+          if path == tool_paths.queue or path == tool_paths.segments then
+            reads = reads + 1
+            if reads == 2 then assert(q:migrate(q.entries[id])) end
+          end
+          return listdir(path)
+        end
+        local ok, res = pcall(fn)
+        core.listdir = listdir
+        assert(ok, res)
+        return res
+      end
+      local list = scan_while_moving(function() return store.scan(tool_paths, false) end)
+      assert.equal(2, reads)
+      assert.is_nil(q.entries[id].segment) -- it did move
+      local seen = {}
+      for _, e in ipairs(list) do seen[e.id] = (seen[e.id] or 0) + 1 end
+      assert.same({ [id] = 1, [other] = 1 }, seen)
+      -- and the other one, through store.load as `hold ID` finds it
+      local e = scan_while_moving(function()
+        id = other
+        return store.load(tool_paths, other)
+      end)
+      assert.is_table(e, "store.load missed the entry")
+      assert.equal(other, e.id)
+      assert.equal(msg("staying"), store.read_body(e))
+      q:close()
+    end, 60)
+  end)
+
   it("list and show read entries in segments beside the running queue", function()
     H.run(function()
       local dir = H.tmpdir("seg-list")
