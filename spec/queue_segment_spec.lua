@@ -502,6 +502,47 @@ describe("luasmtp queue on entries in segments", function()
     end, 60)
   end)
 
+  it("a hold or a delete keeps an entry waiting behind another delivery from going out", function()
+    H.run(function()
+      local dir = H.tmpdir("seg-hold-ready")
+      local go, entered = false, 0
+      local port, got = receiver { data = function()
+        entered = entered + 1
+        local deadline = luasmtp.update_now() + 20
+        while not go and luasmtp.update_now() < deadline do luasmtp.sleep(0.05) end
+      end }
+      local q = open(dir, { route = smarthost(port), max_connections_per_destination = 1 })
+      local key = "smtp:127.0.0.1:" .. port
+      q:start()
+      local a = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg("ahead") })
+      until_true(function() return entered == 1 end, "the first delivery")
+      -- the next ones' jobs wait for the destination's only connection
+      local b = assert(q:enqueue { from = "a@test", rcpt = { "c@test" }, body = msg("behind") })
+      local c = assert(q:enqueue { from = "a@test", rcpt = { "d@test" }, body = msg("deleted") })
+      until_true(function() return #q.dests[key].ready == 2 end, "the waiting jobs")
+      local text, ok = tool(dir, "hold " .. b)
+      assert(ok, text)
+      text, ok = tool(dir, "delete " .. c)
+      assert(ok, text)
+      until_true(function() return q.entries[b].held and q.entries[c].deleted end, "the hold and the delete")
+      go = true
+      until_true(function() return q.entries[a] == nil and q.dests[key].active == 0 end, "the first delivery to end")
+      assert.same({ ["ahead@test"] = 1 }, ids_of(got))
+      local eb = q.entries[b]
+      assert.is_table(eb)
+      assert.equal(0, eb.rcpt[1].attempts)
+      until_true(function() return q.entries[c] == nil end, "the deleted entry's removal")
+      until_true(function() return not eb.segment and not eb.migrating end, "the held entry's files")
+      assert.equal(msg("behind"), H.readfile(dir .. "/queue/" .. b .. ".body"))
+      text, ok = tool(dir, "release " .. b)
+      assert(ok, text)
+      until_true(function() return q:pending() == 0 end, "the delivery after release")
+      q:stop()
+      assert.same({ ["ahead@test"] = 1, ["behind@test"] = 1 }, ids_of(got))
+      q:close()
+    end, 60)
+  end)
+
   it("the tool's read of the queue sees an entry that moves into files while it reads", function()
     H.run(function()
       local dir = H.tmpdir("seg-scan-move")
