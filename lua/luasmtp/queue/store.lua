@@ -590,14 +590,18 @@ function M.migrate(p, e)
     e.migrating = nil
     return true
   end
+  -- one move at a time: a second one (its age, a hold, the end of an
+  -- attempt) while the first waits for the disk would write the same
+  -- tmp/ files, and its failed rename would remove the first one's
+  if e.moving then return true end
   local data, why = M.read_body(e)
   if not data then
     e.migrating = nil
     return nil, "io", why, "other"
   end
-  e.migrating = true -- no attempt starts meanwhile (the scheduler skips it)
+  e.migrating, e.moving = true, true -- no attempt starts meanwhile (the scheduler skips it)
   local ok, token, detail, kind = write_files(p, e, data, { data })
-  e.migrating = nil
+  e.migrating, e.moving = nil, nil
   if not ok then return nil, token, detail, kind end
   e.segment, e.seg_path, e.body_off, e.body_len = nil, nil, nil, nil
   end_records(p, seg, { e.id })
