@@ -402,6 +402,45 @@ describe("queue migration into files", function()
     end, 60)
   end)
 
+  it("two moves of one entry at once (its age and a hold) leave it whole, in files, once", function()
+    H.run(function()
+      local dir = H.tmpdir("seg-migrate-twice")
+      local port, got = receiver()
+      local q = open(dir, { route = smarthost(port) })
+      local body = msg("twice")
+      local id = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = body })
+      local e = q.entries[id]
+      local seg_path = e.seg_path
+      -- The scheduler moves an old entry in a task of its own while a
+      -- later pass applies a hold to it (read_control moves it too): two
+      -- migrations of the same entry, the second starting while the
+      -- first waits for its fsyncs.
+      local results = {}
+      local tasks = {}
+      for k = 1, 2 do
+        tasks[k] = luasmtp.spawn(function() results[k] = q:migrate(e) end)
+      end
+      for _, t in ipairs(tasks) do assert(t:join(30)) end
+      assert.same({ true, true }, results)
+      assert.is_nil(e.segment)
+      assert.falsy(e.migrating)
+      assert.equal(body, H.readfile(dir .. "/queue/" .. id .. ".body"))
+      assert.equal(id, assert(store.decode_envelope(H.readfile(dir .. "/queue/" .. id .. ".env"))).id)
+      assert.same({}, names(dir .. "/tmp"))
+      local rd = assert(store.read_segment(seg_path))
+      assert.is_true(rd.ended[id])
+      q:close()
+      q = open(dir, { route = smarthost(port) })
+      assert.equal(1, q:pending())
+      assert.equal(body, store.read_body(q.entries[id]))
+      q:start()
+      until_true(function() return q:pending() == 0 end, "the delivery")
+      q:stop()
+      assert.same({ ["twice@test"] = 1 }, ids_of(got))
+      q:close()
+    end, 60)
+  end)
+
   it("a crash between the files and the end record leaves both; the files win, delivered once", function()
     H.run(function()
       local dir = H.tmpdir("seg-migrate-crash")
