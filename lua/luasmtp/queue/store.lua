@@ -751,18 +751,21 @@ function M.scan(p, cleanup)
     segs[#segs + 1] = { name = sname, path = path, rd = sname and M.read_segment(path) }
   end
   local names = sorted_names(p.queue)
-  local have_env, in_files, live = {}, {}, {}
+  local in_files, live = {}, {}
   local entries = {}
   for _, name in ipairs(names) do
     local id = name:match("^([%w]+)%.env$")
     if id then
-      have_env[id] = true
       local e = load_files(p, id)
       if e then
         entries[#entries + 1] = e
         in_files[id] = true
       elseif cleanup then
-        M.remove_entry(p, id, true)
+        -- half-written or half-removed: the envelope goes first, the
+        -- body and the log below; the log stays when the entry lives on
+        -- in its segment (a move into files cut short: it is its state)
+        os.remove(p.queue .. "/" .. id .. ".env")
+        core.fsync_dir(p.queue)
       end
     end
   end
@@ -799,7 +802,7 @@ function M.scan(p, cleanup)
   if cleanup then
     for _, name in ipairs(names) do
       local id, ext = name:match("^([%w]+)%.(%w+)$")
-      if not id or not (have_env[id] or (ext == "log" and live[id])) then
+      if not id or not (in_files[id] or (ext == "log" and live[id])) then
         os.remove(p.queue .. "/" .. name)
       end
     end
