@@ -69,12 +69,13 @@ end
 
 -- A receiving server (luasmtp's own, no Received header added, so a
 -- message arrives as queued): got.messages holds each message it
--- accepted; hooks.connect / hooks.data may answer otherwise.
+-- accepted; hooks.connect / hooks.rcpt / hooks.data may answer otherwise.
 local function receiver(hooks)
   hooks = hooks or {}
   local got = { messages = {}, attempts = 0 }
   local _, port = H.smtp_server { hostname = "sink.test", received_header = false, hooks = {
     on_connect = hooks.connect,
+    on_rcpt = hooks.rcpt,
     on_data = function(s, m)
       got.attempts = got.attempts + 1
       local data = m:read()
@@ -484,6 +485,61 @@ describe("queue migration into files", function()
       assert.same({ ["files@test"] = 1, ["stays@test"] = 1 }, ids_of(got))
       assert.same({}, names(dir .. "/queue"))
       assert.same({}, segments(dir)) -- no entry left in it, and it takes no records
+      q:close()
+    end, 60)
+  end)
+end)
+
+describe("queue migration cut short", function()
+  it("an entry left in its segment by a move the crash cut short keeps its state log", function()
+    H.run(function()
+      local dir = H.tmpdir("seg-migrate-half")
+      -- c@test is refused once: b@test is done after the first attempt, c@test waits
+      local refused = false
+      local port, got = receiver { rcpt = function(_, rcpt)
+        if rcpt == "c@test" and not refused then
+          refused = true
+          return server.reply(451, "4.2.0", "later")
+        end
+      end }
+      local q = open(dir, { route = smarthost(port), retry = { 3600 } })
+      local id = assert(q:enqueue { from = "a@test", rcpt = { "b@test", "c@test" }, body = msg("half") })
+      local e = q.entries[id]
+      local seg_path = e.seg_path
+      -- the move after the attempt writes its files; the end record
+      -- after them does not reach the file (the process dies first)
+      local append_record = core.append_record
+      local ok, err = pcall(function()
+        core.append_record = function(path, text, ...)
+          if select("#", ...) == 0 and text:match("^D ") then return nil, "io", "the process died", "other" end
+          return append_record(path, text, ...)
+        end
+        q:start()
+        until_true(function() return e.rcpt[2].attempts == 1 and not e.segment and not e.migrating end, "the move")
+        q:stop()
+      end)
+      core.append_record = append_record
+      assert(ok, err)
+      q:close()
+      assert.same({ { "b@test" } }, { got.messages[1].rcpt })
+      assert.is_nil(store.read_segment(seg_path).ended[id])
+      -- of the move's renames only the envelope's reached the disk
+      os.remove(dir .. "/queue/" .. id .. ".body")
+
+      q = open(dir, { route = smarthost(port), retry = { 3600 } })
+      assert.equal(1, q:pending())
+      e = q.entries[id]
+      assert.equal(seg_path, e.seg_path) -- the segment holds it still
+      assert.equal(msg("half"), store.read_body(e))
+      assert.equal("done", e.rcpt[1].state) -- its log says so
+      assert.equal("pending", e.rcpt[2].state)
+      assert.equal(1, e.rcpt[2].attempts)
+      q:flush()
+      q:start()
+      until_true(function() return q:pending() == 0 end, "the retry")
+      q:stop()
+      assert.equal(2, #got.messages)
+      assert.same({ "c@test" }, got.messages[2].rcpt) -- b@test got it once
       q:close()
     end, 60)
   end)
