@@ -139,7 +139,14 @@ local function worker(q, d)
     local job = table.remove(d.ready, 1)
     if not job then break end
     local now = core.time()
-    if d.backoff_until > now and not job.forced then
+    local e = job.entry
+    if e.held or e.deleted or e.bounce then
+      -- the tool's hold, delete or bounce came while the job waited: not
+      -- attempted; a pass applies it (a held entry gets its files now,
+      -- which read_control left to the end of the job)
+      requeue(job, now)
+      if e.held and e.inflight == 0 then q:migrate(e) end
+    elseif d.backoff_until > now and not job.forced then
       requeue(job, d.backoff_until)
     else
       if d.rate and d.next_start > now then

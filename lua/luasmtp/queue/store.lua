@@ -663,14 +663,18 @@ function M.migrate(p, e)
     e.migrating = nil
     return true
   end
+  -- one move at a time: a second one (its age, a hold, the end of an
+  -- attempt) while the first waits for the disk would write the same
+  -- tmp/ files, and its failed rename would remove the first one's
+  if e.moving then return true end
   local data, why = M.read_body(e)
   if not data then
     e.migrating = nil
     return nil, "io", why, "other"
   end
-  e.migrating = true -- no attempt starts meanwhile (the scheduler skips it)
+  e.migrating, e.moving = true, true -- no attempt starts meanwhile (the scheduler skips it)
   local ok, token, detail, kind = write_files(p, e, data, { data })
-  e.migrating = nil
+  e.migrating, e.moving = nil, nil
   if not ok then return nil, token, detail, kind end
   e.segment, e.seg_path, e.body_off, e.body_len = nil, nil, nil, nil
   end_records(p, seg, { e.id })
@@ -806,30 +810,40 @@ end
 -- without an entry and every segment without one, truncates torn tails
 -- of segments, and records the segments in p.segs (none is current: new
 -- records go to a new one).
+-- The segments are read before queue/ is listed: an entry a running
+-- owner moves into files meanwhile (`luasmtp queue` reads beside it) is
+-- then seen in its segment or in its files, and in both the files win.
 function M.scan(p, cleanup)
   if cleanup then
     for _, name in ipairs(core.listdir(p.tmp) or {}) do os.remove(p.tmp .. "/" .. name) end
   end
+  local segs = {}
+  for _, name in ipairs(sorted_names(p.segments)) do
+    local sname = name:match("^(%w+)%.seg$")
+    local path = p.segments .. "/" .. name
+    segs[#segs + 1] = { name = sname, path = path, rd = sname and M.read_segment(path) }
+  end
   local names = sorted_names(p.queue)
-  local have_env, in_files, live = {}, {}, {}
+  local in_files, live = {}, {}
   local entries = {}
   for _, name in ipairs(names) do
     local id = name:match("^([%w]+)%.env$")
     if id then
-      have_env[id] = true
       local e = load_files(p, id)
       if e then
         entries[#entries + 1] = e
         in_files[id] = true
       elseif cleanup then
-        M.remove_entry(p, id, true)
+        -- half-written or half-removed: the envelope goes first, the
+        -- body and the log below; the log stays when the entry lives on
+        -- in its segment (a move into files cut short: it is its state)
+        os.remove(p.queue .. "/" .. id .. ".env")
+        core.fsync_dir(p.queue)
       end
     end
   end
-  for _, name in ipairs(sorted_names(p.segments)) do
-    local sname = name:match("^(%w+)%.seg$")
-    local path = p.segments .. "/" .. name
-    local rd = sname and M.read_segment(path)
+  for _, s in ipairs(segs) do
+    local sname, path, rd = s.name, s.path, s.rd
     if rd then
       local seg = { name = sname, path = path, live = 0, durable = true }
       local superseded = {}
@@ -861,7 +875,7 @@ function M.scan(p, cleanup)
   if cleanup then
     for _, name in ipairs(names) do
       local id, ext = name:match("^([%w]+)%.(%w+)$")
-      if not id or not (have_env[id] or (ext == "log" and live[id])) then
+      if not id or not (in_files[id] or (ext == "log" and live[id])) then
         os.remove(p.queue .. "/" .. name)
       end
     end
