@@ -35,7 +35,7 @@ M.KILL_GRACE = 5 -- seconds past the drain deadline before SIGKILL
 M.FRAME_TIMEOUT = 5 -- seconds for the rest of a frame once its length came
 
 local function log(fmt, ...)
-  io.stderr:write("luasmtp serve: ", fmt:format(...), "\n")
+  io.stderr:write("luasmtp serve: " .. fmt:format(...) .. "\n") -- one write: workers share stderr
 end
 
 local function log_worker(w, fmt, ...)

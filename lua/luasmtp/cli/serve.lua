@@ -102,8 +102,15 @@ function M.main(args)
       program = _G.arg and _G.arg[0], on_error = opts.on_error, reuseport = opts.reuseport,
     }
   end
-  -- a worker's lines say which worker wrote them
+  -- a worker's lines say which worker wrote them; each line is one
+  -- write (stderr is unbuffered: a write per piece would let the lines
+  -- of workers sharing it cut into each other)
   local prefix = "luasmtp serve: "
+  local function say(...)
+    local parts = { prefix }
+    for k = 1, select("#", ...) do parts[#parts + 1] = tostring((select(k, ...))) end
+    io.stderr:write(table.concat(parts))
+  end
   local workers
   if opts.worker then
     prefix = ("luasmtp serve: worker %d (pid %d): "):format(opts.worker.slot, (require("luasmtp.core").proc_ids()))
@@ -113,13 +120,13 @@ function M.main(args)
       inherit = opts.inherit, on_error = opts.on_error,
     }
     if not ok then
-      io.stderr:write(prefix, tostring(detail or err), "\n")
+      say(tostring(detail or err), "\n")
       return 71
     end
   end
   local chunk, err = loadfile(script)
   if not chunk then
-    io.stderr:write(prefix, err, "\n")
+    say(err, "\n")
     return 66
   end
   local script_args = table.move(args, i + 1, #args, 1, {})
@@ -132,13 +139,13 @@ function M.main(args)
   end)
   local ok, failure = main:join()
   if not ok then
-    io.stderr:write(prefix, tostring(failure), "\n")
+    say(tostring(failure), "\n")
     return 70
   end
   if workers then
     local rok, rerr, rdetail = workers.ready()
     if not rok then
-      io.stderr:write(prefix, "telling the supervisor: ", tostring(rdetail or rerr), "\n")
+      say("telling the supervisor: ", tostring(rdetail or rerr), "\n")
     end
   end
 
@@ -149,12 +156,12 @@ function M.main(args)
       if sig == "HUP" then
         if control.reload then
           local rok, rerr = pcall(control.reload)
-          io.stderr:write(prefix, "reload ", rok and "done" or ("failed: " .. tostring(rerr)), "\n")
+          say("reload ", rok and "done" or ("failed: " .. tostring(rerr)), "\n")
         else
-          io.stderr:write(prefix, "SIGHUP ignored: the script has no reload()\n")
+          say("SIGHUP ignored: the script has no reload()\n")
         end
       else
-        io.stderr:write(prefix, "SIG", sig, ": stopping\n")
+        say("SIG", sig, ": stopping\n")
         if workers then workers.draining() end
         if control.stop then pcall(control.stop) end
         server.shutdown_all(drain)
@@ -163,7 +170,7 @@ function M.main(args)
           luasmtp.sleep(0.05)
         end
         if server.sessions() > 0 then
-          io.stderr:write(prefix, server.sessions(), " sessions still open after ", drain, " s\n")
+          say(server.sessions(), " sessions still open after ", drain, " s\n")
           status = 1
         end
         os.exit(status, true)

@@ -90,7 +90,7 @@ end
 function Queue:log(level, fmt, ...)
   local msg = select("#", ...) > 0 and fmt:format(...) or fmt
   if self.opts.log then return self.opts.log(level, msg) end
-  if level ~= "debug" and level ~= "info" then io.stderr:write("queue: ", msg, "\n") end
+  if level ~= "debug" and level ~= "info" then io.stderr:write("queue: " .. msg .. "\n") end
 end
 
 --- q:enqueue{ from, rcpt = { {address, notify, orcpt} | address, ... },

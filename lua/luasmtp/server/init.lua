@@ -174,7 +174,7 @@ function M.new(opts)
     sessions = setmetatable({}, { __mode = "k" }),
   }, Server)
   self.logger = config.logger or function(level, msg)
-    io.stderr:write(level, ": ", msg, "\n")
+    io.stderr:write(level .. ": " .. msg .. "\n") -- one write: workers share stderr
   end
   self.log_level = assert(LOG_LEVELS[config.log_level], "log_level must be debug, info, warning or error")
   assert(config.bare_newlines == "reject" or config.bare_newlines == "normalise",
