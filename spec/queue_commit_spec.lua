@@ -7,11 +7,7 @@ local server = require "luasmtp.server"
 local queue = require "luasmtp.queue"
 local H = require "spec.helper"
 
-local function names(dir)
-  local list = core.listdir(dir) or {}
-  table.sort(list)
-  return list
-end
+local names = require("spec.queue_helper").names
 
 describe("core.fsync_paths", function()
   it("fsyncs files and directories, from tasks at once and from the main chunk", function()

@@ -5,7 +5,6 @@
 -- it (our server with dsn = true, Postfix's smtpd), mail loops bounced
 -- with 5.4.6, and one scheduler per queue directory.
 local json = require "dkjson"
-local luasmtp = require "luasmtp"
 local server = require "luasmtp.server"
 local queue = require "luasmtp.queue"
 local dns = require "luasmtp.dns"
@@ -30,13 +29,7 @@ local function open(dir, opts)
   return assert(queue.open(o))
 end
 
-local function until_true(fn, what, timeout)
-  local deadline = luasmtp.update_now() + (timeout or 20)
-  while not fn() do
-    if luasmtp.update_now() > deadline then error("timed out waiting for " .. what) end
-    luasmtp.sleep(0.05)
-  end
-end
+local until_true = require("spec.queue_helper").until_true
 
 local function msg(n, extra)
   return ("Message-ID: <q%d@test>\r\nSubject: %d\r\n%s\r\nbody %d\r\n"):format(n, n, extra or "", n)

@@ -7,21 +7,20 @@
 local luasmtp = require "luasmtp"
 local core = require "luasmtp.core"
 local server = require "luasmtp.server"
-local queue = require "luasmtp.queue"
 local store = require "luasmtp.queue.store"
 local dkjson = require "dkjson"
 local H = require "spec.helper"
+local QH = require "spec.queue_helper"
 
-local function names(dir)
-  local list = core.listdir(dir) or {}
-  table.sort(list)
-  return list
-end
+local names = QH.names
 
--- The segment files of a queue directory (full paths, sorted).
+-- The segment files of a queue directory (full paths, sorted; not a
+-- spare, which holds no record yet).
 local function segments(dir)
   local out = {}
-  for _, name in ipairs(names(dir .. "/segments")) do out[#out + 1] = dir .. "/segments/" .. name end
+  for _, name in ipairs(names(dir .. "/segments")) do
+    if name:match("%.seg$") then out[#out + 1] = dir .. "/segments/" .. name end
+  end
   return out
 end
 
@@ -48,24 +47,13 @@ local function flip(path, offset)
   assert(f:close())
 end
 
-local function open(dir, opts)
-  local o = { dir = dir, retry = { 0.2 }, jitter = 0, tick = 0.1,
-    log = os.getenv("QUEUE_DEBUG") and print or function() end }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return assert(queue.open(o))
-end
+local open = QH.open
 
 local function msg(tag, extra)
   return ("Message-ID: <%s@test>\r\nSubject: %s\r\n\r\nbody of %s\r\n%s"):format(tag, tag, tag, extra or "")
 end
 
-local function until_true(fn, what, timeout)
-  local deadline = luasmtp.update_now() + (timeout or 20)
-  while not fn() do
-    if luasmtp.update_now() > deadline then error("timed out waiting for " .. what, 2) end
-    luasmtp.sleep(0.05)
-  end
-end
+local until_true = QH.until_true
 
 -- A receiving server (luasmtp's own, no Received header added, so a
 -- message arrives as queued): got.messages holds each message it
@@ -96,14 +84,7 @@ local function smarthost(port)
 end
 
 -- How many times each Message-ID arrived.
-local function ids_of(got)
-  local seen = {}
-  for _, m in ipairs(got.messages) do
-    local id = assert(m.data:match("Message%-ID: <([^>]+)>"))
-    seen[id] = (seen[id] or 0) + 1
-  end
-  return seen
-end
+local ids_of = QH.ids_of
 
 -- The real command-line tool on the directory (blocks the loop while it
 -- runs: it reads files, it needs nothing of this process).
@@ -452,15 +433,15 @@ describe("queue migration into files", function()
       -- The store's own migration writes the files (fsynced, renamed,
       -- queue/ fsynced); the end record after them does not reach the
       -- file, as when the process dies right before that write.
-      local append_record = core.append_record
+      local write_record = core.write_record
       local ok, err = pcall(function()
-        core.append_record = function(path, text, ...)
+        core.write_record = function(path, offset, text, ...)
           if select("#", ...) == 0 and text:match("^D ") then return nil, "io", "the process died", "other" end
-          return append_record(path, text, ...)
+          return write_record(path, offset, text, ...)
         end
         assert(q:migrate(q.entries[a]))
       end)
-      core.append_record = append_record
+      core.write_record = write_record
       assert(ok, err)
       q:close()
       assert.same({ a .. ".body", a .. ".env" }, names(dir .. "/queue"))
@@ -506,17 +487,17 @@ describe("queue migration into files", function()
       local seg_path = e.seg_path
       -- the move after the attempt writes its files; the end record
       -- after them does not reach the file (the process dies first)
-      local append_record = core.append_record
+      local write_record = core.write_record
       local ok, err = pcall(function()
-        core.append_record = function(path, text, ...)
+        core.write_record = function(path, offset, text, ...)
           if select("#", ...) == 0 and text:match("^D ") then return nil, "io", "the process died", "other" end
-          return append_record(path, text, ...)
+          return write_record(path, offset, text, ...)
         end
         q:start()
         until_true(function() return e.rcpt[2].attempts == 1 and not e.segment and not e.migrating end, "the move")
         q:stop()
       end)
-      core.append_record = append_record
+      core.write_record = write_record
       assert(ok, err)
       q:close()
       assert.same({ { "b@test" } }, { got.messages[1].rcpt })
@@ -741,14 +722,8 @@ describe("luasmtp queue on entries in segments", function()
 end)
 
 describe("queue kill -9 during an enqueue", function()
-  local child = "lua5.4 " .. H.shquote(H.root .. "/spec/queue_child.lua")
-
   local function run_child(dir, port, n, crash, tag)
-    local env = crash and ("LUASMTP_QUEUE_CRASH=" .. crash .. " ") or ""
-    local log = H.tmp .. "/queue-segment-child-" .. tag .. ".log"
-    local pid = H.start(env .. child .. " " .. H.shquote(dir) .. " " .. port .. " " .. n, log)
-    assert(H.wait_pid(pid, 40), "the queue process did not exit")
-    return H.readfile(log)
+    return (QH.run_child(dir, port, n, crash, "segment-" .. tag))
   end
 
   -- power_cut: what the disk holds when the page cache is lost too (the

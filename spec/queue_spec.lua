@@ -3,6 +3,7 @@ local server = require "luasmtp.server"
 local queue = require "luasmtp.queue"
 local store = require "luasmtp.queue.store"
 local H = require "spec.helper"
+local QH = require "spec.queue_helper"
 
 local TMP = H.tmp .. "/queue"
 local count = 0
@@ -57,18 +58,9 @@ local function body_of(dir, id)
   return assert(store.read_body(e))
 end
 
-local function names_in(dir)
-  local names = require("luasmtp.core").listdir(dir) or {}
-  table.sort(names)
-  return names
-end
+local names_in = QH.names
 
-local function open(dir, opts)
-  local o = { dir = dir, retry = { 0.2 }, jitter = 0, tick = 0.1,
-    log = os.getenv("QUEUE_DEBUG") and print or function() end }
-  for k, v in pairs(opts or {}) do o[k] = v end
-  return assert(queue.open(o))
-end
+local open = QH.open
 
 -- Run the scheduler until the queue is empty (bounded).
 local function drain(q, timeout)
@@ -83,14 +75,7 @@ local function msg(n)
   return ("Message-ID: <m%d@test>\r\nSubject: %d\r\n\r\nbody %d\r\n"):format(n, n, n)
 end
 
-local function ids_of(got)
-  local seen = {}
-  for _, m in ipairs(got.messages) do
-    local id = m.data:match("Message%-ID: <([^>]+)>")
-    seen[id] = (seen[id] or 0) + 1
-  end
-  return seen
-end
+local ids_of = QH.ids_of
 
 after_each(function()
   for _, srv in ipairs(started) do srv:close() end
@@ -221,15 +206,7 @@ end)
 
 describe("queue crash safety", function()
   local child = "lua5.4 " .. H.shquote(H.root .. "/spec/queue_child.lua")
-
-  -- Run the child (crash point or none); returns its log once it exited.
-  local function run_child(dir, port, n, crash, tag)
-    local env = crash and ("LUASMTP_QUEUE_CRASH=" .. crash .. " ") or ""
-    local log = H.tmp .. "/queue-child-" .. tag .. ".log"
-    local pid = H.start(env .. child .. " " .. H.shquote(dir) .. " " .. port .. " " .. n, log)
-    assert(H.wait_pid(pid, 30), "the queue process did not exit")
-    return H.readfile(log), pid
-  end
+  local run_child = QH.run_child
 
   it("delivers every message after a crash right after the enqueue", function()
     H.run(function()

@@ -519,17 +519,18 @@ local function reclaim(p, seg)
   end
 end
 
--- A spare segment: SEGMENT_MAX bytes of zeros, written and fsynced (and
--- its directory entry) before it takes a record. Records then overwrite
--- blocks the file already has, so the fsync after one writes only them:
--- not the file's size, not newly allocated blocks. Reading stops at the
--- zeros (no record starts with one).
+-- A spare segment, segments/ID.spare: SEGMENT_MAX bytes of zeros,
+-- written and fsynced before it takes a record (then it is renamed to
+-- ID.seg). Records then overwrite blocks the file already has, so the
+-- fsync after one writes only them: not the file's size, not newly
+-- allocated blocks. Reading stops at the zeros (no record starts with
+-- one). A spare left by a process that ended is removed at open.
 local function prepare_spare(p)
   if p.spare or p.preparing then return end
   p.preparing = true
   core.spawn(function()
     local name = M.new_id()
-    local path = p.segments .. "/" .. name .. ".seg"
+    local path = p.segments .. "/" .. name .. ".spare"
     local f = io.open(path, "wb")
     local ok = f ~= nil
     if f then
@@ -541,11 +542,11 @@ local function prepare_spare(p)
         core.sleep(0) -- the loop goes on between pieces
       end
       ok = f:close() and ok
-      ok = ok and core.fsync_paths({ path }, M.SYNC_TIMEOUT) and group_sync(p, "segments/", p.segments)
+      ok = ok and core.fsync_paths({ path }, M.SYNC_TIMEOUT)
     end
     p.preparing = false
     if ok then
-      p.spare = { name = name, path = path, size = 0, live = 0, current = false, durable = true, prealloc = true }
+      p.spare = { name = name, path = path, size = 0, live = 0, current = false, prealloc = true }
     else
       os.remove(path)
     end
@@ -553,22 +554,25 @@ local function prepare_spare(p)
 end
 
 -- The segment new records go to: a new one when there is none or the
--- current one is full, or the spare once it is ready (an empty new file
--- until then: its directory entry is fsynced with its first records,
--- seg.durable).
+-- current one is full, the spare when one is ready (else an empty new
+-- file; either's directory entry is fsynced with its first records,
+-- seg.durable). One made while no spare was ready gives way to the spare
+-- once it holds an eighth of SEGMENT_MAX.
 local function current_segment(p)
   local seg = p.current
-  if seg and not seg.sealed and seg.size < M.SEGMENT_MAX and (seg.prealloc or not p.spare) then
-    return seg
-  end
+  local full = seg and (seg.prealloc and M.SEGMENT_MAX or p.spare and M.SEGMENT_MAX // 8 or M.SEGMENT_MAX)
+  if seg and not seg.sealed and seg.size < full then return seg end
   if seg then
     seg.current, p.current = false, nil
     reclaim(p, seg)
   end
   seg, p.spare = p.spare, nil
-  if seg then
-    seg.current = true
+  local spare_path = seg and seg.path
+  if seg and os.rename(spare_path, p.segments .. "/" .. seg.name .. ".seg") then
+    -- its new name is fsynced with its first records (seg.durable)
+    seg.path, seg.current, seg.durable = p.segments .. "/" .. seg.name .. ".seg", true, false
   else
+    if seg then os.remove(spare_path) end
     local name = M.new_id()
     local path = p.segments .. "/" .. name .. ".seg"
     local f, err, errno = io.open(path, "wb")
