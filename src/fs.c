@@ -252,9 +252,9 @@ static int pwrite_all(int fd, struct iovec *iov, int n, off_t offset)
 /* write_record(path, offset, s1 [, s2 ...]) -> true | nil, "io", detail, kind, dirty
  * Write the strings (at most 8), one after the other, at offset of an
  * existing file only this process writes (a queue segment), without
- * fsync. On a failure the bytes are undone: the file is truncated back
- * when they were past its end, else overwritten with zeros; dirty is
- * true when even that failed (the file must take no more records). */
+ * fsync. On a failure what the write may have put there is overwritten
+ * with zeros (the owner's next open cuts them off); dirty is true when
+ * even that failed (the file must take no more records). */
 static int l_write_record(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
@@ -272,32 +272,26 @@ static int l_write_record(lua_State *L)
     int fd = open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0)
         return push_errno(L, path, errno);
-    struct stat st;
-    int e = fstat(fd, &st) < 0 ? errno : 0;
-    if (e == 0)
-        e = pwrite_all(fd, iov, n, (off_t)offset);
+    int e = pwrite_all(fd, iov, n, (off_t)offset);
     int dirty = 0;
-    if (e != 0) {
-        if (st.st_size <= (off_t)offset) {
-            dirty = ftruncate(fd, (off_t)offset) < 0;
-        } else {
-            /* preallocated: zeros where the record went (at most up to
-             * the old end; what went past it is cut off) */
-            static const char zeros[4096];
-            size_t upto = (size_t)(st.st_size - (off_t)offset);
-            size_t len = total < upto ? total : upto;
-            for (size_t off = 0; off < len && !dirty;) {
-                size_t k = len - off < sizeof zeros ? len - off : sizeof zeros;
-                ssize_t w = pwrite(fd, zeros, k, (off_t)offset + (off_t)off);
-                if (w < 0 && errno == EINTR)
-                    continue;
-                if (w <= 0)
-                    dirty = 1;
-                else
-                    off += (size_t)w;
-            }
-            if (!dirty && total > upto)
-                dirty = ftruncate(fd, st.st_size) < 0;
+    struct stat st;
+    if (e != 0 && fstat(fd, &st) < 0) {
+        dirty = 1;
+    } else if (e != 0 && st.st_size > (off_t)offset) {
+        /* zeros over what this write may have put there (up to the end
+         * of the file): a reader stops at them */
+        static const char zeros[4096];
+        size_t upto = (size_t)(st.st_size - (off_t)offset);
+        size_t len = total < upto ? total : upto;
+        for (size_t off = 0; off < len && !dirty;) {
+            size_t k = len - off < sizeof zeros ? len - off : sizeof zeros;
+            ssize_t w = pwrite(fd, zeros, k, (off_t)offset + (off_t)off);
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w <= 0)
+                dirty = 1;
+            else
+                off += (size_t)w;
         }
     }
     close(fd);
