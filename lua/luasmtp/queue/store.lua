@@ -1,9 +1,10 @@
 --- luasmtp.queue.store: the queue's files on disk.
 --
 -- A queue directory holds
---   segments/ ID.seg: append-only files of records, each a new entry
---             (envelope and body together) or the end of one; most mail
---             lives only here, from its 250 to its delivery
+--   segments/ ID.seg: files of records, each a new entry (envelope and
+--             body together) or the end of one; most mail lives only
+--             here, from its 250 to its delivery. ID.spare: the next
+--             segment, written full of zeros ahead of its use
 --   queue/    entries in files of their own: ID.body (the message),
 --             ID.env (the envelope: its presence is what makes the entry
 --             exist); and ID.log, any entry's per-recipient state
@@ -11,14 +12,18 @@
 --   tmp/      files being written (removed at start: never delivered)
 --   control/  notices from `luasmtp queue` to a running scheduler
 --
--- The fast path: enqueue appends one record (header, envelope, body) to
--- the current segment and waits for an fsync of it that began after the
--- append (one fsync shared by every entry appended meanwhile: group
--- commit; a new segment's directory entry is fsynced before its first
--- record counts). The end of the entry is a second, small record in the
--- same segment, fsynced the same way. A segment that takes no more
--- records (it reached SEGMENT_MAX) and whose entries have all ended is
--- removed. No file is created, renamed or removed per message.
+-- The fast path: enqueue writes one record (header, envelope, body) at
+-- the end of the current segment's records and waits for an fdatasync
+-- of the segment that began after the write (one shared by every entry
+-- written meanwhile: group commit; a segment's directory entry is
+-- fsynced before its first record counts). A segment is a spare that was
+-- written full of zeros and fsynced before it took a record, so the
+-- fsync after one writes only that record's blocks. The end of the
+-- entry is a second, small record in the same segment; its fsync is
+-- asked for, not waited for (the next round covers it, else one
+-- END_DELAY later). A segment that takes no more records (it reached
+-- SEGMENT_MAX) and whose entries have all ended is removed. No file is
+-- created, renamed or removed per message.
 --
 -- Entries that must wait take files of their own (migrate): after an
 -- attempt that leaves a recipient pending, once held, or SEGMENT_WAIT
@@ -34,8 +39,10 @@
 -- (then the envelope and the body) or "D ID CRC", the CRC-32 over the
 -- header's fields and the bytes. Everything up to an fsync is on disk,
 -- so what a crash can leave torn is a tail of records never
--- acknowledged; reading stops at the first record that does not check,
--- and the owner truncates the segment there at start. After a crash an
+-- acknowledged; reading stops at the first record that does not check
+-- (zeros never do), and the owner truncates the segment there at start.
+-- A write that fails is overwritten with zeros, so no record follows
+-- one that was torn. After a crash an
 -- entry is whole or it was never acknowledged: an envelope file whose
 -- body is missing, and a body or log without an entry, are half-written
 -- or half-removed, removed at start. Removal of an entry in files goes
