@@ -131,6 +131,29 @@ describe("queue store", function()
     assert.same({}, names_in(dir .. "/tmp"))
   end)
 
+  it("keeps a new entry's message in memory up to CACHE_MAX in all, and lets go of it with the entry", function()
+    H.run(function()
+      local _, port, got = receiver()
+      local q = open(fresh_dir("cache"), { route = smarthost(port) })
+      local max = store.CACHE_MAX
+      store.CACHE_MAX = #msg(1) * 2
+      local ok, err = pcall(function()
+        local ids = {}
+        for i = 1, 3 do ids[i] = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg(i) }) end
+        assert.equal(msg(1), q.entries[ids[1]].data)
+        assert.equal(msg(2), q.entries[ids[2]].data)
+        assert.is_nil(q.entries[ids[3]].data) -- over the budget: read from its segment
+        assert.equal(msg(3), store.read_body(q.entries[ids[3]]))
+        assert.equal(#msg(1) + #msg(2), q.paths.cached)
+        assert(drain(q))
+        assert.equal(0, q.paths.cached)
+        assert.same({ ["m1@test"] = 1, ["m2@test"] = 1, ["m3@test"] = 1 }, ids_of(got))
+      end)
+      store.CACHE_MAX = max
+      assert(ok, err)
+    end, 30)
+  end)
+
   it("gives IDs unique across queues opened again", function()
     local dir = fresh_dir("ids")
     local seen = {}

@@ -98,6 +98,9 @@ M.INLINE_MAX = 1024 * 1024
 M.SEGMENT_MAX = 4 * 1024 * 1024
 --- Seconds after its arrival an entry still in a segment gets files.
 M.SEGMENT_WAIT = 120
+--- Bytes of messages kept in memory, in all, for entries written into a
+-- segment until their first attempt (which then reads no file).
+M.CACHE_MAX = 32 * 1024 * 1024
 -- What a record's header may say (a larger one is not ours: the end).
 local MAX_ENVELOPE, MAX_RECORD_BODY = 64 * 1024 * 1024, 1024 * 1024 * 1024
 
@@ -624,6 +627,13 @@ local function end_records(p, seg, ids)
   return ok, token, detail, kind
 end
 
+-- An entry's message kept in memory (entry.data, see CACHE_MAX) goes.
+local function uncache(p, e)
+  if e.data then
+    p.cached, e.data = p.cached - #e.data, nil
+  end
+end
+
 -- write_record(p, entry, data): the entry as one record of the current
 -- segment, durable when this returns true.
 local function write_record(p, entry, data)
@@ -651,6 +661,9 @@ local function write_record(p, entry, data)
     return nil, token, detail, kind
   end
   entry.segment, entry.seg_path, entry.body_off, entry.body_len = seg.name, seg.path, off + #head + #env, #data
+  if (p.cached or 0) + #data <= M.CACHE_MAX then
+    entry.data, p.cached = data, (p.cached or 0) + #data
+  end
   return true
 end
 
@@ -688,12 +701,14 @@ function M.migrate(p, e)
   e.migrating, e.moving = nil, nil
   if not ok then return nil, token, detail, kind end
   e.segment, e.seg_path, e.body_off, e.body_len = nil, nil, nil, nil
+  uncache(p, e)
   end_records(p, seg, { e.id })
   return true
 end
 
 --- read_body(entry [, max]) -> the message (its first max bytes) | nil, why
 function M.read_body(e, max)
+  if e.data then return (max and #e.data > max) and e.data:sub(1, max) or e.data end
   local path = e.seg_path or e.body_path
   local f, err = io.open(path, "rb")
   if not f then return nil, err end
@@ -726,6 +741,7 @@ end
 function M.remove_entry(p, e, now)
   local id = type(e) == "table" and e.id or e
   local seg = type(e) == "table" and e.segment and p.segs[e.segment]
+  if type(e) == "table" then uncache(p, e) end
   if seg then
     e.segment = nil
     end_records(p, seg, { id })
