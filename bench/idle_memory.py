@@ -24,6 +24,8 @@ import sys
 import tempfile
 import time
 
+from proctree import free_port
+
 TARGETS = {"plain": 8 * 1024, "tls": 24 * 1024}
 
 
@@ -33,14 +35,6 @@ def status_kb(pid, field):
             if line.startswith(field + ":"):
                 return int(line.split()[1])
     raise RuntimeError("no " + field)
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 def wait_port(port):

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from proctree import free_port
+
 MB = 1024 * 1024
 BLOCK = b"".join(b"%07d 0123456789abcdefghijklmnopqrstuvwxyz 0123456789ABCDEFGHIJKLMNOPQ\r\n" % i
                  for i in range(13107))  # about 1 MiB of CRLF lines, no dots
@@ -29,14 +31,6 @@ def hwm_kb(pid):
             if line.startswith("VmHWM:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmHWM")
-
-
-def free_port():
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
 
 
 class Client:

@@ -45,6 +45,8 @@ import tempfile
 import threading
 import time
 
+from proctree import cpu_seconds, free_port, tree_pids
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N = int(os.environ.get("N", "2000"))
 SESSION_COUNTS = [int(n) for n in os.environ.get("SESSIONS", "8,32").split(",")]
@@ -53,15 +55,8 @@ SIZE = int(os.environ.get("SIZE", "4096"))
 CONNS = int(os.environ.get("CONNS", "8"))
 RUNS = int(os.environ.get("RUNS", "2"))
 TIMEOUT = float(os.environ.get("BENCH_TIMEOUT", "300"))
-HZ = os.sysconf("SC_CLK_TCK")
 MASTER = "/usr/lib/postfix/sbin/master"
 IS_ROOT = os.geteuid() == 0
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_until(what, pred, timeout):
@@ -95,43 +90,6 @@ def stop_pid(proc, pid=None, timeout=15):
         except ProcessLookupError:
             pass
         proc.wait(timeout)
-
-
-def stat_of(pid):
-    """(ppid, utime + stime, cutime + cstime) in ticks, or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            s = f.read()
-    except OSError:
-        return None
-    fields = s[s.rindex(")") + 2:].split()
-    # fields[0] is state (field 3); utime is field 14
-    return int(fields[1]), int(fields[11]) + int(fields[12]), int(fields[13]) + int(fields[14])
-
-
-def descendants(root):
-    children = {}
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            st = stat_of(int(name))
-            if st:
-                children.setdefault(st[0], []).append(int(name))
-    out, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        out.append(pid)
-        todo.extend(children.get(pid, []))
-    return out
-
-
-def tree_cpu(root):
-    """CPU seconds of root and its descendants, reaped children included."""
-    total = 0
-    for pid in descendants(root):
-        st = stat_of(pid)
-        if st:
-            total += st[1] + st[2]
-    return total / HZ
 
 
 class Sink:
@@ -313,7 +271,7 @@ class Postfix:
         return n
 
     def remember(self):
-        self.seen.update(descendants(self.root))
+        self.seen.update(tree_pids(self.root))
 
     def stop(self):
         self.remember()
@@ -345,19 +303,19 @@ def measure(kind, hold):
         time.sleep(0.2)
         if isinstance(relay, Postfix):
             relay.remember()
-        c0, t0 = tree_cpu(relay.root), time.monotonic()
+        c0, t0 = cpu_seconds(relay.root), time.monotonic()
         smtp_source(relay.port)
         out = {}
         if hold:
             t1 = time.monotonic()
             wait_until("the queue to hold every message", lambda: relay.queued() >= N, TIMEOUT)
-            c1 = tree_cpu(relay.root)
+            c1 = cpu_seconds(relay.root)
             out["fill"] = (t1 - t0, c1 - c0)
             t0, c0 = time.monotonic(), c1
             relay.release()
         t2 = sink.wait(N, TIMEOUT)
         wait_until("the queue to empty", lambda: relay.queued() == 0, TIMEOUT)
-        out["drain" if hold else "stream"] = (t2 - t0, tree_cpu(relay.root) - c0)
+        out["drain" if hold else "stream"] = (t2 - t0, cpu_seconds(relay.root) - c0)
         relay.stop()
         relay = None
         # sessions are counted as they end: the relay's pooled ones at its stop

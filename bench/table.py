@@ -43,6 +43,8 @@ import sys
 import tempfile
 import time
 
+from proctree import cpu_seconds, free_port
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICK = os.environ.get("BENCH_QUICK", "") not in ("", "0")
 RUNS = int(os.environ.get("RUNS") or (1 if QUICK else 3))
@@ -50,7 +52,6 @@ RUNS = int(os.environ.get("RUNS") or (1 if QUICK else 3))
 PYTHON = "/usr/bin/python3" if os.path.exists("/usr/bin/python3") else sys.executable
 NODE_DIR = os.environ.get("BENCH_NODE_DIR") or os.path.join(ROOT, "build", "bench", "node")
 OUT_DIR = os.path.join(ROOT, "build", "bench")
-HZ = os.sysconf("SC_CLK_TCK")
 LIFETIME = 3600            # no server outlives this, whatever happens here
 
 PLAIN_MESSAGES = 1000 if QUICK else 10000   # per smtp-source run
@@ -69,48 +70,6 @@ os.environ["LUA_CPATH_5_4"] = "%s/build/?.so;;" % ROOT
 
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def tree_pids(root):
-    """root and its live descendants, from the parent ids in /proc."""
-    children = {}
-    for name in os.listdir("/proc"):
-        if not name.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % name) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        ppid = int(stat[stat.rindex(")") + 2:].split()[1])
-        children.setdefault(ppid, []).append(int(name))
-    pids, todo = [], [root]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
-    return pids
-
-
-def cpu_seconds(root):
-    """User + system CPU seconds of a process tree: all threads of each
-    process, and the children each has waited for (cutime, cstime), so
-    that a short-lived child is counted after it is gone."""
-    total = 0
-    for pid in tree_pids(root):
-        try:
-            with open("/proc/%d/stat" % pid) as f:
-                fields = f.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue  # gone meanwhile
-        total += sum(int(x) for x in fields[11:15])
-    return total / HZ
 
 
 class Server:
