@@ -464,8 +464,13 @@ local function write_files(p, entry, body, parts, next_chunk)
 end
 
 -- Segment records (see the top).
+-- The CRC of a record's fields, to be continued over its bytes.
+local function fields_crc(id, elen, blen)
+  return core.crc32(("%s %d %d"):format(id, elen, blen))
+end
+
 local function record_crc(id, env, data)
-  return core.crc32(data, core.crc32(env, core.crc32(("%s %d %d"):format(id, #env, #data))))
+  return core.crc32(data, core.crc32(env, fields_crc(id, #env, #data)))
 end
 
 --- record(id, envelope, body) -> the header line of an entry's record
@@ -476,6 +481,13 @@ end
 --- end_record(id) -> the record that ends an entry
 function M.end_record(id)
   return ("D %s %08x\n"):format(id, core.crc32("D " .. id))
+end
+
+-- The end records of a list of IDs, as one string.
+local function end_text(ids)
+  local recs = {}
+  for i, id in ipairs(ids) do recs[i] = M.end_record(id) end
+  return table.concat(recs)
 end
 
 --- read_segment(path) -> { records = { {id, env, body_off, body_len} },
@@ -498,7 +510,7 @@ function M.read_segment(path)
       f:seek("set", hstart)
       local env = f:read(elen)
       if not env or #env ~= elen then break end
-      local sum, left = core.crc32(env, core.crc32(("%s %d %d"):format(id, elen, blen))), blen
+      local sum, left = core.crc32(env, fields_crc(id, elen, blen)), blen
       while left > 0 do
         local piece = f:read(math.min(left, 65536))
         if not piece then break end
@@ -615,10 +627,8 @@ local function end_records(p, seg, ids)
   local all = seg.undone or {}
   seg.undone = nil
   table.move(ids, 1, #ids, #all + 1, all)
-  local recs = {}
-  for i, id in ipairs(all) do recs[i] = M.end_record(id) end
   local ok, token, detail, kind = false, nil, nil, nil
-  if not seg.sealed then ok, token, detail, kind = write_at(seg, table.concat(recs)) end
+  if not seg.sealed then ok, token, detail, kind = write_at(seg, end_text(all)) end
   if ok then group_sync(p, seg.path, seg.path, true) end
   -- a restart before the next end written here delivers these again
   if not ok then seg.undone = all end
@@ -733,15 +743,14 @@ function M.open_body(e)
   return io.open(e.body_path, "rb")
 end
 
---- remove_entry(p, entry | id [, now]): the entry is gone. One in a
--- segment: its end record (fsynced, shared). One in files: envelope
+--- remove_entry(p, entry): the entry is gone. One in a segment: its end
+-- record (its fsync asked for, see end_records). One in files: envelope
 -- first, then the rest; the directory fsync is the shared one (sync_dir:
--- the caller waits while other tasks run), or with `now` (at start) a
--- plain one.
-function M.remove_entry(p, e, now)
-  local id = type(e) == "table" and e.id or e
-  local seg = type(e) == "table" and e.segment and p.segs[e.segment]
-  if type(e) == "table" then uncache(p, e) end
+-- the caller waits while other tasks run).
+function M.remove_entry(p, e)
+  local id = e.id
+  local seg = e.segment and p.segs[e.segment]
+  uncache(p, e)
   if seg then
     e.segment = nil
     end_records(p, seg, { id })
@@ -751,7 +760,7 @@ function M.remove_entry(p, e, now)
     return
   end
   os.remove(p.queue .. "/" .. id .. ".env")
-  if now then core.fsync_dir(p.queue) else M.sync_dir(p) end
+  M.sync_dir(p)
   os.remove(p.queue .. "/" .. id .. ".body")
   os.remove(p.queue .. "/" .. id .. ".log")
   os.remove(p.control .. "/" .. id)
@@ -824,9 +833,7 @@ local function repair_segment(path, rd, superseded)
     rd.size = rd.valid
   end
   if #superseded > 0 then
-    local recs = {}
-    for i, id in ipairs(superseded) do recs[i] = M.end_record(id) end
-    local text = table.concat(recs)
+    local text = end_text(superseded)
     if core.write_record(path, rd.size, text) then rd.size = rd.size + #text end
   end
   core.fsync_paths({ path }, M.SYNC_TIMEOUT)
