@@ -5,6 +5,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
+#include <sched.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -68,6 +69,8 @@ static int sync_path(const char *path, int datasync)
 static void *worker(void *arg)
 {
     (void)arg;
+    struct sched_param sp = { 0 };
+    (void)sched_setscheduler(0, SCHED_BATCH, &sp);
     pthread_mutex_lock(&mu);
     for (;;) {
         while (head == NULL) {
