@@ -249,14 +249,54 @@ static int pwrite_all(int fd, struct iovec *iov, int n, off_t offset)
     return 0;
 }
 
-/* write_record(path, offset, s1 [, s2 ...]) -> true | nil, "io", detail, kind, dirty
+/* An existing file kept open for write_record (a queue segment takes
+ * many records: no open and close each time). */
+#define RECFILE_MT "luasmtp.recordfile"
+typedef struct {
+    int fd;
+} ls_recfile;
+
+/* open_record_file(path) -> file | nil, "io", detail, kind */
+static int l_open_record_file(lua_State *L)
+{
+    const char *path = luaL_checkstring(L, 1);
+    ls_recfile *f = lua_newuserdatauv(L, sizeof *f, 1);
+    f->fd = -1;
+    luaL_setmetatable(L, RECFILE_MT);
+    lua_pushvalue(L, 1);
+    lua_setiuservalue(L, -2, 1); /* its path, for error messages */
+    f->fd = open(path, O_WRONLY | O_CLOEXEC);
+    if (f->fd < 0)
+        return push_errno(L, path, errno);
+    return 1;
+}
+
+static int l_recfile_close(lua_State *L)
+{
+    ls_recfile *f = luaL_checkudata(L, 1, RECFILE_MT);
+    if (f->fd >= 0) {
+        close(f->fd);
+        f->fd = -1;
+    }
+    return 0;
+}
+
+/* write_record(path | file, offset, s1 [, s2 ...]) -> true | nil, "io", detail, kind, dirty
  * Write the strings (at most 8), one after the other, at offset of an
  * existing file only this process writes (a queue segment), without
- * fsync. On a failure what the write may have put there is overwritten
- * with zeros (the owner's next open cuts them off); dirty is true when
- * even that failed (the file must take no more records). */
+ * fsync: a path is opened and closed for the write, a file from
+ * open_record_file stays open. On a failure what the write may have put
+ * there is overwritten with zeros (the owner's next open cuts them off);
+ * dirty is true when even that failed (the file must take no more
+ * records). */
 static int l_write_record(lua_State *L)
 {
+    ls_recfile *file = luaL_testudata(L, 1, RECFILE_MT);
+    if (file) {
+        lua_getiuservalue(L, 1, 1);
+        lua_replace(L, 1);
+        luaL_argcheck(L, file->fd >= 0, 1, "record file is closed");
+    }
     const char *path = luaL_checkstring(L, 1);
     lua_Integer offset = luaL_checkinteger(L, 2);
     luaL_argcheck(L, offset >= 0, 2, "offset must not be negative");
@@ -269,7 +309,7 @@ static int l_write_record(lua_State *L)
         iov[n].iov_base = (void *)luaL_checklstring(L, i, &iov[n].iov_len);
         total += iov[n].iov_len;
     }
-    int fd = open(path, O_WRONLY | O_CLOEXEC);
+    int fd = file ? file->fd : open(path, O_WRONLY | O_CLOEXEC);
     if (fd < 0)
         return push_errno(L, path, errno);
     int e = pwrite_all(fd, iov, n, (off_t)offset);
@@ -294,7 +334,8 @@ static int l_write_record(lua_State *L)
                 off += (size_t)w;
         }
     }
-    close(fd);
+    if (!file)
+        close(fd);
     if (e != 0) {
         push_errno(L, path, e);
         lua_pushboolean(L, dirty);
@@ -488,8 +529,19 @@ int ls_open_fs(lua_State *L)
         lua_setfield(L, -2, "__close");
     }
     lua_pop(L, 1);
+    if (luaL_newmetatable(L, RECFILE_MT)) {
+        static const luaL_Reg methods[] = {{"close", l_recfile_close}, {NULL, NULL}};
+        luaL_newlib(L, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, l_recfile_close);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, l_recfile_close);
+        lua_setfield(L, -2, "__close");
+    }
+    lua_pop(L, 1);
     static const luaL_Reg funcs[] = {
         {"write_file_sync", l_write_file_sync},
+        {"open_record_file", l_open_record_file},
         {"append_file_sync", l_append_file_sync},
         {"write_record", l_write_record},
         {"truncate", l_truncate},

@@ -399,6 +399,14 @@ local function group_sync(p, key, path, nowait)
   return true
 end
 
+--- close(p): the segment files kept open for records are closed (the
+-- queue is closed; a later write opens its file again).
+function M.close(p)
+  for _, seg in pairs(p.segs) do
+    if seg.file then seg.file:close() seg.file = nil end
+  end
+end
+
 --- settle(p): every fsync asked for without a wait (end records) has
 -- run when this returns (at most 2 * SYNC_TIMEOUT later).
 function M.settle(p)
@@ -533,6 +541,7 @@ end
 -- A segment that takes no more records and holds no entry goes.
 local function reclaim(p, seg)
   if seg.current or seg.live > 0 then return end
+  if seg.file then seg.file:close() end
   os.remove(seg.path)
   p.segs[seg.name] = nil
   local g = p.groups and p.groups[seg.path]
@@ -610,7 +619,10 @@ end
 -- write_at(seg, ...) -> true | nil, token, detail, kind: records at the
 -- segment's end; one whose bytes could not be undone ends its use.
 local function write_at(seg, ...)
-  local ok, token, detail, kind, dirty = core.write_record(seg.path, seg.size, ...)
+  -- the segment's file stays open while it is in use (closed by reclaim,
+  -- store.close or the collector); a failed open reports through the path
+  if not seg.file then seg.file = core.open_record_file(seg.path) end
+  local ok, token, detail, kind, dirty = core.write_record(seg.file or seg.path, seg.size, ...)
   if ok then
     for i = 1, select("#", ...) do seg.size = seg.size + #(select(i, ...)) end
     return true
