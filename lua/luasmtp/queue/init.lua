@@ -243,7 +243,7 @@ function Queue:attempt(job, d)
     r.last_attempt, r.last_reply, r.remote_mta = now, res.reply, res.remote_mta
     if res.ok then
       r.state, r.action = "done", res.action or "relayed"
-      lines[#lines + 1] = store.log_line("attempt", now, i, "ok", now, res.reply, res.remote_mta, r.action)
+      lines[#lines + 1] = table.pack("attempt", now, i, "ok", now, res.reply, res.remote_mta, r.action)
       -- NOTIFY=SUCCESS: "delivered" from a final delivery; "relayed" when
       -- the next hop did not take the DSN parameters (else it is its job)
       if (r.action == "delivered" or (r.action == "relayed" and not res.dsn))
@@ -257,13 +257,13 @@ function Queue:attempt(job, d)
       self:log("info", "%s: to=<%s> failed: %s", e.id, r.address, tostring(res.reply))
     else
       r.next_attempt = now + scheduler.backoff(self.opts, r.attempts)
-      lines[#lines + 1] = store.log_line("attempt", now, i, "temp", r.next_attempt, res.reply, res.remote_mta)
+      lines[#lines + 1] = table.pack("attempt", now, i, "temp", r.next_attempt, res.reply, res.remote_mta)
       local dw = self.opts.delay_warning
       if dw and not r.warned and now - e.received_at >= dw then
         r.warned = true
         notices[#notices + 1] = notice_rcpt(e, r, "delayed", res.reply, res.remote_mta, now,
           e.received_at + self.opts.lifetime)
-        lines[#lines + 1] = store.log_line("warned", now, i)
+        lines[#lines + 1] = table.pack("warned", now, i)
       end
       self:log("info", "%s: to=<%s> deferred until +%ds: %s", e.id, r.address,
         math.floor(r.next_attempt - now), tostring(res.reply))
@@ -271,12 +271,15 @@ function Queue:attempt(job, d)
   end
   -- An attempt that finishes the entry is recorded by its removal (the
   -- envelope's unlink, made durable by maybe_done): its state lines
-  -- would be removed with it.
+  -- would be removed with it, so they are not even made.
   local finished = #notices == 0 and #finals == 0 and e.inflight == #job.idxs
   for _, r in ipairs(e.rcpt) do
     if r.state ~= "done" then finished = false end
   end
-  if #lines > 0 and not finished then write(self, e, table.concat(lines)) end
+  if #lines > 0 and not finished then
+    for k, l in ipairs(lines) do lines[k] = store.log_line(table.unpack(l, 1, l.n)) end
+    write(self, e, table.concat(lines))
+  end
   -- the notice is queued before the failure is recorded: a crash in
   -- between sends it twice, never not at all
   self:notice(e, notices)
@@ -385,6 +388,7 @@ end
 
 function Queue:close()
   self:stop()
+  store.close(self.paths)
   self.lock:close()
 end
 
