@@ -56,7 +56,8 @@ describe("core.write_record", function()
     assert.equal("abcdefghij" .. string.rep("\0", 6), H.readfile(dir .. "/seg2"))
     f:close()
     f:close() -- twice is fine
-    assert.has_error(function() core.write_record(f, 0, "x") end, "bad argument #1 to 'write_record' (record file is closed)")
+    assert.has_error(function() core.write_record(f, 0, "x") end,
+      "bad argument #1 to 'write_record' (record file is closed)")
     local ok, token, detail = core.open_record_file(dir .. "/missing")
     assert.is_nil(ok)
     assert.equal("io", token)
