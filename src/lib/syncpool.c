@@ -69,7 +69,11 @@ static int sync_path(const char *path, int datasync)
 static void *worker(void *arg)
 {
     (void)arg;
-    struct sched_param sp = { 0 };
+    /* A batch thread (Linux: this thread only) does not preempt the
+     * running one when it wakes: the event loop's thread that hands it a
+     * job keeps its core, and the worker takes an idle one or the next
+     * tick. Where this is refused the worker runs as it is. */
+    struct sched_param sp = {0};
     (void)sched_setscheduler(0, SCHED_BATCH, &sp);
     pthread_mutex_lock(&mu);
     for (;;) {
