@@ -249,18 +249,21 @@ static int pwrite_all(int fd, struct iovec *iov, int n, off_t offset)
     return 0;
 }
 
+/* A file this module holds open: a record file, a lock (-1 once
+ * closed). */
+typedef struct {
+    int fd;
+} ls_heldfd;
+
 /* An existing file kept open for write_record (a queue segment takes
  * many records: no open and close each time). */
 #define RECFILE_MT "luasmtp.recordfile"
-typedef struct {
-    int fd;
-} ls_recfile;
 
 /* open_record_file(path) -> file | nil, "io", detail, kind */
 static int l_open_record_file(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
-    ls_recfile *f = lua_newuserdatauv(L, sizeof *f, 1);
+    ls_heldfd *f = lua_newuserdatauv(L, sizeof *f, 1);
     f->fd = -1;
     luaL_setmetatable(L, RECFILE_MT);
     lua_pushvalue(L, 1);
@@ -271,13 +274,19 @@ static int l_open_record_file(lua_State *L)
     return 1;
 }
 
+/* Close a held descriptor once (the close methods of the types here). */
+static void close_held(int *fd)
+{
+    if (*fd >= 0) {
+        close(*fd);
+        *fd = -1;
+    }
+}
+
+/* file:close(), __close, __gc (idempotent). */
 static int l_recfile_close(lua_State *L)
 {
-    ls_recfile *f = luaL_checkudata(L, 1, RECFILE_MT);
-    if (f->fd >= 0) {
-        close(f->fd);
-        f->fd = -1;
-    }
+    close_held(&((ls_heldfd *)luaL_checkudata(L, 1, RECFILE_MT))->fd);
     return 0;
 }
 
@@ -291,7 +300,7 @@ static int l_recfile_close(lua_State *L)
  * records). */
 static int l_write_record(lua_State *L)
 {
-    ls_recfile *file = luaL_testudata(L, 1, RECFILE_MT);
+    ls_heldfd *file = luaL_testudata(L, 1, RECFILE_MT);
     if (file) {
         lua_getiuservalue(L, 1, 1);
         lua_replace(L, 1);
@@ -450,11 +459,8 @@ static int l_gethostname(lua_State *L)
     return 1;
 }
 
-/* A held lock file: its descriptor (-1 once released). */
+/* A held lock file. */
 #define LOCK_MT "luasmtp.lockfile"
-typedef struct ls_lockfile {
-    int fd;
-} ls_lockfile;
 
 /* lock_file(path) -> lock | nil, token, detail
  * Take an exclusive flock(2) on path (created with mode 0600 when
@@ -470,7 +476,7 @@ typedef struct ls_lockfile {
 static int l_lock_file(lua_State *L)
 {
     const char *path = luaL_checkstring(L, 1);
-    ls_lockfile *k = lua_newuserdatauv(L, sizeof *k, 0);
+    ls_heldfd *k = lua_newuserdatauv(L, sizeof *k, 0);
     k->fd = -1;
     luaL_setmetatable(L, LOCK_MT);
     int fd = open(path, O_RDWR | O_CREAT | O_CLOEXEC | O_NOFOLLOW, 0600);
@@ -509,36 +515,29 @@ static int l_lock_file(lua_State *L)
 /* lock:close(), __close, __gc: release the lock (idempotent). */
 static int l_lock_close(lua_State *L)
 {
-    ls_lockfile *k = luaL_checkudata(L, 1, LOCK_MT);
-    if (k->fd >= 0) {
-        close(k->fd);
-        k->fd = -1;
-    }
+    close_held(&((ls_heldfd *)luaL_checkudata(L, 1, LOCK_MT))->fd);
     return 0;
+}
+
+/* A metatable for a type whose only method is close (also __gc, __close). */
+static void closable_metatable(lua_State *L, const char *name, lua_CFunction close_fn)
+{
+    if (luaL_newmetatable(L, name)) {
+        const luaL_Reg methods[] = {{"close", close_fn}, {NULL, NULL}};
+        luaL_newlib(L, methods);
+        lua_setfield(L, -2, "__index");
+        lua_pushcfunction(L, close_fn);
+        lua_setfield(L, -2, "__gc");
+        lua_pushcfunction(L, close_fn);
+        lua_setfield(L, -2, "__close");
+    }
+    lua_pop(L, 1);
 }
 
 int ls_open_fs(lua_State *L)
 {
-    if (luaL_newmetatable(L, LOCK_MT)) {
-        static const luaL_Reg methods[] = {{"close", l_lock_close}, {NULL, NULL}};
-        luaL_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_lock_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_lock_close);
-        lua_setfield(L, -2, "__close");
-    }
-    lua_pop(L, 1);
-    if (luaL_newmetatable(L, RECFILE_MT)) {
-        static const luaL_Reg methods[] = {{"close", l_recfile_close}, {NULL, NULL}};
-        luaL_newlib(L, methods);
-        lua_setfield(L, -2, "__index");
-        lua_pushcfunction(L, l_recfile_close);
-        lua_setfield(L, -2, "__gc");
-        lua_pushcfunction(L, l_recfile_close);
-        lua_setfield(L, -2, "__close");
-    }
-    lua_pop(L, 1);
+    closable_metatable(L, LOCK_MT, l_lock_close);
+    closable_metatable(L, RECFILE_MT, l_recfile_close);
     static const luaL_Reg funcs[] = {
         {"write_file_sync", l_write_file_sync},
         {"open_record_file", l_open_record_file},
