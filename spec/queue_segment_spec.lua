@@ -311,6 +311,59 @@ describe("queue segment reclaim", function()
   end)
 end)
 
+describe("queue segment files", function()
+  -- the descriptors of this process open on a queue's segments
+  local function open_segment_files(dir)
+    local n = 0
+    local pipe = assert(io.popen("ls -l /proc/" .. core.getpid() .. "/fd 2>/dev/null"))
+    for line in pipe:lines() do
+      if line:find(dir .. "/segments/", 1, true) then n = n + 1 end
+    end
+    pipe:close()
+    return n
+  end
+
+  it("keeps at most FILES_MAX open; the others open again for their end records", function()
+    local old_max, old_files = store.SEGMENT_MAX, store.FILES_MAX
+    finally(function() store.SEGMENT_MAX, store.FILES_MAX = old_max, old_files end)
+    store.SEGMENT_MAX, store.FILES_MAX = 1500, 2
+    H.run(function()
+      local dir = H.tmpdir("seg-files")
+      local port, got = receiver()
+      local q = open(dir, { route = smarthost(port) })
+      local segs, most = {}, 0
+      for k = 1, 12 do
+        local id = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg("f" .. k, ("x"):rep(400)) })
+        segs[q.entries[id].segment] = true
+        most = math.max(most, open_segment_files(dir))
+      end
+      local nsegs = 0
+      for _ in pairs(segs) do nsegs = nsegs + 1 end
+      assert.is_true(nsegs >= 3, "only " .. nsegs .. " segments")
+      assert.is_true(most >= 1 and most <= 2, most .. " segment files open")
+      q:start()
+      until_true(function()
+        most = math.max(most, open_segment_files(dir))
+        return q:pending() == 0
+      end, "the deliveries", 40)
+      q:stop()
+      assert.is_true(most <= 2, most .. " segment files open")
+      -- every record got its end although its file had been closed
+      for _, path in ipairs(segments(dir)) do
+        local rd = store.read_segment(path)
+        for _, rec in ipairs(rd.records) do assert.is_true(rd.ended[rec.id], rec.id .. " not ended") end
+      end
+      q:close()
+      assert.equal(0, open_segment_files(dir))
+      local q2 = open(dir, { route = smarthost(port) })
+      assert.equal(0, q2:pending())
+      q2:close()
+      local counts = ids_of(got)
+      for k = 1, 12 do assert.equal(1, counts["f" .. k .. "@test"], "f" .. k) end
+    end, 90)
+  end)
+end)
+
 describe("queue migration into files", function()
   it("an entry deferred by a 4xx moves into files, its record ended; the retry delivers it once", function()
     H.run(function()

@@ -399,12 +399,39 @@ local function group_sync(p, key, path, nowait)
   return true
 end
 
+-- Segment files kept open at most (a queue holding mail it cannot send
+-- yet may have many segments, each waiting only for end records).
+M.FILES_MAX = 16
+
+-- The segment's file for a write: kept open while the segment is in use
+-- (closed by reclaim, store.close or the collector). Past FILES_MAX the
+-- others are closed (they open again for their next end record). A
+-- failed open reports through the path.
+local function file_of(p, seg)
+  if seg.file then return seg.file end
+  if (p.files or 0) >= M.FILES_MAX then
+    for _, other in pairs(p.segs) do
+      if other.file then other.file:close() other.file = nil end
+    end
+    p.files = 0
+  end
+  seg.file = core.open_record_file(seg.path)
+  if seg.file then p.files = (p.files or 0) + 1 end
+  return seg.file or seg.path
+end
+
+-- Close a segment's file (reclaim, store.close).
+local function close_file(p, seg)
+  if seg.file then
+    seg.file:close()
+    seg.file, p.files = nil, p.files - 1
+  end
+end
+
 --- close(p): the segment files kept open for records are closed (the
 -- queue is closed; a later write opens its file again).
 function M.close(p)
-  for _, seg in pairs(p.segs) do
-    if seg.file then seg.file:close() seg.file = nil end
-  end
+  for _, seg in pairs(p.segs) do close_file(p, seg) end
 end
 
 --- settle(p): every fsync asked for without a wait (end records) has
@@ -541,7 +568,7 @@ end
 -- A segment that takes no more records and holds no entry goes.
 local function reclaim(p, seg)
   if seg.current or seg.live > 0 then return end
-  if seg.file then seg.file:close() end
+  close_file(p, seg)
   os.remove(seg.path)
   p.segs[seg.name] = nil
   local g = p.groups and p.groups[seg.path]
@@ -616,13 +643,11 @@ local function current_segment(p)
   return seg
 end
 
--- write_at(seg, ...) -> true | nil, token, detail, kind: records at the
--- segment's end; one whose bytes could not be undone ends its use.
-local function write_at(seg, ...)
-  -- the segment's file stays open while it is in use (closed by reclaim,
-  -- store.close or the collector); a failed open reports through the path
-  if not seg.file then seg.file = core.open_record_file(seg.path) end
-  local ok, token, detail, kind, dirty = core.write_record(seg.file or seg.path, seg.size, ...)
+-- write_at(p, seg, ...) -> true | nil, token, detail, kind: records at
+-- the segment's end; one whose bytes could not be undone ends its use.
+local function write_at(p, seg, ...)
+  local target = file_of(p, seg)
+  local ok, token, detail, kind, dirty = core.write_record(target, seg.size, ...)
   if ok then
     for i = 1, select("#", ...) do seg.size = seg.size + #(select(i, ...)) end
     return true
@@ -640,7 +665,7 @@ local function end_records(p, seg, ids)
   seg.undone = nil
   table.move(ids, 1, #ids, #all + 1, all)
   local ok, token, detail, kind = false, nil, nil, nil
-  if not seg.sealed then ok, token, detail, kind = write_at(seg, end_text(all)) end
+  if not seg.sealed then ok, token, detail, kind = write_at(p, seg, end_text(all)) end
   if ok then group_sync(p, seg.path, seg.path, true) end
   -- a restart before the next end written here delivers these again
   if not ok then seg.undone = all end
@@ -666,7 +691,7 @@ local function write_record(p, entry, data)
   local head = M.record(entry.id, env, data)
   local off = seg.size
   local ok
-  ok, token, detail, kind = write_at(seg, head, env, data)
+  ok, token, detail, kind = write_at(p, seg, head, env, data)
   if not ok then return nil, token, detail, kind end
   seg.live = seg.live + 1
   M.crash_point("enqueue_before_sync")
