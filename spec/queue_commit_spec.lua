@@ -31,6 +31,33 @@ describe("core.fsync_paths", function()
     assert.equal(100, done)
   end)
 
+  it("runs its worker threads as batch threads (SCHED_BATCH), the loop's thread as it was", function()
+    -- the scheduling policy of a thread: field 41 of its stat line
+    local function policy(path)
+      local f = io.open(path)
+      if not f then return nil end -- a thread that ended meanwhile
+      local line = f:read("l")
+      f:close()
+      local fields = {}
+      for v in line:match("%) (.*)$"):gmatch("%S+") do fields[#fields + 1] = v end
+      return tonumber(fields[39]) -- fields from 3 on follow the name
+    end
+    local pid = core.getpid()
+    local main = "/proc/" .. pid .. "/task/" .. pid .. "/stat"
+    local before = policy(main)
+    local dir = H.tmpdir("queue-commit-fsync-policy")
+    H.writefile(dir .. "/a", "a")
+    assert.is_true(core.fsync_paths({ dir .. "/a" }))
+    assert.equal(before, policy(main))
+    local batch = 0
+    for _, tid in ipairs(assert(core.listdir("/proc/" .. pid .. "/task"))) do
+      if tonumber(tid) ~= pid and policy("/proc/" .. pid .. "/task/" .. tid .. "/stat") == 3 then
+        batch = batch + 1
+      end
+    end
+    assert.is_true(batch >= 1, "no fsync worker runs as SCHED_BATCH")
+  end)
+
   it("names the path that failed", function()
     local dir = H.tmpdir("queue-commit-fsync-missing")
     H.writefile(dir .. "/a", "a")
