@@ -356,6 +356,14 @@ local function run_group(p, key, path, g)
   if g.drop then p.groups[key] = nil end
 end
 
+-- Run the group's rounds unless a task already does.
+local function start_group(p, key, path, g)
+  if not g.running then
+    g.running = true
+    run_group(p, key, path, g)
+  end
+end
+
 -- Directories get fsync; segment files fdatasync (their data, and the
 -- size when it grew; not their times).
 local DIRECTORY_KEYS = { ["queue/"] = true, ["segments/"] = true }
@@ -376,18 +384,12 @@ local function group_sync(p, key, path, nowait)
       core.spawn(function()
         core.sleep(M.END_DELAY)
         g.later = false
-        if not g.running and g.finished < g.wanted then
-          g.running = true
-          run_group(p, key, path, g)
-        end
+        start_group(p, key, path, g)
       end)
     end
     return true
   end
-  if not g.running then
-    g.running = true
-    run_group(p, key, path, g)
-  end
+  start_group(p, key, path, g)
   local deadline = core.update_now() + 2 * M.SYNC_TIMEOUT
   while g.finished < need do
     local left = deadline - core.update_now()
@@ -407,31 +409,30 @@ M.FILES_MAX = 16
 -- (closed by reclaim, store.close or the collector). Past FILES_MAX the
 -- others are closed (they open again for their next end record). A
 -- failed open reports through the path.
-local function file_of(p, seg)
-  if seg.file then return seg.file end
-  if (p.files or 0) >= M.FILES_MAX then
-    for _, other in pairs(p.segs) do
-      if other.file then other.file:close() other.file = nil end
-    end
-    p.files = 0
-  end
-  seg.file = core.open_record_file(seg.path)
-  if seg.file then p.files = (p.files or 0) + 1 end
-  return seg.file or seg.path
-end
-
--- Close a segment's file (reclaim, store.close).
-local function close_file(p, seg)
+-- Close a segment's file (reclaim, store.close, the cap below).
+local function close_file(seg)
   if seg.file then
     seg.file:close()
-    seg.file, p.files = nil, p.files - 1
+    seg.file = nil
   end
 end
 
 --- close(p): the segment files kept open for records are closed (the
 -- queue is closed; a later write opens its file again).
 function M.close(p)
-  for _, seg in pairs(p.segs) do close_file(p, seg) end
+  for _, seg in pairs(p.segs) do close_file(seg) end
+end
+
+local function file_of(p, seg)
+  if seg.file then return seg.file end
+  -- opening one is rare (once per segment, or after the cap): count then
+  local open = 0
+  for _, other in pairs(p.segs) do
+    if other.file then open = open + 1 end
+  end
+  if open >= M.FILES_MAX then M.close(p) end
+  seg.file = core.open_record_file(seg.path)
+  return seg.file or seg.path
 end
 
 --- settle(p): every fsync asked for without a wait (end records) has
@@ -443,10 +444,7 @@ function M.settle(p)
   for _, item in ipairs(list) do
     local key, g = item[1], item[2]
     local target = g.wanted
-    if g.finished < target and not g.running then
-      g.running = true
-      run_group(p, key, g.path, g)
-    end
+    start_group(p, key, g.path, g)
     while g.finished < target and core.update_now() < deadline do
       g.cond:wait(deadline - core.update_now())
     end
@@ -568,7 +566,7 @@ end
 -- A segment that takes no more records and holds no entry goes.
 local function reclaim(p, seg)
   if seg.current or seg.live > 0 then return end
-  close_file(p, seg)
+  close_file(seg)
   os.remove(seg.path)
   p.segs[seg.name] = nil
   local g = p.groups and p.groups[seg.path]
@@ -626,9 +624,10 @@ local function current_segment(p)
   end
   seg, p.spare = p.spare, nil
   local spare_path = seg and seg.path
-  if seg and os.rename(spare_path, p.segments .. "/" .. seg.name .. ".seg") then
+  local seg_path = seg and p.segments .. "/" .. seg.name .. ".seg"
+  if seg and os.rename(spare_path, seg_path) then
     -- its new name is fsynced with its first records (seg.durable)
-    seg.path, seg.current, seg.durable = p.segments .. "/" .. seg.name .. ".seg", true, false
+    seg.path, seg.current, seg.durable = seg_path, true, false
   else
     if seg then os.remove(spare_path) end
     local name = M.new_id()
