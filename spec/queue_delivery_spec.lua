@@ -78,6 +78,16 @@ local function per_session(p)
   return count, tls
 end
 
+-- Of two messages that arrived, the delivered one and the notice (from
+-- the null sender).
+local function delivered_and_notice(messages)
+  local delivered, notice
+  for _, m in ipairs(messages) do
+    if m.from == "" then notice = m else delivered = m end
+  end
+  return delivered, notice
+end
+
 local function parse_dsn(data)
   local path = TMP .. "/notice-" .. seq .. ".eml"
   H.writefile(path, data)
@@ -377,10 +387,7 @@ describe("queue mail loops", function()
       q:stop()
       -- the one at the limit went; the loop came back as one notice
       assert.equal(2, #p.messages)
-      local delivered, notice
-      for _, m in ipairs(p.messages) do
-        if m.from == "" then notice = m else delivered = m end
-      end
+      local delivered, notice = delivered_and_notice(p.messages)
       assert.same({ "dave@far.test" }, delivered.rcpt)
       assert.same({ "alice@sender.test" }, notice.rcpt)
       local d = parse_dsn(notice.data)
@@ -420,10 +427,7 @@ describe("queue mail loops", function()
       q:stop()
       front:close()
       assert.equal(2, #p.messages)
-      local delivered, notice
-      for _, m in ipairs(p.messages) do
-        if m.from == "" then notice = m else delivered = m end
-      end
+      local delivered, notice = delivered_and_notice(p.messages)
       assert.same({ "bob@far.test" }, delivered.rcpt)
       assert.matches("Message%-ID: <q1@", delivered.data)
       assert.same({ "alice@sender.test" }, notice.rcpt)

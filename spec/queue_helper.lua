@@ -1,6 +1,7 @@
 --- Helpers the queue specs share: a queue with short test timings, a
 -- bounded wait, a directory's sorted names, how often each Message-ID
--- arrived, and the queue child process (spec/queue_child.lua).
+-- arrived, a receiving server and a smarthost route to it, the
+-- `luasmtp queue` tool, and the queue child process (spec/queue_child.lua).
 local luasmtp = require "luasmtp"
 local core = require "luasmtp.core"
 local queue = require "luasmtp.queue"
@@ -41,6 +42,58 @@ function Q.ids_of(got)
     seen[id] = (seen[id] or 0) + 1
   end
   return seen
+end
+
+--- receiver([hooks]) -> server, port, got: a receiving server (luasmtp's
+-- own, hostname sink.test, closed by H.close_servers) that records every
+-- message it accepted in got.messages as { from, rcpt, data, user };
+-- got.attempts counts the DATA it saw. hooks.connect / hooks.rcpt /
+-- hooks.data(s, data, attempt) may answer otherwise; hooks.auth turns
+-- on AUTH (plaintext allowed); hooks.received_header = false adds none.
+function Q.receiver(hooks)
+  hooks = hooks or {}
+  local got = { messages = {}, attempts = 0 }
+  local srv, port = H.smtp_server {
+    hostname = "sink.test", received_header = hooks.received_header,
+    auth = hooks.auth, allow_plaintext_auth = hooks.auth and true or nil,
+    hooks = {
+      on_connect = hooks.connect,
+      on_rcpt = hooks.rcpt,
+      on_data = function(s, m)
+        got.attempts = got.attempts + 1
+        local data = m:read()
+        local r = hooks.data and hooks.data(s, data, got.attempts)
+        if r == nil then
+          local rcpt = {}
+          for i, a in ipairs(m.rcpt) do rcpt[i] = a end
+          got.messages[#got.messages + 1] = { from = m.from, rcpt = rcpt, data = data, user = s.user }
+        end
+        return r
+      end,
+    },
+  }
+  return srv, port, got
+end
+
+--- smarthost(port [, extra]) -> a route function: every recipient to
+-- 127.0.0.1:port without TLS (extra fields added to the route).
+function Q.smarthost(port, extra)
+  return function()
+    local r = { kind = "smarthost", host = "127.0.0.1", port = port, tls = "none" }
+    for k, v in pairs(extra or {}) do r[k] = v end
+    return r
+  end
+end
+
+--- tool(dir, args) -> its output, whether it succeeded: the real
+-- `luasmtp queue --dir DIR ARGS` (blocks the loop while it runs: it reads
+-- files, it needs nothing of this process).
+function Q.tool(dir, args)
+  local p = assert(io.popen("lua5.4 " .. H.shquote(H.root .. "/bin/luasmtp") .. " queue --dir "
+    .. H.shquote(dir) .. " " .. args .. " 2>&1"))
+  local text = p:read("a")
+  local ok = p:close()
+  return text, ok
 end
 
 --- run_child(dir, port, n, crash, tag [, wait]) -> its log, its pid

@@ -55,46 +55,33 @@ end
 
 local until_true = QH.until_true
 
--- A receiving server (luasmtp's own, no Received header added, so a
--- message arrives as queued): got.messages holds each message it
--- accepted; hooks.connect / hooks.rcpt / hooks.data may answer otherwise.
+-- A receiving server that adds no Received header, so a message
+-- arrives as queued (QH.receiver): -> port, got
 local function receiver(hooks)
-  hooks = hooks or {}
-  local got = { messages = {}, attempts = 0 }
-  local _, port = H.smtp_server { hostname = "sink.test", received_header = false, hooks = {
-    on_connect = hooks.connect,
-    on_rcpt = hooks.rcpt,
-    on_data = function(s, m)
-      got.attempts = got.attempts + 1
-      local data = m:read()
-      local r = hooks.data and hooks.data(s, data, got.attempts)
-      if r == nil then
-        local rcpt = {}
-        for i, a in ipairs(m.rcpt) do rcpt[i] = a end
-        got.messages[#got.messages + 1] = { from = m.from, rcpt = rcpt, data = data }
-      end
-      return r
-    end,
-  } }
+  local o = { received_header = false }
+  for k, v in pairs(hooks or {}) do o[k] = v end
+  local _, port, got = QH.receiver(o)
   return port, got
 end
 
-local function smarthost(port)
-  return function() return { kind = "smarthost", host = "127.0.0.1", port = port, tls = "none" } end
+local smarthost = QH.smarthost
+
+-- A receiver whose DATA waits (20 s at most) until gate.go is set:
+-- -> port, got, gate (gate.entered counts the DATA commands that came)
+local function gated_receiver()
+  local gate = { go = false, entered = 0 }
+  local port, got = receiver { data = function()
+    gate.entered = gate.entered + 1
+    local deadline = luasmtp.update_now() + 20
+    while not gate.go and luasmtp.update_now() < deadline do luasmtp.sleep(0.05) end
+  end }
+  return port, got, gate
 end
 
 -- How many times each Message-ID arrived.
 local ids_of = QH.ids_of
 
--- The real command-line tool on the directory (blocks the loop while it
--- runs: it reads files, it needs nothing of this process).
-local function tool(dir, args)
-  local p = assert(io.popen("lua5.4 " .. H.shquote(H.root .. "/bin/luasmtp") .. " queue --dir "
-    .. H.shquote(dir) .. " " .. args .. " 2>&1"))
-  local text = p:read("a")
-  local ok = p:close()
-  return text, ok
-end
+local tool = QH.tool
 
 after_each(function() H.close_servers() end)
 
@@ -632,17 +619,12 @@ describe("luasmtp queue on entries in segments", function()
   it("a hold or a delete keeps an entry waiting behind another delivery from going out", function()
     H.run(function()
       local dir = H.tmpdir("seg-hold-ready")
-      local go, entered = false, 0
-      local port, got = receiver { data = function()
-        entered = entered + 1
-        local deadline = luasmtp.update_now() + 20
-        while not go and luasmtp.update_now() < deadline do luasmtp.sleep(0.05) end
-      end }
+      local port, got, gate = gated_receiver()
       local q = open(dir, { route = smarthost(port), max_connections_per_destination = 1 })
       local key = "smtp:127.0.0.1:" .. port
       q:start()
       local a = assert(q:enqueue { from = "a@test", rcpt = { "b@test" }, body = msg("ahead") })
-      until_true(function() return entered == 1 end, "the first delivery")
+      until_true(function() return gate.entered == 1 end, "the first delivery")
       -- the next ones' jobs wait for the destination's only connection
       local b = assert(q:enqueue { from = "a@test", rcpt = { "c@test" }, body = msg("behind") })
       local c = assert(q:enqueue { from = "a@test", rcpt = { "d@test" }, body = msg("deleted") })
@@ -652,7 +634,7 @@ describe("luasmtp queue on entries in segments", function()
       text, ok = tool(dir, "delete " .. c)
       assert(ok, text)
       until_true(function() return q.entries[b].held and q.entries[c].deleted end, "the hold and the delete")
-      go = true
+      gate.go = true
       until_true(function() return q.entries[a] == nil and q.dests[key].active == 0 end, "the first delivery to end")
       assert.same({ ["ahead@test"] = 1 }, ids_of(got))
       local eb = q.entries[b]
@@ -715,12 +697,7 @@ describe("luasmtp queue on entries in segments", function()
   it("list and show read entries in segments beside the running queue", function()
     H.run(function()
       local dir = H.tmpdir("seg-list")
-      local go, entered = false, 0
-      local port, got = receiver { data = function()
-        entered = entered + 1
-        local deadline = luasmtp.update_now() + 20
-        while not go and luasmtp.update_now() < deadline do luasmtp.sleep(0.05) end
-      end }
+      local port, got, gate = gated_receiver()
       local q = open(dir, { route = smarthost(port) })
       local b1 = msg("one", "Subject-Like: no\r\n")
       local b2 = msg("two", (("y"):rep(70) .. "\r\n"):rep(40))
@@ -728,7 +705,7 @@ describe("luasmtp queue on entries in segments", function()
       local two = assert(q:enqueue { from = "s@test", rcpt = { "c@test", "d@test" }, body = b2 })
       q:start()
       -- both in flight, both still only in their segment
-      until_true(function() return entered == 2 end, "the deliveries to start")
+      until_true(function() return gate.entered == 2 end, "the deliveries to start")
       assert.is_string(q.entries[one].segment)
       assert.is_string(q.entries[two].segment)
       assert.same({}, names(dir .. "/queue"))
@@ -765,7 +742,7 @@ describe("luasmtp queue on entries in segments", function()
       assert.equal("Message-ID: <one@test>\r\nSubject: one", v.headers)
       assert.equal(#b1, v.size)
 
-      go = true
+      gate.go = true
       until_true(function() return q:pending() == 0 end, "the deliveries")
       q:stop()
       assert.same({ ["one@test"] = 1, ["two@test"] = 1 }, ids_of(got))

@@ -15,42 +15,8 @@ local function fresh_dir(name)
   return H.mkdir(dir)
 end
 
--- A receiving server: records every message it accepted (250) as
--- { from, rcpt, data }; hooks.rcpt / hooks.data may answer otherwise.
-local started = {}
-local function receiver(hooks)
-  hooks = hooks or {}
-  local got = { messages = {}, attempts = 0 }
-  local srv = assert(server.new {
-    listen = { "127.0.0.1:0" }, hostname = "sink.test", log_level = "error",
-    auth = hooks.auth, allow_plaintext_auth = hooks.auth and true or nil,
-    hooks = {
-      on_connect = hooks.connect,
-      on_rcpt = hooks.rcpt,
-      on_data = function(s, m)
-        got.attempts = got.attempts + 1
-        local data = m:read()
-        local r = hooks.data and hooks.data(s, data, got.attempts)
-        if r == nil then
-          local rcpt = {}
-          for i, a in ipairs(m.rcpt) do rcpt[i] = a end
-          got.messages[#got.messages + 1] = { from = m.from, rcpt = rcpt, data = data, user = s.user }
-        end
-        return r
-      end,
-    },
-  })
-  started[#started + 1] = srv
-  return srv, srv:addresses()[1].port, got
-end
-
-local function smarthost(port, extra)
-  return function()
-    local r = { kind = "smarthost", host = "127.0.0.1", port = port, tls = "none" }
-    for k, v in pairs(extra or {}) do r[k] = v end
-    return r
-  end
-end
+local receiver, smarthost = QH.receiver, QH.smarthost
+local started = {} -- the front servers a test starts
 
 -- The body of a queued entry, wherever the store keeps it.
 local function body_of(dir, id)
@@ -80,6 +46,7 @@ local ids_of = QH.ids_of
 after_each(function()
   for _, srv in ipairs(started) do srv:close() end
   started = {}
+  H.close_servers()
 end)
 
 describe("queue store", function()
@@ -555,13 +522,7 @@ end)
 
 describe("luasmtp queue", function()
   local dkjson = require "dkjson"
-  local function tool(dir, args)
-    local p = assert(io.popen("lua5.4 " .. H.shquote(H.root .. "/bin/luasmtp") .. " queue --dir "
-      .. H.shquote(dir) .. " " .. args .. " 2>&1"))
-    local text = p:read("a")
-    local ok = p:close()
-    return text, ok
-  end
+  local tool = QH.tool
 
   local function until_true(fn)
     local deadline = luasmtp.update_now() + 10
